@@ -1,0 +1,134 @@
+// The per-row math of every op on the CPU: the final-logit transform, the online softmax
+// statistics (mergeable across vocabulary tiles) and the row epilogue that turns them into the
+// token loss and d(loss)/d(raw logits). One place, so the fused-linear and the given-logits ops
+// cannot drift apart.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace fusedce {
+namespace cpu {
+
+// Per-call constants of the epilogue.
+template <typename acc_t>
+struct Epilogue {
+  acc_t logit_scale;
+  acc_t softcap;  // <= 0: off
+  acc_t inv_softcap;
+  acc_t eps;  // label smoothing
+  acc_t z_loss;
+  const acc_t* class_weight;  // [V] or nullptr
+  acc_t class_weight_sum;     // sum_c w_c (V without class weights)
+  int64_t vocab;
+  int64_t ignore_index;
+
+  inline acc_t final_logit(acc_t a) const {
+    const acc_t s = a * logit_scale;
+    return softcap > 0 ? softcap * std::tanh(s * inv_softcap) : s;
+  }
+  // dz/da from z itself, so the backward never needs the raw logit again.
+  inline acc_t dz_da(acc_t z) const {
+    if (softcap > 0) {
+      const acc_t r = z * inv_softcap;
+      return logit_scale * (acc_t(1) - r * r);
+    }
+    return logit_scale;
+  }
+  inline acc_t weight_of(int64_t c) const { return class_weight ? class_weight[c] : acc_t(1); }
+};
+
+// Online softmax statistics of one row, accumulated tile by tile in increasing vocabulary order.
+template <typename acc_t>
+struct RowStats {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t sumexp = 0;
+  acc_t target_logit = 0;
+  acc_t weighted_sum = 0;  // sum_c w_c z_c, for label smoothing
+  acc_t argmax_value = -std::numeric_limits<acc_t>::infinity();
+  int64_t argmax = -1;
+
+  inline acc_t lse() const { return max + std::log(sumexp); }
+};
+
+// Folds raw logits a[0, n) (global columns v0 + j) of one row into its statistics.
+template <typename scalar_t, typename acc_t>
+inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0, int64_t n,
+                           int64_t target, RowStats<acc_t>& st) {
+  acc_t m = st.max, s = st.sumexp, wz = st.weighted_sum;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
+    if (z > m) {
+      // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
+      s = s * std::exp(m - z) + acc_t(1);
+      m = z;
+    } else {
+      s += std::exp(z - m);
+    }
+    // Strictly greater: the first index among equal maxima wins, as in torch.argmax.
+    if (z > st.argmax_value || st.argmax < 0) {
+      st.argmax_value = z;
+      st.argmax = v0 + j;
+    }
+    wz += ep.weight_of(v0 + j) * z;
+  }
+  if (target >= v0 && target < v0 + n) {
+    st.target_logit = ep.final_logit(static_cast<acc_t>(a[target - v0]));
+  }
+  st.max = m;
+  st.sumexp = s;
+  st.weighted_sum = wz;
+}
+
+// The loss of a row from its statistics (0 for an ignored row).
+template <typename acc_t>
+inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target) {
+  if (target == ep.ignore_index) return 0;
+  const acc_t lse = st.lse();
+  const acc_t wt = ep.weight_of(target);
+  acc_t loss = wt * ((acc_t(1) - ep.eps) * (lse - st.target_logit) + ep.z_loss * lse * lse);
+  if (ep.eps > 0) {
+    loss += ep.eps / static_cast<acc_t>(ep.vocab) * (ep.class_weight_sum * lse - st.weighted_sum);
+  }
+  return loss;
+}
+
+// d(g * token_loss + g_lse * lse)/dz_j = coef_p * p_j - coef_w * w_j - [j == t] * coef_t.
+template <typename acc_t>
+struct RowGrad {
+  acc_t lse, coef_p, coef_w, coef_t;
+  int64_t target;
+
+  static inline RowGrad make(const Epilogue<acc_t>& ep, acc_t lse, int64_t target, acc_t g,
+                             acc_t g_lse) {
+    RowGrad r{lse, g_lse, 0, 0, -1};
+    if (target != ep.ignore_index && g != 0) {
+      const acc_t wt = ep.weight_of(target);
+      const acc_t smooth = ep.eps / static_cast<acc_t>(ep.vocab);
+      r.coef_p += g * (wt * (acc_t(1) - ep.eps) + smooth * ep.class_weight_sum +
+                       acc_t(2) * ep.z_loss * wt * lse);
+      r.coef_w = g * smooth;
+      r.coef_t = g * wt * (acc_t(1) - ep.eps);
+      r.target = target;
+    }
+    return r;
+  }
+};
+
+// Reads raw logits a[0, n) (columns v0 + j) and writes d/da into out[0, n); out may alias a.
+template <typename scalar_t, typename acc_t, typename out_t>
+inline void row_backward(const Epilogue<acc_t>& ep, const RowGrad<acc_t>& rg, const scalar_t* a,
+                         int64_t v0, int64_t n, out_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t c = v0 + j;
+    const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
+    acc_t dz = rg.coef_p * std::exp(z - rg.lse);
+    if (rg.coef_w != 0) dz -= rg.coef_w * ep.weight_of(c);
+    if (c == rg.target) dz -= rg.coef_t;
+    out[j] = static_cast<out_t>(dz * ep.dz_da(z));
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedce

@@ -1,0 +1,117 @@
+// The extension module and the ONE schema block of the library.
+//
+// Every op of fusedce is declared here, with its defaults, so that the schema is the single source
+// of truth for the CPU and CUDA backends (which only add TORCH_LIBRARY_IMPL blocks), for the fake
+// kernels and autograd formulas in fusedce/ops.py, and for the C++-only CMake build.
+//
+// Semantics shared by every op (fusedce/reference.py is the executable definition):
+//   raw logits  a = hidden @ weight.T (+ bias)                       [N, V]
+//   z           = logit_scale * a, then softcap * tanh(z / softcap) when softcap > 0
+//   lse         = logsumexp(z);  p = softmax(z)
+//   per-token   = w[t] * ((1 - eps) * (lse - z[t]) + z_loss * lse^2) + eps / V * sum_c w[c] * (lse - z[c])
+//                 (w = class weights or 1; 0 at rows whose target is ignore_index)
+//   predicted   = argmax(z) (first maximum), -1 at ignored rows
+//
+// The ops return per-token values and (for the training case) the gradients; reductions and
+// named outputs live in Python (fusedce/functional.py).
+
+#include <torch/library.h>
+#include <torch/version.h>
+
+#ifndef FUSEDCE_NO_PYTHON
+#include <pybind11/pybind11.h>
+#endif
+
+#include <string>
+
+#ifdef FUSEDCE_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(fusedce, m) {
+  // Fused linear head loss. `loss` is sum_i grad_scale * token_loss[i] (grad_scale defaults to 1):
+  // the caller passes 1/denominator for a mean, so that gradients computed in this same pass
+  // (grad_mask = which of hidden, weight, bias) are already those of the final scalar and the
+  // backward only multiplies them by the upstream gradient. Gradients not requested come back as
+  // empty tensors. chunk_size / vocab_chunk_size = 0 picks them from the memory budget;
+  // vocab_chunk_size > 0 tiles the vocabulary (low-memory mode, logits recomputed per tile).
+  m.def(
+      "loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
+      "Tensor? class_weight=None, Tensor? grad_scale=None, int ignore_index=-100, "
+      "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0, "
+      "bool[3] grad_mask=[False, False, False], int chunk_size=0, int vocab_chunk_size=0, "
+      "bool fp32_grad_accum=False) "
+      "-> (Tensor loss, Tensor token_loss, Tensor lse, Tensor predicted, "
+      "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // Exact backward of `loss` for any per-token upstream gradient (reduction='none', or gradients
+  // flowing into lse): recomputes the logits chunk by chunk from the saved lse.
+  // grad_token_loss and grad_lse are [N] in the dtype of token_loss.
+  m.def(
+      "loss_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+      "Tensor? class_weight, Tensor lse, Tensor grad_token_loss, Tensor? grad_lse=None, "
+      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, "
+      "float logit_scale=1.0, bool[3] grad_mask=[True, True, True], int chunk_size=0, "
+      "int vocab_chunk_size=0, bool fp32_grad_accum=False) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // The same terms on given logits [N, V]: one online-softmax pass per row. inplace_backward is
+  // not used by the forward kernels: it tells the autograd formula (fusedce/ops.py) to run
+  // cross_entropy_backward_ and overwrite the logits with their gradient.
+  m.def(
+      "cross_entropy(Tensor logits, Tensor target, Tensor? class_weight=None, "
+      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, "
+      "float logit_scale=1.0, bool inplace_backward=False) "
+      "-> (Tensor token_loss, Tensor lse, Tensor predicted)");
+
+  // Backward of cross_entropy from the saved lse: reads each logit once, writes its gradient once.
+  m.def(
+      "cross_entropy_backward(Tensor logits, Tensor target, Tensor? class_weight, Tensor lse, "
+      "Tensor grad_token_loss, Tensor? grad_lse=None, int ignore_index=-100, "
+      "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0) "
+      "-> Tensor");
+
+  // In-place variant: overwrites the logits with their gradient (inplace_backward=True), so the
+  // backward allocates nothing of size [N, V].
+  m.def(
+      "cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor lse, "
+      "Tensor grad_token_loss, Tensor? grad_lse=None, int ignore_index=-100, "
+      "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0) "
+      "-> ()");
+}
+
+#ifndef FUSEDCE_NO_PYTHON
+// The CMake build (a plain library for torch.ops.load_library) defines FUSEDCE_NO_PYTHON.
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["torch_version"] = std::string(TORCH_VERSION);
+#ifdef FUSEDCE_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string((CUDART_VERSION % 1000) / 10);
+#ifdef FUSEDCE_CUDA_ARCHS
+  info["cuda_archs"] = std::string(FUSEDCE_CUDA_ARCHS);
+#else
+  info["cuda_archs"] = std::string("");
+#endif
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_archs"] = std::string("");
+#endif
+  return info;
+}
+
+}  // namespace
+
+// A bare extension module: the ops come from the static TORCH_LIBRARY registration above when the
+// shared object is loaded; the module itself only reports how it was built.
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "fusedce build information; the ops live in torch.ops.fusedce";
+  mod.def("build_info", &build_info, "How this fusedce._C was built (CPU/CUDA, versions, archs).");
+}
+#endif  // FUSEDCE_NO_PYTHON

@@ -1,0 +1,17 @@
+"""fusedce: the loss of a language-model head without materializing the [tokens x vocab] logits."""
+
+from ._extension import build_info, load_extension
+
+_C = load_extension()  # registers torch.ops.fusedce.* (checks the torch it was built against first)
+
+from . import ops as _ops  # noqa: E402,F401  (fake kernels and autograd of the C++ ops)
+from .functional import LossOutput, cross_entropy, linear_cross_entropy  # noqa: E402
+from . import nn  # noqa: E402
+
+__all__ = [
+    "LossOutput",
+    "build_info",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "nn",
+]

@@ -1,0 +1,341 @@
+"""The public functions: argument checking, reductions and named outputs over the C++ ops.
+
+Positional order and keyword names follow torch.nn.functional.linear_cross_entropy and
+torch.nn.functional.cross_entropy where they overlap, so fusedce is a drop-in replacement.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+_ops = torch.ops.fusedce
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class LossOutput(NamedTuple):
+    """What `return_stats=True` returns.
+
+    loss: the loss as `reduction` asks. lse: per-token logsumexp of the final logits, shaped like
+    the target. predicted: per-token argmax of the final logits, -1 at ignored positions.
+    accuracy: fraction of non-ignored tokens whose argmax equals the target (nan when none).
+    z_loss: the z-loss part of `loss`, reduced the same way.
+    """
+
+    loss: torch.Tensor
+    lse: torch.Tensor
+    predicted: torch.Tensor
+    accuracy: torch.Tensor
+    z_loss: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: each error names the public argument.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(x, name: str):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fusedce: {name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_float(x: torch.Tensor, name: str):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"fusedce: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
+    if x.device != ref.device:
+        raise ValueError(f"fusedce: {name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _check_finite(value, name: str):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"fusedce: {name} must be a finite number, got {value!r}")
+
+
+def _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fusedce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_finite(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"fusedce: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_finite(z_loss, "z_loss")
+    if z_loss < 0:
+        raise ValueError(f"fusedce: z_loss must be >= 0, got {z_loss}")
+    if softcap is not None:
+        _check_finite(softcap, "softcap")
+        if softcap <= 0:
+            raise ValueError(f"fusedce: softcap must be > 0 (or None for no softcap), got {softcap}")
+    _check_finite(logit_scale, "logit_scale")
+
+
+def _check_target(target, leading: torch.Size, ref: torch.Tensor, ref_name: str):
+    _check_tensor(target, "target")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fusedce: target must hold int64 or int32 class indices, got {target.dtype}")
+    if target.shape != leading:
+        raise ValueError(
+            f"fusedce: target must have shape {tuple(leading)} (the leading dimensions of "
+            f"{ref_name}), got {tuple(target.shape)}"
+        )
+    _check_device(target, "target", ref, ref_name)
+
+
+def _check_class_weight(weight, vocab: int, ref: torch.Tensor, ref_name: str):
+    if weight is None:
+        return
+    _check_tensor(weight, "weight")
+    _check_float(weight, "weight")
+    if weight.shape != (vocab,):
+        raise ValueError(f"fusedce: weight (class weights) must have shape ({vocab},), got {tuple(weight.shape)}")
+    _check_device(weight, "weight", ref, ref_name)
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("fusedce: weight (class weights) cannot require grad: the loss is not differentiated with respect to it")
+
+
+def _check_num_items(num_items_in_batch):
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"fusedce: num_items_in_batch must be a single number, got shape {tuple(num_items_in_batch.shape)}"
+            )
+        # A CUDA value is not read back (that would synchronize); a CPU one is checked.
+        if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = num_items_in_batch.item()
+        else:
+            return
+    else:
+        value = num_items_in_batch
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"fusedce: num_items_in_batch must be > 0, got {value!r}")
+
+
+def _check_chunk(value, name: str):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"fusedce: {name} must be a positive int or None, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions, shared by both functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def _shift(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """HF causal shift on the labels: position t predicts t+1, the last position is ignored."""
+    if target.dim() == 0 or target.shape[-1] == 0:
+        return target
+    pad = torch.full_like(target[..., :1], ignore_index)
+    return torch.cat([target[..., 1:], pad], dim=-1)
+
+
+def _token_weights(target: torch.Tensor, valid: torch.Tensor, weight, dtype) -> torch.Tensor:
+    """w[t_i] at non-ignored tokens, 0 elsewhere: the weights of the mean's denominator."""
+    if weight is None:
+        return valid.to(dtype)
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    return weight.to(dtype)[safe] * valid.to(dtype)
+
+
+def _divisor(num_items_in_batch, like: torch.Tensor):
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.to(device=like.device, dtype=like.dtype).reshape(())
+    return float(num_items_in_batch)
+
+
+def _stats(loss, lse, predicted, target, valid, tok_w, z_loss, reduction, num_items, denom, shape):
+    """The statistics of LossOutput from the per-token values the op returned."""
+    n_valid = valid.sum()
+    accuracy = ((predicted == target) & valid).sum().to(lse.dtype) / n_valid.to(lse.dtype)
+    z_tok = tok_w * (z_loss * lse * lse)
+    if reduction == "none":
+        z_part = z_tok.reshape(shape)
+    elif num_items is not None:
+        z_part = z_tok.sum() / _divisor(num_items, z_tok)
+    elif reduction == "sum":
+        z_part = z_tok.sum()
+    else:
+        z_part = z_tok.sum() / denom
+    return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift: bool = False,
+    return_stats: bool = False,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    fp32_grad_accum: bool = False,
+):
+    """Cross entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
+
+    input [..., H], linear_weight [V, H], target [...] (int64/int32 class indices). Equals
+    ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` plus the extra
+    terms: z_loss * lse**2 per non-ignored token (weighted like the CE), logit_scale then softcap
+    applied to the logits, the HF causal shift of the labels (``shift=True``), sum divided by
+    ``num_items_in_batch`` when given (HF gradient-accumulation semantics).
+
+    The loss is float32 for half inputs. With ``return_stats=True`` a :class:`LossOutput`.
+    ``chunk_size`` (tokens per chunk) and ``vocab_chunk_size`` (vocabulary tile, the low-memory
+    mode) default to sizes chosen from a memory budget; ``fp32_grad_accum`` accumulates the
+    weight gradient in float32 on CUDA (the CPU always does).
+    """
+    _check_tensor(input, "input")
+    _check_tensor(linear_weight, "linear_weight")
+    _check_float(input, "input")
+    _check_float(linear_weight, "linear_weight")
+    if input.dim() < 1:
+        raise ValueError("fusedce: input must have shape [..., H], got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"fusedce: linear_weight must be 2-D [V, H], got shape {tuple(linear_weight.shape)}")
+    V, H = linear_weight.shape
+    if input.shape[-1] != H:
+        raise ValueError(
+            f"fusedce: input has hidden size {input.shape[-1]} but linear_weight is "
+            f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
+        )
+    if V == 0:
+        raise ValueError("fusedce: linear_weight must have at least one row (V > 0)")
+    if input.dtype != linear_weight.dtype:
+        raise TypeError(f"fusedce: input is {input.dtype} but linear_weight is {linear_weight.dtype}; they must match")
+    _check_device(linear_weight, "linear_weight", input, "input")
+    _check_target(target, input.shape[:-1], input, "input")
+    if linear_bias is not None:
+        _check_tensor(linear_bias, "linear_bias")
+        if linear_bias.shape != (V,):
+            raise ValueError(f"fusedce: linear_bias must have shape ({V},), got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"fusedce: linear_bias is {linear_bias.dtype} but input is {input.dtype}")
+        _check_device(linear_bias, "linear_bias", input, "input")
+    _check_class_weight(weight, V, input, "input")
+    _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    _check_num_items(num_items_in_batch)
+    _check_chunk(chunk_size, "chunk_size")
+    _check_chunk(vocab_chunk_size, "vocab_chunk_size")
+    ignore_index = -100 if ignore_index is None else ignore_index
+
+    if shift:
+        target = _shift(target, ignore_index)
+    shape = target.shape
+    hidden = input.reshape(-1, H)
+    flat_target = target.reshape(-1)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    valid = flat_target != ignore_index
+    tok_w = _token_weights(flat_target, valid, weight, acc)
+
+    # The gradient scale of the final scalar is known before the pass: the forward computes the
+    # gradients themselves and the backward only multiplies them by the upstream gradient.
+    denom = None
+    grad_scale = None
+    if reduction != "none":
+        if num_items_in_batch is not None:
+            grad_scale = 1.0 / torch.as_tensor(_divisor(num_items_in_batch, tok_w), dtype=acc, device=input.device)
+        elif reduction == "mean":
+            denom = tok_w.sum()
+            grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+    track = torch.is_grad_enabled() and reduction != "none"
+    grad_mask = [
+        track and input.requires_grad,
+        track and linear_weight.requires_grad,
+        track and linear_bias is not None and linear_bias.requires_grad,
+    ]
+    out = _ops.loss(
+        hidden, linear_weight, flat_target, linear_bias, weight, grad_scale,
+        ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
+        grad_mask=grad_mask, chunk_size=chunk_size or 0, vocab_chunk_size=vocab_chunk_size or 0,
+        fp32_grad_accum=bool(fp32_grad_accum),
+    )
+    loss, token_loss, lse, predicted = out[0], out[1], out[2], out[3]
+    if reduction == "none":
+        loss = token_loss.reshape(shape)
+    elif denom is not None:
+        # An all-ignored (or empty) batch: nan like torch.nn.functional.cross_entropy, zero grads.
+        loss = loss + torch.where(denom > 0, torch.zeros_like(denom), torch.full_like(denom, math.nan))
+    if not return_stats:
+        return loss
+    return _stats(loss, lse, predicted, flat_target, valid, tok_w, z_loss, reduction, num_items_in_batch, denom, shape)
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_stats: bool = False,
+    inplace_backward: bool = False,
+):
+    """The same terms as :func:`linear_cross_entropy` on given logits ``input`` [..., V].
+
+    One online-softmax pass per row in forward; the backward reads each logit once and writes its
+    gradient once. ``inplace_backward=True`` writes that gradient into ``input``'s storage (the
+    logits are garbage after backward; no [N, V] allocation).
+    """
+    _check_tensor(input, "input")
+    _check_float(input, "input")
+    if input.dim() < 1:
+        raise ValueError("fusedce: input (logits) must have shape [..., V], got a 0-d tensor")
+    V = input.shape[-1]
+    if V == 0:
+        raise ValueError("fusedce: input (logits) must have at least one class (V > 0)")
+    _check_target(target, input.shape[:-1], input, "input")
+    _check_class_weight(weight, V, input, "input")
+    _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    _check_num_items(num_items_in_batch)
+    ignore_index = -100 if ignore_index is None else ignore_index
+
+    shape = target.shape
+    logits = input.reshape(-1, V)
+    flat_target = target.reshape(-1)
+    token_loss, lse, predicted = _ops.cross_entropy(
+        logits, flat_target, weight, ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
+        inplace_backward=bool(inplace_backward),
+    )
+    valid = flat_target != ignore_index
+    tok_w = _token_weights(flat_target, valid, weight, token_loss.dtype)
+    denom = None
+    if reduction == "none":
+        loss = token_loss.reshape(shape)
+    elif num_items_in_batch is not None:
+        loss = token_loss.sum() / _divisor(num_items_in_batch, token_loss)
+    elif reduction == "sum":
+        loss = token_loss.sum()
+    else:
+        denom = tok_w.sum()
+        loss = token_loss.sum() / denom
+    if not return_stats:
+        return loss
+    return _stats(loss, lse, predicted, flat_target, valid, tok_w, z_loss, reduction, num_items_in_batch, denom, shape)

@@ -1,0 +1,208 @@
+"""Fake kernels and autograd formulas of the C++ ops (schemas: csrc/fusedce.cpp). Nothing else."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch.library import register_autograd, register_fake
+
+_ops = torch.ops.fusedce
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _by_name(op, inputs) -> SimpleNamespace:
+    """setup_context receives the inputs positionally; read them by their schema names."""
+    names = [a.name for a in op.default._schema.arguments]
+    return SimpleNamespace(**dict(zip(names, inputs)))
+
+
+def _empty_grad(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
+# fusedce::loss
+# --------------------------------------------------------------------------------------------
+
+
+@register_fake("fusedce::loss")
+def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=None,
+               ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
+               grad_mask=(False, False, False), chunk_size=0, vocab_chunk_size=0,
+               fp32_grad_accum=False):
+    n = hidden.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    grad_hidden = hidden.new_empty(hidden.shape) if grad_mask[0] else _empty_grad(hidden)
+    grad_weight = weight.new_empty(weight.shape) if grad_mask[1] else _empty_grad(weight)
+    if bias is not None:
+        grad_bias = bias.new_empty(bias.shape) if grad_mask[2] else _empty_grad(bias)
+    else:
+        grad_bias = _empty_grad(hidden)
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty((n,), dtype=acc),
+        hidden.new_empty((n,), dtype=acc),
+        hidden.new_empty((n,), dtype=torch.long),
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+    )
+
+
+@register_fake("fusedce::loss_backward")
+def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_token_loss,
+                        grad_lse=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                        softcap=0.0, logit_scale=1.0, grad_mask=(True, True, True), chunk_size=0,
+                        vocab_chunk_size=0, fp32_grad_accum=False):
+    grad_hidden = hidden.new_empty(hidden.shape) if grad_mask[0] else _empty_grad(hidden)
+    grad_weight = weight.new_empty(weight.shape) if grad_mask[1] else _empty_grad(weight)
+    if bias is not None:
+        grad_bias = bias.new_empty(bias.shape) if grad_mask[2] else _empty_grad(bias)
+    else:
+        grad_bias = _empty_grad(hidden)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _loss_setup_context(ctx, inputs, output):
+    a = _by_name(_ops.loss, inputs)
+    loss, token_loss, lse, predicted, grad_hidden, grad_weight, grad_bias = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    # Gradients computed in the forward are those of `loss` only: the per-token outputs are then
+    # statistics, and backpropagating through them is an error rather than a silently wrong grad.
+    ctx.precomputed = any(a.grad_mask)
+    if ctx.precomputed:
+        ctx.mark_non_differentiable(token_loss, lse)
+    ctx.grad_mask = tuple(a.grad_mask)
+    ctx.has_bias = a.bias is not None
+    ctx.has_class_weight = a.class_weight is not None
+    ctx.has_grad_scale = a.grad_scale is not None
+    ctx.knobs = dict(
+        ignore_index=a.ignore_index, label_smoothing=a.label_smoothing, z_loss=a.z_loss,
+        softcap=a.softcap, logit_scale=a.logit_scale, chunk_size=a.chunk_size,
+        vocab_chunk_size=a.vocab_chunk_size, fp32_grad_accum=a.fp32_grad_accum,
+    )
+    ctx.consumed = False
+    if ctx.precomputed:
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    else:
+        ctx.save_for_backward(a.hidden, a.weight, a.target, a.bias, a.class_weight, a.grad_scale,
+                              lse)
+
+
+def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor):
+    if not needed:
+        return None
+    if torch.compiler.is_compiling():
+        return grad * g
+    # In eager the precomputed gradient is scaled in place: no second [V, H] buffer.
+    return grad.mul_(g)
+
+
+def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g_gw, _g_gb):
+    nones = (None,) * 11  # target's grad is in the 4-tuple; 15 inputs in all
+    if ctx.precomputed:
+        if ctx.consumed:
+            raise RuntimeError(
+                "fusedce: second backward through the same linear_cross_entropy loss. The "
+                "gradients were computed in the forward and scaled in place by the first "
+                "backward; recompute the loss (or use reduction='none') to backward twice."
+            )
+        ctx.consumed = True
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_loss is None:
+            return (None, None, None, None) + nones
+        gh = _scale(grad_hidden, ctx.grad_mask[0] and ctx.needs_input_grad[0], grad_loss)
+        gw = _scale(grad_weight, ctx.grad_mask[1] and ctx.needs_input_grad[1], grad_loss)
+        gb = _scale(grad_bias, ctx.has_bias and ctx.grad_mask[2] and ctx.needs_input_grad[3],
+                    grad_loss)
+        return (gh, gw, None, gb) + nones
+
+    hidden, weight, target, bias, class_weight, grad_scale, lse = ctx.saved_tensors
+    if grad_token_loss is None and grad_loss is None and grad_lse is None:
+        return (None,) * 15
+    # The exact per-token upstream gradient of the token losses: the part through `loss`
+    # (sum_i grad_scale * token_loss_i) plus any gradient flowing into token_loss itself.
+    g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
+    if grad_loss is not None:
+        scale = grad_loss if grad_scale is None else grad_loss * grad_scale
+        g = g + scale.to(lse.dtype)
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[3]]
+    gh, gw, gb = _ops.loss_backward(
+        hidden, weight, target, bias, class_weight, lse, g,
+        None if grad_lse is None else grad_lse.to(lse.dtype), grad_mask=mask, **ctx.knobs,
+    )
+    return (gh if mask[0] else None, gw if mask[1] else None, None,
+            gb if mask[2] else None) + nones
+
+
+register_autograd("fusedce::loss", _loss_backward, setup_context=_loss_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# fusedce::cross_entropy
+# --------------------------------------------------------------------------------------------
+
+
+@register_fake("fusedce::cross_entropy")
+def _cross_entropy_fake(logits, target, class_weight=None, ignore_index=-100, label_smoothing=0.0,
+                        z_loss=0.0, softcap=0.0, logit_scale=1.0, inplace_backward=False):
+    n = logits.shape[0]
+    acc = _acc_dtype(logits.dtype)
+    return (
+        logits.new_empty((n,), dtype=acc),
+        logits.new_empty((n,), dtype=acc),
+        logits.new_empty((n,), dtype=torch.long),
+    )
+
+
+@register_fake("fusedce::cross_entropy_backward")
+def _cross_entropy_backward_fake(logits, target, class_weight, lse, grad_token_loss,
+                                 grad_lse=None, ignore_index=-100, label_smoothing=0.0,
+                                 z_loss=0.0, softcap=0.0, logit_scale=1.0):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@register_fake("fusedce::cross_entropy_backward_")
+def _cross_entropy_backward_inplace_fake(logits, target, class_weight, lse, grad_token_loss,
+                                         grad_lse=None, ignore_index=-100, label_smoothing=0.0,
+                                         z_loss=0.0, softcap=0.0, logit_scale=1.0):
+    return None
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    a = _by_name(_ops.cross_entropy, inputs)
+    token_loss, lse, predicted = output
+    ctx.set_materialize_grads(False)
+    ctx.inplace = a.inplace_backward
+    ctx.knobs = dict(
+        ignore_index=a.ignore_index, label_smoothing=a.label_smoothing, z_loss=a.z_loss,
+        softcap=a.softcap, logit_scale=a.logit_scale,
+    )
+    ctx.save_for_backward(a.logits, a.target, a.class_weight, lse)
+
+
+def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
+    logits, target, class_weight, lse = ctx.saved_tensors
+    if grad_token_loss is None and grad_lse is None:
+        return (None,) * 9
+    g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
+    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype)
+    if ctx.inplace and not torch.compiler.is_compiling():
+        # Overwrites the caller's logits (the documented contract of inplace_backward); the
+        # version counter bump makes any other use of them in this graph fail loudly.
+        _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, **ctx.knobs)
+        grad = logits
+    else:
+        grad = _ops.cross_entropy_backward(logits, target, class_weight, lse, g, g_lse,
+                                           **ctx.knobs)
+    return (grad,) + (None,) * 8
+
+
+register_autograd("fusedce::cross_entropy", _cross_entropy_backward,
+                  setup_context=_cross_entropy_setup_context)
