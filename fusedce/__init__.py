@@ -5,11 +5,17 @@ from ._extension import build_info, load_extension
 _C = load_extension()  # registers torch.ops.fusedce.* (checks the torch it was built against first)
 
 from . import ops as _ops  # noqa: E402,F401  (fake kernels and autograd of the C++ ops)
-from .functional import LossOutput, cross_entropy, linear_cross_entropy  # noqa: E402
+from .functional import (  # noqa: E402
+    LossOutput,
+    allow_second_backward,
+    cross_entropy,
+    linear_cross_entropy,
+)
 from . import nn  # noqa: E402
 
 __all__ = [
     "LossOutput",
+    "allow_second_backward",
     "build_info",
     "cross_entropy",
     "linear_cross_entropy",

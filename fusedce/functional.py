@@ -6,11 +6,14 @@ torch.nn.functional.cross_entropy where they overlap, so fusedce is a drop-in re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import NamedTuple
 
 import torch
+
+from . import ops as _ops_py
 
 _ops = torch.ops.fusedce
 _REDUCTIONS = ("mean", "sum", "none")
@@ -30,6 +33,19 @@ class LossOutput(NamedTuple):
     predicted: torch.Tensor
     accuracy: torch.Tensor
     z_loss: torch.Tensor
+
+
+@contextlib.contextmanager
+def allow_second_backward():
+    """Backward passes run inside this block leave the gradients computed in the forward intact,
+    so the graph may be backpropagated through again (gradcheck, retain_graph=True). Costs one
+    more weight-sized buffer per backward; outside the block a second backward is an error."""
+    previous = _ops_py._second_backward_allowed
+    _ops_py._second_backward_allowed = True
+    try:
+        yield
+    finally:
+        _ops_py._second_backward_allowed = previous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,9 +68,14 @@ def _check_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
         raise ValueError(f"fusedce: {name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def _check_finite(value, name: str):
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+def _check_finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise ValueError(f"fusedce: {name} must be a finite number, got {value!r}")
+    # A chained comparison rather than math.isfinite: it also traces under
+    # torch.compile(dynamic=True), where the knob may be a symbolic float. False for nan.
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"fusedce: {name} must be a finite number, got {value!r}")
+    return value
 
 
 def _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale):

@@ -71,12 +71,12 @@ def _loss_setup_context(ctx, inputs, output):
     a = _by_name(_ops.loss, inputs)
     loss, token_loss, lse, predicted, grad_hidden, grad_weight, grad_bias = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
     # Gradients computed in the forward are those of `loss` only: the per-token outputs are then
     # statistics, and backpropagating through them is an error rather than a silently wrong grad.
+    # (One call: mark_non_differentiable replaces, it does not add.)
     ctx.precomputed = any(a.grad_mask)
-    if ctx.precomputed:
-        ctx.mark_non_differentiable(token_loss, lse)
+    stats = (token_loss, lse) if ctx.precomputed else ()
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, *stats)
     ctx.grad_mask = tuple(a.grad_mask)
     ctx.has_bias = a.bias is not None
     ctx.has_class_weight = a.class_weight is not None
@@ -94,13 +94,20 @@ def _loss_setup_context(ctx, inputs, output):
                               lse)
 
 
+# Set by fusedce.allow_second_backward(): the precomputed gradients are then scaled out of place
+# (one more [V, H] buffer in backward) so that the graph can be backpropagated through again.
+_second_backward_allowed = False
+
+
 def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor):
     if not needed:
         return None
-    if torch.compiler.is_compiling():
-        return grad * g
-    # In eager the precomputed gradient is scaled in place: no second [V, H] buffer.
-    return grad.mul_(g)
+    # In eager the precomputed gradient is scaled in place: no second [V, H] buffer. Anything
+    # traced (dynamo, AOTAutograd's fake/functional tensors) or a tensor subclass gets the
+    # out-of-place product, which tracing handles without mutating a forward output.
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not _second_backward_allowed:
+        return grad.mul_(g)
+    return grad * g
 
 
 def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g_gw, _g_gb):
@@ -110,9 +117,10 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g
             raise RuntimeError(
                 "fusedce: second backward through the same linear_cross_entropy loss. The "
                 "gradients were computed in the forward and scaled in place by the first "
-                "backward; recompute the loss (or use reduction='none') to backward twice."
+                "backward; run the forward again, use reduction='none', or build the graph "
+                "inside `with fusedce.allow_second_backward():`."
             )
-        ctx.consumed = True
+        ctx.consumed = not _second_backward_allowed
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if grad_loss is None:
             return (None, None, None, None) + nones
@@ -193,7 +201,7 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
         return (None,) * 9
     g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
     g_lse = None if grad_lse is None else grad_lse.to(lse.dtype)
-    if ctx.inplace and not torch.compiler.is_compiling():
+    if ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling():
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
         _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, **ctx.knobs)
