@@ -1,0 +1,1 @@
+"""fusedce's benchmark suite (run with `python -m benchmarks RESULTS_DIR` on a GPU machine)."""

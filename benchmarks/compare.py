@@ -1,0 +1,491 @@
+"""fusedce against every peer, side by side, on one GPU: time, memory, accuracy, time / floor.
+
+    python -m benchmarks RESULTS_DIR [--quick] [--only fused|ce] [--methods a,b,...]
+
+Writes RESULTS_DIR/results.json (every measurement, with device, versions and date),
+RESULTS_DIR/results.md (tables) and, where matplotlib is installed, the PNG plots
+(benchmarks/plots.py can draw them later from the JSON on any machine).
+
+Method (../shared/BENCHMARKING.md): same inputs, same device, same run for every method;
+CUDA events, median of >= 10 timed steps after warm-up; random data (never zeros). The floor of
+the fused linear loss is the three full-size cuBLAS GEMMs of the step (logits, grad_input,
+grad_weight), timed in the same run; the floor of CE on given bf16 logits is 6 bytes per element
+at the measured device copy bandwidth. Transient memory is the peak allocated during one step
+minus what was allocated before it, minus the bytes of the gradients the step returns (so it is
+what a method needs beyond inputs and grads). A peer that fails on a shape is recorded with its
+error, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+# Shapes of BENCHMARKING.md: (N tokens, H hidden, V vocab, model).
+SHAPES = [
+    (8192, 4096, 128256, "Llama-3 8B"),
+    (8192, 2304, 256000, "Gemma-2 2B"),
+    (16384, 3584, 152064, "Qwen2.5 7B"),
+]
+N_SWEEP = [1024, 2048, 4096, 8192, 16384, 32768]  # at the Llama-3 shape
+V_SWEEP = [32768, 65536, 131072, 262144]  # at H = 4096, N = 8192
+CE_N_SWEEP = [2048, 8192, 16384]  # CE on given logits, V = 128256
+CE_V_SWEEP = [32768, 65536, 131072, 262144]  # CE on given logits, N = 8192
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods: each returns a function (x, w, t) -> scalar loss, or raises ImportError to be skipped.
+# ------------------------------------------------------------------------------------------------
+
+
+def _eager(x, w, t):
+    # The Hugging Face path: materialized logits, upcast, then cross entropy.
+    return F.cross_entropy(F.linear(x, w).float(), t)
+
+
+def make_fused_methods(include_sweep: bool = True):
+    import fusedce
+
+    methods = {
+        "fusedce": lambda x, w, t: fusedce.linear_cross_entropy(x, w, t),
+        "fusedce low-memory": lambda x, w, t: fusedce.linear_cross_entropy(
+            x, w, t, vocab_chunk_size=LOW_MEMORY_VOCAB_TILE, chunk_size=LOW_MEMORY_CHUNK
+        ),
+    }
+    if include_sweep:
+        for c in (512, 1024, 2048, 4096):
+            methods[f"fusedce chunk={c}"] = (lambda c: lambda x, w, t: fusedce.linear_cross_entropy(x, w, t, chunk_size=c))(c)
+    return methods
+
+
+# Low-memory mode: vocabulary tiles with recompute, sized for <= 64 MiB of transient memory.
+LOW_MEMORY_CHUNK = 4096
+LOW_MEMORY_VOCAB_TILE = 4096
+
+
+def make_peer_methods():
+    methods = {"torch eager": _eager}
+    compiled = torch.compile(_eager)
+    methods["torch.compile"] = lambda x, w, t: compiled(x, w, t)
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        methods["liger"] = lambda x, w, t: liger_fused_linear_cross_entropy(x, w, t)
+    except Exception as e:  # noqa: BLE001 - a peer that cannot be imported is reported, not fatal
+        methods["liger"] = _skipped(e)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        methods["cut-cross-entropy"] = lambda x, w, t: cce(x, w, t)
+    except Exception as e:  # noqa: BLE001
+        methods["cut-cross-entropy"] = _skipped(e)
+    if hasattr(F, "linear_cross_entropy"):
+        methods["torch F.linear_cross_entropy"] = lambda x, w, t: F.linear_cross_entropy(x, w, t)
+    else:
+        methods["torch F.linear_cross_entropy"] = _skipped(
+            RuntimeError(f"not in torch {torch.__version__}")
+        )
+    return methods
+
+
+def make_ce_methods():
+    import fusedce
+
+    def torch_ce(logits, t):
+        return F.cross_entropy(logits.float(), t)
+
+    compiled = torch.compile(torch_ce)
+    methods = {
+        "fusedce in-place": lambda lg, t: fusedce.cross_entropy(lg, t, inplace_backward=True),
+        "fusedce": lambda lg, t: fusedce.cross_entropy(lg, t),
+        "torch eager": torch_ce,
+        "torch.compile": lambda lg, t: compiled(lg, t),
+    }
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        methods["liger"] = lambda lg, t: liger_cross_entropy(lg, t)
+    except Exception as e:  # noqa: BLE001
+        methods["liger"] = _skipped(e)
+    return methods
+
+
+class _Skipped:
+    def __init__(self, error: BaseException):
+        self.reason = f"{type(error).__name__}: {error}"
+
+    def __call__(self, *args):
+        raise RuntimeError(self.reason)
+
+
+def _skipped(error):
+    return _Skipped(error)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median of `iters` CUDA-event timings after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def transient_bytes(step, grad_bytes: int) -> int:
+    """Peak allocated during one step beyond what was there before and beyond the grads it makes."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - before - grad_bytes)
+
+
+def gemm_floor_ms(N, H, V, dtype) -> dict:
+    """The three full-size GEMMs of a fused linear loss step: logits, grad_input, grad_weight."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02
+    logits = torch.empty(N, V, device="cuda", dtype=dtype)
+    gx = torch.empty(N, H, device="cuda", dtype=dtype)
+    gw = torch.empty(V, H, device="cuda", dtype=dtype)
+
+    def step():
+        torch.mm(x, w.t(), out=logits)
+        torch.mm(logits, w, out=gx)
+        torch.mm(logits.t(), x, out=gw)
+
+    torch.mm(x, w.t(), out=logits)  # real (random) data in the grad GEMMs, not zeros
+    ms = cuda_time_ms(step)
+    fwd = cuda_time_ms(lambda: torch.mm(x, w.t(), out=logits))
+    del x, w, logits, gx, gw
+    torch.cuda.empty_cache()
+    return {"floor_ms": ms, "floor_fwd_ms": fwd, "tflops": 6 * N * H * V / (ms * 1e-3) / 1e12}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting read + write."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / (ms * 1e-3)
+
+
+def reference_fp32(x, w, t, chunk: int = 1024):
+    """float32 loss and grads (input, weight) computed chunk by chunk from upcast inputs."""
+    xf, wf = x.detach().float(), w.detach().float().requires_grad_()
+    n_valid = (t != -100).sum().clamp(min=1)
+    total = torch.zeros((), device=x.device)
+    gx = torch.empty_like(xf)
+    for r0 in range(0, x.shape[0], chunk):
+        xc = xf[r0 : r0 + chunk].clone().requires_grad_()
+        loss = F.cross_entropy(xc @ wf.t(), t[r0 : r0 + chunk], reduction="sum") / n_valid
+        loss.backward()
+        gx[r0 : r0 + chunk] = xc.grad
+        total += loss.detach()
+    return total, gx, wf.grad
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def measure_fused(name, fn, N, H, V, dtype, floor, ref, seed=0) -> dict:
+    rec = {"kind": "fused", "method": name, "N": N, "H": H, "V": V, "dtype": str(dtype).split(".")[-1]}
+    try:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g).requires_grad_()
+        w = (torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02).requires_grad_()
+        t = torch.randint(0, V, (N,), device="cuda", generator=g)
+
+        def step():
+            x.grad = None
+            w.grad = None
+            fn(x, w, t).backward()
+
+        def fwd():
+            with torch.no_grad():
+                fn(x, w, t)
+
+        step()  # first call: compile / autotune outside the timings
+        grad_bytes = (x.numel() + w.numel()) * x.element_size()
+        rec["transient_mib"] = transient_bytes(step, grad_bytes) / MIB
+        rec["fwdbwd_ms"] = cuda_time_ms(step)
+        rec["fwd_ms"] = cuda_time_ms(fwd)
+        rec["floor_ms"] = floor["floor_ms"]
+        rec["ratio"] = rec["fwdbwd_ms"] / floor["floor_ms"]
+        if ref is not None:
+            x.grad = w.grad = None
+            loss = fn(x, w, t)
+            loss.backward()
+            rl, rgx, rgw = ref
+            rec["loss_rel_err"] = abs(float(loss) - float(rl)) / abs(float(rl))
+            rec["grad_input_rel_err"] = rel_err(x.grad, rgx)
+            rec["grad_weight_rel_err"] = rel_err(w.grad, rgw)
+        rec["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - a failing method is a result, not a crash
+        rec["status"] = "failed"
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if os.environ.get("FUSEDCE_BENCH_TRACEBACK"):
+            traceback.print_exc()
+    finally:
+        x = w = t = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rec
+
+
+def measure_ce(name, fn, N, V, dtype, floor_ms, seed=0) -> dict:
+    rec = {"kind": "ce", "method": name, "N": N, "V": V, "dtype": str(dtype).split(".")[-1]}
+    try:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        base = torch.randn(N, V, device="cuda", dtype=dtype, generator=g)
+        t = torch.randint(0, V, (N,), device="cuda", generator=g)
+        logits = base.clone().requires_grad_()
+
+        def step():
+            # Fresh logits each step (an in-place backward overwrites them); the copy is outside
+            # the timed region because the timed function is `timed` below.
+            logits.grad = None
+            fn(logits, t).backward()
+
+        def timed_setup():
+            with torch.no_grad():
+                logits.copy_(base)
+
+        step()
+        timed_setup()
+        rec["transient_mib"] = transient_bytes(step, logits.numel() * logits.element_size()) / MIB
+        times = []
+        for i in range(13):
+            timed_setup()
+            torch.cuda.synchronize()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step()
+            e.record()
+            e.synchronize()
+            if i >= 3:
+                times.append(s.elapsed_time(e))
+        rec["fwdbwd_ms"] = statistics.median(times)
+        rec["floor_ms"] = floor_ms
+        rec["ratio"] = rec["fwdbwd_ms"] / floor_ms
+        rec["bandwidth_tbs"] = 6 * N * V / (rec["fwdbwd_ms"] * 1e-3) / 1e12
+        rec["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        rec["status"] = "failed"
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    finally:
+        base = logits = t = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for dist in ("fusedce", "liger-kernel", "cut-cross-entropy", "triton"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _progress(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filter=None) -> dict:
+    assert torch.cuda.is_available(), "the benchmark suite needs a CUDA GPU"
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "quick": quick,
+    }
+    _progress(f"device {meta['device']}, torch {torch.__version__}")
+    records = []
+    path = os.path.join(out_dir, "results.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+
+    fused = {**make_fused_methods(include_sweep=not quick), **make_peer_methods()}
+    if methods_filter:
+        fused = {k: v for k, v in fused.items() if k in methods_filter or k == "fusedce"}
+    for name, fn in fused.items():
+        if isinstance(fn, _Skipped):
+            _progress(f"skipping {name}: {fn.reason}")
+    meta["skipped"] = {k: v.reason for k, v in fused.items() if isinstance(v, _Skipped)}
+
+    if only in (None, "fused"):
+        cases = [(N, H, V, label, torch.bfloat16, "shape") for N, H, V, label in SHAPES]
+        cases += [(N, H, V, label, torch.float32, "shape") for N, H, V, label in SHAPES[:1 if quick else 3]]
+        if not quick:
+            cases += [(n, 4096, 128256, "Llama-3 N sweep", torch.bfloat16, "n_sweep") for n in N_SWEEP]
+            cases += [(8192, 4096, v, "V sweep", torch.bfloat16, "v_sweep") for v in V_SWEEP]
+        for N, H, V, label, dtype, group in cases:
+            _progress(f"{group} {label}: N={N} H={H} V={V} {dtype}")
+            floor = gemm_floor_ms(N, H, V, dtype)
+            ref = None
+            if group == "shape":
+                g = torch.Generator(device="cuda").manual_seed(0)
+                x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g)
+                w = torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02
+                t = torch.randint(0, V, (N,), device="cuda", generator=g)
+                ref = reference_fp32(x, w, t)
+                del x, w, t
+                torch.cuda.empty_cache()
+            methods = fused if group == "shape" else {
+                k: v for k, v in fused.items() if not k.startswith("fusedce chunk")
+            }
+            for name, fn in methods.items():
+                if isinstance(fn, _Skipped):
+                    continue
+                rec = measure_fused(name, fn, N, H, V, dtype, floor, ref)
+                rec.update(group=group, label=label, floor_tflops=floor["tflops"])
+                records.append(rec)
+                _progress(_line(rec))
+                save()
+            ref = None
+
+    if only in (None, "ce"):
+        bw = copy_bandwidth()
+        meta["copy_bandwidth_tbs"] = bw / 1e12
+        _progress(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+        ce_methods = make_ce_methods()
+        ce_cases = [(n, 128256, "ce_n_sweep") for n in CE_N_SWEEP] + [(8192, v, "ce_v_sweep") for v in CE_V_SWEEP]
+        if quick:
+            ce_cases = [(8192, 128256, "ce_n_sweep")]
+        for N, V, group in ce_cases:
+            floor_ms = 6 * N * V / bw * 1e3
+            _progress(f"{group}: CE on logits N={N} V={V} bf16 (floor {floor_ms:.3f} ms)")
+            for name, fn in ce_methods.items():
+                if isinstance(fn, _Skipped):
+                    continue
+                rec = measure_ce(name, fn, N, V, torch.bfloat16, floor_ms)
+                rec.update(group=group)
+                records.append(rec)
+                _progress(_line(rec))
+                save()
+
+    save()
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(meta, records))
+    try:
+        from benchmarks import plots
+
+        plots.draw_all(path, out_dir)
+    except ImportError as e:
+        _progress(f"no plots here ({e}); run python -m benchmarks.plots {path} on a machine with matplotlib")
+    return {"meta": meta, "records": records}
+
+
+def _line(rec) -> str:
+    if rec["status"] != "ok":
+        return f"  {rec['method']:<28} FAILED {rec.get('error', '')}"
+    s = f"  {rec['method']:<28} fwd+bwd {rec['fwdbwd_ms']:8.2f} ms  x{rec['ratio']:.3f} floor  {rec['transient_mib']:9.1f} MiB"
+    if "loss_rel_err" in rec:
+        s += f"  loss err {rec['loss_rel_err']:.1e} gx {rec['grad_input_rel_err']:.1e} gw {rec['grad_weight_rel_err']:.1e}"
+    return s
+
+
+def markdown(meta, records) -> str:
+    v = meta["versions"]
+    lines = [
+        f"# fusedce benchmark — {meta['device']}",
+        "",
+        f"{meta['date']}; torch {v['torch']}, liger-kernel {v.get('liger-kernel')}, "
+        f"cut-cross-entropy {v.get('cut-cross-entropy')}, triton {v.get('triton')}.",
+        "",
+        "Time / floor: fwd+bwd time divided by the three full-size cuBLAS GEMMs of the step "
+        "timed in the same run (CE on logits: 6 bytes/element at the measured copy bandwidth). "
+        "Transient memory: peak during the step beyond inputs and the gradients it returns.",
+        "",
+        "## Fused linear cross entropy",
+        "",
+        "| shape (N x H x V) | dtype | method | fwd ms | fwd+bwd ms | x floor | transient MiB | loss rel err | grad_input rel err | grad_weight rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r["kind"] != "fused":
+            continue
+        shape = f"{r['N']}x{r['H']}x{r['V']}"
+        if r["status"] != "ok":
+            lines.append(f"| {shape} | {r['dtype']} | {r['method']} | failed: {r.get('error', '')} | | | | | | |")
+            continue
+        err = lambda k: f"{r[k]:.1e}" if k in r else ""
+        lines.append(
+            f"| {shape} | {r['dtype']} | {r['method']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
+            f"{r['ratio']:.3f} | {r['transient_mib']:.1f} | {err('loss_rel_err')} | "
+            f"{err('grad_input_rel_err')} | {err('grad_weight_rel_err')} |"
+        )
+    lines += ["", "## Cross entropy on given bf16 logits (fwd+bwd)", "",
+              "| N x V | method | fwd+bwd ms | x floor | TB/s (6 B/elem) | transient MiB |", "|---|---|---|---|---|---|"]
+    for r in records:
+        if r["kind"] != "ce":
+            continue
+        if r["status"] != "ok":
+            lines.append(f"| {r['N']}x{r['V']} | {r['method']} | failed: {r.get('error', '')} | | | |")
+            continue
+        lines.append(
+            f"| {r['N']}x{r['V']} | {r['method']} | {r['fwdbwd_ms']:.3f} | {r['ratio']:.3f} | "
+            f"{r['bandwidth_tbs']:.2f} | {r['transient_mib']:.1f} |"
+        )
+    if meta.get("skipped"):
+        lines += ["", "Skipped (not importable here): " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", help="folder for results.json, results.md and the plots")
+    p.add_argument("--quick", action="store_true", help="the three shapes and one CE case only")
+    p.add_argument("--only", choices=["fused", "ce"], help="run one half of the suite")
+    p.add_argument("--methods", help="comma-separated method names to keep (fusedce always runs)")
+    a = p.parse_args(argv)
+    run(a.out_dir, quick=a.quick, only=a.only, methods_filter=a.methods.split(",") if a.methods else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""PNG plots from a results.json of benchmarks/compare.py (needs matplotlib; no GPU).
+
+    python -m benchmarks.plots RESULTS_DIR/results.json [OUT_DIR]
+
+(1) per shape, the time-memory plane: each method a point, fusedce's chunk sweep a curve;
+(2) fwd+bwd time vs N; (3) transient memory vs N; (4) CE-on-logits achieved bandwidth vs V.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {
+    "fusedce": "#d62728",
+    "fusedce low-memory": "#ff9896",
+    "fusedce in-place": "#d62728",
+    "torch eager": "#7f7f7f",
+    "torch.compile": "#1f77b4",
+    "liger": "#2ca02c",
+    "cut-cross-entropy": "#9467bd",
+    "torch F.linear_cross_entropy": "#8c564b",
+}
+
+
+def _ok(records, **match):
+    return [r for r in records if r["status"] == "ok" and all(r.get(k) == v for k, v in match.items())]
+
+
+def time_memory_planes(data, out_dir) -> list[str]:
+    meta, records = data["meta"], data["records"]
+    shapes = sorted({(r["N"], r["H"], r["V"], r["dtype"]) for r in _ok(records, kind="fused", group="shape")})
+    paths = []
+    for N, H, V, dtype in shapes:
+        rs = _ok(records, kind="fused", group="shape", N=N, H=H, V=V, dtype=dtype)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        sweep = sorted((r for r in rs if r["method"].startswith("fusedce chunk=")),
+                       key=lambda r: int(r["method"].split("=")[1]))
+        if sweep:
+            ax.plot([r["transient_mib"] for r in sweep], [r["ratio"] for r in sweep], "-o",
+                    color=COLORS["fusedce"], alpha=0.5, label="fusedce chunk sweep")
+            for r in sweep:
+                ax.annotate(r["method"].split("=")[1], (r["transient_mib"], r["ratio"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        for r in rs:
+            if r["method"].startswith("fusedce chunk="):
+                continue
+            ax.scatter(r["transient_mib"], r["ratio"], s=60, color=COLORS.get(r["method"], "k"),
+                       label=r["method"], zorder=3)
+        failed = [r["method"] for r in records if r.get("kind") == "fused" and r.get("group") == "shape"
+                  and r["status"] != "ok" and (r["N"], r["H"], r["V"], r["dtype"]) == (N, H, V, dtype)]
+        if failed:
+            ax.text(0.99, 0.02, "failed: " + ", ".join(failed), transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=8, color="#b00")
+        ax.set_xscale("log")
+        ax.set_xlabel("transient memory beyond inputs and grads (MiB, log scale)")
+        ax.set_ylabel("fwd+bwd time / GEMM floor")
+        ax.axhline(1.0, color="k", lw=0.5, ls=":")
+        ax.set_title(f"{meta['device']}: N={N} H={H} V={V} {dtype}")
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3, which="both")
+        path = os.path.join(out_dir, f"plane_{N}x{H}x{V}_{dtype}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def n_sweep(data, out_dir) -> list[str]:
+    meta, records = data["meta"], data["records"]
+    rs = _ok(records, kind="fused", group="n_sweep")
+    if not rs:
+        return []
+    methods = sorted({r["method"] for r in rs})
+    paths = []
+    for key, ylabel, fname, logy in (
+        ("fwdbwd_ms", "fwd+bwd time (ms)", "time_vs_n.png", True),
+        ("transient_mib", "transient memory (MiB, log scale)", "memory_vs_n.png", True),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            pts = sorted((r["N"], r[key]) for r in rs if r["method"] == m)
+            ax.plot(*zip(*pts), "-o", label=m, color=COLORS.get(m))
+        if key == "fwdbwd_ms":
+            pts = sorted({(r["N"], r["floor_ms"]) for r in rs})
+            ax.plot(*zip(*pts), "k--", label="GEMM floor")
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("tokens N (H=4096, V=128256, bf16)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{meta['device']}: fused linear cross entropy vs N")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        path = os.path.join(out_dir, fname)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def ce_bandwidth(data, out_dir) -> list[str]:
+    meta, records = data["meta"], data["records"]
+    rs = _ok(records, kind="ce", group="ce_v_sweep")
+    if not rs:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in sorted({r["method"] for r in rs}):
+        pts = sorted((r["V"], r["bandwidth_tbs"]) for r in rs if r["method"] == m)
+        ax.plot(*zip(*pts), "-o", label=m, color=COLORS.get(m))
+    if meta.get("copy_bandwidth_tbs"):
+        ax.axhline(meta["copy_bandwidth_tbs"], color="k", ls="--", label="device copy bandwidth")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("vocabulary V (N=8192, bf16 logits)")
+    ax.set_ylabel("achieved bandwidth, 6 bytes/element (TB/s)")
+    ax.set_title(f"{meta['device']}: cross entropy on given logits, fwd+bwd")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    path = os.path.join(out_dir, "ce_bandwidth_vs_v.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def draw_all(json_path: str, out_dir: str | None = None) -> list[str]:
+    with open(json_path) as f:
+        data = json.load(f)
+    out_dir = out_dir or os.path.dirname(json_path)
+    os.makedirs(out_dir, exist_ok=True)
+    return time_memory_planes(data, out_dir) + n_sweep(data, out_dir) + ce_bandwidth(data, out_dir)
+
+
+if __name__ == "__main__":
+    for p in draw_all(*sys.argv[1:3]):
+        print(p)
