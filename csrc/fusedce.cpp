@@ -78,6 +78,11 @@ TORCH_LIBRARY(fusedce, m) {
       "Tensor grad_token_loss, Tensor? grad_lse=None, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0) "
       "-> ()");
+
+  // self *= scale (a one-element tensor on self's device), in place. The backward of `loss` uses it
+  // to apply the upstream gradient to the gradients computed in the forward; when scale == 1
+  // (plain loss.backward()) the kernel exits without touching self, with no host synchronization.
+  m.def("scale_(Tensor(a!) self, Tensor scale) -> ()");
 }
 
 #ifndef FUSEDCE_NO_PYTHON

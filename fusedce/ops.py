@@ -94,6 +94,18 @@ def _loss_setup_context(ctx, inputs, output):
                               lse)
 
 
+# Devices whose backend implements fusedce::scale_ (skips the multiply when the upstream gradient
+# is exactly 1, as after a plain loss.backward(), without a host synchronization).
+_SCALE_DEVICES = {
+    d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key("fusedce::scale_", d.upper())
+}
+
+
+@register_fake("fusedce::scale_")
+def _scale_fake(self, scale):
+    return None
+
+
 # Set by fusedce.allow_second_backward(): the precomputed gradients are then scaled out of place
 # (one more [V, H] buffer in backward) so that the graph can be backpropagated through again.
 _second_backward_allowed = False
@@ -106,6 +118,9 @@ def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor):
     # traced (dynamo, AOTAutograd's fake/functional tensors) or a tensor subclass gets the
     # out-of-place product, which tracing handles without mutating a forward output.
     if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not _second_backward_allowed:
+        if grad.device.type in _SCALE_DEVICES:
+            _ops.scale_(grad, g.to(grad.device))
+            return grad
         return grad.mul_(g)
     return grad * g
 

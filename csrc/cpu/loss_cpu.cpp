@@ -281,6 +281,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
   return {grads.hidden, grads.weight, grads.bias};
 }
 
+void scale_cpu(const at::Tensor& self, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "fusedce: scale must be a single value, got ", scale.sizes());
+  check_same_device(scale, self, "scale", "self");
+  if (scale.item<double>() == 1.0) return;  // free on the CPU; the common loss.backward() case
+  const_cast<at::Tensor&>(self).mul_(scale.reshape({}));
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fusedce
@@ -288,4 +295,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
 TORCH_LIBRARY_IMPL(fusedce, CPU, m) {
   m.impl("loss", &fusedce::cpu::loss_cpu);
   m.impl("loss_backward", &fusedce::cpu::loss_backward_cpu);
+  m.impl("scale_", &fusedce::cpu::scale_cpu);
 }

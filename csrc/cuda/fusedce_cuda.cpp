@@ -1,0 +1,634 @@
+// CUDA host driver of fusedce: TORCH_LIBRARY_IMPL(fusedce, CUDA, m) for every op of csrc/fusedce.cpp.
+//
+// Fused linear loss, per chunk of C token rows (C from a memory budget unless chunk_size is given):
+//   1. logits chunk [C, V] = hidden[C] @ weight.T (+ bias)            cuBLAS through at::mm_out
+//   2. one row kernel: online softmax (max, sum-exp, target logit, argmax, sum w*z), token loss,
+//      lse, predicted, and d(loss)/d(logits) written in place into the chunk     (kernels/)
+//   3. grad_hidden[C] = G @ weight,  grad_weight += G.T @ hidden[C] (beta = 1)  cuBLAS
+// Low-memory mode (0 < vocab_chunk_size < V): the vocabulary is tiled; a statistics pass over the
+// tiles finalizes lse, then the tiles are recomputed for the gradient (8*N*H*V flops instead of 6).
+// Everything runs on the current stream under a device guard; the chunk loop has no host sync and
+// no data-dependent host branch, so the ops can be captured in a CUDA graph. The only host sync is
+// the target range check, once per call before the loop, skipped while the stream is capturing.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#if __has_include(<cublas_v2.h>)
+#include <ATen/cuda/CUDAContext.h>
+#else
+// Build hosts without the cuBLAS headers (compile checks only): the few declarations used here.
+// The symbols resolve at load time through libtorch_cuda's own dependency on libcublas.
+#include <library_types.h>
+typedef struct cublasContext* cublasHandle_t;
+typedef enum { CUBLAS_STATUS_SUCCESS = 0 } cublasStatus_t;
+typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
+typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
+typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
+                                       int, int, const void*, const void*, cudaDataType, int,
+                                       const void*, cudaDataType, int, const void*, void*,
+                                       cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
+namespace at {
+namespace cuda {
+cublasHandle_t getCurrentCUDABlasHandle();
+}
+}  // namespace at
+#endif
+
+#include "../checks.h"
+#include "kernels/launchers.h"
+
+namespace fusedce {
+namespace cuda_impl {
+namespace {
+
+using at::Tensor;
+using Out7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Out3 = std::tuple<Tensor, Tensor, Tensor>;
+
+constexpr int64_t kMiB = int64_t(1) << 20;
+constexpr int64_t kFastBudgetDefault = 1024 * kMiB;  // [C, V] logits chunk, fast mode
+constexpr int64_t kTiledBudgetDefault = 64 * kMiB;   // [C, Vt] tile + fp32 [C, H], low-memory mode
+
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return dflt;
+  return std::atoll(s);
+}
+
+gpu::DType kdtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return gpu::DType::kFloat16;
+    case at::kBFloat16:
+      return gpu::DType::kBFloat16;
+    case at::kFloat:
+      return gpu::DType::kFloat32;
+    case at::kDouble:
+      return gpu::DType::kFloat64;
+    default:
+      TORCH_CHECK(false, "fusedce (CUDA): unsupported dtype ", t,
+                  "; expected float16, bfloat16, float32 or float64");
+  }
+}
+
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+void check_launch(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "fusedce (CUDA): launch of ", what, " failed: ",
+              cudaGetErrorString(e));
+}
+
+bool stream_capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  const cudaError_t e = cudaStreamIsCapturing(s, &st);
+  TORCH_CHECK(e == cudaSuccess, "fusedce (CUDA): cudaStreamIsCapturing failed: ",
+              cudaGetErrorString(e));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// Once per call, before any kernel reads by target (the kernels themselves treat an out-of-range
+// target as ignored, so nothing is ever read out of bounds). One host sync; skipped while the
+// stream is being captured into a CUDA graph.
+void check_targets(const Tensor& tgt, int64_t vocab, int64_t ignore_index, cudaStream_t s) {
+  if (tgt.numel() == 0 || stream_capturing(s)) return;
+  const Tensor bad = ((tgt < 0) | (tgt >= vocab)) & (tgt != ignore_index);
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero().select(1, 0).min().item<int64_t>();
+  const int64_t val = tgt[i].item<int64_t>();
+  TORCH_CHECK(false, "fusedce: target[", i, "] = ", val, " is outside [0, ", vocab,
+              ") and is not ignore_index (", ignore_index, ")");
+}
+
+// ---- cuBLAS GEMM with fp32 C for half / bf16 A and B ------------------------------------------
+// C[M, N] (fp32, row-major, ldc = C.stride(0)) = beta * C + A[M, K] @ B[K, N]. A and B are 2-D
+// views with one unit stride (row-major or transposed row-major).
+void operand(const Tensor& x, cublasOperation_t& op, int64_t& ld) {
+  // cuBLAS is column-major: a row-major [r, c] tensor is the column-major [c, r] = x^T (op N).
+  if (x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1))) {
+    op = CUBLAS_OP_N;
+    ld = std::max<int64_t>(x.size(0) <= 1 ? x.size(1) : x.stride(0), 1);
+  } else {
+    TORCH_INTERNAL_ASSERT(x.stride(0) == 1, "fusedce: unexpected GEMM operand strides");
+    op = CUBLAS_OP_T;
+    ld = std::max<int64_t>(x.size(1) <= 1 ? x.size(0) : x.stride(1), 1);
+  }
+}
+
+void gemm_f32acc(const Tensor& a, const Tensor& b, Tensor& c, float beta) {
+  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == 0.f) c.zero_();
+    return;
+  }
+  const cudaDataType t = a.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+  cublasOperation_t opa, opb;
+  int64_t lda, ldb;
+  operand(a, opa, lda);
+  operand(b, opb, ldb);
+  const int64_t ldc = M <= 1 ? N : c.stride(0);
+  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX &&
+                  ldb < INT32_MAX && ldc < INT32_MAX,
+              "fusedce (CUDA): GEMM dimension too large for cublasGemmEx");
+  const float alpha = 1.f;
+  // col-major: C^T [N, M] = B^T [N, K] @ A^T [K, M]
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  const cublasStatus_t st = cublasGemmEx(
+      handle, opb, opa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha,
+      b.data_ptr(), t, static_cast<int>(ldb), a.data_ptr(), t, static_cast<int>(lda), &beta,
+      c.data_ptr(), CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fusedce (CUDA): cublasGemmEx failed with status ",
+              static_cast<int>(st));
+}
+
+// out (+)= a @ b in out's dtype (beta 0 on the first contribution, then 1).
+void gemm_acc(Tensor& out, const Tensor& a, const Tensor& b, bool first, bool f32acc) {
+  if (f32acc) {
+    gemm_f32acc(a, b, out, first ? 0.f : 1.f);
+  } else if (first) {
+    at::mm_out(out, a, b);
+  } else {
+    at::addmm_out(out, out, a, b);
+  }
+}
+
+// ---- the problem shared by loss / loss_backward -----------------------------------------------
+struct Linear {
+  Tensor h, w, b, tgt, cw, cw_sum;
+  int64_t N = 0, H = 0, V = 0;
+  at::ScalarType dt, acc;
+  gpu::DType kd;
+  gpu::EpiParams ep;
+  cudaStream_t stream;
+  int64_t C = 1, Vt = 1;  // chunk rows, vocabulary tile
+  bool tiled = false;
+  int dev = 0;
+};
+
+void setup_linear(Linear& P, const Tensor& hidden, const Tensor& weight, const Tensor& target,
+                  const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
+                  int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                  double logit_scale) {
+  check_linear_args(hidden, weight, target, bias, class_weight);
+  check_scalars(label_smoothing, z_loss, softcap, logit_scale);
+  TORCH_CHECK(hidden.is_cuda(), "fusedce (CUDA): hidden must be a CUDA tensor");
+  P.dt = hidden.scalar_type();
+  P.acc = acc_type_of(P.dt);
+  P.kd = kdtype(P.dt);
+  P.N = hidden.size(0);
+  P.H = hidden.size(1);
+  P.V = weight.size(0);
+  P.h = hidden.contiguous();
+  P.w = weight.contiguous();
+  if (bias.has_value()) P.b = bias->contiguous();
+  P.tgt = target.to(at::kLong).contiguous();
+  P.stream = c10::cuda::getCurrentCUDAStream().stream();
+  P.dev = hidden.get_device();
+  P.ep.logit_scale = logit_scale;
+  P.ep.softcap = softcap;
+  P.ep.label_smoothing = label_smoothing;
+  P.ep.z_loss = z_loss;
+  P.ep.V = P.V;
+  P.ep.ignore_index = ignore_index;
+  if (class_weight.has_value()) {
+    P.cw = class_weight->to(P.acc).contiguous();
+    P.cw_sum = P.cw.sum();
+    P.ep.class_weight = P.cw.data_ptr();
+    P.ep.class_weight_sum = P.cw_sum.data_ptr();
+  }
+}
+
+void choose_tiling(Linear& P, int64_t chunk_size, int64_t vocab_chunk_size, bool need_gh) {
+  TORCH_CHECK(chunk_size >= 0, "fusedce: chunk_size must be >= 0 (0 = automatic), got ",
+              chunk_size);
+  TORCH_CHECK(vocab_chunk_size >= 0,
+              "fusedce: vocab_chunk_size must be >= 0 (0 = whole vocabulary), got ",
+              vocab_chunk_size);
+  const int64_t elt = static_cast<int64_t>(at::elementSize(P.dt));
+  P.tiled = vocab_chunk_size > 0 && vocab_chunk_size < P.V;
+  P.Vt = P.tiled ? vocab_chunk_size : P.V;
+  const int64_t n = std::max<int64_t>(P.N, 1);
+  if (chunk_size > 0) {
+    P.C = std::min(chunk_size, n);
+    return;
+  }
+  int64_t budget, per_row;
+  if (P.tiled) {
+    budget = env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB;
+    per_row = P.Vt * elt + ((need_gh && is_half(P.dt)) ? P.H * 4 : 0);
+  } else {
+    budget = env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
+    per_row = P.V * elt;
+  }
+  const int64_t cmax = std::max<int64_t>(1, budget / per_row);
+  if (cmax >= n) {
+    P.C = n;
+    return;
+  }
+  // Balanced chunks, rounded up to a multiple of 64 rows when that stays inside the budget.
+  const int64_t chunks = (n + cmax - 1) / cmax;
+  int64_t c = (n + chunks - 1) / chunks;
+  const int64_t c64 = (c + 63) / 64 * 64;
+  P.C = c64 <= cmax ? c64 : c;
+}
+
+// Grid of the fused row kernel: by default one block (or warp) per row. FUSEDCE_ROW_GRID=k caps it
+// at k persistent blocks, fewer rows in flight, so that the gradient pass could re-read each row
+// from L2 rather than HBM (measured in benchmarks/NOTES.md).
+int fused_grid_limit() {
+  const int64_t forced = env_int("FUSEDCE_ROW_GRID", 0);
+  return static_cast<int>(std::max<int64_t>(forced, 0));
+}
+
+Tensor logits_view(const Tensor& buf, int64_t rows, int64_t cols) {
+  return buf.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+void logits_gemm(const Linear& P, Tensor& out, const Tensor& hc, int64_t v0, int64_t cols) {
+  const Tensor w = cols == P.V ? P.w : P.w.narrow(0, v0, cols);
+  if (P.b.defined()) {
+    at::addmm_out(out, cols == P.V ? P.b : P.b.narrow(0, v0, cols), hc, w.t());
+  } else {
+    at::mm_out(out, hc, w.t());
+  }
+}
+
+struct Grads {
+  bool gh = false, gw = false, gb = false;
+  Tensor grad_hidden;  // [N, H] dt
+  Tensor gh32;         // [C, H] fp32 accumulator (tiled, half dtypes) or undefined
+  Tensor gw_acc;       // [V, H]: grad_weight itself, or its fp32 accumulator
+  bool gw_f32 = false;
+  Tensor gb_acc;  // [V] acc dtype
+  bool any() const { return gh || gw || gb; }
+};
+
+// The GEMMs of one gradient tile g [rows, cols] (vocabulary columns [v0, v0 + cols)).
+void tile_gemms(const Linear& P, Grads& G, const Tensor& g, const Tensor& hc, int64_t r0,
+                int64_t v0, int64_t cols, bool first_tile, bool first_chunk) {
+  const int64_t rows = g.size(0);
+  const Tensor w = cols == P.V ? P.w : P.w.narrow(0, v0, cols);
+  if (G.gh) {
+    if (G.gh32.defined()) {
+      Tensor acc = G.gh32.narrow(0, 0, rows);
+      gemm_acc(acc, g, w, first_tile, /*f32acc=*/true);
+    } else {
+      Tensor out = G.grad_hidden.narrow(0, r0, rows);
+      gemm_acc(out, g, w, first_tile, false);
+    }
+  }
+  if (G.gw) {
+    Tensor out = cols == P.V ? G.gw_acc : G.gw_acc.narrow(0, v0, cols);
+    gemm_acc(out, g.t(), hc, first_chunk, G.gw_f32);
+  }
+  if (G.gb) {
+    Tensor out = cols == P.V ? G.gb_acc : G.gb_acc.narrow(0, v0, cols);
+    out.add_(at::sum(g, {0}, false, P.acc));
+  }
+}
+
+void init_grads(const Linear& P, Grads& G, std::array<bool, 3> mask, bool fp32_grad_accum) {
+  G.gh = mask[0];
+  G.gw = mask[1];
+  G.gb = mask[2] && P.b.defined();
+  const auto opt = P.h.options();
+  if (G.gh) {
+    G.grad_hidden = at::empty({P.N, P.H}, opt);
+    if (P.tiled && is_half(P.dt) && P.N > 0) G.gh32 = at::empty({P.C, P.H}, opt.dtype(at::kFloat));
+  }
+  if (G.gw) {
+    G.gw_f32 = fp32_grad_accum && is_half(P.dt);
+    G.gw_acc = at::empty({P.V, P.H}, opt.dtype(G.gw_f32 ? at::kFloat : P.dt));
+    if (P.N == 0) G.gw_acc.zero_();
+  }
+  if (G.gb) G.gb_acc = at::zeros({P.V}, opt.dtype(P.acc));
+}
+
+Out3 finish_grads(const Linear& P, Grads& G) {
+  const auto opt = P.h.options();
+  Tensor gh = G.gh ? G.grad_hidden : at::empty({0}, opt);
+  Tensor gw = G.gw ? (G.gw_f32 ? G.gw_acc.to(P.dt) : G.gw_acc) : at::empty({0}, opt);
+  const at::ScalarType bdt = P.b.defined() ? P.b.scalar_type() : P.dt;
+  Tensor gb = G.gb ? G.gb_acc.to(bdt) : at::empty({0}, opt.dtype(bdt));
+  return {gh, gw, gb};
+}
+
+// Gradient pass of one token chunk from the final lse: per vocabulary tile, recompute the logits,
+// overwrite them with the gradient, run the tile's GEMMs.
+void grad_pass(const Linear& P, Grads& G, Tensor& buf, const Tensor& hc, int64_t r0, int64_t rows,
+               const void* lse, const void* gtok, int64_t gtok_stride, const void* glse,
+               int64_t glse_stride, bool first_chunk) {
+  for (int64_t v0 = 0; v0 < P.V; v0 += P.Vt) {
+    const int64_t cols = std::min(P.Vt, P.V - v0);
+    Tensor lg = logits_view(buf, rows, cols);
+    logits_gemm(P, lg, hc, v0, cols);
+    gpu::GradArgs ga;
+    ga.in = lg.data_ptr();
+    ga.ld_in = cols;
+    ga.out = lg.data_ptr();
+    ga.ld_out = cols;
+    ga.rows = rows;
+    ga.col0 = v0;
+    ga.cols = cols;
+    ga.target = P.tgt.data_ptr<int64_t>() + r0;
+    ga.lse = lse;
+    ga.grad_tok = gtok;
+    ga.grad_tok_stride = gtok_stride;
+    ga.grad_lse = glse;
+    ga.grad_lse_stride = glse_stride;
+    check_launch(gpu::launch_row_grad(P.kd, ga, P.ep, P.stream), "row_grad");
+    tile_gemms(P, G, lg, hc, r0, v0, cols, v0 == 0, first_chunk);
+  }
+  if (G.gh && G.gh32.defined()) G.grad_hidden.narrow(0, r0, rows).copy_(G.gh32.narrow(0, 0, rows));
+}
+
+Tensor acc_scalar_ptr_tensor(const std::optional<Tensor>& t, const Linear& P, const char* name) {
+  if (!t.has_value()) return Tensor();
+  TORCH_CHECK(t->numel() == 1, "fusedce: ", name, " must be a one-element (0-d) tensor, got shape ",
+              t->sizes());
+  check_float_tensor(*t, name);
+  return t->to(P.h.device(), P.acc).reshape({}).contiguous();
+}
+
+// Per-token float tensor [N] in acc dtype on the device; returns the element stride.
+Tensor per_token(const Tensor& t, const Linear& P, int64_t& stride) {
+  Tensor r = t.to(P.acc);
+  if (r.dim() != 1) r = r.reshape({-1});
+  stride = r.numel() <= 1 ? 0 : r.stride(0);
+  return r;
+}
+
+// ---- ops ----------------------------------------------------------------------------------------
+Out7 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
+               const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
+               const std::optional<Tensor>& grad_scale, int64_t ignore_index,
+               double label_smoothing, double z_loss, double softcap, double logit_scale,
+               std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
+               bool fp32_grad_accum) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  Linear P;
+  setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
+               z_loss, softcap, logit_scale);
+  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
+  const Tensor gs = acc_scalar_ptr_tensor(grad_scale, P, "grad_scale");
+  check_targets(P.tgt, P.V, ignore_index, P.stream);
+
+  const auto opt = P.h.options();
+  Tensor token_loss = at::empty({P.N}, opt.dtype(P.acc));
+  Tensor lse = at::empty({P.N}, opt.dtype(P.acc));
+  Tensor predicted = at::empty({P.N}, opt.dtype(at::kLong));
+  Grads G;
+  init_grads(P, G, grad_mask, fp32_grad_accum);
+
+  if (P.N > 0) {
+    const bool fused = !P.tiled && G.any();
+    Tensor buf = at::empty({P.C * P.Vt}, opt);
+    Tensor state, state_idx;
+    if (P.tiled) {
+      state = at::empty({4, P.C}, opt.dtype(P.acc));
+      state_idx = at::empty({P.C}, opt.dtype(at::kLong));
+    }
+    const int grid_limit = fused ? fused_grid_limit() : 0;
+    for (int64_t r0 = 0; r0 < P.N; r0 += P.C) {
+      const int64_t rows = std::min(P.C, P.N - r0);
+      const Tensor hc = P.h.narrow(0, r0, rows);
+      gpu::StatsArgs sa;
+      sa.rows = rows;
+      sa.target = P.tgt.data_ptr<int64_t>() + r0;
+      sa.token_loss = static_cast<char*>(token_loss.data_ptr()) + r0 * token_loss.element_size();
+      sa.lse = static_cast<char*>(lse.data_ptr()) + r0 * lse.element_size();
+      sa.predicted = predicted.data_ptr<int64_t>() + r0;
+      if (P.tiled) {
+        const int64_t es = state.element_size();
+        char* sp = static_cast<char*>(state.data_ptr());
+        sa.state.m = sp;
+        sa.state.s = sp + P.C * es;
+        sa.state.wz = sp + 2 * P.C * es;
+        sa.state.zt = sp + 3 * P.C * es;
+        sa.state.idx = state_idx.data_ptr<int64_t>();
+      }
+      for (int64_t v0 = 0; v0 < P.V; v0 += P.Vt) {
+        const int64_t cols = std::min(P.Vt, P.V - v0);
+        Tensor lg = logits_view(buf, rows, cols);
+        logits_gemm(P, lg, hc, v0, cols);
+        sa.logits = lg.data_ptr();
+        sa.ld = cols;
+        sa.col0 = v0;
+        sa.cols = cols;
+        sa.first_tile = v0 == 0;
+        sa.last_tile = v0 + cols == P.V;
+        sa.fused_grad = fused;
+        sa.grad_scale = gs.defined() ? gs.data_ptr() : nullptr;
+        sa.grad_scale_stride = 0;
+        sa.grid_limit = grid_limit;
+        check_launch(gpu::launch_row_stats(P.kd, sa, P.ep, P.stream), "row_stats");
+        if (fused) tile_gemms(P, G, lg, hc, r0, 0, cols, true, r0 == 0);
+      }
+      if (P.tiled && G.any()) {
+        grad_pass(P, G, buf, hc, r0, rows, sa.lse, gs.defined() ? gs.data_ptr() : nullptr, 0,
+                  nullptr, 0, r0 == 0);
+      }
+    }
+  }
+  Tensor loss = token_loss.sum();
+  if (gs.defined()) loss = loss * gs;
+  auto [gh, gw, gb] = finish_grads(P, G);
+  return {loss, token_loss, lse, predicted, gh, gw, gb};
+}
+
+Out3 loss_backward_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
+                        const std::optional<Tensor>& bias,
+                        const std::optional<Tensor>& class_weight, const Tensor& lse_in,
+                        const Tensor& grad_token_loss, const std::optional<Tensor>& grad_lse,
+                        int64_t ignore_index, double label_smoothing, double z_loss,
+                        double softcap, double logit_scale, std::array<bool, 3> grad_mask,
+                        int64_t chunk_size, int64_t vocab_chunk_size, bool fp32_grad_accum) {
+  c10::cuda::CUDAGuard guard(hidden.device());
+  Linear P;
+  setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
+               z_loss, softcap, logit_scale);
+  check_per_token(std::optional<Tensor>(lse_in), P.N, P.h, "lse");
+  check_per_token(std::optional<Tensor>(grad_token_loss), P.N, P.h, "grad_token_loss");
+  check_per_token(grad_lse, P.N, P.h, "grad_lse");
+  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
+  check_targets(P.tgt, P.V, ignore_index, P.stream);
+  const Tensor lse = lse_in.to(P.acc).contiguous();
+  int64_t gt_stride = 0, gl_stride = 0;
+  const Tensor gt = per_token(grad_token_loss, P, gt_stride);
+  Tensor gl;
+  if (grad_lse.has_value()) gl = per_token(*grad_lse, P, gl_stride);
+
+  Grads G;
+  init_grads(P, G, grad_mask, fp32_grad_accum);
+  if (P.N > 0 && G.any()) {
+    Tensor buf = at::empty({P.C * P.Vt}, P.h.options());
+    const int64_t es = lse.element_size();
+    for (int64_t r0 = 0; r0 < P.N; r0 += P.C) {
+      const int64_t rows = std::min(P.C, P.N - r0);
+      const Tensor hc = P.h.narrow(0, r0, rows);
+      grad_pass(P, G, buf, hc, r0, rows, static_cast<const char*>(lse.data_ptr()) + r0 * es,
+                static_cast<const char*>(gt.data_ptr()) + r0 * gt_stride * es, gt_stride,
+                gl.defined() ? static_cast<const char*>(gl.data_ptr()) + r0 * gl_stride * es
+                             : nullptr,
+                gl_stride, r0 == 0);
+    }
+  }
+  return finish_grads(P, G);
+}
+
+// ---- cross entropy on given logits ---------------------------------------------------------------
+struct Logits {
+  Tensor lg;  // last dim unit stride
+  int64_t N, V, ld;
+  Tensor tgt, cw, cw_sum;
+  gpu::EpiParams ep;
+  gpu::DType kd;
+  at::ScalarType acc;
+  cudaStream_t stream;
+};
+
+void setup_logits(Logits& L, const Tensor& logits, const Tensor& target,
+                  const std::optional<Tensor>& class_weight, int64_t ignore_index,
+                  double label_smoothing, double z_loss, double softcap, double logit_scale) {
+  check_logits_args(logits, target, class_weight);
+  check_scalars(label_smoothing, z_loss, softcap, logit_scale);
+  TORCH_CHECK(logits.is_cuda(), "fusedce (CUDA): logits must be a CUDA tensor");
+  L.N = logits.size(0);
+  L.V = logits.size(1);
+  L.lg = (logits.stride(1) == 1 && (L.N <= 1 || logits.stride(0) >= L.V)) ? logits
+                                                                          : logits.contiguous();
+  L.ld = L.N <= 1 ? L.V : L.lg.stride(0);
+  L.kd = kdtype(logits.scalar_type());
+  L.acc = acc_type_of(logits.scalar_type());
+  L.tgt = target.to(at::kLong).contiguous();
+  L.stream = c10::cuda::getCurrentCUDAStream().stream();
+  L.ep.logit_scale = logit_scale;
+  L.ep.softcap = softcap;
+  L.ep.label_smoothing = label_smoothing;
+  L.ep.z_loss = z_loss;
+  L.ep.V = L.V;
+  L.ep.ignore_index = ignore_index;
+  if (class_weight.has_value()) {
+    L.cw = class_weight->to(L.acc).contiguous();
+    L.cw_sum = L.cw.sum();
+    L.ep.class_weight = L.cw.data_ptr();
+    L.ep.class_weight_sum = L.cw_sum.data_ptr();
+  }
+  check_targets(L.tgt, L.V, ignore_index, L.stream);
+}
+
+Out3 cross_entropy_cuda(const Tensor& logits, const Tensor& target,
+                        const std::optional<Tensor>& class_weight, int64_t ignore_index,
+                        double label_smoothing, double z_loss, double softcap,
+                        double logit_scale, bool /*inplace_backward: for the autograd formula*/) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  Logits L;
+  setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+               logit_scale);
+  const auto opt = logits.options();
+  Tensor token_loss = at::empty({L.N}, opt.dtype(L.acc));
+  Tensor lse = at::empty({L.N}, opt.dtype(L.acc));
+  Tensor predicted = at::empty({L.N}, opt.dtype(at::kLong));
+  if (L.N > 0) {
+    gpu::StatsArgs sa;
+    sa.logits = L.lg.data_ptr();  // read only (no fused gradient)
+    sa.ld = L.ld;
+    sa.rows = L.N;
+    sa.col0 = 0;
+    sa.cols = L.V;
+    sa.target = L.tgt.data_ptr<int64_t>();
+    sa.token_loss = token_loss.data_ptr();
+    sa.lse = lse.data_ptr();
+    sa.predicted = predicted.data_ptr<int64_t>();
+    check_launch(gpu::launch_row_stats(L.kd, sa, L.ep, L.stream), "row_stats");
+  }
+  return {token_loss, lse, predicted};
+}
+
+void ce_grad(const Logits& L, const Tensor& out, int64_t ld_out, const Tensor& lse_in,
+             const Tensor& grad_token_loss, const std::optional<Tensor>& grad_lse) {
+  check_per_token(std::optional<Tensor>(lse_in), L.N, L.lg, "lse");
+  check_per_token(std::optional<Tensor>(grad_token_loss), L.N, L.lg, "grad_token_loss");
+  check_per_token(grad_lse, L.N, L.lg, "grad_lse");
+  if (L.N == 0) return;
+  const Tensor lse = lse_in.to(L.acc).contiguous();
+  Tensor gt = grad_token_loss.to(L.acc);
+  const int64_t gt_stride = L.N <= 1 ? 0 : gt.stride(0);
+  Tensor gl;
+  int64_t gl_stride = 0;
+  if (grad_lse.has_value()) {
+    gl = grad_lse->to(L.acc);
+    gl_stride = L.N <= 1 ? 0 : gl.stride(0);
+  }
+  gpu::GradArgs ga;
+  ga.in = L.lg.data_ptr();
+  ga.ld_in = L.ld;
+  ga.out = out.data_ptr();
+  ga.ld_out = ld_out;
+  ga.rows = L.N;
+  ga.col0 = 0;
+  ga.cols = L.V;
+  ga.target = L.tgt.data_ptr<int64_t>();
+  ga.lse = lse.data_ptr();
+  ga.grad_tok = gt.data_ptr();
+  ga.grad_tok_stride = gt_stride;
+  ga.grad_lse = gl.defined() ? gl.data_ptr() : nullptr;
+  ga.grad_lse_stride = gl_stride;
+  check_launch(gpu::launch_row_grad(L.kd, ga, L.ep, L.stream), "row_grad");
+}
+
+Tensor cross_entropy_backward_cuda(const Tensor& logits, const Tensor& target,
+                                   const std::optional<Tensor>& class_weight, const Tensor& lse,
+                                   const Tensor& grad_token_loss,
+                                   const std::optional<Tensor>& grad_lse, int64_t ignore_index,
+                                   double label_smoothing, double z_loss, double softcap,
+                                   double logit_scale) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  Logits L;
+  setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+               logit_scale);
+  Tensor out = at::empty({L.N, L.V}, logits.options());
+  ce_grad(L, out, L.V, lse, grad_token_loss, grad_lse);
+  return out;
+}
+
+void cross_entropy_backward_inplace_cuda(const Tensor& logits, const Tensor& target,
+                                         const std::optional<Tensor>& class_weight,
+                                         const Tensor& lse, const Tensor& grad_token_loss,
+                                         const std::optional<Tensor>& grad_lse,
+                                         int64_t ignore_index, double label_smoothing,
+                                         double z_loss, double softcap, double logit_scale) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  Logits L;
+  setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+               logit_scale);
+  if (L.lg.is_same(logits)) {
+    ce_grad(L, L.lg, L.ld, lse, grad_token_loss, grad_lse);
+  } else {  // a layout the kernel cannot write in place: through a contiguous copy
+    ce_grad(L, L.lg, L.ld, lse, grad_token_loss, grad_lse);
+    const_cast<Tensor&>(logits).copy_(L.lg);
+  }
+}
+
+}  // namespace
+}  // namespace cuda_impl
+}  // namespace fusedce
+
+TORCH_LIBRARY_IMPL(fusedce, CUDA, m) {
+  m.impl("loss", &fusedce::cuda_impl::loss_cuda);
+  m.impl("loss_backward", &fusedce::cuda_impl::loss_backward_cuda);
+  m.impl("cross_entropy", &fusedce::cuda_impl::cross_entropy_cuda);
+  m.impl("cross_entropy_backward", &fusedce::cuda_impl::cross_entropy_backward_cuda);
+  m.impl("cross_entropy_backward_", &fusedce::cuda_impl::cross_entropy_backward_inplace_cuda);
+}

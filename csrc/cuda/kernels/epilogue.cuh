@@ -1,0 +1,77 @@
+// The row epilogue math: logit transform (logit_scale, softcap), the per-token loss from the row
+// statistics, and the per-row coefficients of d(loss)/d(logits). Plain CUDA C++ (no torch headers).
+//
+// Per row i with target t (valid when t != ignore_index and 0 <= t < V), w = class weights or 1,
+// W = sum_c w_c, eps = label smoothing:
+//   token_loss = valid ? w_t*((1-eps)*(lse - z_t) + z_loss*lse^2) + eps/V*(W*lse - sum_c w_c z_c) : 0
+//   d/dz_j     = gs * [w_t(1-eps)(p_j - [j==t]) + eps/V (W p_j - w_j) + 2 z_loss w_t lse p_j] + gl * p_j
+//              = A p_j - B [j==t] - Cc w_j
+//   d/da_j     = d/dz_j * logit_scale * (softcap > 0 ? 1 - (z_j/softcap)^2 : 1)
+// gs = upstream gradient of token_loss (grad_scale or grad_token_loss[i]), gl = that of lse.
+#pragma once
+
+#include "common.cuh"
+
+namespace fusedce {
+namespace kern {
+
+template <typename A>
+struct Epi {
+  A logit_scale;
+  A softcap;      // 0 = off
+  A inv_softcap;  // 1/softcap (0 when off)
+  A eps;
+  A z_loss;
+  const A* class_weight;      // [V] or nullptr
+  const A* class_weight_sum;  // device scalar or nullptr (then W = V)
+  int64_t V;
+  int64_t ignore_index;
+
+  __device__ __forceinline__ A z(A a) const {
+    A s = a * logit_scale;
+    if (softcap > A(0)) s = softcap * acc_tanh(s * inv_softcap);
+    return s;
+  }
+  // dz/da at the transformed value z.
+  __device__ __forceinline__ A dz_da(A zz) const {
+    if (softcap > A(0)) {
+      A r = zz * inv_softcap;
+      return logit_scale * (A(1) - r * r);
+    }
+    return logit_scale;
+  }
+  __device__ __forceinline__ bool valid(int64_t t) const {
+    return t != ignore_index && t >= 0 && t < V;
+  }
+  __device__ __forceinline__ A w(int64_t j) const { return class_weight ? class_weight[j] : A(1); }
+  __device__ __forceinline__ A wsum() const {
+    return class_weight_sum ? *class_weight_sum : static_cast<A>(V);
+  }
+
+  __device__ __forceinline__ A token_loss(bool ok, int64_t t, A lse, A zt, A wz) const {
+    if (!ok) return A(0);
+    const A wt = w(t);
+    A r = wt * ((A(1) - eps) * (lse - zt) + z_loss * lse * lse);
+    if (eps != A(0)) r += eps / static_cast<A>(V) * (wsum() * lse - wz);
+    return r;
+  }
+
+  // Coefficients of d/dz_j = A p_j - B [j==t] - Cc w_j.
+  __device__ __forceinline__ void grad_coefs(bool ok, int64_t t, A lse, A gs, A gl, A& cA, A& cB,
+                                             A& cC) const {
+    if (!ok) {
+      cA = gl;
+      cB = A(0);
+      cC = A(0);
+      return;
+    }
+    const A wt = w(t);
+    const A e = eps / static_cast<A>(V);
+    cA = gs * (wt * (A(1) - eps) + e * wsum() + A(2) * z_loss * wt * lse) + gl;
+    cB = gs * wt * (A(1) - eps);
+    cC = gs * e;
+  }
+};
+
+}  // namespace kern
+}  // namespace fusedce

@@ -1,0 +1,90 @@
+// Host-facing launchers of the row kernels (raw pointers + cudaStream_t). Plain C++: the host driver
+// (csrc/cuda/fusedce_cuda.cpp) includes this; the kernels live in row_kernels.cu.
+//
+// Every floating-point per-row array (token_loss, lse, state, grad_scale, grad_token_loss, grad_lse,
+// class_weight) is in the accumulation dtype: float for bf16 / fp16 / fp32 inputs, double for
+// float64 inputs. Targets are int64. Pointers are already offset to the first row of the call.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fusedce {
+namespace gpu {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+struct EpiParams {
+  double logit_scale = 1.0;
+  double softcap = 0.0;  // 0 = off
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  const void* class_weight = nullptr;      // [V] acc dtype, or nullptr (all 1)
+  const void* class_weight_sum = nullptr;  // device scalar acc dtype, or nullptr (= V)
+  int64_t V = 0;                           // full vocabulary size
+  int64_t ignore_index = -100;
+};
+
+// Running per-row statistics across vocabulary tiles (acc dtype, [rows] each; idx int64).
+struct RowState {
+  void* m = nullptr;
+  void* s = nullptr;
+  void* wz = nullptr;
+  void* zt = nullptr;
+  int64_t* idx = nullptr;
+};
+
+// One online-softmax pass over a tile of a logits chunk: raw logits a [rows, cols] (leading dim ld)
+// hold vocabulary columns [col0, col0 + cols). Statistics are merged into `state` unless the tile is
+// the whole row (first_tile && last_tile). On the last tile each row is finalized into token_loss,
+// lse (acc dtype) and predicted (int64, -1 at ignored rows). With fused_grad (whole-row tiles only)
+// the logits are then overwritten in place by d(grad_scale * token_loss)/d(a).
+struct StatsArgs {
+  void* logits = nullptr;
+  int64_t ld = 0;
+  int64_t rows = 0;
+  int64_t col0 = 0;
+  int64_t cols = 0;
+  const int64_t* target = nullptr;
+  RowState state;
+  bool first_tile = true;
+  bool last_tile = true;
+  void* token_loss = nullptr;
+  void* lse = nullptr;
+  int64_t* predicted = nullptr;
+  bool fused_grad = false;
+  const void* grad_scale = nullptr;  // acc dtype; element i at grad_scale[i * stride]; nullptr = 1
+  int64_t grad_scale_stride = 0;
+  int grid_limit = 0;  // max blocks of the (persistent) grid; 0 = one block (or warp) per row
+};
+
+// Gradient of a tile from the saved lse: out[i, j] = d(gs_i * token_loss_i + gl_i * lse_i)/d(a_ij),
+// reading each logit once and writing its gradient once. `out` may equal `in` (in place).
+struct GradArgs {
+  const void* in = nullptr;
+  int64_t ld_in = 0;
+  void* out = nullptr;
+  int64_t ld_out = 0;
+  int64_t rows = 0;
+  int64_t col0 = 0;
+  int64_t cols = 0;
+  const int64_t* target = nullptr;
+  const void* lse = nullptr;
+  const void* grad_tok = nullptr;  // nullptr = 1
+  int64_t grad_tok_stride = 0;
+  const void* grad_lse = nullptr;  // nullptr = 0
+  int64_t grad_lse_stride = 0;
+};
+
+cudaError_t launch_row_stats(DType dtype, const StatsArgs& args, const EpiParams& epi,
+                             cudaStream_t stream);
+cudaError_t launch_row_grad(DType dtype, const GradArgs& args, const EpiParams& epi,
+                            cudaStream_t stream);
+
+// Threads per row the launchers pick for a row of `cols` elements of `elem_size` bytes (for
+// grid sizing on the host): 32 (a warp per row, 8 rows per block) or 256 (a block per row).
+int row_threads(int64_t cols, int elem_size);
+
+}  // namespace gpu
+}  // namespace fusedce

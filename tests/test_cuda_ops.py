@@ -1,0 +1,400 @@
+"""Raw torch.ops.fusedce.* on CUDA against fusedce/reference.py (float64) and the CPU ops.
+
+Standalone GPU correctness test of the CUDA backend (the main suite is parametrized by device too).
+Skipped where CUDA is absent. Errors are measured as ||out - ref|| / ||ref|| against float64 truth
+computed from the same (already rounded) inputs, with budgets per dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+try:  # the whole package (ops.py: fake kernels + autograd) when its Python layer is complete
+    import fusedce  # noqa: F401  (registers torch.ops.fusedce.*)
+
+    HAVE_PACKAGE = True
+except Exception:  # early in development: load the built extension alone
+    import glob
+    import importlib.util
+    import os
+
+    HAVE_PACKAGE = False
+    _pkg = os.path.join(os.path.dirname(__file__), "..", "fusedce")
+    for _so in glob.glob(os.path.join(_pkg, "_C*.so")):
+        torch.ops.load_library(_so)
+
+import importlib.util as _ilu  # noqa: E402
+import os as _os  # noqa: E402
+
+_spec = _ilu.spec_from_file_location(
+    "fusedce_reference", _os.path.join(_os.path.dirname(__file__), "..", "fusedce", "reference.py"))
+reference = _ilu.module_from_spec(_spec)
+_spec.loader.exec_module(reference)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+ops = torch.ops.fusedce
+DEV = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# relative-error budgets (values / gradients) by dtype
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-3, 2.5e-2), torch.float16: (1e-3, 5e-3),
+       torch.float64: (1e-10, 1e-9)}
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values in the fused result"
+    d = (a - b).norm()
+    n = b.norm()
+    return (d / n).item() if n > 0 else d.item()
+
+
+def make(n, h, v, dtype, *, scale=1.0, seed=0, ignore_frac=0.1, bias=False):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * scale).to(dtype).to(DEV)
+    weight = (torch.randn(v, h, generator=g) / math.sqrt(h)).to(dtype).to(DEV)
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore_frac > 0:
+        target[torch.rand(n, generator=g) < ignore_frac] = -100
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype).to(DEV) if bias else None
+    return hidden, weight, target.to(DEV), b
+
+
+def ref_loss_and_grads(hidden, weight, target, bias, cw, gs, grad_lse=None, gtok=None, **kw):
+    """float64 reference of token_loss, lse and the grads of sum(gs*token_loss [+ gl*lse])."""
+    h = hidden.detach().double().cpu().requires_grad_(True)
+    w = weight.detach().double().cpu().requires_grad_(True)
+    b = None if bias is None else bias.detach().double().cpu().requires_grad_(True)
+    out = reference.linear_cross_entropy(
+        h, w, target.cpu(), linear_bias=b, weight=None if cw is None else cw.double().cpu(),
+        reduction="none", **kw)
+    if gtok is None:
+        obj = out.token_loss.sum() * gs
+    else:
+        obj = (out.token_loss * gtok.double().cpu()).sum()
+    if grad_lse is not None:
+        obj = obj + (out.lse * grad_lse.double().cpu()).sum()
+    params = [h, w] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(obj, params, allow_unused=True)
+    logits = torch.nn.functional.linear(h.detach(), w.detach(), None if b is None else b.detach())
+    z = reference.final_logits(logits, kw.get("logit_scale", 1.0), kw.get("softcap"))
+    return out, grads, z
+
+
+def op_kwargs(kw):
+    return dict(ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
+                z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap") or 0.0,
+                logit_scale=kw.get("logit_scale", 1.0))
+
+
+def check_predicted(pred, z, target, dtype):
+    pred, target = pred.cpu(), target.cpu()
+    valid = target != -100
+    assert (pred[~valid] == -1).all()
+    if valid.any():
+        zv = z[valid]
+        p = pred[valid]
+        assert ((p >= 0) & (p < z.shape[1])).all()
+        picked = zv.gather(1, p[:, None])[:, 0]
+        tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(dtype, 5e-2)
+        assert (picked >= zv.max(1).values - tol * (1 + zv.abs().max(1).values)).all()
+
+
+CASES = {
+    "plain": dict(n=64, h=32, v=1000, kw={}),
+    "v50257": dict(n=17, h=40, v=50257, kw={}),
+    "v7": dict(n=33, h=16, v=7, kw={}),
+    "n1": dict(n=1, h=24, v=300, kw={}),
+    "h13": dict(n=20, h=13, v=129, kw={}),
+    "softcap_zloss": dict(n=48, h=32, v=3001, kw=dict(softcap=5.0, z_loss=1e-3, logit_scale=1.7)),
+    "cw_ls": dict(n=40, h=32, v=777, kw=dict(label_smoothing=0.1), cw=True),
+    "bias": dict(n=30, h=16, v=513, kw={}, bias=True),
+    "all_ignored": dict(n=9, h=16, v=100, kw={}, ignore_frac=1.0),
+    "chunks": dict(n=100, h=32, v=2000, kw=dict(label_smoothing=0.05, z_loss=1e-4), chunk=7),
+    "tiled": dict(n=70, h=32, v=5003, kw=dict(softcap=10.0, label_smoothing=0.1), chunk=16,
+                  vchunk=1000, cw=True, bias=True),
+    "tiled_f32acc": dict(n=50, h=24, v=3000, kw={}, vchunk=256, f32acc=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_vs_reference(case, dtype):
+    c = CASES[case]
+    hidden, weight, target, bias = make(c["n"], c["h"], c["v"], dtype,
+                                        ignore_frac=c.get("ignore_frac", 0.1), bias=c.get("bias"))
+    cw = (torch.rand(c["v"], device=DEV) + 0.5) if c.get("cw") else None
+    gs = torch.tensor(0.37, device=DEV)
+    kw = c["kw"]
+    out = ops.loss(hidden, weight, target, bias, cw, gs, grad_mask=[True, True, bias is not None],
+                   chunk_size=c.get("chunk", 0), vocab_chunk_size=c.get("vchunk", 0),
+                   fp32_grad_accum=c.get("f32acc", False), **op_kwargs(kw))
+    loss, tok, lse, pred, gh, gw, gb = out
+    torch.cuda.synchronize()
+    ref, grads, z = ref_loss_and_grads(hidden, weight, target, bias, cw, 0.37, **kw)
+    vt, gt = TOL[dtype]
+    assert loss.dim() == 0 and tok.dtype == torch.float32 and pred.dtype == torch.long
+    assert rel(tok, ref.token_loss) < vt
+    assert rel(lse, ref.lse) < vt
+    assert abs(loss.item() - 0.37 * ref.token_loss.sum().item()) <= vt * (
+        1 + abs(0.37 * ref.token_loss.sum().item()))
+    check_predicted(pred, z, target, dtype)
+    assert gh.dtype == dtype and gw.dtype == dtype
+    if c.get("ignore_frac", 0.1) >= 1.0:
+        assert gh.abs().max().item() == 0 and gw.abs().max().item() == 0
+    else:
+        assert rel(gh, grads[0]) < gt
+        assert rel(gw, grads[1]) < gt
+    if bias is not None:
+        assert rel(gb, grads[2]) < gt
+    else:
+        assert gb.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_loss_no_grad_and_mask(dtype):
+    hidden, weight, target, _ = make(40, 32, 600, dtype)
+    out = ops.loss(hidden, weight, target)
+    assert all(t.numel() == 0 for t in out[4:])
+    ref, _, _ = ref_loss_and_grads(hidden, weight, target, None, None, 1.0)
+    assert rel(out[1], ref.token_loss) < TOL[dtype][0]
+    out2 = ops.loss(hidden, weight, target, grad_mask=[False, True, False])
+    assert out2[4].numel() == 0 and out2[5].shape == weight.shape and out2[6].numel() == 0
+    assert rel(out2[1], out[1]) < 1e-6
+
+
+def test_loss_n0():
+    hidden = torch.empty(0, 16, device=DEV, dtype=torch.bfloat16)
+    weight = torch.randn(50, 16, device=DEV, dtype=torch.bfloat16)
+    target = torch.empty(0, dtype=torch.long, device=DEV)
+    loss, tok, lse, pred, gh, gw, gb = ops.loss(hidden, weight, target, grad_mask=[True, True, True])
+    assert loss.item() == 0 and tok.numel() == 0 and gh.shape == (0, 16)
+    assert gw.shape == weight.shape and gw.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_inputs(dtype):
+    big, wbig, target, _ = make(64, 64, 900, dtype)
+    hidden = big[::2, :40]  # strided rows, non-multiple-of-8 width
+    weight_t = torch.randn(40, 900, device=DEV).to(dtype) / 7  # weight given as a transpose
+    weight = weight_t.t()
+    tgt = torch.stack([target[:32], target[32:]], 1)[:, 0].to(torch.int32)  # strided int32
+    out = ops.loss(hidden, weight, tgt, grad_mask=[True, True, False], label_smoothing=0.1)
+    ref, grads, _ = ref_loss_and_grads(hidden, weight, tgt.long(), None, None, 1.0,
+                                       label_smoothing=0.1)
+    vt, gt = TOL[dtype]
+    assert rel(out[1], ref.token_loss) < vt
+    assert rel(out[4], grads[0]) < gt and rel(out[5], grads[1]) < gt
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vchunk", [0, 333])
+def test_loss_backward_with_grad_lse(dtype, vchunk):
+    hidden, weight, target, bias = make(45, 32, 1500, dtype, bias=True)
+    cw = torch.rand(1500, device=DEV) + 0.5
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    _, tok, lse, _, _, _, _ = ops.loss(hidden, weight, target, bias, cw, **op_kwargs(kw))
+    gtok = torch.randn(45, device=DEV)
+    glse = torch.randn(45, device=DEV)
+    gh, gw, gb = ops.loss_backward(hidden, weight, target, bias, cw, lse, gtok, glse,
+                                   grad_mask=[True, True, True], chunk_size=10,
+                                   vocab_chunk_size=vchunk, **op_kwargs(kw))
+    _, grads, _ = ref_loss_and_grads(hidden, weight, target, bias, cw, 1.0, grad_lse=glse,
+                                     gtok=gtok, **kw)
+    gt = TOL[dtype][1]
+    assert rel(gh, grads[0]) < gt and rel(gw, grads[1]) < gt and rel(gb, grads[2]) < gt
+    # a stride-0 (expanded) upstream gradient, as autograd hands it for a sum
+    gh2, _, _ = ops.loss_backward(hidden, weight, target, bias, cw, lse,
+                                  torch.tensor(0.5, device=DEV).expand(45), None,
+                                  grad_mask=[True, False, False], **op_kwargs(kw))
+    _, grads2, _ = ref_loss_and_grads(hidden, weight, target, bias, cw, 0.5, **kw)
+    assert rel(gh2, grads2[0]) < gt
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_cpu_op(dtype):
+    hidden, weight, target, bias = make(37, 24, 2049, dtype, bias=True)
+    cw = torch.rand(2049, device=DEV) + 0.5
+    args = dict(label_smoothing=0.1, z_loss=1e-3, softcap=6.0, logit_scale=0.9,
+                grad_mask=[True, True, True])
+    g = ops.loss(hidden, weight, target, bias, cw, **args)
+    c = ops.loss(hidden.cpu(), weight.cpu(), target.cpu(), bias.cpu(), cw.cpu(), **args)
+    vt, gt = TOL[dtype]
+    for i in (1, 2):
+        assert rel(g[i], c[i]) < vt
+    for i in (4, 5, 6):
+        assert rel(g[i], c[i]) < gt
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v", [7, 1000, 50257])
+def test_cross_entropy_ops(dtype, v):
+    n = 65
+    g = torch.Generator().manual_seed(v)
+    logits = (torch.randn(n, v, generator=g) * 3).to(dtype).to(DEV)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[::5] = -100
+    target = target.to(DEV)
+    cw = torch.rand(v, device=DEV) + 0.5
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0, logit_scale=1.1)
+    tok, lse, pred = ops.cross_entropy(logits, target, cw, **op_kwargs(kw))
+    x = logits.double().cpu().requires_grad_(True)
+    ref = reference.cross_entropy(x, target.cpu(), weight=cw.double().cpu(), reduction="none",
+                                  **kw)
+    vt, gt = TOL[dtype]
+    assert rel(tok, ref.token_loss) < vt and rel(lse, ref.lse) < vt
+    check_predicted(pred, reference.final_logits(x.detach(), 1.1, 20.0), target, dtype)
+    gtok = torch.randn(n, device=DEV)
+    glse = torch.randn(n, device=DEV)
+    (rg,) = torch.autograd.grad((ref.token_loss * gtok.double().cpu()).sum()
+                                + (ref.lse * glse.double().cpu()).sum(), x)
+    grad = ops.cross_entropy_backward(logits, target, cw, lse, gtok, glse, **op_kwargs(kw))
+    assert grad.dtype == dtype and rel(grad, rg) < gt
+    inplace = logits.clone()
+    ops.cross_entropy_backward_(inplace, target, cw, lse, gtok, glse, **op_kwargs(kw))
+    assert torch.equal(inplace, grad)
+    # a row-strided view is written in place too
+    wide = torch.zeros(n, v + 5, device=DEV, dtype=dtype)
+    view = wide[:, 3:3 + v]
+    view.copy_(logits)
+    ops.cross_entropy_backward_(view, target, cw, lse, gtok, glse, **op_kwargs(kw))
+    assert torch.equal(view, grad) and wide[:, :3].abs().max().item() == 0
+
+
+def test_first_argmax_on_ties():
+    logits = torch.zeros(3, 37, device=DEV, dtype=torch.bfloat16)
+    logits[0, [5, 9, 30]] = 2.0
+    logits[1, :] = 1.0
+    logits[2, [36, 20]] = 3.0
+    target = torch.tensor([1, 2, 3], device=DEV)
+    _, _, pred = ops.cross_entropy(logits, target)
+    assert pred.tolist() == [5, 0, 20]
+    big = torch.zeros(2, 70000, device=DEV, dtype=torch.bfloat16)
+    big[0, [60000, 1234, 50000]] = 1.0
+    big[1, [69999, 40000]] = 2.0
+    _, _, pred = ops.cross_entropy(big, torch.tensor([0, 0], device=DEV))
+    assert pred.tolist() == [1234, 40000]
+
+
+_BAD_TARGET = """
+import glob, os, sys, torch
+try:
+    import fusedce
+except Exception:
+    for so in glob.glob(os.path.join(sys.argv[1], "fusedce", "_C*.so")):
+        torch.ops.load_library(so)
+ops = torch.ops.fusedce
+h = torch.randn(10, 16, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(50, 16, device="cuda", dtype=torch.bfloat16)
+t = torch.zeros(10, dtype=torch.long, device="cuda")
+for bad, call in ((50, lambda t: ops.loss(h, w, t, grad_mask=[True, True, False])),
+                  (-7, lambda t: ops.cross_entropy(torch.randn(10, 50, device="cuda"), t))):
+    t[3] = bad
+    try:
+        call(t)
+        print("NO ERROR")
+    except RuntimeError as e:
+        print("RAISED", "target[3]" in str(e))
+torch.cuda.synchronize()  # nothing out of bounds happened before the error
+print("DONE")
+"""
+
+
+def test_bad_target_is_an_error():
+    """In a subprocess: an error path that crashed the process must fail this test, not the run."""
+    import subprocess
+    import sys
+
+    root = _os.path.join(_os.path.dirname(__file__), "..")
+    r = subprocess.run([sys.executable, "-c", _BAD_TARGET, root], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"crashed (rc {r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
+    assert r.stdout.split() == ["RAISED", "True", "RAISED", "True", "DONE"], r.stdout
+
+
+def test_float64_supported():
+    hidden, weight, target, _ = make(20, 8, 70, torch.float64)
+    out = ops.loss(hidden, weight, target, grad_mask=[True, True, False], z_loss=1e-2)
+    ref, grads, _ = ref_loss_and_grads(hidden, weight, target, None, None, 1.0, z_loss=1e-2)
+    assert out[1].dtype == torch.float64
+    assert rel(out[1], ref.token_loss) < 1e-10 and rel(out[4], grads[0]) < 1e-9
+
+
+def test_cuda_graph_capture():
+    hidden, weight, target, _ = make(256, 64, 5000, torch.bfloat16)
+    gs = torch.tensor(1 / 200, device=DEV)
+    kwargs = dict(grad_mask=[True, True, False], chunk_size=100, label_smoothing=0.1)
+    eager = ops.loss(hidden, weight, target, None, None, gs, **kwargs)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            ops.loss(hidden, weight, target, None, None, gs, **kwargs)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = ops.loss(hidden, weight, target, None, None, gs, **kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, static):
+        assert a.shape == b.shape and (a.numel() == 0 or rel(b, a) < 1e-2)
+    # new data in the same buffers
+    h2, _, t2, _ = make(256, 64, 5000, torch.bfloat16, seed=5)
+    hidden.copy_(h2)
+    target.copy_(t2)
+    graph.replay()
+    again = ops.loss(hidden, weight, target, None, None, gs, **kwargs)
+    torch.cuda.synchronize()
+    for a, b in zip(again, static):
+        assert a.shape == b.shape and (a.numel() == 0 or rel(b, a) < 1e-2)
+    assert rel(again[1], eager[1]) > 1e-3  # the replay did see the new data
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40e9,
+    reason="needs a large GPU")
+def test_large_n_times_v():
+    """N*V > 2^31 elements: 64-bit indexing in the row kernels and the chunk loop."""
+    n, v = 16500, 131072
+    assert n * v > 2**31
+    g = torch.Generator(device=DEV).manual_seed(0)
+    logits = torch.randn(n, v, device=DEV, dtype=torch.bfloat16, generator=g)
+    target = torch.randint(0, v, (n,), device=DEV, generator=g)
+    target[-1] = v - 1
+    tok, lse, pred = ops.cross_entropy(logits, target)
+    ref_lse = torch.cat([torch.logsumexp(c.float(), -1) for c in logits.split(2048)])
+    ref_tok = ref_lse - logits.gather(1, target[:, None])[:, 0].float()
+    assert rel(lse, ref_lse) < 1e-5 and rel(tok, ref_tok) < 1e-5
+    assert (pred[-64:] == logits[-64:].float().argmax(-1)).all()
+    gtok = torch.full((n,), 1.0 / n, device=DEV)
+    ops.cross_entropy_backward_(logits, target, None, lse, gtok, None)
+    last = logits[-3:].float()
+    # rows of the gradient sum to 0 (softmax minus one-hot), also the last rows past 2^31
+    assert last.sum(-1).abs().max().item() < 1e-6
+    del logits
+    torch.cuda.empty_cache()
+    # the fused op over many chunks with N*V > 2^31
+    hidden = torch.randn(n, 64, device=DEV, dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(v, 64, device=DEV, dtype=torch.bfloat16, generator=g) / 8
+    out = ops.loss(hidden, weight, target, grad_mask=[True, False, False], chunk_size=4096)
+    rows = slice(n - 100, n)
+    ref, grads, _ = ref_loss_and_grads(hidden[rows], weight, target[rows], None, None, 1.0)
+    assert rel(out[1][rows], ref.token_loss) < 2e-3
+    assert rel(out[4][rows], grads[0]) < 2.5e-2
+
+
+@pytest.mark.skipif(not HAVE_PACKAGE, reason="fusedce's Python layer (ops.py) is not importable")
+def test_opcheck():
+    from torch.library import opcheck
+
+    hidden, weight, target, bias = make(12, 16, 40, torch.float32, bias=True)
+    cw = torch.rand(40, device=DEV) + 0.5
+    opcheck(ops.loss.default, (hidden, weight, target, bias, cw, torch.tensor(0.5, device=DEV)),
+            dict(grad_mask=[True, True, True], label_smoothing=0.1),
+            test_utils=("test_schema", "test_faketensor"))
+    logits = torch.randn(12, 40, device=DEV)
+    opcheck(ops.cross_entropy.default, (logits, target, cw), dict(z_loss=1e-3),
+            test_utils=("test_schema", "test_faketensor"))
