@@ -220,6 +220,10 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
         _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, **ctx.knobs)
+        # A C++ op's in-place write does not bump the version counter by itself; bumping it makes
+        # a second backward (or any other saved use of these logits) fail loudly in autograd's
+        # saved-tensor check instead of reading gradients as if they were logits.
+        torch.autograd.graph.increment_version(logits)
         grad = logits
     else:
         grad = _ops.cross_entropy_backward(logits, target, class_weight, lse, g, g_lse,
