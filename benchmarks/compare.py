@@ -1,6 +1,6 @@
 """fusedce against every peer, side by side, on one GPU: time, memory, accuracy, time / floor.
 
-    python -m benchmarks RESULTS_DIR [--quick] [--only fused|ce] [--methods a,b,...]
+    python -m benchmarks RESULTS_DIR [--quick] [--only shapes|sweeps|ce] [--methods a,b,...]
 
 Writes RESULTS_DIR/results.json (every measurement, with device, versions and date),
 RESULTS_DIR/results.md (tables) and, where matplotlib is installed, the PNG plots
@@ -343,8 +343,16 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
         "quick": quick,
     }
     _progress(f"device {meta['device']}, torch {torch.__version__}")
-    records = []
     path = os.path.join(out_dir, "results.json")
+    records = []
+    if os.path.exists(path):
+        # A suite split over several runs (one GPU command each) accumulates into one file; a part
+        # run again replaces its own earlier records.
+        with open(path) as f:
+            old = json.load(f)
+        parts = _parts(only)
+        records = [r for r in old["records"] if r.get("part") not in parts]
+        meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"].get("date")]
 
     def save():
         with open(path, "w") as f:
@@ -358,38 +366,41 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
             _progress(f"skipping {name}: {fn.reason}")
     meta["skipped"] = {k: v.reason for k, v in fused.items() if isinstance(v, _Skipped)}
 
-    if only in (None, "fused"):
-        cases = [(N, H, V, label, torch.bfloat16, "shape") for N, H, V, label in SHAPES]
+    parts = _parts(only)
+    cases = []
+    if "shapes" in parts:
+        cases += [(N, H, V, label, torch.bfloat16, "shape") for N, H, V, label in SHAPES]
         cases += [(N, H, V, label, torch.float32, "shape") for N, H, V, label in SHAPES[:1 if quick else 3]]
-        if not quick:
-            cases += [(n, 4096, 128256, "Llama-3 N sweep", torch.bfloat16, "n_sweep") for n in N_SWEEP]
-            cases += [(8192, 4096, v, "V sweep", torch.bfloat16, "v_sweep") for v in V_SWEEP]
-        for N, H, V, label, dtype, group in cases:
-            _progress(f"{group} {label}: N={N} H={H} V={V} {dtype}")
-            floor = gemm_floor_ms(N, H, V, dtype)
-            ref = None
-            if group == "shape":
-                g = torch.Generator(device="cuda").manual_seed(0)
-                x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g)
-                w = torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02
-                t = torch.randint(0, V, (N,), device="cuda", generator=g)
-                ref = reference_fp32(x, w, t)
-                del x, w, t
-                torch.cuda.empty_cache()
-            methods = fused if group == "shape" else {
-                k: v for k, v in fused.items() if not k.startswith("fusedce chunk")
-            }
-            for name, fn in methods.items():
-                if isinstance(fn, _Skipped):
-                    continue
-                rec = measure_fused(name, fn, N, H, V, dtype, floor, ref)
-                rec.update(group=group, label=label, floor_tflops=floor["tflops"])
-                records.append(rec)
-                _progress(_line(rec))
-                save()
-            ref = None
+    if "sweeps" in parts and not quick:
+        cases += [(n, 4096, 128256, "Llama-3 N sweep", torch.bfloat16, "n_sweep") for n in N_SWEEP]
+        cases += [(8192, 4096, v, "V sweep", torch.bfloat16, "v_sweep") for v in V_SWEEP]
+    for N, H, V, label, dtype, group in cases:
+        _progress(f"{group} {label}: N={N} H={H} V={V} {dtype}")
+        floor = gemm_floor_ms(N, H, V, dtype)
+        ref = None
+        if group == "shape":
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g)
+            w = torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02
+            t = torch.randint(0, V, (N,), device="cuda", generator=g)
+            ref = reference_fp32(x, w, t)
+            del x, w, t
+            torch.cuda.empty_cache()
+        methods = fused if group == "shape" else {
+            k: v for k, v in fused.items() if not k.startswith("fusedce chunk")
+        }
+        for name, fn in methods.items():
+            if isinstance(fn, _Skipped):
+                continue
+            rec = measure_fused(name, fn, N, H, V, dtype, floor, ref)
+            rec.update(group=group, label=label, floor_tflops=floor["tflops"],
+                       part="shapes" if group == "shape" else "sweeps")
+            records.append(rec)
+            _progress(_line(rec))
+            save()
+        ref = None
 
-    if only in (None, "ce"):
+    if "ce" in parts:
         bw = copy_bandwidth()
         meta["copy_bandwidth_tbs"] = bw / 1e12
         _progress(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -404,7 +415,7 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
                 if isinstance(fn, _Skipped):
                     continue
                 rec = measure_ce(name, fn, N, V, torch.bfloat16, floor_ms)
-                rec.update(group=group)
+                rec.update(group=group, part="ce")
                 records.append(rec)
                 _progress(_line(rec))
                 save()
@@ -419,6 +430,10 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
     except ImportError as e:
         _progress(f"no plots here ({e}); run python -m benchmarks.plots {path} on a machine with matplotlib")
     return {"meta": meta, "records": records}
+
+
+def _parts(only) -> set:
+    return {"shapes", "sweeps", "ce"} if only is None else {only}
 
 
 def _line(rec) -> str:
@@ -481,7 +496,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="folder for results.json, results.md and the plots")
     p.add_argument("--quick", action="store_true", help="the three shapes and one CE case only")
-    p.add_argument("--only", choices=["fused", "ce"], help="run one half of the suite")
+    p.add_argument("--only", choices=["shapes", "sweeps", "ce"],
+                   help="run one part of the suite (results.json in out_dir accumulates the parts)")
     p.add_argument("--methods", help="comma-separated method names to keep (fusedce always runs)")
     a = p.parse_args(argv)
     run(a.out_dir, quick=a.quick, only=a.only, methods_filter=a.methods.split(",") if a.methods else None)
