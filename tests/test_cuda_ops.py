@@ -398,3 +398,93 @@ def test_opcheck():
     logits = torch.randn(12, 40, device=DEV)
     opcheck(ops.cross_entropy.default, (logits, target, cw), dict(z_loss=1e-3),
             test_utils=("test_schema", "test_faketensor"))
+
+
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_scale_(dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    before = (torch.randn(1001, device=DEV) * 3).to(dtype)  # odd length: scalar head and tail
+    x = before.clone()
+    ops.scale_(x, torch.tensor(1.0, device=DEV))
+    assert torch.equal(x.view(_INT_VIEW[dtype]), before.view(_INT_VIEW[dtype]))  # bit for bit
+    for scale in (torch.tensor(3.0, device=DEV), torch.tensor([0.25], device=DEV, dtype=torch.float64)):
+        y = before.clone()
+        view = y[1:]  # a storage offset: not 16-byte aligned
+        ops.scale_(view, scale)
+        assert torch.equal(view, (before[1:].to(acc) * scale.to(acc).reshape(())).to(dtype))
+        assert torch.equal(y[:1], before[:1])
+    big = torch.randn(3, 70001, device=DEV).to(dtype)  # several blocks of the grid-stride loop
+    ref = (big.to(acc) * -2).to(dtype)
+    ops.scale_(big, torch.tensor(-2.0, device=DEV))
+    assert torch.equal(big, ref)
+    nc = torch.randn(8, 6, device=DEV).to(dtype).t()  # non-contiguous: the plain multiply
+    ref = nc * 2
+    ops.scale_(nc, torch.tensor(2.0, device=DEV))
+    assert torch.equal(nc, ref)
+
+
+def test_scale_graph_and_opcheck():
+    x = torch.randn(4096, device=DEV, dtype=torch.bfloat16)
+    s = torch.tensor(1.0, device=DEV)
+    keep = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.scale_(x, s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, keep)
+    s.fill_(0.5)  # the device scalar is read at run time
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, (keep.float() * 0.5).to(torch.bfloat16))
+    if HAVE_PACKAGE:
+        from torch.library import opcheck
+
+        opcheck(ops.scale_.default, (torch.randn(10, device=DEV), torch.tensor(2.0, device=DEV)),
+                test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_row_cluster(dtype, monkeypatch):
+    """Fast mode's long rows (the sm_90 cluster path where it exists): odd V (rows not 16-byte
+    aligned), every feature on, ties across the cluster's CTAs, and the same numbers as the
+    one-block kernel (FUSEDCE_ROW_CLUSTER=0)."""
+    n, h, v = 24, 32, 70001
+    hidden, weight, target, bias = make(n, h, v, dtype, bias=True)
+    # ties: rows 0 and 1 see their maximum at two identical weight rows (first one wins), row 2
+    # sees all-zero logits (argmax 0)
+    hidden[2].zero_()
+    for r, (j1, j2) in enumerate([(1000, 65000), (30000, 30001)]):
+        weight[j1] = hidden[r] / hidden[r].float().norm().to(dtype) * 4
+        weight[j2] = weight[j1]
+    bias.zero_()
+    target[:3] = torch.tensor([5, 6, 7], device=DEV)
+    cw = torch.rand(v, device=DEV) + 0.5
+    gs = torch.tensor(0.37, device=DEV)
+    kw = dict(softcap=30.0, z_loss=1e-3, label_smoothing=0.1, logit_scale=1.3)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FUSEDCE_ROW_CLUSTER", flag)
+        outs[flag] = ops.loss(hidden, weight, target, bias, cw, gs, grad_mask=[True, True, True],
+                              **op_kwargs(kw))
+    torch.cuda.synchronize()
+    loss, tok, lse, pred, gh, gw, gb = outs["1"]
+    assert pred[:3].tolist() == [1000, 30000, 0]
+    ref, grads, z = ref_loss_and_grads(hidden, weight, target, bias, cw, 0.37, **kw)
+    vt, gt = TOL[dtype]
+    assert rel(tok, ref.token_loss) < vt and rel(lse, ref.lse) < vt
+    check_predicted(pred, z, target, dtype)
+    assert rel(gh, grads[0]) < gt and rel(gw, grads[1]) < gt and rel(gb, grads[2]) < gt
+    other = outs["0"]
+    assert torch.equal(pred, other[3])
+    assert rel(tok, other[1]) < 1e-5 and rel(gw, other[5]) < 1e-2
+    # the plain path too (no transform, no smoothing: the specialized kernels)
+    monkeypatch.setenv("FUSEDCE_ROW_CLUSTER", "1")
+    plain = ops.loss(hidden, weight, target, None, None, gs, grad_mask=[True, True, False])
+    ref, grads, _ = ref_loss_and_grads(hidden, weight, target, None, None, 0.37)
+    assert rel(plain[1], ref.token_loss) < vt and plain[3][:3].tolist() == [1000, 30000, 0]
+    assert rel(plain[4], grads[0]) < gt and rel(plain[5], grads[1]) < gt

@@ -1,0 +1,181 @@
+"""fusedce.cross_entropy (given logits) against the float64 reference: values and gradients of
+every option, statistics, gradients through lse, and the in-place backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from checks import check_cross_entropy, check_stats
+from fusedce import reference
+from samples import CASE_NAMES, sample
+
+FLOAT_DTYPES = [
+    torch.float64,  # exactness
+    torch.float32,  # the common full-precision dtype, tight tolerance
+]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_case_values_and_grads(device, dtype, case):
+    args, kwargs = sample(device, dtype, case, op="cross_entropy", requires_grad=True)
+    check_cross_entropy(args, kwargs, dtype, what=case)
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_case_return_stats(device, case):
+    args, kwargs = sample(device, torch.float64, case, op="cross_entropy", requires_grad=True)
+    out, ref, _ = check_cross_entropy(args, {**kwargs, "return_stats": True}, torch.float64,
+                                      what=case)
+    check_stats(out, ref, torch.float64, what=case)
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_case_inplace_backward(device, case):
+    """inplace_backward=True: the same gradient, and the logits now hold that gradient."""
+    args, kwargs = sample(device, torch.float64, case, op="cross_entropy", requires_grad=True)
+    logits = args[0]
+    before = logits.detach().clone()
+    _, _, grad = check_cross_entropy(args, {**kwargs, "inplace_backward": True}, torch.float64,
+                                     what=case)
+    torch.testing.assert_close(logits.detach(), grad, rtol=0, atol=0)
+    if grad.numel() and grad.ne(0).any():
+        assert not torch.equal(logits.detach(), before), "the logits storage was not overwritten"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # each reduction's upstream grad
+def test_inplace_backward_inside_a_model(device, reduction):
+    """The real use: logits from a projection, CE with inplace_backward, gradients flow on to
+    the projection's input and weight exactly; the logits buffer ends up holding d(loss)/d(logits)."""
+    N, H, V = 9, 6, 17
+    h = torch.randn(N, H, dtype=torch.float64, device=device, requires_grad=True)
+    W = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    t[4] = -100
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)
+    logits = h @ W.t()
+    logits.retain_grad()
+    loss = fusedce.cross_entropy(logits, t, inplace_backward=True, **kw)
+    up = torch.randn(loss.shape, dtype=torch.float64, device=device)
+    loss.backward(up)
+
+    hr, Wr = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    lr = hr @ Wr.t()
+    lr.retain_grad()
+    ref = reference.cross_entropy(lr, t, **kw).loss
+    ref.backward(up)
+    torch.testing.assert_close(h.grad, hr.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(W.grad, Wr.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(logits.detach(), lr.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_inplace_backward_second_backward_raises(device):
+    """After the in-place backward the logits are gone: using the graph again must fail loudly."""
+    logits = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    x = logits * 1.0
+    t = torch.randint(0, 5, (4,), device=device)
+    loss = fusedce.cross_entropy(x, t, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+def test_backward_twice_without_inplace(device):
+    """Without inplace_backward the backward recomputes from the saved logits: reusable."""
+    logits = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, 5, (4,), device=device)
+    loss = fusedce.cross_entropy(logits, t, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 2 * first)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # lse is per-token in all three
+def test_gradient_through_lse(device, reduction):
+    """lse of return_stats is differentiable: a loss mixing the CE and lse (an explicit z-loss, a
+    distillation term) gets the exact gradient."""
+    N, V = 7, 11
+    logits = torch.randn(N, V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    t[0] = -100
+    kw = dict(reduction=reduction, label_smoothing=0.05, softcap=4.0, logit_scale=1.5)
+    out = fusedce.cross_entropy(logits, t, return_stats=True, **kw)
+    g_lse = torch.randn(N, dtype=torch.float64, device=device)
+    up = torch.randn(out.loss.shape, dtype=torch.float64, device=device)
+    (got,) = torch.autograd.grad((out.loss * up).sum() + (out.lse * g_lse).sum(), (logits,))
+
+    lr = logits.detach().clone().requires_grad_()
+    ref = reference.cross_entropy(lr, t, **kw)
+    (want,) = torch.autograd.grad((ref.loss * up).sum() + (ref.lse * g_lse).sum(), (lr,))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "N,V",
+    [
+        (3, 50257),  # GPT-2 vocabulary: a long odd row
+        (1, 7),  # one token
+        (5, 1),  # one class: loss exactly 0
+        (0, 9),  # no token
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # all reduction paths
+def test_odd_sizes(device, N, V, reduction):
+    logits = torch.randn(N, V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    check_cross_entropy((logits, t), dict(reduction=reduction, z_loss=1e-3), torch.float64,
+                        what=f"N={N} V={V}")
+
+
+def test_noncontiguous_logits(device):
+    """Strided logits: every other column of a bigger buffer, and a column-major buffer."""
+    t = torch.randint(0, 13, (6,), device=device)
+    wide = torch.randn(6, 26, dtype=torch.float64, device=device, requires_grad=True)
+    col_major = torch.randn(13, 6, dtype=torch.float64, device=device, requires_grad=True)
+    for logits in (wide[:, ::2], col_major.t()):
+        assert not logits.is_contiguous()
+        check_cross_entropy((logits, t), dict(label_smoothing=0.1, z_loss=1e-2), torch.float64,
+                            what=f"strides {logits.stride()}")
+
+
+def test_matches_torch_cross_entropy(device):
+    """Drop-in: the same call as torch.nn.functional.cross_entropy, same values and gradients."""
+    logits = torch.randn(2, 5, 13, dtype=torch.float64, device=device)
+    t = torch.randint(0, 13, (2, 5), device=device)
+    t[0, 1] = -100
+    cw = torch.rand(13, dtype=torch.float64, device=device) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        kw = dict(weight=cw, reduction=reduction, label_smoothing=0.1)
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        got = fusedce.cross_entropy(a, t, **kw)
+        want = F.cross_entropy(b.reshape(-1, 13), t.reshape(-1), **kw)
+        want = want.reshape(2, 5) if reduction == "none" else want
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        up = torch.randn(got.shape, dtype=torch.float64, device=device)
+        got.backward(up)
+        want.backward(up)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
+HALF_OPTIONS = {
+    "mean": dict(),  # the plain call
+    "sum": dict(reduction="sum"),  # larger gradients
+    "none": dict(reduction="none"),  # per-token upstream gradient
+    "weight_smoothing": dict(label_smoothing=0.1, weight="w"),  # torch's trickiest CE terms
+}
+
+
+@pytest.mark.parametrize("options", list(HALF_OPTIONS), ids=list(HALF_OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)  # both half types
+def test_half_precision_error_budget(device, dtype, options):
+    N, V = 48, 1000
+    kwargs = dict(HALF_OPTIONS[options])
+    logits = (torch.randn(N, V, device=device) * 2).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), device=device)
+    t[::7] = -100
+    if kwargs.get("weight") == "w":
+        kwargs["weight"] = (torch.rand(V, device=device) + 0.5).to(dtype)
+    check_cross_entropy((logits, t), kwargs, dtype, what=f"{dtype} {options}")
