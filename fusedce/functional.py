@@ -26,6 +26,8 @@ class LossOutput(NamedTuple):
     the target. predicted: per-token argmax of the final logits, -1 at ignored positions.
     accuracy: fraction of non-ignored tokens whose argmax equals the target (nan when none).
     z_loss: the z-loss part of `loss`, reduced the same way.
+    `loss` and `lse` are differentiable for every reduction (a gradient through lse is exact,
+    computed by a recomputing pass only when one flows).
     """
 
     loss: torch.Tensor

@@ -71,27 +71,21 @@ def _loss_setup_context(ctx, inputs, output):
     a = _by_name(_ops.loss, inputs)
     loss, token_loss, lse, predicted, grad_hidden, grad_weight, grad_bias = output
     ctx.set_materialize_grads(False)
-    # Gradients computed in the forward are those of `loss` only: the per-token outputs are then
-    # statistics, and backpropagating through them is an error rather than a silently wrong grad.
-    # (One call: mark_non_differentiable replaces, it does not add.)
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    # With gradients computed in the forward (grad_mask), the backward of `loss` only scales them;
+    # gradients flowing into token_loss or lse (a stat used in a further loss term) are still
+    # exact, through the recomputing loss_backward.
     ctx.precomputed = any(a.grad_mask)
-    stats = (token_loss, lse) if ctx.precomputed else ()
-    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, *stats)
     ctx.grad_mask = tuple(a.grad_mask)
     ctx.has_bias = a.bias is not None
-    ctx.has_class_weight = a.class_weight is not None
-    ctx.has_grad_scale = a.grad_scale is not None
     ctx.knobs = dict(
         ignore_index=a.ignore_index, label_smoothing=a.label_smoothing, z_loss=a.z_loss,
         softcap=a.softcap, logit_scale=a.logit_scale, chunk_size=a.chunk_size,
         vocab_chunk_size=a.vocab_chunk_size, fp32_grad_accum=a.fp32_grad_accum,
     )
     ctx.consumed = False
-    if ctx.precomputed:
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-    else:
-        ctx.save_for_backward(a.hidden, a.weight, a.target, a.bias, a.class_weight, a.grad_scale,
-                              lse)
+    ctx.save_for_backward(a.hidden, a.weight, a.target, a.bias, a.class_weight, a.grad_scale, lse,
+                          grad_hidden, grad_weight, grad_bias)
 
 
 # Devices whose backend implements fusedce::scale_ (skips the multiply when the upstream gradient
@@ -125,9 +119,17 @@ def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor):
     return grad * g
 
 
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
 def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g_gw, _g_gb):
-    nones = (None,) * 11  # target's grad is in the 4-tuple; 15 inputs in all
-    if ctx.precomputed:
+    (hidden, weight, target, bias, class_weight, grad_scale, lse,
+     *precomputed) = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[3]]
+    grads = [None, None, None]
+    if ctx.precomputed and grad_loss is not None:
         if ctx.consumed:
             raise RuntimeError(
                 "fusedce: second backward through the same linear_cross_entropy loss. The "
@@ -136,32 +138,23 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g
                 "inside `with fusedce.allow_second_backward():`."
             )
         ctx.consumed = not _second_backward_allowed
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        if grad_loss is None:
-            return (None, None, None, None) + nones
-        gh = _scale(grad_hidden, ctx.grad_mask[0] and ctx.needs_input_grad[0], grad_loss)
-        gw = _scale(grad_weight, ctx.grad_mask[1] and ctx.needs_input_grad[1], grad_loss)
-        gb = _scale(grad_bias, ctx.has_bias and ctx.grad_mask[2] and ctx.needs_input_grad[3],
-                    grad_loss)
-        return (gh, gw, None, gb) + nones
+        grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss) for i, p in enumerate(precomputed)]
+        grad_loss = None  # fully accounted for
 
-    hidden, weight, target, bias, class_weight, grad_scale, lse = ctx.saved_tensors
-    if grad_token_loss is None and grad_loss is None and grad_lse is None:
-        return (None,) * 15
-    # The exact per-token upstream gradient of the token losses: the part through `loss`
-    # (sum_i grad_scale * token_loss_i) plus any gradient flowing into token_loss itself.
-    g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
-    if grad_loss is not None:
-        scale = grad_loss if grad_scale is None else grad_loss * grad_scale
-        g = g + scale.to(lse.dtype)
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[3]]
-    gh, gw, gb = _ops.loss_backward(
-        hidden, weight, target, bias, class_weight, lse, g,
-        None if grad_lse is None else grad_lse.to(lse.dtype), grad_mask=mask, **ctx.knobs,
-    )
-    return (gh if mask[0] else None, gw if mask[1] else None, None,
-            gb if mask[2] else None) + nones
+    if grad_loss is not None or grad_token_loss is not None or grad_lse is not None:
+        # The exact per-token upstream gradient of the token losses: the part through `loss`
+        # (sum_i grad_scale * token_loss_i) plus any gradient flowing into token_loss itself.
+        g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
+        if grad_loss is not None:
+            scale = grad_loss if grad_scale is None else grad_loss * grad_scale
+            g = g + scale.to(lse.dtype)
+        recomputed = _ops.loss_backward(
+            hidden, weight, target, bias, class_weight, lse, g,
+            None if grad_lse is None else grad_lse.to(lse.dtype), grad_mask=need, **ctx.knobs,
+        )
+        grads = [_add(a, b) if n else a for a, b, n in zip(grads, recomputed, need)]
+    gh, gw, gb = grads
+    return (gh, gw, None, gb) + (None,) * 11  # 15 inputs in all
 
 
 register_autograd("fusedce::loss", _loss_backward, setup_context=_loss_setup_context)

@@ -205,6 +205,64 @@ def test_reduction_none_backward_twice_accumulates(device):
     torch.testing.assert_close(w.grad, 2 * first[1])
 
 
+@pytest.mark.parametrize(
+    "reduction",
+    [
+        "none",  # per-token path: everything recomputed in backward
+        "mean",  # gradients of the scalar precomputed in forward, lse's part recomputed on top
+        "sum",  # same, without the 1/denominator scale
+    ],
+)
+def test_gradient_through_lse_and_loss(device, reduction):
+    """A loss built from the reduced loss and the per-token lse (e.g. an explicit z-loss term or
+    a logging-only regularizer) gets exact gradients for every reduction: lse is never a
+    silently non-differentiable statistic."""
+    N, H, V = 6, 4, 9
+    x = torch.randn(N, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    t[1] = -100
+    kw = dict(reduction=reduction, label_smoothing=0.1, softcap=3.0, z_loss=1e-2)
+    out = fusedce.linear_cross_entropy(x, w, t, linear_bias=b, return_stats=True, **kw)
+    g_lse = torch.randn(N, dtype=torch.float64, device=device)
+    total = out.loss.sum() + (out.lse * g_lse).sum()
+    got = torch.autograd.grad(total, (x, w, b))
+
+    xr, wr, br = (v.detach().clone().requires_grad_() for v in (x, w, b))
+    ref = reference.linear_cross_entropy(xr, wr, t, linear_bias=br, **kw)
+    want = torch.autograd.grad(ref.loss.sum() + (ref.lse * g_lse).sum(), (xr, wr, br))
+    for name, a, e in zip(("input", "linear_weight", "linear_bias"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_scalar_backward_does_not_recompute(device):
+    """The training case (mean loss, backward of the scalar alone) must only scale the gradients
+    computed in the forward: no loss_backward (a second pass of GEMMs) in eager or compiled."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w = torch.randn(11, 5, device=device, requires_grad=True)
+
+    def step(x, t):
+        return fusedce.linear_cross_entropy(x, w, t, z_loss=1e-3)
+
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        loss = fn(torch.randn(8, 5, device=device, requires_grad=True),
+                  torch.randint(0, 11, (8,), device=device))
+        with CountOps() as ops:
+            loss.backward()
+        assert not any("loss_backward" in op for op in ops.seen), ops.seen
+
+
 def test_gradient_through_lse_and_loss_reduction_none(device):
     """With reduction='none' the statistics come from the differentiable per-token path: a loss
     built from both the token losses and lse (e.g. an explicit z-loss) gets exact gradients."""
