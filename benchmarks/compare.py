@@ -63,19 +63,12 @@ def make_fused_methods(include_sweep: bool = True):
 
     methods = {
         "fusedce": lambda x, w, t: fusedce.linear_cross_entropy(x, w, t),
-        "fusedce low-memory": lambda x, w, t: fusedce.linear_cross_entropy(
-            x, w, t, vocab_chunk_size=LOW_MEMORY_VOCAB_TILE, chunk_size=LOW_MEMORY_CHUNK
-        ),
+        "fusedce low-memory": lambda x, w, t: fusedce.linear_cross_entropy(x, w, t, low_memory=True),
     }
     if include_sweep:
         for c in (512, 1024, 2048, 4096):
             methods[f"fusedce chunk={c}"] = (lambda c: lambda x, w, t: fusedce.linear_cross_entropy(x, w, t, chunk_size=c))(c)
     return methods
-
-
-# Low-memory mode: vocabulary tiles with recompute, sized for <= 64 MiB of transient memory.
-LOW_MEMORY_CHUNK = 4096
-LOW_MEMORY_VOCAB_TILE = 4096
 
 
 def make_peer_methods():

@@ -18,6 +18,10 @@ from . import ops as _ops_py
 _ops = torch.ops.fusedce
 _REDUCTIONS = ("mean", "sum", "none")
 
+# The vocabulary tile of the low-memory mode (low_memory=True): with the token chunk the backend
+# derives from its 64 MiB budget, the logits tile and its gradient stay within that budget.
+LOW_MEMORY_VOCAB_TILE = 8192
+
 
 class LossOutput(NamedTuple):
     """What `return_stats=True` returns.
@@ -213,6 +217,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     fp32_grad_accum: bool = False,
+    low_memory: bool = False,
 ):
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
 
@@ -223,9 +228,11 @@ def linear_cross_entropy(
     ``num_items_in_batch`` when given (HF gradient-accumulation semantics).
 
     The loss is float32 for half inputs. With ``return_stats=True`` a :class:`LossOutput`.
-    ``chunk_size`` (tokens per chunk) and ``vocab_chunk_size`` (vocabulary tile, the low-memory
-    mode) default to sizes chosen from a memory budget; ``fp32_grad_accum`` accumulates the
-    weight gradient in float32 on CUDA (the CPU always does).
+    ``chunk_size`` (tokens per chunk) defaults to a size chosen from a memory budget (fast mode:
+    ~1 GiB of logits chunk on CUDA). ``low_memory=True`` tiles the vocabulary too (tiles of
+    ``vocab_chunk_size``, default LOW_MEMORY_VOCAB_TILE) and recomputes the logits of each tile
+    for the gradient: tens of MiB of transient memory for ~1/3 more GEMM work.
+    ``fp32_grad_accum`` accumulates the weight gradient in float32 on CUDA (the CPU always does).
     """
     _check_tensor(input, "input")
     _check_tensor(linear_weight, "linear_weight")
@@ -260,6 +267,8 @@ def linear_cross_entropy(
     _check_chunk(chunk_size, "chunk_size")
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
     ignore_index = -100 if ignore_index is None else ignore_index
+    if low_memory and vocab_chunk_size is None:
+        vocab_chunk_size = LOW_MEMORY_VOCAB_TILE
 
     if shift:
         target = _shift(target, ignore_index)

@@ -111,6 +111,21 @@ def test_chunk_and_tile_sizes(device, chunk_size, vocab_chunk_size, reduction):
     check_stats(out, ref, torch.float64)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # forward-computed vs recomputed grads
+def test_low_memory_mode(device, reduction):
+    """low_memory=True (vocabulary tiles, logits recomputed per tile for the gradient) with a
+    vocabulary spanning several default tiles and a partial last one."""
+    N, H, V = 9, 5, 2 * fusedce.functional.LOW_MEMORY_VOCAB_TILE + 77
+    x = torch.randn(N, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = (torch.randn(V, H, dtype=torch.float64, device=device) * H**-0.5).requires_grad_()
+    t = torch.randint(0, V, (N,), device=device)
+    t[0] = -100
+    out, ref = check_linear_cross_entropy(
+        (x, w, t), dict(low_memory=True, reduction=reduction, z_loss=1e-3, return_stats=True),
+        torch.float64, what="low_memory")
+    check_stats(out, ref, torch.float64)
+
+
 @pytest.mark.parametrize("fp32_grad_accum", [False, True])  # both accumulation modes
 def test_fp32_grad_accum_float32(device, fp32_grad_accum):
     N, H, V = 40, 8, 37
