@@ -115,6 +115,14 @@ def run_shape(N, H, V, args, res):
     r["fast_ms"] = bench(fb, args.iters)[0]
     r["fast_ratio"] = r["fast_ms"] / floor
     r["fast_mem_mib"] = transient(fb)
+    # the same step through the opt-in sm_90 cluster kernel (row held in shared memory), by
+    # per-CTA segment size (KB; 0 = its default)
+    for seg in ((0, 32, 48) if args.cluster_sweep and (N, H, V) == SHAPES[0] else (0,)):
+        key = "fast_cluster" + (f"_seg{seg}" if seg else "")
+        ms = with_env("FUSEDCE_ROW_CLUSTER", 1, lambda: with_env(
+            "FUSEDCE_CLUSTER_SEG_KB", seg, lambda: bench(fb, args.iters)[0]))
+        r[key + "_ms"] = ms
+        r[key + "_ratio"] = ms / floor
     fwd = fused([False, False, False])
     r["fast_fwd_ms"] = bench(fwd, args.iters)[0]
     r["fast_fwd_ratio"] = r["fast_fwd_ms"] / t1
@@ -167,7 +175,8 @@ def run_shape(N, H, V, args, res):
         torch.cuda.empty_cache()
     res["fused"].append(r)
     print(f"{N}x{H}x{V}: floor {floor:.2f} ms ({r['tflops']:.0f} TFLOP/s) | fast "
-          f"{r['fast_ms']:.2f} ms = {r['fast_ratio']:.3f}x, {r['fast_mem_mib']:.0f} MiB | "
+          f"{r['fast_ms']:.2f} ms = {r['fast_ratio']:.3f}x, {r['fast_mem_mib']:.0f} MiB "
+          f"(cluster {r['fast_cluster_ratio']:.3f}x, fwd {r['fast_fwd_ratio']:.3f}x) | "
           + " | ".join(f"{k[:-6]} {r[k]:.3f}x {r[k[:-6] + '_mem_mib']:.0f} MiB"
                        for k in r if k.startswith("lowmem") and k.endswith("_ratio")),
           flush=True)
@@ -191,8 +200,13 @@ def run_ce(N, V, bw, args, res):
     ms = bench(step, args.iters)[0]
     logits.normal_().mul_(2)
     fwd_ms = bench(lambda: ops.cross_entropy(logits, t), args.iters)[0]
+    # backward alone (one read, one write per element; no data-dependent work in the kernel)
+    lse0 = ops.cross_entropy(logits, t)[1]
+    bwd_ms = bench(lambda: ops.cross_entropy_backward_(logits, t, None, lse0, gtok, None),
+                   args.iters)[0]
     r = {"N": N, "V": V, "floor_ms": floor_ms, "fused_ms": ms, "ratio": ms / floor_ms,
-         "fwd_ms": fwd_ms, "fwd_ratio": fwd_ms / (2 * N * V / bw * 1e3)}
+         "fwd_ms": fwd_ms, "fwd_ratio": fwd_ms / (2 * N * V / bw * 1e3),
+         "bwd_ms": bwd_ms, "bwd_ratio": bwd_ms / (4 * N * V / bw * 1e3)}
     if args.eager:
         xe = logits.detach().requires_grad_(True)
 
@@ -207,7 +221,7 @@ def run_ce(N, V, bw, args, res):
             pass
     res["ce"].append(r)
     print(f"CE {N}x{V}: floor {floor_ms:.3f} ms | fused {ms:.3f} ms = {r['ratio']:.3f}x "
-          f"(fwd {r['fwd_ratio']:.3f}x)" + (f" | torch {r['torch_ratio']:.2f}x"
+          f"(fwd {r['fwd_ratio']:.3f}x of 2 B/elem, bwd {r['bwd_ratio']:.3f}x of 4 B/elem)" + (f" | torch {r['torch_ratio']:.2f}x"
                                              if "torch_ratio" in r else ""), flush=True)
 
 
@@ -218,7 +232,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="first shape only")
     p.add_argument("--sweep", action="store_true", help="chunk-budget and row-grid sweeps")
     p.add_argument("--no-eager", dest="eager", action="store_false")
-    p.add_argument("--lowmem-vchunk", type=int, nargs="*", default=[8192, 16384])
+    p.add_argument("--lowmem-vchunk", type=int, nargs="*", default=[4096, 8192, 16384])
+    p.add_argument("--cluster-sweep", action="store_true", help="cluster segment sizes, shape 1")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)

@@ -400,6 +400,10 @@ Out7 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
       state_idx = at::empty({P.C}, opt.dtype(at::kLong));
     }
     const int grid_limit = fused ? fused_grid_limit() : 0;
+    // sm_90 cluster kernel for fast mode's fused pass: opt-in (FUSEDCE_ROW_CLUSTER=1), measured
+    // slower than the one-block kernel (benchmarks/NOTES.md, v4); FUSEDCE_CLUSTER_SEG_KB sizes it
+    const bool allow_cluster = env_int("FUSEDCE_ROW_CLUSTER", 0) != 0;
+    const int64_t cluster_seg = env_int("FUSEDCE_CLUSTER_SEG_KB", 0) * 1024;
     for (int64_t r0 = 0; r0 < P.N; r0 += P.C) {
       const int64_t rows = std::min(P.C, P.N - r0);
       const Tensor hc = P.h.narrow(0, r0, rows);
@@ -432,6 +436,8 @@ Out7 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
         sa.grad_scale = gs.defined() ? gs.data_ptr() : nullptr;
         sa.grad_scale_stride = 0;
         sa.grid_limit = grid_limit;
+        sa.allow_cluster = allow_cluster;
+        sa.cluster_seg_bytes = cluster_seg;
         check_launch(gpu::launch_row_stats(P.kd, sa, P.ep, P.stream), "row_stats");
         if (fused) tile_gemms(P, G, lg, hc, r0, 0, cols, true, r0 == 0);
       }
@@ -621,6 +627,35 @@ void cross_entropy_backward_inplace_cuda(const Tensor& logits, const Tensor& tar
   }
 }
 
+// fusedce::scale_: the precomputed gradients of a scalar loss times the upstream gradient, which
+// is 1 after a plain loss.backward(): the kernel reads the scalar on the device and returns at
+// once then (no host sync, no [V, H] read-modify-write).
+void scale_cuda(const Tensor& self, const Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "fusedce: scale must be a single value, got shape ",
+              scale.sizes());
+  check_same_device(scale, self, "scale", "self");
+  c10::cuda::CUDAGuard guard(self.device());
+  Tensor& out = const_cast<Tensor&>(self);
+  const at::ScalarType dt = self.scalar_type();
+  const bool supported = dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat ||
+                         dt == at::kDouble;
+  if (!supported || !self.is_contiguous()) {  // rare layouts: the plain (always-run) multiply
+    out.mul_(scale.reshape({}));
+    return;
+  }
+  if (self.numel() == 0) return;
+  const Tensor s = scale.to(acc_type_of(dt)).reshape({}).contiguous();
+  int sm_count = 0;  // a cheap attribute query (no sync); 0 lets the launcher assume 132
+  if (cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, self.get_device()) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    sm_count = 0;
+  }
+  check_launch(gpu::launch_scale(kdtype(dt), self.data_ptr(), self.numel(), s.data_ptr(), sm_count,
+                                 c10::cuda::getCurrentCUDAStream().stream()),
+               "scale");
+}
+
 }  // namespace
 }  // namespace cuda_impl
 }  // namespace fusedce
@@ -631,4 +666,5 @@ TORCH_LIBRARY_IMPL(fusedce, CUDA, m) {
   m.impl("cross_entropy", &fusedce::cuda_impl::cross_entropy_cuda);
   m.impl("cross_entropy_backward", &fusedce::cuda_impl::cross_entropy_backward_cuda);
   m.impl("cross_entropy_backward_", &fusedce::cuda_impl::cross_entropy_backward_inplace_cuda);
+  m.impl("scale_", &fusedce::cuda_impl::scale_cuda);
 }

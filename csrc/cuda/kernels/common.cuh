@@ -50,12 +50,40 @@ __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 // made the statistics pass instruction-bound (~2x over the copy-bandwidth floor).
 __device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+// exp(x - m) with c = -m*log2(e) precomputed: one FFMA and one MUFU.EX2 per element in float, the
+// statistics pass's whole per-element arithmetic budget. ex2.approx has ~2 ulp relative error; the
+// FFMA rounds x*log2(e) once (relative error of the result ~|x| * 2^-24, negligible against the
+// lse it feeds). x = -inf gives 0; the caller keeps c finite while m is -inf.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float fast_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float exp_shifted(float x, float /*m*/, float c) {
+  return fast_ex2(fmaf(x, kLog2e, c));
+}
+__device__ __forceinline__ double exp_shifted(double x, double m, double /*c*/) {
+  return exp(x - m);
+}
+__device__ __forceinline__ float neg_scaled(float m) { return -m * kLog2e; }
+__device__ __forceinline__ double neg_scaled(double m) { return -m; }
+
 __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
 __device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
+
+// Explicitly rounded operations (never contracted into an FMA by the compiler): the gradient of an
+// element must not depend on whether it was reached by the vector or the scalar walk of its row.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 template <typename A>
 __device__ __forceinline__ A neg_inf();

@@ -35,8 +35,8 @@ struct Epi {
   // dz/da at the transformed value z.
   __device__ __forceinline__ A dz_da(A zz) const {
     if (softcap > A(0)) {
-      A r = zz * inv_softcap;
-      return logit_scale * (A(1) - r * r);
+      const A r = mul_rn(zz, inv_softcap);
+      return mul_rn(logit_scale, fma_rn(-r, r, A(1)));  // one rounding order everywhere
     }
     return logit_scale;
   }

@@ -57,6 +57,11 @@ struct StatsArgs {
   const void* grad_scale = nullptr;  // acc dtype; element i at grad_scale[i * stride]; nullptr = 1
   int64_t grad_scale_stride = 0;
   int grid_limit = 0;  // max blocks of the (persistent) grid; 0 = one block (or warp) per row
+  // sm_90+: with fused_grad on whole rows, hold each row in a thread-block cluster's shared memory
+  // between the statistics and the gradient (one HBM read per element instead of two). Measured
+  // slower than the one-block kernel so far (benchmarks/NOTES.md, v4): off unless asked for.
+  bool allow_cluster = false;
+  int64_t cluster_seg_bytes = 0;  // target bytes of a row per CTA (0 = the default, 72 KB)
 };
 
 // Gradient of a tile from the saved lse: out[i, j] = d(gs_i * token_loss_i + gl_i * lse_i)/d(a_ij),
@@ -81,6 +86,11 @@ cudaError_t launch_row_stats(DType dtype, const StatsArgs& args, const EpiParams
                              cudaStream_t stream);
 cudaError_t launch_row_grad(DType dtype, const GradArgs& args, const EpiParams& epi,
                             cudaStream_t stream);
+
+// data[0, n) *= *scale in place (contiguous data of `dtype`; scale: a device scalar of the
+// accumulation dtype). When *scale == 1 the kernel exits without touching data (no host sync).
+cudaError_t launch_scale(DType dtype, void* data, int64_t n, const void* scale, int sm_count,
+                         cudaStream_t stream);
 
 // Threads per row the launchers pick for a row of `cols` elements of `elem_size` bytes (for
 // grid sizing on the host): 32 (a warp per row, 8 rows per block) or 256 (a block per row).

@@ -13,6 +13,10 @@
 #include "epilogue.cuh"
 #include "online_softmax.cuh"
 
+#include <cooperative_groups.h>
+
+#include <type_traits>
+
 namespace fusedce {
 namespace kern {
 
@@ -59,6 +63,13 @@ struct GradK {
   int64_t grad_lse_stride;
 };
 
+// The logit transform, compiled out when it is the identity (logit_scale 1, no softcap): the plain
+// path then spends per element only the conversion, the max, one FFMA, one exp and one add.
+template <bool kTr, typename A>
+__device__ __forceinline__ A zf(const Epi<A>& ep, A a) {
+  return kTr ? ep.z(a) : a;
+}
+
 // Walk the elements [0, n) of a row owned by lane `lt` of NT, in increasing index order:
 // f(ptr_offset, count, is_vector) is called on a scalar element or on a 16-byte vector.
 // The vector body starts at the first 16-byte boundary of `row`.
@@ -82,40 +93,108 @@ __device__ __forceinline__ void walk_row(const T* row, int64_t n, int lt, FS sca
   if (tail0 + lt < n) scalar(tail0 + lt);
 }
 
-// Gradient of one row: out[j] = (cA p_j - cB [j==t] - cC w_j) * dz/da_j, p_j = exp(z_j - lse).
-template <typename T, int NT>
-__device__ __forceinline__ void grad_row(const T* in, T* out, int64_t n, int64_t col0, int64_t tl,
-                                         acc_t<T> lse, acc_t<T> cA, acc_t<T> cB, acc_t<T> cC,
-                                         const Epi<acc_t<T>>& ep, int lt) {
+// Statistics of one element / one 16-byte vector at tile column j (class weights at col0 + j).
+template <typename T, bool kTr, bool kWz>
+__device__ __forceinline__ void stats_scalar(FastState<acc_t<T>>& st, const Epi<acc_t<T>>& ep,
+                                             T x, int64_t j, int64_t col0) {
+  const acc_t<T> z = zf<kTr>(ep, to_acc(x));
+  if (kWz) st.wz += ep.w(col0 + j) * z;
+  st.add1(z, j);
+}
+template <typename T, bool kTr, bool kWz>
+__device__ __forceinline__ void stats_vec(FastState<acc_t<T>>& st, const Epi<acc_t<T>>& ep,
+                                          const Vec<T>& x, int64_t j0, int64_t col0) {
   using A = acc_t<T>;
   constexpr int VEC = Vec<T>::N;
-  // tl: target column inside this tile (outside [0, n), e.g. -1, when not in it or ignored)
-  if (cA == A(0) && cB == A(0) && cC == A(0)) {  // e.g. an ignored row without grad_lse
+  A z[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) z[k] = zf<kTr>(ep, to_acc(x.v[k]));
+  if (kWz) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) st.wz += ep.w(col0 + j0 + k) * z[k];
+  }
+  st.add<VEC>(z, j0);
+}
+
+// Per-row gradient constants: d/da_j = (cA p_j - cB [j==t] - cC w_j) * dz/da_j, p_j = exp(z_j - lse).
+template <typename A>
+struct GradRow {
+  A lse, c, cA, cB, cC;
+  int64_t tl;  // target column inside the tile, or -1
+};
+
+// One element's gradient. The target term is subtracted before the dz/da factor, in the same
+// expression for the vector and the scalar walks: a row's split into a scalar head, vectors and a
+// scalar tail depends on its alignment, and the in-place and out-of-place results must agree
+// bit for bit.
+template <typename T, bool kTr, bool kSm>
+__device__ __forceinline__ acc_t<T> grad_elem(const GradRow<acc_t<T>>& g, const Epi<acc_t<T>>& ep,
+                                              acc_t<T> a, int64_t jglob, bool is_t) {
+  using A = acc_t<T>;
+  const A z = zf<kTr>(ep, a);
+  A r = mul_rn(g.cA, exp_shifted(z, g.lse, g.c));
+  if (kSm) r = fma_rn(-g.cC, ep.w(jglob), r);
+  if (is_t) r = sub_rn(r, g.cB);
+  return kTr ? mul_rn(r, ep.dz_da(z)) : r;
+}
+
+template <typename T, bool kTr, bool kSm>
+__device__ __forceinline__ Vec<T> grad_vec(const GradRow<acc_t<T>>& g, const Epi<acc_t<T>>& ep,
+                                           const Vec<T>& x, int64_t j0, int64_t col0) {
+  using A = acc_t<T>;
+  constexpr int VEC = Vec<T>::N;
+  A r[VEC];
+  // the target column lies in at most one vector of the row: compare per vector, not per element
+  if (static_cast<uint64_t>(g.tl - j0) < static_cast<uint64_t>(VEC)) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      r[k] = grad_elem<T, kTr, kSm>(g, ep, to_acc(x.v[k]), col0 + j0 + k, j0 + k == g.tl);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      r[k] = grad_elem<T, kTr, kSm>(g, ep, to_acc(x.v[k]), col0 + j0 + k, false);
+  }
+  Vec<T> y;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) y.v[k] = from_acc<T>(r[k]);
+  return y;
+}
+template <typename T, bool kTr, bool kSm>
+__device__ __forceinline__ T grad_scalar(const GradRow<acc_t<T>>& g, const Epi<acc_t<T>>& ep, T x,
+                                         int64_t j, int64_t col0) {
+  return from_acc<T>(grad_elem<T, kTr, kSm>(g, ep, to_acc(x), col0 + j, j == g.tl));
+}
+
+template <typename A>
+__device__ __forceinline__ GradRow<A> make_grad_row(const Epi<A>& ep, bool ok, int64_t t,
+                                                    int64_t col0, A lse, A gs, A gl) {
+  GradRow<A> g;
+  g.lse = lse;
+  g.c = neg_scaled(lse);
+  ep.grad_coefs(ok, t, lse, gs, gl, g.cA, g.cB, g.cC);
+  g.tl = ok ? t - col0 : -1;
+  return g;
+}
+
+// Gradient of one row (tile columns [0, n), vocabulary col0 + j).
+template <typename T, int NT, bool kTr, bool kSm>
+__device__ __forceinline__ void grad_row(const T* in, T* out, int64_t n, int64_t col0,
+                                         const GradRow<acc_t<T>>& g, const Epi<acc_t<T>>& ep,
+                                         int lt) {
+  using A = acc_t<T>;
+  if (g.cA == A(0) && g.cB == A(0) && g.cC == A(0)) {  // e.g. an ignored row without grad_lse
     const T zero = from_acc<T>(A(0));
     for (int64_t j = lt; j < n; j += NT) out[j] = zero;
     return;
   }
-  const A* cw = (cC != A(0)) ? ep.class_weight : nullptr;
-  const A cconst = (cC != A(0) && cw == nullptr) ? cC : A(0);  // cC * w_j with w = 1
-  auto g1 = [&](A a, int64_t j, bool is_t) -> A {
-    const A z = ep.z(a);
-    A g = cA * acc_exp(z - lse) - cconst;
-    if (cw != nullptr) g -= cC * cw[col0 + j];
-    if (is_t) g -= cB;
-    return g * ep.dz_da(z);
-  };
   if (head_elems(in, n) == head_elems(out, n)) {
     walk_row<T, NT>(
-        in, n, lt, [&](int64_t j) { out[j] = from_acc<T>(g1(to_acc(in[j]), j, j == tl)); },
+        in, n, lt, [&](int64_t j) { out[j] = grad_scalar<T, kTr, kSm>(g, ep, in[j], j, col0); },
         [&](int64_t j0, const Vec<T>& x) {
-          const int64_t kt = tl - j0;  // target offset inside this vector, if any
-          Vec<T> y;
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) y.v[k] = from_acc<T>(g1(to_acc(x.v[k]), j0 + k, k == kt));
-          store_vec(out + j0, y);
+          store_vec(out + j0, grad_vec<T, kTr, kSm>(g, ep, x, j0, col0));
         });
   } else {  // in and out differ in 16-byte alignment: scalar walk
-    for (int64_t j = lt; j < n; j += NT) out[j] = from_acc<T>(g1(to_acc(in[j]), j, j == tl));
+    for (int64_t j = lt; j < n; j += NT) out[j] = grad_scalar<T, kTr, kSm>(g, ep, in[j], j, col0);
   }
 }
 
@@ -130,15 +209,23 @@ struct RowMap {
   __device__ static int64_t row_step() { return static_cast<int64_t>(gridDim.x) * kRowsPerBlock; }
 };
 
-template <typename T, int NT>
+// Finalize a row from its merged statistics (one thread).
+template <typename A>
+__device__ __forceinline__ void write_row_outputs(A* token_loss, A* lse_out, int64_t* predicted,
+                                                  int64_t r, const Epi<A>& ep, bool ok, int64_t t,
+                                                  A lse, A zt, A wz, int64_t idx) {
+  lse_out[r] = lse;
+  token_loss[r] = ep.token_loss(ok, t, lse, zt, wz);
+  predicted[r] = ok ? (idx == kNoIndex ? 0 : idx) : -1;
+}
+
+template <typename T, int NT, bool kTr, bool kWz>
 __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
     row_stats_kernel(StatsK<T> a, Epi<acc_t<T>> ep) {
   using A = acc_t<T>;
-  constexpr int VEC = Vec<T>::N;
-  __shared__ BlockReduceSmem<A, (NT >= 32 ? NT : 32)> smem;
+  __shared__ FastRedSmem<A, NT / 32> smem;
   const int lt = RowMap<NT>::lane();
   const bool whole = a.first_tile && a.last_tile;
-  const bool need_wz = ep.eps != A(0);
   // Rows of a block-per-row kernel are uniform across the block; warp-per-row rows are uniform
   // across the warp, so the barriers inside the loop are reached by all threads that must.
   for (int64_t r = RowMap<NT>::first_row(); r < a.rows; r += RowMap<NT>::row_step()) {
@@ -147,72 +234,55 @@ __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
     const bool ok = ep.valid(t);
     const bool t_here = ok && t >= a.col0 && t < a.col0 + a.cols;
     A zt = A(0);
-    if (t_here) zt = ep.z(to_acc(row[t - a.col0]));
+    // only lane 0 finalizes; its read precedes the reduction's barriers, hence any overwrite
+    if (lt == 0 && t_here) zt = zf<kTr>(ep, to_acc(row[t - a.col0]));
 
-    SoftmaxState<A> st;
+    FastState<A> st;
     st.init();
     walk_row<T, NT>(
-        row, a.cols, lt,
-        [&](int64_t j) {
-          const A z = ep.z(to_acc(row[j]));
-          if (need_wz) st.wz += ep.w(a.col0 + j) * z;
-          st.add1(z, a.col0 + j);
-        },
-        [&](int64_t j0, const Vec<T>& x) {
-          A z[VEC];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) z[k] = ep.z(to_acc(x.v[k]));
-          if (need_wz) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) st.wz += ep.w(a.col0 + j0 + k) * z[k];
-          }
-          st.add<VEC>(z, a.col0 + j0);
-        });
-    if (NT >= kSmallBlock) {
-      block_reduce<A, NT>(st, smem);  // ends with a barrier: every zt read is done
-    } else {
-      warp_reduce(st);
-      __syncwarp();
-    }
+        row, a.cols, lt, [&](int64_t j) { stats_scalar<T, kTr, kWz>(st, ep, row[j], j, a.col0); },
+        [&](int64_t j0, const Vec<T>& x) { stats_vec<T, kTr, kWz>(st, ep, x, j0, a.col0); });
+    reduce_fast<A, NT, kWz>(st, smem);
+    if (NT < kSmallBlock) __syncwarp();
+    const int64_t idx = st.i == kNoIndex ? kNoIndex : a.col0 + st.i;
 
     if (!whole) {  // vocabulary tiles: lane 0 merges with the running state (no fused gradient)
       if (lt == 0) {
+        SoftmaxState<A> ms;
+        ms.m = st.m;
+        ms.s = st.s;
+        ms.i = idx;
+        ms.wz = st.wz;
         if (!a.first_tile) {
-          st.merge(a.st_m[r], a.st_s[r], a.st_idx[r], a.st_wz[r]);
+          ms.merge(a.st_m[r], a.st_s[r], a.st_idx[r], a.st_wz[r]);
           if (!t_here) zt = a.st_zt[r];
         }
         if (!a.last_tile) {
-          a.st_m[r] = st.m;
-          a.st_s[r] = st.s;
-          a.st_idx[r] = st.i;
-          a.st_wz[r] = st.wz;
+          a.st_m[r] = ms.m;
+          a.st_s[r] = ms.s;
+          a.st_idx[r] = ms.i;
+          a.st_wz[r] = ms.wz;
           if (t_here) a.st_zt[r] = zt;
         } else {
-          const A lse = st.m + acc_log(st.s);
-          a.lse[r] = lse;
-          a.token_loss[r] = ep.token_loss(ok, t, lse, zt, st.wz);
-          a.predicted[r] = ok ? (st.i == kNoIndex ? 0 : st.i) : -1;
+          write_row_outputs(a.token_loss, a.lse, a.predicted, r, ep, ok, t,
+                            ms.m + acc_log(ms.s), zt, ms.wz, ms.i);
         }
       }
       continue;
     }
 
     const A lse = st.m + acc_log(st.s);
-    if (lt == 0) {
-      a.lse[r] = lse;
-      a.token_loss[r] = ep.token_loss(ok, t, lse, zt, st.wz);
-      a.predicted[r] = ok ? (st.i == kNoIndex ? 0 : st.i) : -1;
-    }
+    if (lt == 0) write_row_outputs(a.token_loss, a.lse, a.predicted, r, ep, ok, t, lse, zt, st.wz, idx);
     if (a.fused_grad) {
       const A gs = a.grad_scale ? a.grad_scale[r * a.grad_scale_stride] : A(1);
-      A cA, cB, cC;
-      ep.grad_coefs(ok, t, lse, gs, A(0), cA, cB, cC);
-      grad_row<T, NT>(row, row, a.cols, a.col0, ok ? t - a.col0 : -1, lse, cA, cB, cC, ep, lt);
+      const GradRow<A> g = make_grad_row(ep, ok, t, a.col0, lse, gs, A(0));
+      // a thread rewrites exactly the elements it read above: no barrier needed
+      grad_row<T, NT, kTr, kWz>(row, row, a.cols, a.col0, g, ep, lt);
     }
   }
 }
 
-template <typename T, int NT>
+template <typename T, int NT, bool kTr, bool kSm>
 __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
     row_grad_kernel(GradK<T> a, Epi<acc_t<T>> ep) {
   using A = acc_t<T>;
@@ -220,14 +290,131 @@ __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
   for (int64_t r = RowMap<NT>::first_row(); r < a.rows; r += RowMap<NT>::row_step()) {
     const int64_t t = a.target[r];
     const bool ok = ep.valid(t);
-    const A lse = a.lse[r];
     const A gs = a.grad_tok ? a.grad_tok[r * a.grad_tok_stride] : A(1);
     const A gl = a.grad_lse ? a.grad_lse[r * a.grad_lse_stride] : A(0);
-    A cA, cB, cC;
-    ep.grad_coefs(ok, t, lse, gs, gl, cA, cB, cC);
-    grad_row<T, NT>(a.in + r * a.ld_in, a.out + r * a.ld_out, a.cols, a.col0, ok ? t - a.col0 : -1,
-                    lse, cA, cB, cC, ep, lt);
+    const GradRow<A> g = make_grad_row(ep, ok, t, a.col0, a.lse[r], gs, gl);
+    grad_row<T, NT, kTr, kSm>(a.in + r * a.ld_in, a.out + r * a.ld_out, a.cols, a.col0, g, ep, lt);
   }
+}
+
+// ---- sm_90: a row held on chip by a thread-block cluster ----------------------------------------
+// Fast mode's fused pass read each row twice from HBM (statistics, then gradient: the ~500 rows in
+// flight are 3x the L2). Here a cluster of K CTAs splits the row's 16-byte vectors into K
+// contiguous segments, each CTA keeps its segment in shared memory between the two passes, and
+// the CTAs exchange their (max, sum, argmax, sum w*z) through distributed shared memory: 2 bytes
+// read + 2 written per bf16 element instead of 4 + 2. Each thread stores and reloads only its own
+// vectors, so the segment needs no barrier; the scalar head (rank 0) and tail (rank K-1) are
+// re-read from global memory by the thread that owns them.
+constexpr int kClusterThreads = 256;
+constexpr int kClusterMinBlocks = 3;  // 3 x 256 threads per SM (80 registers: no spills)
+
+template <typename A>
+struct CtaPartial {
+  A m, s, wz;
+  int64_t i;
+};
+
+template <typename T, bool kTr, bool kWz>
+__global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocks)
+    row_fused_cluster_kernel(StatsK<T> a, Epi<acc_t<T>> ep, int64_t seg_vec) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using A = acc_t<T>;
+  constexpr int VEC = Vec<T>::N;
+  constexpr int NT = kClusterThreads;
+  constexpr int kUnroll = Unroll<T>::value;
+  extern __shared__ __align__(16) unsigned char seg_raw[];
+  Vec<T>* seg = reinterpret_cast<Vec<T>*>(seg_raw);
+  __shared__ FastRedSmem<A, NT / 32> smem;
+  __shared__ CtaPartial<A> part;
+  namespace cg = cooperative_groups;
+  cg::cluster_group cl = cg::this_cluster();
+  const int K = static_cast<int>(cl.num_blocks());
+  const int rank = static_cast<int>(cl.block_rank());
+  const int lt = threadIdx.x;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) / K;  // uniform across the cluster
+  T* row = a.logits + r * a.ld;
+  const int64_t n = a.cols;
+  const int64_t h = head_elems(row, n);
+  const int64_t nv = (n - h) / VEC;
+  const int64_t vb = rank * seg_vec;
+  const int64_t cnt = vb < nv ? (nv - vb < seg_vec ? nv - vb : seg_vec) : 0;
+  const int64_t tail0 = h + nv * VEC;
+  const int64_t t = a.target[r];
+  const bool ok = ep.valid(t);
+  A zt = A(0);
+  // read before the cluster barrier below; every gradient write (any CTA) comes after it
+  if (rank == 0 && lt == 0 && ok) zt = zf<kTr>(ep, to_acc(row[t]));
+
+  FastState<A> st;
+  st.init();
+  if (rank == 0 && lt < h) stats_scalar<T, kTr, kWz>(st, ep, row[lt], lt, a.col0);
+  {
+    const T* base = row + h + vb * VEC;
+    int64_t u = lt;
+    for (; u + (kUnroll - 1) * NT < cnt; u += kUnroll * NT) {
+      Vec<T> x[kUnroll];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) x[k] = load_vec(base + (u + k * NT) * VEC);
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        seg[u + k * NT] = x[k];
+        stats_vec<T, kTr, kWz>(st, ep, x[k], h + (vb + u + k * NT) * VEC, a.col0);
+      }
+    }
+    for (; u < cnt; u += NT) {
+      const Vec<T> x = load_vec(base + u * VEC);
+      seg[u] = x;
+      stats_vec<T, kTr, kWz>(st, ep, x, h + (vb + u) * VEC, a.col0);
+    }
+  }
+  if (rank == K - 1 && tail0 + lt < n)
+    stats_scalar<T, kTr, kWz>(st, ep, row[tail0 + lt], tail0 + lt, a.col0);
+  reduce_fast<A, NT, kWz>(st, smem);
+  if (lt == 0) {
+    part.m = st.m;
+    part.s = st.s;
+    part.wz = st.wz;
+    part.i = st.i;
+  }
+  cl.sync();  // release/acquire: every CTA's partial is visible, every zt read is done
+  A M = neg_inf<A>();
+  CtaPartial<A> p[8];
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    if (q < K) {
+      p[q] = *cl.map_shared_rank(&part, q);
+      M = acc_max(M, p[q].m);
+    }
+  }
+  A S = A(0), WZ = A(0);
+  int64_t I = kNoIndex;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    if (q < K) {
+      if (p[q].m != neg_inf<A>()) S += p[q].s * exp_shifted(p[q].m, M, neg_scaled(M));
+      WZ += p[q].wz;
+      if (p[q].m == M && p[q].i < I) I = p[q].i;
+    }
+  }
+  // done with the other CTAs' shared memory; they may exit once all have arrived
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  const A lse = M + acc_log(S);
+  if (rank == 0 && lt == 0) {
+    write_row_outputs(a.token_loss, a.lse, a.predicted, r, ep, ok, t, lse, zt, WZ,
+                      I == kNoIndex ? kNoIndex : a.col0 + I);
+  }
+  const A gs = a.grad_scale ? a.grad_scale[r * a.grad_scale_stride] : A(1);
+  const GradRow<A> g = make_grad_row(ep, ok, t, a.col0, lse, gs, A(0));
+  if (rank == 0 && lt < h) row[lt] = grad_scalar<T, kTr, kWz>(g, ep, row[lt], lt, a.col0);
+  {
+    T* base = row + h + vb * VEC;
+    for (int64_t u = lt; u < cnt; u += NT)
+      store_vec(base + u * VEC, grad_vec<T, kTr, kWz>(g, ep, seg[u], h + (vb + u) * VEC, a.col0));
+  }
+  if (rank == K - 1 && tail0 + lt < n)
+    row[tail0 + lt] = grad_scalar<T, kTr, kWz>(g, ep, row[tail0 + lt], tail0 + lt, a.col0);
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
 }
 
 template <typename A>
@@ -252,12 +439,101 @@ inline int pick_nt(int64_t cols, int elem_size) {
   return nvec <= 4 * 32 ? 32 : 256;
 }
 
+// Rows shorter than this stay on the one-block kernel: the few rows in flight fit the L2, so its
+// second read is cheap, and a cluster launch would cost more than it saves.
+constexpr int64_t kClusterMinRowBytes = 64 * 1024;
+
 inline unsigned grid_for(int64_t rows, int nt, int limit) {
   const int64_t rpb = nt >= kSmallBlock ? 1 : kSmallBlock / nt;
   int64_t g = (rows + rpb - 1) / rpb;
   if (limit > 0 && g > limit) g = limit;
   if (g > 0x7fffffff) g = 0x7fffffff;
   return static_cast<unsigned>(g < 1 ? 1 : g);
+}
+
+// Calls f(integral_constant<bool, kTr>, integral_constant<bool, kFlag2>) with the specialization
+// of the row math that the parameters need; double always takes the general one (few
+// instantiations, and double is a correctness path, not a speed path).
+template <typename T, typename F>
+cudaError_t with_flags(const gpu::EpiParams& p, F&& f) {
+  using TT = std::integral_constant<bool, true>;
+  using FF = std::integral_constant<bool, false>;
+  if constexpr (sizeof(T) == 8) {
+    return f(TT{}, TT{});
+  } else {
+    const bool tr = p.logit_scale != 1.0 || p.softcap > 0;
+    const bool sm = p.label_smoothing != 0.0;
+    if (tr) return sm ? f(TT{}, TT{}) : f(TT{}, FF{});
+    return sm ? f(FF{}, TT{}) : f(FF{}, FF{});
+  }
+}
+
+// Cluster size and per-CTA segment for a whole row of `cols` elements: segments of ~72 KB, so that
+// three CTAs (three rows in flight) share an SM; at most 8 CTAs (the portable cluster size) and
+// 112 KB per CTA, else 0 (the row does not fit on chip; the caller falls back).
+constexpr int64_t kSegTarget = 72 * 1024;
+constexpr int64_t kSegMax = 112 * 1024;
+inline int cluster_size(int64_t cols, int elem_size, int64_t seg_target, int64_t& seg_vec) {
+  const int64_t nv = cols * elem_size / 16;  // >= the vectors of any row alignment
+  if (seg_target <= 0) seg_target = kSegTarget;
+  int64_t k = (nv * 16 + seg_target - 1) / seg_target;
+  if (k < 1) k = 1;
+  if (k > 8) k = 8;
+  seg_vec = (nv + k - 1) / k;
+  if (seg_vec * 16 > kSegMax) return 0;
+  return static_cast<int>(k);
+}
+
+// Whether the cluster kernel can run on the current device: compiled for sm_90+ (a build for sm_80
+// only would run an empty body through PTX JIT) and the shared-memory limit raised. Cached per
+// device and instantiation; the first call is made outside any graph capture by the host driver's
+// eager warm-up in practice, and the queries are not stream work in any case.
+template <typename T, bool kTr, bool kWz>
+bool cluster_ready() {
+  static int state[64];  // 0 unknown, 1 yes, 2 no (benign race: every writer stores the same)
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (state[dev] == 0) {
+    int major = 0;
+    cudaFuncAttributes attr{};
+    bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
+                  cudaSuccess &&
+              major >= 9 &&
+              cudaFuncGetAttributes(&attr, row_fused_cluster_kernel<T, kTr, kWz>) == cudaSuccess &&
+              attr.binaryVersion >= 90 &&
+              cudaFuncSetAttribute(row_fused_cluster_kernel<T, kTr, kWz>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(kSegMax)) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();
+    state[dev] = ok ? 1 : 2;
+  }
+  return state[dev] == 1;
+}
+
+template <typename T, bool kTr, bool kWz>
+bool launch_cluster(const StatsK<T>& k, const Epi<acc_t<T>>& ep, int64_t seg_target,
+                    cudaStream_t stream) {
+  int64_t seg_vec = 0;
+  const int K = cluster_size(k.cols, sizeof(T), seg_target, seg_vec);
+  if (K == 0 || k.rows * K > 0x7fffffff || !cluster_ready<T, kTr, kWz>()) return false;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(k.rows * K), 1, 1);
+  cfg.blockDim = dim3(kClusterThreads, 1, 1);
+  cfg.dynamicSmemBytes = static_cast<size_t>(seg_vec * 16);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(K);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaLaunchKernelEx(&cfg, row_fused_cluster_kernel<T, kTr, kWz>, k, ep, seg_vec) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // e.g. no cluster of K fits: the generic kernel runs instead
+    return false;
+  }
+  return true;
 }
 
 template <typename T>
@@ -287,15 +563,21 @@ cudaError_t stats_impl(const gpu::StatsArgs& s, const gpu::EpiParams& p, cudaStr
   const Epi<A> ep = make_epi<A>(p);
   const int nt = pick_nt(s.cols, sizeof(T));
   const unsigned grid = grid_for(s.rows, nt, s.grid_limit);
-  switch (nt) {
-    case 32:
-      row_stats_kernel<T, 32><<<grid, RowMap<32>::kBlock, 0, stream>>>(k, ep);
-      break;
-    default:
-      row_stats_kernel<T, 256><<<grid, RowMap<256>::kBlock, 0, stream>>>(k, ep);
-      break;
-  }
-  return cudaGetLastError();
+  const bool try_cluster = sizeof(T) <= 4 && s.allow_cluster && s.fused_grad && s.first_tile &&
+                           s.last_tile && s.grid_limit == 0 &&
+                           s.cols * static_cast<int64_t>(sizeof(T)) >= kClusterMinRowBytes;
+  return with_flags<T>(p, [&](auto tr, auto wz) -> cudaError_t {
+    constexpr bool kTr = decltype(tr)::value, kWz = decltype(wz)::value;
+    if constexpr (sizeof(T) <= 4) {
+      if (try_cluster && launch_cluster<T, kTr, kWz>(k, ep, s.cluster_seg_bytes, stream)) return cudaGetLastError();
+    }
+    if (nt == 32) {
+      row_stats_kernel<T, 32, kTr, kWz><<<grid, RowMap<32>::kBlock, 0, stream>>>(k, ep);
+    } else {
+      row_stats_kernel<T, 256, kTr, kWz><<<grid, RowMap<256>::kBlock, 0, stream>>>(k, ep);
+    }
+    return cudaGetLastError();
+  });
 }
 
 template <typename T>
@@ -319,15 +601,15 @@ cudaError_t grad_impl(const gpu::GradArgs& g, const gpu::EpiParams& p, cudaStrea
   const Epi<A> ep = make_epi<A>(p);
   const int nt = pick_nt(g.cols, sizeof(T));
   const unsigned grid = grid_for(g.rows, nt, 0);
-  switch (nt) {
-    case 32:
-      row_grad_kernel<T, 32><<<grid, RowMap<32>::kBlock, 0, stream>>>(k, ep);
-      break;
-    default:
-      row_grad_kernel<T, 256><<<grid, RowMap<256>::kBlock, 0, stream>>>(k, ep);
-      break;
-  }
-  return cudaGetLastError();
+  return with_flags<T>(p, [&](auto tr, auto sm) -> cudaError_t {
+    constexpr bool kTr = decltype(tr)::value, kSm = decltype(sm)::value;
+    if (nt == 32) {
+      row_grad_kernel<T, 32, kTr, kSm><<<grid, RowMap<32>::kBlock, 0, stream>>>(k, ep);
+    } else {
+      row_grad_kernel<T, 256, kTr, kSm><<<grid, RowMap<256>::kBlock, 0, stream>>>(k, ep);
+    }
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace kern
