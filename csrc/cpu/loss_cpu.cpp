@@ -24,6 +24,7 @@ namespace {
 
 // Transient budget for one logits tile; chunk sizes are derived from it unless given.
 constexpr int64_t kTileBudgetBytes = int64_t(64) << 20;
+constexpr int64_t kGradHiddenBlock = 4096;
 
 struct Tiling {
   int64_t rows;  // C
@@ -93,11 +94,18 @@ struct GradAccumulators {
   void add_tile(const at::Tensor& tile, const at::Tensor& hidden_chunk, const at::Tensor& weight,
                 int64_t c0, int64_t cols, bool first_tile) {
     if (need_hidden) {
-      const at::Tensor w = weight.narrow(0, c0, cols);
-      if (first_tile) {
-        at::mm_out(hidden_chunk_grad, tile, w);
-      } else {
-        hidden_chunk_grad.addmm_(tile, w);
+      // grad_hidden sums over the whole vocabulary (K = V, up to 256k terms with cancellation).
+      // Summing it in blocks of kGradHiddenBlock classes keeps the float32 rounding error of
+      // that reduction independent of how the BLAS splits a long K (some do not split at all).
+      for (int64_t b0 = 0; b0 < cols; b0 += kGradHiddenBlock) {
+        const int64_t bn = std::min(kGradHiddenBlock, cols - b0);
+        const at::Tensor g = tile.narrow(1, b0, bn);
+        const at::Tensor w = weight.narrow(0, c0 + b0, bn);
+        if (first_tile && b0 == 0) {
+          at::mm_out(hidden_chunk_grad, g, w);
+        } else {
+          hidden_chunk_grad.addmm_(g, w);
+        }
       }
     }
     if (need_weight) weight_grad.narrow(0, c0, cols).addmm_(tile.t(), hidden_chunk);

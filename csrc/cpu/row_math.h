@@ -40,38 +40,41 @@ struct Epilogue {
 };
 
 // Online softmax statistics of one row, accumulated tile by tile in increasing vocabulary order.
+// The two long sums of a row (up to 256k terms, added one by one) are kept in double: a float32
+// running sum would lose ~1e-4 relative there, more than the rest of the computation together.
 template <typename acc_t>
 struct RowStats {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
-  acc_t sumexp = 0;
+  double sumexp = 0;
   acc_t target_logit = 0;
-  acc_t weighted_sum = 0;  // sum_c w_c z_c, for label smoothing
+  double weighted_sum = 0;  // sum_c w_c z_c, for label smoothing
   acc_t argmax_value = -std::numeric_limits<acc_t>::infinity();
   int64_t argmax = -1;
 
-  inline acc_t lse() const { return max + std::log(sumexp); }
+  inline acc_t lse() const { return static_cast<acc_t>(static_cast<double>(max) + std::log(sumexp)); }
 };
 
 // Folds raw logits a[0, n) (global columns v0 + j) of one row into its statistics.
 template <typename scalar_t, typename acc_t>
 inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0, int64_t n,
                            int64_t target, RowStats<acc_t>& st) {
-  acc_t m = st.max, s = st.sumexp, wz = st.weighted_sum;
+  acc_t m = st.max;
+  double s = st.sumexp, wz = st.weighted_sum;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
     if (z > m) {
       // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
-      s = s * std::exp(m - z) + acc_t(1);
+      s = s * static_cast<double>(std::exp(m - z)) + 1.0;
       m = z;
     } else {
-      s += std::exp(z - m);
+      s += static_cast<double>(std::exp(z - m));
     }
     // Strictly greater: the first index among equal maxima wins, as in torch.argmax.
     if (z > st.argmax_value || st.argmax < 0) {
       st.argmax_value = z;
       st.argmax = v0 + j;
     }
-    wz += ep.weight_of(v0 + j) * z;
+    wz += static_cast<double>(ep.weight_of(v0 + j) * z);
   }
   if (target >= v0 && target < v0 + n) {
     st.target_logit = ep.final_logit(static_cast<acc_t>(a[target - v0]));
@@ -89,7 +92,8 @@ inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int6
   const acc_t wt = ep.weight_of(target);
   acc_t loss = wt * ((acc_t(1) - ep.eps) * (lse - st.target_logit) + ep.z_loss * lse * lse);
   if (ep.eps > 0) {
-    loss += ep.eps / static_cast<acc_t>(ep.vocab) * (ep.class_weight_sum * lse - st.weighted_sum);
+    loss += ep.eps / static_cast<acc_t>(ep.vocab) *
+            static_cast<acc_t>(ep.class_weight_sum * lse - st.weighted_sum);
   }
   return loss;
 }
