@@ -73,6 +73,9 @@ def make_fused_methods(include_sweep: bool = True):
 
 
 def make_peer_methods():
+    # Every (shape, grad mode) of the suite is a recompilation: let torch.compile keep them all
+    # rather than fall back to eager at dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = 256
     methods = {"torch eager": _eager}
     compiled = torch.compile(_eager)
     methods["torch.compile"] = lambda x, w, t: compiled(x, w, t)
