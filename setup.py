@@ -58,32 +58,33 @@ def _use_ninja() -> bool:
     return cpp_extension.is_ninja_available()
 
 
-def _share_libstdcxx() -> None:
-    """Drop -static-libstdc++ / -static-libgcc from the interpreter's link flags.
+def _warn_static_libstdcxx() -> None:
+    """Warn when $CXX may link libstdc++ statically into the extension.
 
-    Some Python builds (python-build-standalone, as installed by uv) carry them in LDSHARED. An
-    extension of libtorch must share libtorch's libstdc++: with a private static copy, iostreams
-    inside _C.so and inside libtorch disagree (a TORCH_CHECK message that formats a number
-    crashed in std::ostream there).
+    torch.utils.cpp_extension compiles and links with $CXX. On one GPU image it was a wrapper
+    script (/opt/gcc/bin/g++) that linked a private static libstdc++ into _C.so; iostreams inside
+    _C.so and inside libtorch then disagreed, and every TORCH_CHECK message that formats a number
+    crashed the process. The system g++ (CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++
+    -shared") links it dynamically, as libtorch does.
     """
-    import sysconfig
-
-    stores = [sysconfig.get_config_vars()]
+    cxx = os.environ.get("CXX", "").split()
+    if not cxx:
+        return
     try:
-        from setuptools._distutils import sysconfig as du_sysconfig
+        with open(cxx[0], "rb") as f:
+            is_script = f.read(2) == b"#!"
+    except OSError:
+        return
+    if is_script:
+        print(
+            f"fusedce: warning: CXX={cxx[0]} is a wrapper script; if it links libstdc++ statically "
+            "the extension will crash on its first error message. Prefer the system compiler: "
+            'CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared".',
+            file=sys.stderr,
+        )
 
-        stores.append(du_sysconfig.get_config_vars())
-    except ImportError:
-        pass
-    for cfg in stores:
-        for key, value in list(cfg.items()):
-            if isinstance(value, str) and "-static-lib" in value:
-                cfg[key] = " ".join(
-                    f for f in value.split() if f not in ("-static-libstdc++", "-static-libgcc")
-                )
 
-
-_share_libstdcxx()
+_warn_static_libstdcxx()
 WITH_CUDA, WHY = _want_cuda()
 USE_NINJA = _use_ninja()
 

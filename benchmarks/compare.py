@@ -354,6 +354,8 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
         parts = _parts(only)
         records = [r for r in old["records"] if r.get("part") not in parts]
         meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [old["meta"].get("date")]
+        if "copy_bandwidth_tbs" in old["meta"] and "ce" not in parts:
+            meta["copy_bandwidth_tbs"] = old["meta"]["copy_bandwidth_tbs"]
 
     def save():
         with open(path, "w") as f:

@@ -17,6 +17,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
   | tee -a "$OUT_DIR/gpu.txt"
 
+# The GPU image's CC/CXX are wrapper scripts that link libstdc++ statically into _C.so (which then
+# crashes on the first error message it formats, see setup.py): build with the system compiler.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
+
 start=$(date +%s)
 if ! MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation --no-deps -e . \
     >"$OUT_DIR/build.log" 2>&1; then
