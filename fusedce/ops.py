@@ -24,6 +24,15 @@ def _empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+def _fake_grads(hidden, weight, bias, grad_mask):
+    """(grad_hidden, grad_weight, grad_bias): full size where requested, else empty (as the ops)."""
+    grad_hidden = hidden.new_empty(hidden.shape) if grad_mask[0] else _empty_grad(hidden)
+    grad_weight = weight.new_empty(weight.shape) if grad_mask[1] else _empty_grad(weight)
+    if bias is None:
+        return grad_hidden, grad_weight, _empty_grad(hidden)
+    return grad_hidden, grad_weight, bias.new_empty(bias.shape) if grad_mask[2] else _empty_grad(bias)
+
+
 # --------------------------------------------------------------------------------------------
 # fusedce::loss
 # --------------------------------------------------------------------------------------------
@@ -36,20 +45,12 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
                fp32_grad_accum=False):
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    grad_hidden = hidden.new_empty(hidden.shape) if grad_mask[0] else _empty_grad(hidden)
-    grad_weight = weight.new_empty(weight.shape) if grad_mask[1] else _empty_grad(weight)
-    if bias is not None:
-        grad_bias = bias.new_empty(bias.shape) if grad_mask[2] else _empty_grad(bias)
-    else:
-        grad_bias = _empty_grad(hidden)
     return (
         hidden.new_empty((), dtype=acc),
         hidden.new_empty((n,), dtype=acc),
         hidden.new_empty((n,), dtype=acc),
         hidden.new_empty((n,), dtype=torch.long),
-        grad_hidden,
-        grad_weight,
-        grad_bias,
+        *_fake_grads(hidden, weight, bias, grad_mask),
     )
 
 
@@ -58,13 +59,7 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
                         grad_lse=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                         softcap=0.0, logit_scale=1.0, grad_mask=(True, True, True), chunk_size=0,
                         vocab_chunk_size=0, fp32_grad_accum=False):
-    grad_hidden = hidden.new_empty(hidden.shape) if grad_mask[0] else _empty_grad(hidden)
-    grad_weight = weight.new_empty(weight.shape) if grad_mask[1] else _empty_grad(weight)
-    if bias is not None:
-        grad_bias = bias.new_empty(bias.shape) if grad_mask[2] else _empty_grad(bias)
-    else:
-        grad_bias = _empty_grad(hidden)
-    return grad_hidden, grad_weight, grad_bias
+    return _fake_grads(hidden, weight, bias, grad_mask)
 
 
 def _loss_setup_context(ctx, inputs, output):
