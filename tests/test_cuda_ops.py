@@ -8,31 +8,13 @@ computed from the same (already rounded) inputs, with budgets per dtype.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-try:  # the whole package (ops.py: fake kernels + autograd) when its Python layer is complete
-    import fusedce  # noqa: F401  (registers torch.ops.fusedce.*)
-
-    HAVE_PACKAGE = True
-except Exception:  # early in development: load the built extension alone
-    import glob
-    import importlib.util
-    import os
-
-    HAVE_PACKAGE = False
-    _pkg = os.path.join(os.path.dirname(__file__), "..", "fusedce")
-    for _so in glob.glob(os.path.join(_pkg, "_C*.so")):
-        torch.ops.load_library(_so)
-
-import importlib.util as _ilu  # noqa: E402
-import os as _os  # noqa: E402
-
-_spec = _ilu.spec_from_file_location(
-    "fusedce_reference", _os.path.join(_os.path.dirname(__file__), "..", "fusedce", "reference.py"))
-reference = _ilu.module_from_spec(_spec)
-_spec.loader.exec_module(reference)
+import fusedce  # noqa: F401  (registers torch.ops.fusedce.*, their fake kernels and autograd)
+from fusedce import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -308,7 +290,7 @@ def test_bad_target_is_an_error():
     import subprocess
     import sys
 
-    root = _os.path.join(_os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..")
     r = subprocess.run([sys.executable, "-c", _BAD_TARGET, root], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, f"crashed (rc {r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
@@ -386,7 +368,6 @@ def test_large_n_times_v():
     assert rel(out[4][rows], grads[0]) < 2.5e-2
 
 
-@pytest.mark.skipif(not HAVE_PACKAGE, reason="fusedce's Python layer (ops.py) is not importable")
 def test_opcheck():
     from torch.library import opcheck
 
@@ -441,11 +422,10 @@ def test_scale_graph_and_opcheck():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(x, (keep.float() * 0.5).to(torch.bfloat16))
-    if HAVE_PACKAGE:
-        from torch.library import opcheck
+    from torch.library import opcheck
 
-        opcheck(ops.scale_.default, (torch.randn(10, device=DEV), torch.tensor(2.0, device=DEV)),
-                test_utils=("test_schema", "test_faketensor"))
+    opcheck(ops.scale_.default, (torch.randn(10, device=DEV), torch.tensor(2.0, device=DEV)),
+            test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
