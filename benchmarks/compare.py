@@ -93,6 +93,15 @@ def make_peer_methods():
         methods["cut-cross-entropy"] = _skipped(e)
     if hasattr(F, "linear_cross_entropy"):
         methods["torch F.linear_cross_entropy"] = lambda x, w, t: F.linear_cross_entropy(x, w, t)
+        try:  # its chunked implementation, where this torch has the options class
+            from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+            chunked = LinearCrossEntropyOptions()  # "auto" chunking and accumulation policy
+            methods["torch F.linear_cross_entropy chunked"] = lambda x, w, t: F.linear_cross_entropy(
+                x, w, t, options=chunked
+            )
+        except ImportError as e:
+            methods["torch F.linear_cross_entropy chunked"] = _skipped(e)
     else:
         methods["torch F.linear_cross_entropy"] = _skipped(
             RuntimeError(f"not in torch {torch.__version__}")

@@ -26,6 +26,7 @@ COLORS = {
     "liger": "#2ca02c",
     "cut-cross-entropy": "#9467bd",
     "torch F.linear_cross_entropy": "#8c564b",
+    "torch F.linear_cross_entropy chunked": "#e377c2",
 }
 
 
