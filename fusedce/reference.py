@@ -73,8 +73,10 @@ def cross_entropy(
     logp = z - lse[:, None]
     nll = -logp.gather(1, t_safe[:, None])[:, 0]
     wt = w[t_safe] * valid.to(z.dtype)
-    smooth = -(logp * w).sum(-1)  # sum_c w[c] * (lse - z[c])
-    ce_tok = wt * (1 - label_smoothing) * nll + valid.to(z.dtype) * (label_smoothing / V) * smooth
+    ce_tok = wt * (1 - label_smoothing) * nll
+    if label_smoothing > 0:  # (not 0 * sum: a masked -inf logit would make that 0 * inf = nan)
+        smooth = -(logp * w).sum(-1)  # sum_c w[c] * (lse - z[c])
+        ce_tok = ce_tok + valid.to(z.dtype) * (label_smoothing / V) * smooth
     z_tok = wt * z_loss * lse**2
     token_loss = ce_tok + z_tok
 

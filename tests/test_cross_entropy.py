@@ -1,6 +1,8 @@
 """fusedce.cross_entropy (given logits) against the float64 reference: values and gradients of
 every option, statistics, gradients through lse, and the in-place backward."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +181,35 @@ def test_half_precision_error_budget(device, dtype, options):
     if kwargs.get("weight") == "w":
         kwargs["weight"] = (torch.rand(V, device=device) + 0.5).to(dtype)
     check_cross_entropy((logits, t), kwargs, dtype, what=f"{dtype} {options}")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float64,  # the exact path (its own exp code on CUDA)
+        torch.float32,  # the fast path
+    ],
+    ids=str,
+)
+def test_masked_classes_minus_inf(device, dtype):
+    """-inf logits (masked or padded classes) contribute exp(-inf) = 0, wherever they sit in the
+    row: at its start (before any finite value was seen), in the middle, or filling whole vectors."""
+    N, V = 6, 300
+    logits = torch.randn(N, V, dtype=torch.float64)
+    logits[:, :2] = -math.inf  # the first elements of every row: the running max is still -inf
+    logits[1, :40] = -math.inf  # several whole 16-byte vectors
+    logits[2, 100:] = -math.inf  # the whole tail
+    logits[3, ::3] = -math.inf  # scattered
+    target = torch.randint(50, 100, (N,))
+    target[3] = 52  # a finite logit in the scattered row (52 % 3 != 0)
+    x = logits.to(dtype).to(device).clone().requires_grad_()  # its own leaf (not `logits`)
+    out = fusedce.cross_entropy(x, target.to(device), reduction="sum", z_loss=1e-3,
+                                return_stats=True)
+    out.loss.backward()
+    xr = logits.clone().requires_grad_()
+    ref = reference.cross_entropy(xr, target, reduction="sum", z_loss=1e-3)
+    ref.loss.backward()
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss.double().cpu(), ref.loss, **tol)
+    torch.testing.assert_close(out.lse.double().cpu(), ref.lse, **tol)
+    torch.testing.assert_close(x.grad.double().cpu(), xr.grad, **tol)

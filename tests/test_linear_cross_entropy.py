@@ -1,6 +1,8 @@
 """fusedce.linear_cross_entropy against the float64 reference: values and gradients of every
 option, their combinations, odd sizes, chunking, statistics and the autograd contract."""
 
+import math
+
 import pytest
 import torch
 
@@ -438,3 +440,21 @@ def test_random_upstream_reduction_none_every_case(device):
         loss_shape = reference.shift_labels(args[2]).shape
         up = torch.randn(loss_shape, generator=g, dtype=torch.float64).to(device)
         check_linear_cross_entropy(args, kwargs, torch.float64, upstream=up, what=case)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # forward-computed vs recomputed grads
+def test_minus_inf_bias_masks_classes(device, reduction):
+    """A -inf bias masks classes (e.g. a padded vocabulary): exactly as if they were absent, the
+    first class included (the running max is still -inf when it is read)."""
+    N, H, V = 7, 5, 40
+    x = torch.randn(N, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.zeros(V, dtype=torch.float64, device=device)
+    b[:3] = -math.inf
+    b[30:] = -math.inf
+    b.requires_grad_()
+    t = torch.randint(3, 30, (N,), device=device)
+    out, ref = check_linear_cross_entropy(
+        (x, w, t), dict(linear_bias=b, reduction=reduction, z_loss=1e-3, return_stats=True),
+        torch.float64, what="-inf bias")
+    check_stats(out, ref, torch.float64)

@@ -66,7 +66,9 @@ inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t
       // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
       s = s * static_cast<double>(std::exp(m - z)) + 1.0;
       m = z;
-    } else {
+    } else if (z != -std::numeric_limits<acc_t>::infinity()) {
+      // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
+      // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
       s += static_cast<double>(std::exp(z - m));
     }
     // Strictly greater: the first index among equal maxima wins, as in torch.argmax.

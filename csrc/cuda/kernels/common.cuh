@@ -63,8 +63,10 @@ __device__ __forceinline__ float fast_ex2(float x) {
 __device__ __forceinline__ float exp_shifted(float x, float /*m*/, float c) {
   return fast_ex2(fmaf(x, kLog2e, c));
 }
-__device__ __forceinline__ double exp_shifted(double x, double m, double /*c*/) {
-  return exp(x - m);
+// As the float version, through c = -m (kept 0 while m is -inf): x - m itself would be
+// -inf - (-inf) = nan for a masked (-inf) logit seen before any finite one.
+__device__ __forceinline__ double exp_shifted(double x, double /*m*/, double c) {
+  return exp(x + c);
 }
 __device__ __forceinline__ float neg_scaled(float m) { return -m * kLog2e; }
 __device__ __forceinline__ double neg_scaled(double m) { return -m; }
