@@ -30,6 +30,14 @@ COLORS = {
 }
 
 
+def _save(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _ok(records, **match):
     return [r for r in records if r["status"] == "ok" and all(r.get(k) == v for k, v in match.items())]
 
@@ -66,11 +74,7 @@ def time_memory_planes(data, out_dir) -> list[str]:
         ax.set_title(f"{meta['device']}: N={N} H={H} V={V} {dtype}")
         ax.legend(fontsize=8, loc="best")
         ax.grid(alpha=0.3, which="both")
-        path = os.path.join(out_dir, f"plane_{N}x{H}x{V}_{dtype}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir, f"plane_{N}x{H}x{V}_{dtype}.png"))
     return paths
 
 
@@ -100,11 +104,7 @@ def n_sweep(data, out_dir) -> list[str]:
     ax2.set_ylim(0.9, min(5.0, max(r["ratio"] for r in rs) * 1.05))
     ax.legend(fontsize=8)
     fig.suptitle(f"{meta['device']}: fused linear cross entropy vs N")
-    path = os.path.join(out_dir, "time_vs_n.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(fig, out_dir, "time_vs_n.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
@@ -117,11 +117,7 @@ def n_sweep(data, out_dir) -> list[str]:
     ax.set_title(f"{meta['device']}: fused linear cross entropy, memory vs N")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    path = os.path.join(out_dir, "memory_vs_n.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    paths.append(path)
+    paths.append(_save(fig, out_dir, "memory_vs_n.png"))
     return paths
 
 
@@ -142,11 +138,7 @@ def ce_bandwidth(data, out_dir) -> list[str]:
     ax.set_title(f"{meta['device']}: cross entropy on given logits, fwd+bwd")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    path = os.path.join(out_dir, "ce_bandwidth_vs_v.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir, "ce_bandwidth_vs_v.png")]
 
 
 def draw_all(json_path: str, out_dir: str | None = None) -> list[str]:

@@ -41,16 +41,22 @@ def _batches(n, seed):
     return [torch.randint(0, V, (B, T), generator=g).cuda() for _ in range(n)]
 
 
+def _sgd_step(model, forward, tokens):
+    """loss = forward(tokens), its backward, then plain SGD on model's parameters."""
+    for p in model.parameters():
+        p.grad = None
+    loss = forward(tokens)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+    return loss
+
+
 def _eager_step(model, tokens):
     """One eager SGD step on a copy of `model`: (loss, parameters after the step)."""
     twin = copy.deepcopy(model)
-    for p in twin.parameters():
-        p.grad = None
-    loss = twin(tokens)
-    loss.backward()
-    with torch.no_grad():
-        for p in twin.parameters():
-            p -= LR * p.grad
+    loss = _sgd_step(twin, twin, tokens)
     return loss.detach(), [p.detach() for p in twin.parameters()]
 
 
@@ -71,13 +77,7 @@ def test_compile_reduce_overhead_training():
     for tokens in _batches(6, seed=1):  # warm-up, recording, then replays
         want = _eager_step(model, tokens)
         torch.compiler.cudagraph_mark_step_begin()
-        for p in model.parameters():
-            p.grad = None
-        loss = compiled(tokens)
-        loss.backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= LR * p.grad
+        loss = _sgd_step(model, compiled, tokens)
         _assert_step(loss.detach().clone(), model, want)
 
 
