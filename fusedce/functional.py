@@ -163,8 +163,10 @@ def _shift(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.cat([target[..., 1:], pad], dim=-1)
 
 
-def _token_weights(target: torch.Tensor, valid: torch.Tensor, weight, dtype) -> torch.Tensor:
-    """w[t_i] at non-ignored tokens, 0 elsewhere: the weights of the mean's denominator."""
+def _token_weights(target: torch.Tensor, ignore_index: int, weight, dtype) -> torch.Tensor:
+    """w[t_i] at non-ignored tokens, 0 elsewhere: the weights of the mean's denominator.
+    Computed only where needed (mean, statistics): a few small kernels per call otherwise."""
+    valid = target != ignore_index
     if weight is None:
         return valid.to(dtype)
     safe = torch.where(valid, target, torch.zeros_like(target))
@@ -177,8 +179,11 @@ def _divisor(num_items_in_batch, like: torch.Tensor):
     return float(num_items_in_batch)
 
 
-def _stats(loss, lse, predicted, target, valid, tok_w, z_loss, reduction, num_items, denom, shape):
+def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction, num_items, denom,
+           shape):
     """The statistics of LossOutput from the per-token values the op returned."""
+    valid = target != ignore_index
+    tok_w = _token_weights(target, ignore_index, weight, lse.dtype)
     n_valid = valid.sum()
     accuracy = ((predicted == target) & valid).sum().to(lse.dtype) / n_valid.to(lse.dtype)
     z_tok = tok_w * (z_loss * lse * lse)
@@ -276,8 +281,6 @@ def linear_cross_entropy(
     hidden = input.reshape(-1, H)
     flat_target = target.reshape(-1)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    valid = flat_target != ignore_index
-    tok_w = _token_weights(flat_target, valid, weight, acc)
 
     # The gradient scale of the final scalar is known before the pass: the forward computes the
     # gradients themselves and the backward only multiplies them by the upstream gradient.
@@ -285,9 +288,9 @@ def linear_cross_entropy(
     grad_scale = None
     if reduction != "none":
         if num_items_in_batch is not None:
-            grad_scale = 1.0 / torch.as_tensor(_divisor(num_items_in_batch, tok_w), dtype=acc, device=input.device)
+            grad_scale = 1.0 / torch.as_tensor(num_items_in_batch, dtype=acc, device=input.device).reshape(())
         elif reduction == "mean":
-            denom = tok_w.sum()
+            denom = _token_weights(flat_target, ignore_index, weight, acc).sum()
             grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
     track = torch.is_grad_enabled() and reduction != "none"
     grad_mask = [
@@ -310,7 +313,8 @@ def linear_cross_entropy(
         loss = loss + torch.where(denom > 0, torch.zeros_like(denom), torch.full_like(denom, math.nan))
     if not return_stats:
         return loss
-    return _stats(loss, lse, predicted, flat_target, valid, tok_w, z_loss, reduction, num_items_in_batch, denom, shape)
+    return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
+                  num_items_in_batch, denom, shape)
 
 
 def cross_entropy(
@@ -356,8 +360,6 @@ def cross_entropy(
         softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
         inplace_backward=bool(inplace_backward),
     )
-    valid = flat_target != ignore_index
-    tok_w = _token_weights(flat_target, valid, weight, token_loss.dtype)
     denom = None
     if reduction == "none":
         loss = token_loss.reshape(shape)
@@ -366,8 +368,9 @@ def cross_entropy(
     elif reduction == "sum":
         loss = token_loss.sum()
     else:
-        denom = tok_w.sum()
+        denom = _token_weights(flat_target, ignore_index, weight, token_loss.dtype).sum()
         loss = token_loss.sum() / denom
     if not return_stats:
         return loss
-    return _stats(loss, lse, predicted, flat_target, valid, tok_w, z_loss, reduction, num_items_in_batch, denom, shape)
+    return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
+                  num_items_in_batch, denom, shape)
