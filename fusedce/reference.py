@@ -6,6 +6,7 @@ definitions, not from the kernels, and favour clarity over speed and memory.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -120,3 +121,114 @@ def linear_cross_entropy(
         linear_bias = None if linear_bias is None else linear_bias.to(dtype)
     logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
     return cross_entropy(logits, target, dtype=dtype, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-pass terms beyond the CE: entropy, token log-probabilities, distillation, policy gradient.
+# ---------------------------------------------------------------------------------------------
+
+
+def entropy(logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None,
+            dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """Entropy -sum_j p_j log p_j of p = softmax(final logits), per token."""
+    if dtype is not None:
+        logits = logits.to(dtype)
+    logp = torch.log_softmax(final_logits(logits, logit_scale, softcap), dim=-1)
+    # p log p with p = 0 (a masked -inf logit) counts 0, as in the limit.
+    return -torch.where(logp == float("-inf"), torch.zeros_like(logp), logp.exp() * logp).sum(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                   dtype: torch.dtype | None = torch.float64):
+    """(log softmax(logits / temperature)[token], entropy of that softmax), per token."""
+    if dtype is not None:
+        logits = logits.to(dtype)
+    z = logits / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    lp = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return lp, entropy(z, dtype=None)
+
+
+def distillation_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                            kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                            dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """Per-token divergence between teacher r = softmax(teacher/T) and student q = softmax(student/T).
+
+    forward_kl = KL(r || q); reverse_kl = KL(q || r); jsd = beta KL(r || m) + (1 - beta) KL(q || m)
+    with m = beta r + (1 - beta) q (TRL's generalized JSD: beta -> 0 is forward KL, beta -> 1 reverse).
+    No T**2 factor.
+    """
+    if dtype is not None:
+        student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    lq = torch.log_softmax(student_logits / temperature, dim=-1)
+    lr = torch.log_softmax(teacher_logits / temperature, dim=-1)
+
+    def kl(la, lb):  # KL(a || b) from log-probabilities, 0 * log 0 = 0
+        return torch.where(la == float("-inf"), torch.zeros_like(la), la.exp() * (la - lb)).sum(-1)
+
+    if kind == "forward_kl":
+        return kl(lr, lq)
+    if kind == "reverse_kl":
+        return kl(lq, lr)
+    if kind == "jsd":
+        lm = torch.logsumexp(torch.stack([lr + math.log(beta), lq + math.log1p(-beta)]), dim=0)
+        return beta * kl(lr, lm) + (1 - beta) * kl(lq, lm)
+    raise ValueError(f"kind must be 'forward_kl', 'reverse_kl' or 'jsd', got {kind!r}")
+
+
+def distillation_loss(student_logits, teacher_logits, target, *, kind="forward_kl", beta=0.5,
+                      temperature=1.0, distill_weight=1.0, ce_weight=0.0, ignore_index=-100,
+                      reduction="mean", dtype=torch.float64) -> torch.Tensor:
+    """distill_weight * divergence (tempered) + ce_weight * CE(student logits at T = 1, target),
+    over tokens whose target is not ignore_index; mean over those tokens (nan when none)."""
+    d = distillation_token_loss(student_logits, teacher_logits, kind=kind, beta=beta,
+                                temperature=temperature, dtype=dtype)
+    ce = cross_entropy(student_logits, target, reduction="none", ignore_index=ignore_index,
+                       dtype=dtype).token_loss
+    valid = target != ignore_index
+    tok = torch.where(valid, distill_weight * d + ce_weight * ce, torch.zeros_like(d))
+    if reduction == "none":
+        return tok
+    if reduction == "sum":
+        return tok.sum()
+    return tok.sum() / valid.sum()
+
+
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def policy_loss(logits, tokens, old_logprobs, advantages, *, mask=None, ref_logprobs=None,
+                beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0, loss_type="grpo",
+                entropy_coef=0.0, max_completion_length=None, dtype=torch.float64):
+    """TRL GRPOTrainer's clipped objective on logits [B, T, V], tokens/old/adv/mask [B, T]
+    (advantages may be [B]). Returns (loss, per_token_loss, logprobs, entropy).
+
+    per_token = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3 - entropy_coef * H,
+    r = exp(logp - old), k3 = exp(ref - logp) - (ref - logp) - 1. Aggregation (mask m):
+      grpo: mean over sequences of (sum_t m l / sum_t m); bnpo and dapo: sum m l / sum m;
+      dr_grpo: sum m l / (B * max_completion_length (default T)).
+    """
+    lp, ent = token_logprobs(logits, tokens, temperature=temperature, dtype=dtype)
+    old = lp.detach() if old_logprobs is None else old_logprobs.to(lp.dtype)
+    adv = advantages.to(lp.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None]
+    ratio = torch.exp(lp - old)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if beta != 0.0:
+        d = ref_logprobs.to(lp.dtype) - lp
+        per_token = per_token + beta * (torch.exp(d) - d - 1)
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * ent
+    m = torch.ones_like(lp) if mask is None else mask.to(lp.dtype)
+    B, T = lp.shape
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (B * (T if max_completion_length is None else max_completion_length))
+    else:
+        raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    return loss, per_token, lp, ent
