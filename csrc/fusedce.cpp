@@ -35,24 +35,54 @@ TORCH_LIBRARY(fusedce, m) {
   // backward only multiplies them by the upstream gradient. Gradients not requested come back as
   // empty tensors. chunk_size / vocab_chunk_size = 0 picks them from the memory budget;
   // vocab_chunk_size > 0 tiles the vocabulary (low-memory mode, logits recomputed per tile).
+  // Terms beyond the CE, shared by `loss` and `loss_backward` (fusedce/reference.py defines each):
+  //   ce_weight        weight of the CE + label-smoothing part (the z-loss is separate)
+  //   want_entropy     output the entropy H of softmax(z) per token (empty otherwise)
+  //   want_logprob     output log softmax(z)[target] per token, 0 at ignored rows (empty otherwise)
+  //   entropy_coef     token_loss += entropy_coef * H (negative: an entropy bonus)
+  //   teacher_*        distillation teacher: logits [N, V], or hidden [N, Ht] + weight [V, Ht]
+  //                    (+ bias [V]) whose logits chunk is computed beside the student's
+  //   distill          0 off, 1 forward KL(r||q), 2 reverse KL(q||r), 3 generalized JSD(beta)
+  //                    with q = softmax(z / T), r = softmax(teacher / T), T = distill_temperature;
+  //                    token_loss += distill_weight * divergence
+  //   advantages       policy gradient on (TRL GRPO): token_loss += -min(ratio A, clip(ratio) A)
+  //                    + kl_beta * k3(ref_logprobs), ratio = exp(logprob - old_logprobs)
+  // Every term is 0 at ignored rows (target == ignore_index); the outputs lse and entropy are
+  // defined (and differentiable) at every row.
+#define FUSEDCE_TERM_ARGS                                                                       \
+  "float ce_weight=1.0, bool want_entropy=False, bool want_logprob=False, "                    \
+  "float entropy_coef=0.0, Tensor? teacher_logits=None, Tensor? teacher_hidden=None, "         \
+  "Tensor? teacher_weight=None, Tensor? teacher_bias=None, int distill=0, "                     \
+  "float distill_weight=1.0, float distill_beta=0.5, float distill_temperature=1.0, "         \
+  "Tensor? old_logprobs=None, Tensor? advantages=None, Tensor? ref_logprobs=None, "            \
+  "float epsilon_low=0.2, float epsilon_high=0.2, float kl_beta=0.0"
+
+  // Fused linear head loss. `loss` is sum_i grad_scale[i] * token_loss[i] (grad_scale: one value
+  // or one per token, default 1): the caller passes 1/denominator for a mean (or per-token
+  // weights), so that gradients computed in this same pass (grad_mask = which of hidden, weight,
+  // bias) are already those of the final scalar and the backward only multiplies them by the
+  // upstream gradient. Gradients not requested come back as empty tensors. chunk_size /
+  // vocab_chunk_size = 0 picks them from the memory budget; vocab_chunk_size > 0 tiles the
+  // vocabulary (low-memory mode, logits recomputed per tile).
   m.def(
       "loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
       "Tensor? class_weight=None, Tensor? grad_scale=None, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0, "
       "bool[3] grad_mask=[False, False, False], int chunk_size=0, int vocab_chunk_size=0, "
-      "bool fp32_grad_accum=False) "
-      "-> (Tensor loss, Tensor token_loss, Tensor lse, Tensor predicted, "
-      "Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ") "
+      "-> (Tensor loss, Tensor token_loss, Tensor lse, Tensor predicted, Tensor entropy, "
+      "Tensor logprob, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // Exact backward of `loss` for any per-token upstream gradient (reduction='none', or gradients
-  // flowing into lse): recomputes the logits chunk by chunk from the saved lse.
-  // grad_token_loss and grad_lse are [N] in the dtype of token_loss.
+  // flowing into lse, entropy or logprob): recomputes the logits chunk by chunk (from the saved
+  // lse when only the CE terms are on). grad_* are [N] in the dtype of token_loss.
   m.def(
       "loss_backward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
       "Tensor? class_weight, Tensor lse, Tensor grad_token_loss, Tensor? grad_lse=None, "
+      "Tensor? grad_entropy=None, Tensor? grad_logprob=None, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, "
       "float logit_scale=1.0, bool[3] grad_mask=[True, True, True], int chunk_size=0, "
-      "int vocab_chunk_size=0, bool fp32_grad_accum=False) "
+      "int vocab_chunk_size=0, bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ") "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // The same terms on given logits [N, V]: one online-softmax pass per row. inplace_backward is

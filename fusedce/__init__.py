@@ -11,6 +11,7 @@ from .functional import (  # noqa: E402
     cross_entropy,
     linear_cross_entropy,
 )
+from .terms import distillation_loss, policy_loss, token_logprobs  # noqa: E402
 from . import nn  # noqa: E402
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "allow_second_backward",
     "build_info",
     "cross_entropy",
+    "distillation_loss",
     "linear_cross_entropy",
     "nn",
+    "policy_loss",
+    "token_logprobs",
 ]

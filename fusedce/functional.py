@@ -30,6 +30,7 @@ class LossOutput(NamedTuple):
     the target. predicted: per-token argmax of the final logits, -1 at ignored positions.
     accuracy: fraction of non-ignored tokens whose argmax equals the target (nan when none).
     z_loss: the z-loss part of `loss`, reduced the same way.
+    entropy: per-token entropy of softmax(final logits), shaped like the target (differentiable).
     `loss` and `lse` are differentiable for every reduction (a gradient through lse is exact,
     computed by a recomputing pass only when one flows).
     """
@@ -39,6 +40,7 @@ class LossOutput(NamedTuple):
     predicted: torch.Tensor
     accuracy: torch.Tensor
     z_loss: torch.Tensor
+    entropy: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -180,7 +182,7 @@ def _divisor(num_items_in_batch, like: torch.Tensor):
 
 
 def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction, num_items, denom,
-           shape):
+           shape, entropy=None):
     """The statistics of LossOutput from the per-token values the op returned."""
     valid = target != ignore_index
     tok_w = _token_weights(target, ignore_index, weight, lse.dtype)
@@ -195,7 +197,8 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
         z_part = z_tok.sum()
     else:
         z_part = z_tok.sum() / denom
-    return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part)
+    return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part,
+                      None if entropy is None else entropy.reshape(shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +226,7 @@ def linear_cross_entropy(
     vocab_chunk_size: int | None = None,
     fp32_grad_accum: bool = False,
     low_memory: bool = False,
+    entropy_coef: float = 0.0,
 ):
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
 
@@ -238,6 +242,9 @@ def linear_cross_entropy(
     ``vocab_chunk_size``, default LOW_MEMORY_VOCAB_TILE) and recomputes the logits of each tile
     for the gradient: tens of MiB of transient memory for ~1/3 more GEMM work.
     ``fp32_grad_accum`` accumulates the weight gradient in float32 on CUDA (the CPU always does).
+    ``entropy_coef`` adds entropy_coef * H (the entropy of the softmax) per non-ignored token,
+    reduced like the CE (negative: an entropy bonus); ``return_stats`` then also returns the
+    per-token entropy (``LossOutput.entropy``), from the same pass.
     """
     _check_tensor(input, "input")
     _check_tensor(linear_weight, "linear_weight")
@@ -268,6 +275,7 @@ def linear_cross_entropy(
         _check_device(linear_bias, "linear_bias", input, "input")
     _check_class_weight(weight, V, input, "input")
     _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    _check_finite(entropy_coef, "entropy_coef")
     _check_num_items(num_items_in_batch)
     _check_chunk(chunk_size, "chunk_size")
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
@@ -303,9 +311,10 @@ def linear_cross_entropy(
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, vocab_chunk_size=vocab_chunk_size or 0,
-        fp32_grad_accum=bool(fp32_grad_accum),
+        fp32_grad_accum=bool(fp32_grad_accum), entropy_coef=float(entropy_coef),
+        want_entropy=bool(return_stats),
     )
-    loss, token_loss, lse, predicted = out[0], out[1], out[2], out[3]
+    loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
         loss = token_loss.reshape(shape)
     elif denom is not None:
@@ -314,7 +323,7 @@ def linear_cross_entropy(
     if not return_stats:
         return loss
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
-                  num_items_in_batch, denom, shape)
+                  num_items_in_batch, denom, shape, entropy)
 
 
 def cross_entropy(

@@ -42,7 +42,8 @@ def _fake_grads(hidden, weight, bias, grad_mask):
 def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=None,
                ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
                grad_mask=(False, False, False), chunk_size=0, vocab_chunk_size=0,
-               fp32_grad_accum=False):
+               fp32_grad_accum=False, ce_weight=1.0, want_entropy=False, want_logprob=False,
+               **terms):
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     return (
@@ -50,26 +51,39 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
         hidden.new_empty((n,), dtype=acc),
         hidden.new_empty((n,), dtype=acc),
         hidden.new_empty((n,), dtype=torch.long),
+        hidden.new_empty((n if want_entropy else 0,), dtype=acc),
+        hidden.new_empty((n if want_logprob else 0,), dtype=acc),
         *_fake_grads(hidden, weight, bias, grad_mask),
     )
 
 
 @register_fake("fusedce::loss_backward")
 def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_token_loss,
-                        grad_lse=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                        softcap=0.0, logit_scale=1.0, grad_mask=(True, True, True), chunk_size=0,
-                        vocab_chunk_size=0, fp32_grad_accum=False):
+                        grad_lse=None, grad_entropy=None, grad_logprob=None, ignore_index=-100,
+                        label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
+                        grad_mask=(True, True, True), chunk_size=0, vocab_chunk_size=0,
+                        fp32_grad_accum=False, **terms):
     return _fake_grads(hidden, weight, bias, grad_mask)
+
+
+# The scalar and tensor arguments of the terms beyond the CE (FUSEDCE_TERM_ARGS), passed through
+# unchanged from `loss` to the recomputing `loss_backward`.
+_TERM_SCALARS = ("ce_weight", "want_entropy", "want_logprob", "entropy_coef", "distill",
+                 "distill_weight", "distill_beta", "distill_temperature", "epsilon_low",
+                 "epsilon_high", "kl_beta")
+_TERM_TENSORS = ("teacher_logits", "teacher_hidden", "teacher_weight", "teacher_bias",
+                 "old_logprobs", "advantages", "ref_logprobs")
 
 
 def _loss_setup_context(ctx, inputs, output):
     a = _by_name(_ops.loss, inputs)
-    loss, token_loss, lse, predicted, grad_hidden, grad_weight, grad_bias = output
+    (loss, token_loss, lse, predicted, entropy, logprob,
+     grad_hidden, grad_weight, grad_bias) = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
     # With gradients computed in the forward (grad_mask), the backward of `loss` only scales them;
-    # gradients flowing into token_loss or lse (a stat used in a further loss term) are still
-    # exact, through the recomputing loss_backward.
+    # gradients flowing into token_loss, lse, entropy or logprob (statistics used in a further
+    # loss term) are still exact, through the recomputing loss_backward.
     ctx.precomputed = any(a.grad_mask)
     ctx.grad_mask = tuple(a.grad_mask)
     ctx.has_bias = a.bias is not None
@@ -77,9 +91,11 @@ def _loss_setup_context(ctx, inputs, output):
         ignore_index=a.ignore_index, label_smoothing=a.label_smoothing, z_loss=a.z_loss,
         softcap=a.softcap, logit_scale=a.logit_scale, chunk_size=a.chunk_size,
         vocab_chunk_size=a.vocab_chunk_size, fp32_grad_accum=a.fp32_grad_accum,
+        **{name: getattr(a, name) for name in _TERM_SCALARS},
     )
     ctx.consumed = False
     ctx.save_for_backward(a.hidden, a.weight, a.target, a.bias, a.class_weight, a.grad_scale, lse,
+                          *(getattr(a, name) for name in _TERM_TENSORS),
                           grad_hidden, grad_weight, grad_bias)
 
 
@@ -118,11 +134,19 @@ def _add(a, b):
     return b if a is None else a if b is None else a + b
 
 
-def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g_gw, _g_gb):
-    (hidden, weight, target, bias, class_weight, grad_scale, lse,
-     *precomputed) = ctx.saved_tensors
+def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entropy,
+                   grad_logprob, _g_gh, _g_gw, _g_gb):
+    saved = ctx.saved_tensors
+    hidden, weight, target, bias, class_weight, grad_scale, lse = saved[:7]
+    terms = dict(zip(_TERM_TENSORS, saved[7:7 + len(_TERM_TENSORS)]))
+    precomputed = saved[7 + len(_TERM_TENSORS):]
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.has_bias and ctx.needs_input_grad[3]]
+    # entropy / logprob not requested are empty outputs: a gradient for them carries nothing.
+    if not ctx.knobs["want_entropy"]:
+        grad_entropy = None
+    if not ctx.knobs["want_logprob"]:
+        grad_logprob = None
     grads = [None, None, None]
     if ctx.precomputed and grad_loss is not None:
         if ctx.consumed:
@@ -136,20 +160,26 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, _g_gh, _g
         grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss) for i, p in enumerate(precomputed)]
         grad_loss = None  # fully accounted for
 
-    if grad_loss is not None or grad_token_loss is not None or grad_lse is not None:
+    upstream = (grad_loss, grad_token_loss, grad_lse, grad_entropy, grad_logprob)
+    if any(g is not None for g in upstream):
         # The exact per-token upstream gradient of the token losses: the part through `loss`
-        # (sum_i grad_scale * token_loss_i) plus any gradient flowing into token_loss itself.
+        # (sum_i grad_scale_i * token_loss_i) plus any gradient flowing into token_loss itself.
         g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
         if grad_loss is not None:
             scale = grad_loss if grad_scale is None else grad_loss * grad_scale
             g = g + scale.to(lse.dtype)
+
+        def acc(x):
+            return None if x is None else x.to(lse.dtype)
+
         recomputed = _ops.loss_backward(
-            hidden, weight, target, bias, class_weight, lse, g,
-            None if grad_lse is None else grad_lse.to(lse.dtype), grad_mask=need, **ctx.knobs,
+            hidden, weight, target, bias, class_weight, lse, g, acc(grad_lse),
+            acc(grad_entropy), acc(grad_logprob), grad_mask=need, **ctx.knobs, **terms,
         )
         grads = [_add(a, b) if n else a for a, b, n in zip(grads, recomputed, need)]
     gh, gw, gb = grads
-    return (gh, gw, None, gb) + (None,) * 11  # 15 inputs in all
+    # Gradients flow to the student's hidden, weight and bias only (never to the teacher).
+    return (gh, gw, None, gb) + (None,) * (len(_ops.loss.default._schema.arguments) - 4)
 
 
 register_autograd("fusedce::loss", _loss_backward, setup_context=_loss_setup_context)

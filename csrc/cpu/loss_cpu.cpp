@@ -16,7 +16,9 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../terms_args.h"
 #include "common.h"
+#include "terms.h"
 
 namespace fusedce {
 namespace cpu {
@@ -113,72 +115,171 @@ struct GradAccumulators {
   }
 };
 
-// The chunk loop shared by the forward (stats, optionally gradients) and the recomputing backward.
-// Per row it needs: the upstream g of the token loss, g_lse of the lse, and (backward) the lse.
+// The distillation teacher's logits, tile by tile: given, or computed beside the student's.
+struct Teacher {
+  at::Tensor logits;                  // [N, V] any float dtype, or undefined
+  at::Tensor hidden, weight, bias;    // accumulation dtype, contiguous (bias may be undefined)
+  bool defined() const { return logits.defined() || hidden.defined(); }
+
+  void tile(int64_t r0, int64_t rows, int64_t c0, int64_t cols, at::Tensor& out) const {
+    if (logits.defined()) {
+      out.copy_(logits.narrow(0, r0, rows).narrow(1, c0, cols));
+      return;
+    }
+    const at::Tensor h = hidden.narrow(0, r0, rows);
+    const at::Tensor w = weight.narrow(0, c0, cols);
+    if (bias.defined()) {
+      at::addmm_out(out, bias.narrow(0, c0, cols), h, w.t());
+    } else {
+      at::mm_out(out, h, w.t());
+    }
+  }
+};
+
+// Per-row inputs and outputs of the chunk loop (row-indexed from 0; nullptr where absent).
 template <typename acc_t>
-void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, bool want_stats,
-                // forward outputs (when want_stats)
-                acc_t* token_loss, acc_t* lse_out, int64_t* predicted,
-                // gradient inputs: uniform g (forward) or per-token (backward)
-                bool want_grad, acc_t uniform_g, const acc_t* g_tok, const acc_t* g_lse,
-                const acc_t* lse_in, GradAccumulators& acc, at::Tensor& grad_hidden_out) {
+struct RowIO {
+  // forward outputs (when want_stats)
+  acc_t* token_loss = nullptr;
+  acc_t* lse = nullptr;
+  int64_t* predicted = nullptr;
+  acc_t* entropy = nullptr;
+  acc_t* logprob = nullptr;
+  // upstream gradients: of token_loss (uniform_g when g_tok is null), lse, entropy, logprob
+  acc_t uniform_g = 0;
+  const acc_t* g_tok = nullptr;
+  const acc_t* g_lse = nullptr;
+  const acc_t* g_entropy = nullptr;
+  const acc_t* g_logprob = nullptr;
+  const acc_t* lse_in = nullptr;  // backward of the plain CE: the saved lse (no statistics pass)
+};
+
+// The chunk loop shared by the forward (stats, optionally gradients) and the recomputing backward.
+// `tm` is null for the plain CE, else the terms of terms.h (which always need the statistics).
+template <typename acc_t>
+void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, const Terms<acc_t>* tm,
+                const Teacher& teacher, bool want_stats, bool want_grad, const RowIO<acc_t>& io,
+                GradAccumulators& acc, at::Tensor& grad_hidden_out) {
   const int64_t n = P.n, v = P.v;
   const int64_t C = P.tiling.rows, Vt = P.tiling.cols;
   const int64_t num_tiles = (v + Vt - 1) / Vt;
   const auto opts = P.weight.options();
-  at::Tensor tile_buf = at::empty({std::min(C, std::max<int64_t>(n, 1)), Vt}, opts);
+  const int64_t buf_rows = std::min(C, std::max<int64_t>(n, 1));
+  at::Tensor tile_buf = at::empty({buf_rows, Vt}, opts);
+  at::Tensor teacher_buf = teacher.defined() ? at::empty({buf_rows, Vt}, opts) : at::Tensor();
   const int64_t* tgt = P.target.data_ptr<int64_t>();
+  const bool jsd = tm && tm->distill == kJSD;
   std::vector<RowStats<acc_t>> stats;
+  std::vector<ExtSums> ext;
   std::vector<acc_t> row_lse;
+  std::vector<ExtGrad<acc_t>> eg;
 
   for (int64_t r0 = 0; r0 < n; r0 += C) {
     const int64_t rows = std::min(C, n - r0);
     const at::Tensor hidden_chunk = P.hidden.narrow(0, r0, rows).to(P.acc).contiguous();
+    auto student = [&](int64_t c0, int64_t cols) {
+      at::Tensor tile = tile_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+      P.logits_tile(hidden_chunk, c0, cols, tile);
+      return tile;
+    };
+    auto teacher_tile = [&](int64_t c0, int64_t cols) -> const acc_t* {
+      if (!teacher.defined()) return nullptr;
+      at::Tensor t = teacher_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+      teacher.tile(r0, rows, c0, cols, t);
+      return t.data_ptr<acc_t>();
+    };
 
-    // Pass 1: statistics (skipped by the backward, which has the lse).
+    // Pass 1: statistics (skipped by the plain backward, which has the lse).
     row_lse.assign(rows, acc_t(0));
-    if (want_stats) {
+    const bool stats_pass = want_stats || tm;
+    if (stats_pass) {
       stats.assign(rows, RowStats<acc_t>());
+      if (tm) ext.assign(rows, ExtSums());
       for (int64_t vt = 0; vt < num_tiles; ++vt) {
         const int64_t c0 = vt * Vt, cols = std::min(Vt, v - c0);
-        at::Tensor tile = tile_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-        P.logits_tile(hidden_chunk, c0, cols, tile);
+        const at::Tensor tile = student(c0, cols);
         const acc_t* tp = tile.data_ptr<acc_t>();
-        const int64_t ld = tile.stride(0);
+        const acc_t* bp = teacher_tile(c0, cols);
+        const int64_t ld = tile.stride(0), ldb = Vt;
         at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
             accumulate_row<acc_t, acc_t>(ep, tp + i * ld, c0, cols, tgt[r0 + i], stats[i]);
+            if (tm) accumulate_ext(ep, *tm, tp + i * ld, bp ? bp + i * ldb : nullptr, cols, ext[i]);
           }
         });
       }
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t t = tgt[r0 + i];
-        row_lse[i] = stats[i].lse();
-        lse_out[r0 + i] = row_lse[i];
-        token_loss[r0 + i] = row_loss(ep, stats[i], t);
-        predicted[r0 + i] = t == ep.ignore_index ? -1 : stats[i].argmax;
+      for (int64_t i = 0; i < rows; ++i) row_lse[i] = stats[i].lse();
+      if (jsd) {  // the JSD summand needs both normalizers: one more pass over the row
+        for (int64_t vt = 0; vt < num_tiles; ++vt) {
+          const int64_t c0 = vt * Vt, cols = std::min(Vt, v - c0);
+          const at::Tensor tile = num_tiles == 1 ? tile_buf.narrow(0, 0, rows).narrow(1, 0, cols)
+                                                 : student(c0, cols);
+          const acc_t* tp = tile.data_ptr<acc_t>();
+          const acc_t* bp = num_tiles == 1 ? teacher_buf.data_ptr<acc_t>() : teacher_tile(c0, cols);
+          const int64_t ld = tile.stride(0);
+          at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+              const double lse_u = ext[i].m * tm->inv_T + std::log(ext[i].su);
+              const double lse_y = ext[i].my + std::log(ext[i].sy);
+              accumulate_jsd(ep, *tm, tp + i * ld, bp + i * Vt, cols, lse_u, lse_y, ext[i]);
+            }
+          });
+        }
       }
     } else {
-      for (int64_t i = 0; i < rows; ++i) row_lse[i] = lse_in[r0 + i];
+      for (int64_t i = 0; i < rows; ++i) row_lse[i] = io.lse_in[r0 + i];
+    }
+
+    // Per-row values and gradient coefficients.
+    std::vector<RowGrad<acc_t>> rg(rows);
+    if (tm) eg.assign(rows, ExtGrad<acc_t>());
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = r0 + i, t = tgt[row];
+      const acc_t g = io.g_tok ? io.g_tok[row] : io.uniform_g;
+      const acc_t gl = io.g_lse ? io.g_lse[row] : acc_t(0);
+      rg[i] = RowGrad<acc_t>::make(ep, row_lse[i], t, want_grad ? g : acc_t(0),
+                                   want_grad ? gl : acc_t(0));
+      double extra = 0;
+      if (tm) {
+        const double gh = want_grad && io.g_entropy ? io.g_entropy[row] : 0.0;
+        const double glp = want_grad && io.g_logprob ? io.g_logprob[row] : 0.0;
+        const ExtRow<acc_t> er = finish_ext(*tm, ext[i], stats[i], row, t, t != ep.ignore_index,
+                                            want_grad ? static_cast<double>(g) : 0.0, gh, glp,
+                                            rg[i]);
+        eg[i] = er.grad;
+        extra = er.loss;
+        if (want_stats) {
+          if (io.entropy) io.entropy[row] = static_cast<acc_t>(er.entropy);
+          if (io.logprob) io.logprob[row] = static_cast<acc_t>(er.logprob);
+        }
+      }
+      if (want_stats) {
+        io.lse[row] = row_lse[i];
+        io.token_loss[row] = row_loss(ep, stats[i], t) + static_cast<acc_t>(extra);
+        io.predicted[row] = t == ep.ignore_index ? -1 : stats[i].argmax;
+      }
     }
     if (!want_grad) continue;
 
     // Pass 2: d(loss)/d(raw logits) tile by tile (recomputed unless the one tile is still here).
-    std::vector<RowGrad<acc_t>> rg(rows);
-    for (int64_t i = 0; i < rows; ++i) {
-      const acc_t g = g_tok ? g_tok[r0 + i] : uniform_g;
-      rg[i] = RowGrad<acc_t>::make(ep, row_lse[i], tgt[r0 + i], g, g_lse ? g_lse[r0 + i] : 0);
-    }
-    const bool tile_is_current = want_stats && num_tiles == 1;
+    const bool tile_is_current = stats_pass && num_tiles == 1;
     for (int64_t vt = 0; vt < num_tiles; ++vt) {
       const int64_t c0 = vt * Vt, cols = std::min(Vt, v - c0);
-      at::Tensor tile = tile_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-      if (!tile_is_current) P.logits_tile(hidden_chunk, c0, cols, tile);
+      at::Tensor tile = tile_is_current ? tile_buf.narrow(0, 0, rows).narrow(1, 0, cols)
+                                        : student(c0, cols);
+      const acc_t* bp = !teacher.defined() ? nullptr
+                        : tile_is_current  ? teacher_buf.data_ptr<acc_t>()
+                                           : teacher_tile(c0, cols);
       acc_t* tp = tile.data_ptr<acc_t>();
       const int64_t ld = tile.stride(0);
       at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          row_backward<acc_t, acc_t, acc_t>(ep, rg[i], tp + i * ld, c0, cols, tp + i * ld);
+          if (tm) {
+            row_backward_ext(ep, *tm, rg[i], eg[i], tp + i * ld, bp ? bp + i * Vt : nullptr, c0,
+                             cols, tp + i * ld);
+          } else {
+            row_backward<acc_t, acc_t, acc_t>(ep, rg[i], tp + i * ld, c0, cols, tp + i * ld);
+          }
         }
       });
       if (acc.need_hidden) {
@@ -188,6 +289,46 @@ void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, bool want_sta
     }
     if (acc.need_hidden) grad_hidden_out.narrow(0, r0, rows).copy_(acc.hidden_chunk_grad);
   }
+}
+
+// The terms' constants in acc_t, with the per-row inputs converted to acc_t (kept alive in `keep`).
+template <typename acc_t>
+Terms<acc_t> make_terms(const TermArgs& ta, at::ScalarType acc, std::vector<at::Tensor>& keep) {
+  Terms<acc_t> tm;
+  tm.any = true;
+  tm.ce_weight = static_cast<acc_t>(ta.ce_weight);
+  tm.entropy = ta.entropy_needed();
+  tm.entropy_coef = static_cast<acc_t>(ta.entropy_coef);
+  tm.distill = ta.distill;
+  tm.distill_weight = static_cast<acc_t>(ta.distill_weight);
+  tm.beta = static_cast<acc_t>(ta.distill_beta);
+  tm.inv_T = static_cast<acc_t>(1.0 / ta.distill_temperature);
+  tm.policy = ta.policy();
+  auto rowvec = [&](const std::optional<at::Tensor>& t) -> const acc_t* {
+    if (!t.has_value()) return nullptr;
+    keep.push_back(t->to(acc).contiguous());
+    return keep.back().data_ptr<acc_t>();
+  };
+  tm.advantages = rowvec(ta.advantages);
+  tm.old_logprobs = rowvec(ta.old_logprobs);
+  tm.ref_logprobs = ta.kl_beta != 0.0 ? rowvec(ta.ref_logprobs) : nullptr;
+  tm.eps_low = static_cast<acc_t>(ta.epsilon_low);
+  tm.eps_high = static_cast<acc_t>(ta.epsilon_high);
+  tm.kl_beta = static_cast<acc_t>(ta.kl_beta);
+  return tm;
+}
+
+Teacher make_teacher(const TermArgs& ta, at::ScalarType acc) {
+  Teacher t;
+  if (ta.distill == 0) return t;
+  if (ta.teacher_logits.has_value()) {
+    t.logits = *ta.teacher_logits;
+  } else {
+    t.hidden = ta.teacher_hidden->to(acc).contiguous();
+    t.weight = ta.teacher_weight->to(acc).contiguous();
+    if (ta.teacher_bias.has_value()) t.bias = ta.teacher_bias->to(acc).contiguous();
+  }
+  return t;
 }
 
 struct GradOutputs {
@@ -218,72 +359,125 @@ void finish_grads(const GradAccumulators& acc, const at::Tensor& weight,
   if (acc.need_bias) out.bias = acc.bias_grad.to(bias->scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
-         const std::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
-         double z_loss, double softcap, double logit_scale, std::array<bool, 3> grad_mask,
-         int64_t chunk_size, int64_t vocab_chunk_size, bool fp32_grad_accum) {
+// grad_scale: one value, or one per token (checked here), in acc dtype.
+at::Tensor per_token_scale(const std::optional<at::Tensor>& grad_scale, const LinearProblem& P,
+                           const at::Tensor& hidden) {
+  if (!grad_scale.has_value()) return at::ones({}, hidden.options().dtype(P.acc));
+  TORCH_CHECK(grad_scale->numel() == 1 || (grad_scale->dim() == 1 && grad_scale->size(0) == P.n),
+              "fusedce: grad_scale must be a single value or one per token ([", P.n, "]), got ",
+              grad_scale->sizes());
+  check_same_device(*grad_scale, hidden, "grad_scale", "hidden");
+  return grad_scale->numel() == 1 && P.n != 1 ? grad_scale->to(P.acc).reshape({})
+                                              : grad_scale->to(P.acc).reshape({-1}).contiguous();
+}
+
+using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& class_weight,
+                     const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+                     double label_smoothing, double z_loss, double softcap, double logit_scale,
+                     std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
+                     bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   (void)fp32_grad_accum;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
+  const TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
-  if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1, "fusedce: grad_scale must be a single value, got ",
-                grad_scale->sizes());
-    check_same_device(*grad_scale, hidden, "grad_scale", "hidden");
-  }
+  ta.check(P.n, P.v, hidden);
+  const at::Tensor scale = per_token_scale(grad_scale, P, hidden);
   const auto accopts = hidden.options().dtype(P.acc);
   at::Tensor token_loss = at::empty({P.n}, accopts);
   at::Tensor lse = at::empty({P.n}, accopts);
   at::Tensor predicted = at::empty({P.n}, hidden.options().dtype(at::kLong));
+  at::Tensor entropy = at::empty({ta.want_entropy ? P.n : 0}, accopts);
+  at::Tensor logprob = at::empty({ta.want_logprob ? P.n : 0}, accopts);
   GradOutputs grads;
   GradAccumulators acc = make_accumulators(P, hidden, weight, bias, grad_mask, grads);
   const bool want_grad = acc.need_hidden || acc.need_weight || acc.need_bias;
-  at::Tensor scale = grad_scale.has_value() ? grad_scale->to(P.acc).reshape({})
-                                            : at::ones({}, accopts);
+  const Teacher teacher = make_teacher(ta, P.acc);
 
   AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_loss_cpu", [&] {
     using acc_t = scalar_t;
-    const auto ep = make_epilogue<acc_t>(P.class_weight, P.v, ignore_index, label_smoothing,
-                                         z_loss, softcap, logit_scale);
-    run_linear<acc_t>(P, ep, /*want_stats=*/true, token_loss.data_ptr<acc_t>(),
-                      lse.data_ptr<acc_t>(), predicted.data_ptr<int64_t>(), want_grad,
-                      scale.item<acc_t>(), nullptr, nullptr, nullptr, acc, grads.hidden);
+    auto ep = make_epilogue<acc_t>(P.class_weight, P.v, ignore_index, label_smoothing, z_loss,
+                                   softcap, logit_scale);
+    ep.ce_weight = static_cast<acc_t>(ce_weight);
+    std::vector<at::Tensor> keep;
+    const Terms<acc_t> tm = make_terms<acc_t>(ta, P.acc, keep);
+    RowIO<acc_t> io;
+    io.token_loss = token_loss.data_ptr<acc_t>();
+    io.lse = lse.data_ptr<acc_t>();
+    io.predicted = predicted.data_ptr<int64_t>();
+    io.entropy = ta.want_entropy ? entropy.data_ptr<acc_t>() : nullptr;
+    io.logprob = ta.want_logprob ? logprob.data_ptr<acc_t>() : nullptr;
+    if (scale.dim() == 0) {
+      io.uniform_g = scale.item<acc_t>();
+    } else {
+      io.g_tok = scale.data_ptr<acc_t>();
+    }
+    run_linear<acc_t>(P, ep, ta.any() ? &tm : nullptr, teacher, /*want_stats=*/true, want_grad,
+                      io, acc, grads.hidden);
   });
   finish_grads(acc, weight, bias, grads);
-  at::Tensor loss = (token_loss.sum() * scale).to(P.acc);
-  return {loss, token_loss, lse, predicted, grads.hidden, grads.weight, grads.bias};
+  at::Tensor loss = (token_loss * scale).sum().to(P.acc);
+  return {loss, token_loss, lse, predicted, entropy, logprob, grads.hidden, grads.weight,
+          grads.bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
     const at::Tensor& lse, const at::Tensor& grad_token_loss,
-    const std::optional<at::Tensor>& grad_lse, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_entropy,
+    const std::optional<at::Tensor>& grad_logprob, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, double logit_scale, std::array<bool, 3> grad_mask,
-    int64_t chunk_size, int64_t vocab_chunk_size, bool fp32_grad_accum) {
+    int64_t chunk_size, int64_t vocab_chunk_size, bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   (void)fp32_grad_accum;
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
+  const TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
+  ta.check(P.n, P.v, hidden);
   check_per_token(lse, P.n, hidden, "lse");
   check_per_token(grad_token_loss, P.n, hidden, "grad_token_loss");
   check_per_token(grad_lse, P.n, hidden, "grad_lse");
+  check_per_token(grad_entropy, P.n, hidden, "grad_entropy");
+  check_per_token(grad_logprob, P.n, hidden, "grad_logprob");
+  TORCH_CHECK(!grad_entropy.has_value() || ta.entropy_needed(),
+              "fusedce: grad_entropy needs want_entropy=True");
+  TORCH_CHECK(!grad_logprob.has_value() || ta.want_logprob,
+              "fusedce: grad_logprob needs want_logprob=True");
+  auto to_acc = [&](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? t->to(P.acc).contiguous() : at::Tensor();
+  };
   const at::Tensor lse_acc = lse.to(P.acc).contiguous();
   const at::Tensor g_acc = grad_token_loss.to(P.acc).contiguous();
-  const at::Tensor glse_acc = grad_lse.has_value() ? grad_lse->to(P.acc).contiguous() : at::Tensor();
+  const at::Tensor glse_acc = to_acc(grad_lse), gent_acc = to_acc(grad_entropy),
+                   glp_acc = to_acc(grad_logprob);
   GradOutputs grads;
   GradAccumulators acc = make_accumulators(P, hidden, weight, bias, grad_mask, grads);
+  const Teacher teacher = make_teacher(ta, P.acc);
 
   AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_loss_backward_cpu", [&] {
     using acc_t = scalar_t;
-    const auto ep = make_epilogue<acc_t>(P.class_weight, P.v, ignore_index, label_smoothing,
-                                         z_loss, softcap, logit_scale);
-    run_linear<acc_t>(P, ep, /*want_stats=*/false, nullptr, nullptr, nullptr,
-                      /*want_grad=*/true, acc_t(0), g_acc.data_ptr<acc_t>(),
-                      glse_acc.defined() ? glse_acc.data_ptr<acc_t>() : nullptr,
-                      lse_acc.data_ptr<acc_t>(), acc, grads.hidden);
+    auto ep = make_epilogue<acc_t>(P.class_weight, P.v, ignore_index, label_smoothing, z_loss,
+                                   softcap, logit_scale);
+    ep.ce_weight = static_cast<acc_t>(ce_weight);
+    std::vector<at::Tensor> keep;
+    const Terms<acc_t> tm = make_terms<acc_t>(ta, P.acc, keep);
+    auto ptr = [](const at::Tensor& t) -> const acc_t* {
+      return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+    };
+    RowIO<acc_t> io;
+    io.g_tok = g_acc.data_ptr<acc_t>();
+    io.g_lse = ptr(glse_acc);
+    io.g_entropy = ptr(gent_acc);
+    io.g_logprob = ptr(glp_acc);
+    io.lse_in = lse_acc.data_ptr<acc_t>();
+    run_linear<acc_t>(P, ep, ta.any() ? &tm : nullptr, teacher, /*want_stats=*/false,
+                      /*want_grad=*/true, io, acc, grads.hidden);
   });
   finish_grads(acc, weight, bias, grads);
   return {grads.hidden, grads.weight, grads.bias};

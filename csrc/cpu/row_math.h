@@ -19,6 +19,7 @@ struct Epilogue {
   acc_t inv_softcap;
   acc_t eps;  // label smoothing
   acc_t z_loss;
+  acc_t ce_weight = 1;        // weight of the CE + smoothing part (terms beyond the CE: terms.h)
   const acc_t* class_weight;  // [V] or nullptr
   acc_t class_weight_sum;     // sum_c w_c (V without class weights)
   int64_t vocab;
@@ -92,9 +93,10 @@ inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int6
   if (target == ep.ignore_index) return 0;
   const acc_t lse = st.lse();
   const acc_t wt = ep.weight_of(target);
-  acc_t loss = wt * ((acc_t(1) - ep.eps) * (lse - st.target_logit) + ep.z_loss * lse * lse);
+  acc_t loss = wt * (ep.ce_weight * (acc_t(1) - ep.eps) * (lse - st.target_logit) +
+                     ep.z_loss * lse * lse);
   if (ep.eps > 0) {
-    loss += ep.eps / static_cast<acc_t>(ep.vocab) *
+    loss += ep.ce_weight * ep.eps / static_cast<acc_t>(ep.vocab) *
             static_cast<acc_t>(ep.class_weight_sum * lse - st.weighted_sum);
   }
   return loss;
@@ -111,11 +113,11 @@ struct RowGrad {
     RowGrad r{lse, g_lse, 0, 0, -1};
     if (target != ep.ignore_index && g != 0) {
       const acc_t wt = ep.weight_of(target);
-      const acc_t smooth = ep.eps / static_cast<acc_t>(ep.vocab);
-      r.coef_p += g * (wt * (acc_t(1) - ep.eps) + smooth * ep.class_weight_sum +
-                       acc_t(2) * ep.z_loss * wt * lse);
+      const acc_t smooth = ep.ce_weight * ep.eps / static_cast<acc_t>(ep.vocab);
+      const acc_t hard = ep.ce_weight * wt * (acc_t(1) - ep.eps);
+      r.coef_p += g * (hard + smooth * ep.class_weight_sum + acc_t(2) * ep.z_loss * wt * lse);
       r.coef_w = g * smooth;
-      r.coef_t = g * wt * (acc_t(1) - ep.eps);
+      r.coef_t = g * hard;
       r.target = target;
     }
     return r;

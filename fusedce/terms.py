@@ -1,0 +1,328 @@
+"""Public functions of the terms beyond the CE: token log-probabilities, distillation and the
+GRPO-family policy loss. Each is one call of torch.ops.fusedce.loss with the matching flags, so
+every term shares the row's single softmax pass with the others (and with CE, z-loss, softcap
+and logit_scale when asked), and the gradient of the reduced loss is computed in that same pass.
+fusedce/reference.py holds the float64 definitions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .functional import (
+    _check_chunk,
+    _check_device,
+    _check_finite,
+    _check_float,
+    _check_target,
+    _check_tensor,
+)
+
+_ops = torch.ops.fusedce
+_DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight"):
+    """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H)."""
+    _check_tensor(input, input_name)
+    _check_tensor(linear_weight, weight_name)
+    _check_float(input, input_name)
+    _check_float(linear_weight, weight_name)
+    if input.dim() < 1:
+        raise ValueError(f"fusedce: {input_name} must have shape [..., H], got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"fusedce: {weight_name} must be 2-D [V, H], got shape {tuple(linear_weight.shape)}")
+    V, H = linear_weight.shape
+    if input.shape[-1] != H:
+        raise ValueError(
+            f"fusedce: {input_name} has hidden size {input.shape[-1]} but {weight_name} is "
+            f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
+        )
+    if input.dtype != linear_weight.dtype:
+        raise TypeError(f"fusedce: {input_name} is {input.dtype} but {weight_name} is {linear_weight.dtype}; they must match")
+    _check_device(linear_weight, weight_name, input, input_name)
+    if linear_bias is not None:
+        bias_name = weight_name.replace("weight", "bias")
+        _check_tensor(linear_bias, bias_name)
+        if linear_bias.shape != (V,):
+            raise ValueError(f"fusedce: {bias_name} must have shape ({V},), got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"fusedce: {bias_name} is {linear_bias.dtype} but {input_name} is {input.dtype}")
+        _check_device(linear_bias, bias_name, input, input_name)
+    return V, H
+
+
+def _check_positive(value, name):
+    _check_finite(value, name)
+    if not value > 0:
+        raise ValueError(f"fusedce: {name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _head_knobs(softcap, logit_scale, temperature=1.0):
+    if softcap is not None:
+        _check_positive(softcap, "softcap")
+    _check_finite(logit_scale, "logit_scale")
+    return dict(softcap=0.0 if softcap is None else float(softcap),
+                logit_scale=float(logit_scale) / temperature)
+
+
+def _grad_mask(*tensors):
+    track = torch.is_grad_enabled()
+    return [track and t is not None and t.requires_grad for t in tensors]
+
+
+def _per_token(x, name, shape, ref, ref_name):
+    _check_tensor(x, name)
+    _check_float(x, name)
+    if x.shape != shape:
+        raise ValueError(f"fusedce: {name} must have shape {tuple(shape)} (like {ref_name}), got {tuple(x.shape)}")
+    _check_device(x, name, ref, ref_name)
+    return x.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token log-probabilities
+# ---------------------------------------------------------------------------------------------
+
+
+def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperature=1.0,
+                   return_entropy=False, softcap=None, logit_scale=1.0, chunk_size=None):
+    """log softmax(logits / temperature)[tokens] per token, logits = input @ linear_weight.T (+ bias),
+    never materialized. input [..., H], tokens [...] -> logprobs [...] (float32 for half inputs),
+    and the entropy of that softmax per token when ``return_entropy``. Positions whose token is
+    -100 (HF's padding label) get log-probability 0. Exact gradients for any upstream gradient
+    of either output (a recomputing backward pass)."""
+    V, H = _check_head(input, linear_weight, linear_bias)
+    _check_target(tokens, input.shape[:-1], input, "input")
+    temperature = _check_positive(temperature, "temperature")
+    _check_chunk(chunk_size, "chunk_size")
+    shape = tokens.shape
+    out = _ops.loss(
+        input.reshape(-1, H), linear_weight, tokens.reshape(-1), linear_bias,
+        ignore_index=-100, chunk_size=chunk_size or 0, ce_weight=0.0,
+        want_entropy=bool(return_entropy), want_logprob=True,
+        **_head_knobs(softcap, logit_scale, temperature),
+    )
+    logprobs = out[5].reshape(shape)
+    if return_entropy:
+        return logprobs, out[4].reshape(shape)
+    return logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation
+# ---------------------------------------------------------------------------------------------
+
+
+def distillation_loss(input, linear_weight, target, *, teacher_input=None, teacher_weight=None,
+                      teacher_logits=None, kind="forward_kl", beta=0.5, temperature=1.0,
+                      distill_weight=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean",
+                      linear_bias=None, teacher_bias=None, label_smoothing=0.0, z_loss=0.0,
+                      softcap=None, logit_scale=1.0, chunk_size=None):
+    """Knowledge distillation of the student head ``input @ linear_weight.T`` toward a teacher,
+    without materializing either's logits whole.
+
+    Per token whose target is not ignore_index:
+        distill_weight * D(r, q) + ce_weight * CE(student logits, target) (+ z_loss, smoothing)
+    with q = softmax(student / temperature), r = softmax(teacher / temperature) and D one of
+    ``kind``: "forward_kl" KL(r || q), "reverse_kl" KL(q || r), "jsd" the generalized
+    Jensen-Shannon divergence beta KL(r || m) + (1 - beta) KL(q || m), m = beta r + (1 - beta) q
+    (0 < beta < 1; TRL's GKD and Liger's JSD convention). No temperature**2 factor.
+
+    The teacher is given as ``teacher_logits`` [..., V], or as ``teacher_input`` [..., Ht] +
+    ``teacher_weight`` [V, Ht] (+ ``teacher_bias``), whose logits are computed chunk by chunk
+    beside the student's. Gradients flow to the student only. "mean" divides by the number of
+    non-ignored tokens (nan when there are none, as torch's cross entropy).
+    """
+    V, H = _check_head(input, linear_weight, linear_bias)
+    _check_target(target, input.shape[:-1], input, "input")
+    if kind not in _DISTILL_KINDS:
+        raise ValueError(f"fusedce: kind must be one of {tuple(_DISTILL_KINDS)}, got {kind!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"fusedce: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    temperature = _check_positive(temperature, "temperature")
+    _check_finite(beta, "beta")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"fusedce: beta must be in (0, 1) for kind='jsd' (the limits are 'forward_kl' and 'reverse_kl'), got {beta!r}")
+    _check_finite(distill_weight, "distill_weight")
+    _check_finite(ce_weight, "ce_weight")
+    _check_finite(label_smoothing, "label_smoothing")
+    _check_finite(z_loss, "z_loss")
+    _check_chunk(chunk_size, "chunk_size")
+    if (teacher_logits is None) == (teacher_input is None):
+        raise ValueError("fusedce: give the teacher as teacher_logits, or as teacher_input + teacher_weight (exactly one)")
+    lead = input.shape[:-1]
+    if teacher_logits is not None:
+        _check_tensor(teacher_logits, "teacher_logits")
+        _check_float(teacher_logits, "teacher_logits")
+        if teacher_logits.shape != (*lead, V):
+            raise ValueError(f"fusedce: teacher_logits must have shape {(*lead, V)}, got {tuple(teacher_logits.shape)}")
+        _check_device(teacher_logits, "teacher_logits", input, "input")
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("fusedce: teacher_weight/teacher_bias go with teacher_input, not with teacher_logits")
+        teacher = dict(teacher_logits=teacher_logits.detach().reshape(-1, V))
+    else:
+        if teacher_weight is None:
+            raise ValueError("fusedce: teacher_input needs teacher_weight [V, Ht]")
+        Vt, Ht = _check_head(teacher_input, teacher_weight, teacher_bias, "teacher_input", "teacher_weight")
+        if Vt != V:
+            raise ValueError(f"fusedce: teacher_weight has {Vt} classes but linear_weight has {V}")
+        if teacher_input.shape[:-1] != lead:
+            raise ValueError(f"fusedce: teacher_input must have leading shape {tuple(lead)} (like input), got {tuple(teacher_input.shape)}")
+        teacher = dict(
+            teacher_hidden=teacher_input.detach().reshape(-1, Ht),
+            teacher_weight=teacher_weight.detach(),
+            teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+        )
+
+    shape = target.shape
+    flat_target = target.reshape(-1)
+    acc = _acc(input)
+    grad_scale = denom = None
+    if reduction == "mean":
+        denom = (flat_target != ignore_index).sum().to(acc)
+        grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+    grad_mask = _grad_mask(input, linear_weight, linear_bias) if reduction != "none" else [False] * 3
+    out = _ops.loss(
+        input.reshape(-1, H), linear_weight, flat_target, linear_bias, None, grad_scale,
+        ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        grad_mask=grad_mask, chunk_size=chunk_size or 0, ce_weight=float(ce_weight),
+        distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
+        distill_beta=float(beta), distill_temperature=temperature,
+        **_head_knobs(softcap, logit_scale), **teacher,
+    )
+    if reduction == "none":
+        return out[1].reshape(shape)
+    loss = out[0]
+    if denom is not None:
+        loss = loss + torch.where(denom > 0, torch.zeros_like(denom), torch.full_like(denom, math.nan))
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy gradient (GRPO family)
+# ---------------------------------------------------------------------------------------------
+
+
+def _policy_weights(mask, loss_type, max_completion_length):
+    """Per-token weights of the aggregation TRL's GRPOTrainer applies for `loss_type`."""
+    B, T = mask.shape
+    if loss_type == "grpo":
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * B)
+    if loss_type in ("bnpo", "dapo"):
+        return mask / mask.sum().clamp(min=1)
+    length = T if max_completion_length is None else max_completion_length
+    return mask / (B * length)
+
+
+def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=None,
+                ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0,
+                loss_type="grpo", entropy_coef=0.0, max_completion_length=None, linear_bias=None,
+                softcap=None, logit_scale=1.0, chunk_size=None):
+    """The clipped policy-gradient objective of TRL's GRPOTrainer on the head
+    ``input @ linear_weight.T``, in one pass over the vocabulary.
+
+    input [B, T, H], tokens / old_logprobs / mask / ref_logprobs [B, T], advantages [B, T] or [B].
+    Per token: -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A) + beta * k3 - entropy_coef * H
+    with r = exp(logp - old_logprobs) (old_logprobs None: r = 1 with the gradient of logp),
+    logp = log softmax(logits / temperature)[token], k3 = exp(ref - logp) - (ref - logp) - 1,
+    H the entropy of that softmax. Aggregated over ``mask`` as ``loss_type`` says: "grpo" mean over
+    sequences of per-sequence means, "bnpo" / "dapo" sum over all tokens / number of tokens,
+    "dr_grpo" sum / (B * max_completion_length (default T)).
+
+    Returns (loss, metrics): metrics holds 0-d tensors computed from the same pass (no host sync):
+    clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, ratio/mean, ratio/min,
+    ratio/max, kl (when beta != 0), entropy, logprob/mean, advantages/mean, advantages/std.
+    """
+    V, H = _check_head(input, linear_weight, linear_bias)
+    if input.dim() != 3:
+        raise ValueError(f"fusedce: input must have shape [B, T, H], got {tuple(input.shape)}")
+    lead = input.shape[:-1]
+    _check_target(tokens, lead, input, "input")
+    if loss_type not in _LOSS_TYPES:
+        raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    temperature = _check_positive(temperature, "temperature")
+    for name, value in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high),
+                        ("entropy_coef", entropy_coef)):
+        _check_finite(value, name)
+    if not 0.0 <= epsilon_low <= 1.0 or epsilon_high < 0:
+        raise ValueError(f"fusedce: epsilon_low must be in [0, 1] and epsilon_high >= 0, got {epsilon_low!r}, {epsilon_high!r}")
+    if max_completion_length is not None and (isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1):
+        raise ValueError(f"fusedce: max_completion_length must be a positive int or None, got {max_completion_length!r}")
+    _check_chunk(chunk_size, "chunk_size")
+    B, T = lead
+    acc = _acc(input)
+    old = None if old_logprobs is None else _per_token(old_logprobs, "old_logprobs", lead, input, "tokens").detach()
+    _check_tensor(advantages, "advantages")
+    _check_float(advantages, "advantages")
+    if advantages.shape == (B,):
+        advantages = advantages[:, None].expand(B, T)
+    adv = _per_token(advantages, "advantages", lead, input, "tokens").detach()
+    if beta != 0.0 and ref_logprobs is None:
+        raise ValueError("fusedce: beta != 0 needs ref_logprobs")
+    ref = None if ref_logprobs is None else _per_token(ref_logprobs, "ref_logprobs", lead, input, "tokens").detach()
+    if mask is None:
+        m = torch.ones(lead, dtype=acc, device=input.device)
+    else:
+        _check_tensor(mask, "mask")
+        if mask.shape != lead:
+            raise ValueError(f"fusedce: mask must have shape {tuple(lead)} (like tokens), got {tuple(mask.shape)}")
+        _check_device(mask, "mask", input, "input")
+        m = mask.to(acc)
+    weights = _policy_weights(m, loss_type, max_completion_length).reshape(-1)
+    # Masked tokens are ignored rows: no loss, no gradient, no work beyond the shared statistics.
+    ignore = -1
+    target = torch.where(m.reshape(-1) != 0, tokens.reshape(-1), torch.full_like(tokens.reshape(-1), ignore))
+    out = _ops.loss(
+        input.reshape(-1, H), linear_weight, target, linear_bias, None, weights,
+        ignore_index=ignore, grad_mask=_grad_mask(input, linear_weight, linear_bias),
+        chunk_size=chunk_size or 0, ce_weight=0.0, want_entropy=True, want_logprob=True,
+        entropy_coef=-float(entropy_coef), old_logprobs=old, advantages=adv,
+        ref_logprobs=ref if beta != 0.0 else None, epsilon_low=float(epsilon_low),
+        epsilon_high=float(epsilon_high), kl_beta=float(beta),
+        **_head_knobs(softcap, logit_scale, temperature),
+    )
+    loss = out[0]
+    with torch.no_grad():
+        metrics = _policy_metrics(out[5].reshape(lead), out[4].reshape(lead), old, adv, ref, m,
+                                  advantages, beta, epsilon_low, epsilon_high)
+    return loss, metrics
+
+
+def _policy_metrics(lp, ent, old, adv, ref, m, advantages, beta, eps_low, eps_high):
+    lead = lp.shape
+    ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old.reshape(lead).to(lp))
+    a = adv.reshape(lead).to(lp)
+    count = m.sum().clamp(min=1)
+
+    def mean(x):
+        return (x * m).sum() / count
+
+    valid = m != 0
+    big = torch.finfo(lp.dtype).max
+    low = (ratio < 1 - eps_low) & (a < 0)
+    high = (ratio > 1 + eps_high) & (a > 0)
+    metrics = {
+        "clip_ratio/low_mean": mean(low.to(lp)),
+        "clip_ratio/high_mean": mean(high.to(lp)),
+        "clip_ratio/region_mean": mean((low | high).to(lp)),
+        "ratio/mean": mean(ratio),
+        "ratio/min": torch.where(valid, ratio, torch.full_like(ratio, big)).min(),
+        "ratio/max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max(),
+        "entropy": mean(ent),
+        "logprob/mean": mean(lp),
+        "advantages/mean": advantages.to(lp).mean(),
+        "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
+    }
+    if beta != 0.0:
+        d = ref.reshape(lead).to(lp) - lp
+        metrics["kl"] = mean(torch.exp(d) - d - 1)
+    return metrics
