@@ -65,16 +65,14 @@ _BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 # Groups, layout, collectives
 # ---------------------------------------------------------------------------------------------
 
-_layout_cache: dict = {}
-
-
 def _unwrap(x, group):
-    """(local tensor, group): a DTensor sharded on dim 0 of a 1-D mesh gives its local shard and
-    the mesh's group; a plain tensor passes through."""
+    """(local tensor, group, vocab_start or None): a DTensor sharded on dim 0 of a 1-D mesh gives
+    its local shard, the mesh's group and its offset (torch.chunk's layout, known locally); a plain
+    tensor passes through."""
     try:
         from torch.distributed.tensor import DTensor, Shard
     except ImportError:  # pragma: no cover
-        return x, group
+        return x, group, None
     if isinstance(x, DTensor):
         mesh = x.device_mesh
         if mesh.ndim != 1 or tuple(x.placements) != (Shard(0),):
@@ -82,8 +80,19 @@ def _unwrap(x, group):
                 "fusedce.distributed: a DTensor weight must be sharded on the vocabulary dimension "
                 f"(placements (Shard(0),) on a 1-D mesh), got {tuple(x.placements)} on a {mesh.ndim}-D mesh"
             )
-        return x.to_local(), (mesh.get_group() if group is None else group)
-    return x, group
+        local = x.to_local()
+        V, world, coord = x.shape[0], mesh.size(), mesh.get_local_rank()
+        step = -(-V // world)  # DTensor's Shard(0) splits like torch.chunk
+        start = min(coord * step, V)
+        if local.shape[0] != min(step, V - start):
+            raise ValueError(f"fusedce.distributed: unexpected DTensor shard layout (local {tuple(local.shape)} of {tuple(x.shape)})")
+        return local, (mesh.get_group() if group is None else group), start
+    return x, group, None
+
+
+def _unwrap_all(w, group, vocab_start):
+    w, group, start = _unwrap(w, group)
+    return w, group, (start if vocab_start is None else vocab_start)
 
 
 def _group_info(group):
@@ -94,25 +103,22 @@ def _group_info(group):
 
 
 def _vocab_start(group, rank, world, v_local, device, vocab_start):
-    """This rank's first global vocabulary id; one all_gather of the local sizes, cached."""
+    """This rank's first global vocabulary id: given, or from all ranks' local sizes (one small
+    all_gather per call: a cache keyed by anything rank-local could hit on one rank and miss on
+    another, and the ranks' collectives would then no longer match)."""
     if vocab_start is not None:
         return int(vocab_start)
-    key = (id(group), v_local, device.type)
-    hit = _layout_cache.get(key)
-    if hit is not None and hit[0] is group:
-        return hit[1]
     sizes = _gather(torch.tensor([v_local], dtype=torch.int64, device=device), group, world)
-    start = int(sizes[:rank].sum().item())
-    _layout_cache[key] = (group, start)
-    return start
+    return int(sizes[:rank].sum().item())
 
 
 def _gather(x, group, world):
     """ONE collective: the [C, K] partials of every rank, as [world, C, K]."""
-    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x.contiguous(), group=group)
-    return out
+    gather(out, x, group=group)  # the concatenated form (gloo does not take the stacked one)
+    return out.view((world,) + tuple(x.shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,11 +629,11 @@ def linear_cross_entropy(
     every rank. The result (loss, or LossOutput) is the same on every rank. ``vocab_chunk_size`` and
     ``low_memory`` are accepted for signature compatibility; the sharded path tiles tokens only.
     """
-    linear_weight, process_group = _unwrap(linear_weight, process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
-        linear_bias, process_group = _unwrap(linear_bias, process_group)
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
     if weight is not None:
-        weight, process_group = _unwrap(weight, process_group)
+        weight, process_group, _ = _unwrap(weight, process_group)
     _check_common(reduction, chunk_size)
     if linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
         raise ValueError(f"fusedce: input [..., H] and linear_weight [V_local, H] do not match: "
@@ -672,7 +678,7 @@ def cross_entropy(
     last-dim split of the logits; a DTensor is not unwrapped here). Its gradient is local: the
     backward has no collective. ``inplace_backward`` is accepted and ignored."""
     if weight is not None:
-        weight, process_group = _unwrap(weight, process_group)
+        weight, process_group, _ = _unwrap(weight, process_group)
     _check_common(reduction, chunk_size)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"fusedce: label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -704,9 +710,9 @@ def token_logprobs(
     """log softmax((input @ W.T + b) / temperature)[token] per token (and the entropy of that
     softmax with ``return_entropy=True``), with W sharded over the vocabulary. Both outputs are
     differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input)."""
-    linear_weight, process_group = _unwrap(linear_weight, process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
-        linear_bias, process_group = _unwrap(linear_bias, process_group)
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
     _check_common("none", chunk_size)
     if not temperature > 0:
         raise ValueError(f"fusedce: temperature must be > 0, got {temperature}")
@@ -746,9 +752,9 @@ def distillation_loss(
     shard [V_local, H_t] with ``teacher_input`` (default: ``input``), or a logits shard
     ``teacher_logits`` [..., V_local]) sharded over the vocabulary. The teacher gets no gradient.
     kind="jsd" takes a second (small) collective per chunk; see the module doc."""
-    linear_weight, process_group = _unwrap(linear_weight, process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if teacher_weight is not None:
-        teacher_weight, process_group = _unwrap(teacher_weight, process_group)
+        teacher_weight, process_group, _ = _unwrap(teacher_weight, process_group)
     _check_common(reduction, chunk_size)
     if kind not in _KINDS:
         raise ValueError(f"fusedce: kind must be one of {_KINDS}, got {kind!r}")
@@ -812,7 +818,7 @@ def policy_loss(
     tensors [B, T] "logprobs", "entropy", "per_token_loss", "ratio", and the masked means
     "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean" and, with beta != 0,
     "kl" (the masked mean of the k3 estimator)."""
-    linear_weight, process_group = _unwrap(linear_weight, process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if loss_type not in _LOSS_TYPES:
         raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
     if beta != 0.0 and ref_logprobs is None:
