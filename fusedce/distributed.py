@@ -178,16 +178,30 @@ def _default_chunk(P, n_rows):
     return max(1, min(max(n_rows, 1), budget // per_row))
 
 
+_OUT_DTYPE_MM = [True]
+
+
+def _mm_acc(a, b, acc):
+    """a @ b in the accumulation dtype: a half-precision GEMM with float32 output on CUDA
+    (torch.mm(..., out_dtype=), where the installed torch has it), else the GEMM then a cast."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _OUT_DTYPE_MM[0]:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM[0] = False
+    return torch.mm(a, b).to(acc)
+
+
 def _raw(P, lo, hi, teacher=False):
     """Local raw logits of rows [lo, hi) in the accumulation dtype."""
     if teacher:
         if P.t_logits is not None:
             return P.t_logits[lo:hi].to(P.acc)
         h, W = P.t_hidden[lo:hi], P.t_W
-        return torch.matmul(h.to(W.dtype), W.t()).to(P.acc)
+        return _mm_acc(h.to(W.dtype), W.t(), P.acc)
     if P.logits is not None:
         return P.logits[lo:hi].to(P.acc)
-    r = torch.matmul(P.hidden[lo:hi], P.W.t()).to(P.acc)
+    r = _mm_acc(P.hidden[lo:hi], P.W.t(), P.acc)
     if P.b is not None:
         r = r + P.b.to(P.acc)
     return r
@@ -212,7 +226,7 @@ def _sub_onehot(dz, owned, li, coef):
     """dz[i, li_i] -= coef_i on the rows whose target this rank owns."""
     if dz.shape[-1] == 0:
         return dz
-    return dz.scatter_add(1, li[:, None], torch.where(owned, -coef, torch.zeros_like(coef))[:, None])
+    return dz.scatter_add_(1, li[:, None], torch.where(owned, -coef, torch.zeros_like(coef))[:, None])
 
 
 def _chunk(P, lo, hi, coefs, grads):
@@ -269,19 +283,20 @@ def _chunk(P, lo, hi, coefs, grads):
             return out
         a_loss, a_lse = coefs
         p = torch.exp(z - lse[:, None])
-        dz = torch.zeros_like(z)
+        row = torch.zeros_like(lse)
         if a_loss is not None:
             a = a_loss * vf
             row = a * wt * ((1 - eps) + 2 * P.z_loss * lse)
             if eps > 0:
                 row = row + a * (eps / V) * wsum
-            dz = dz + row[:, None] * p
+        if a_lse is not None:
+            row = row + a_lse
+        dz = p.mul_(row[:, None])  # p is not needed after this
+        if a_loss is not None:
             if eps > 0:
                 wv = P.w.to(z.dtype) if P.w is not None else torch.ones(z.shape[-1], dtype=z.dtype, device=z.device)
                 dz = dz - (a * eps / V)[:, None] * wv[None, :]
             dz = _sub_onehot(dz, owned, li, a * wt * (1 - eps))
-        if a_lse is not None:
-            dz = dz + a_lse[:, None] * p
         draw = dz * s
         if P.softcap is not None:
             draw = draw * (1 - (z / P.softcap) ** 2)
