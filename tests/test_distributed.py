@@ -294,6 +294,27 @@ def ce_float32(c):
 
 
 @check
+def ce_bfloat16(c):
+    """bfloat16 inputs (the benchmark's dtype): float32 statistics, bf16 gradients, against the
+    float64 reference on the same (bf16-rounded) inputs and against single-process fusedce."""
+    x, W, b, cw, t = _ce_setup(c, V=37, N=32, H=16, dtype=torch.bfloat16, seed=45)
+    lo, hi = c.layout(W.shape[0])
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, z_loss=1e-3, chunk_size=8, fp32_grad_accum=True)
+    g = grads_of(out, xs, Ws)
+    xr, Wr = leaf(x.double()), leaf(W.double())
+    r = ref.linear_cross_entropy(xr, Wr, t, z_loss=1e-3)
+    gr = grads_of(r.loss, xr, Wr)
+    assert out.dtype == torch.float32 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.bfloat16
+    tol = dict(rtol=2e-2, atol=2e-3)
+    close(out, r.loss, tol, "loss")
+    close(g[0], gr[0], tol, "grad input")
+    close(g[1], gr[1][lo:hi], tol, "grad weight shard")
+    sp = fusedce.linear_cross_entropy(x, W, t, z_loss=1e-3)
+    close(out, sp, dict(rtol=1e-3, atol=1e-4), "vs fusedce bfloat16")
+
+
+@check
 def token_logprobs_and_entropy(c):
     """Token log-probabilities with temperature and their entropy, both differentiated."""
     V, B, T, H = 37, 2, 7, 5
