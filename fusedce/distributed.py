@@ -255,6 +255,7 @@ def _chunk(P, lo, hi, coefs, grads):
         if P.need_argmax:
             am = z.argmax(-1) if z.shape[-1] else torch.zeros(m.shape, dtype=torch.long, device=m.device)
             cols.append((am + P.v0).to(z.dtype))
+        del e
         G = _gather(torch.stack(cols, -1), P.group, P.world)
         M, lse, S = _combine(G[..., 0], G[..., 1])
         valid = tgt != P.ignore_index
@@ -308,6 +309,7 @@ def _chunk(P, lo, hi, coefs, grads):
         z = raw / T
         m, e, se = _local_softmax(z)
         cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
+        del e
         G = _gather(torch.stack(cols, -1), P.group, P.world)
         M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
         lp = G[..., 2].sum(0) - lse

@@ -442,6 +442,32 @@ def dtensor_weight(c):
 
 
 @check
+def process_group_subgroup(c):
+    """process_group= a subgroup (the last two ranks): ranks, offsets and collectives are the
+    group's; ranks outside it do nothing."""
+    members = [c.world - 2, c.world - 1]
+    group = dist.new_group(members)  # every rank calls new_group
+    if c.rank not in members:
+        return
+    sub = Ctx(members.index(c.rank), 2, c.dev)
+    V, N, H = 11, 10, 4
+    x = c.randn(N, H, seed=95)
+    W = c.randn(V, H, seed=96)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(97)).to(c.dev)
+    lo, hi = sub.layout(V)
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, process_group=group, label_smoothing=0.1, return_stats=True, chunk_size=3)
+    g = grads_of(out.loss, xs, Ws)
+    xr, Wr = leaf(x), leaf(W)
+    r = ref.linear_cross_entropy(xr, Wr, t, label_smoothing=0.1)
+    gr = grads_of(r.loss, xr, Wr)
+    close(out.loss, r.loss, F64, "loss")
+    assert torch.equal(out.predicted.cpu(), r.predicted.cpu())
+    close(g[0], gr[0], F64, "grad input")
+    close(g[1], gr[1][lo:hi], F64, "grad weight shard")
+
+
+@check
 def collective_count(c):
     """ONE collective per chunk in forward (two for JSD), ONE (grad_input) in backward; the vocab
     layout setup collective once per (group, V_local), then cached."""
