@@ -32,6 +32,7 @@ from fusedce import reference as ref  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 F32 = dict(rtol=2e-5, atol=2e-6)
+F64_SP = dict(rtol=1e-8, atol=1e-9)  # against the single-process op (CUDA float64 kernels)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers run inside the workers
@@ -170,7 +171,7 @@ def ce_linear_every_term(c):
             close(g[2], gr[2][lo:hi], F64, f"{tag} grad bias shard")
         # and the single-process fusedce on the full weight
         sp = fusedce.linear_cross_entropy(x, W, t, linear_bias=bf, return_stats=True, **full)
-        close(out.loss, sp.loss, F64, f"{tag} vs fusedce loss")
+        close(out.loss, sp.loss, F64_SP, f"{tag} vs fusedce loss")
         assert torch.equal(out.predicted.cpu(), sp.predicted.cpu()), f"{tag} vs fusedce predicted"
 
 
@@ -199,7 +200,7 @@ def ce_logits_shard_every_term(c):
         close(out.z_loss, r.z_loss, F64, f"{tag} z_loss")
         close(g, gr[:, lo:hi], F64, f"{tag} grad logits shard")
         sp = fusedce.cross_entropy(z, t, **full)
-        close(out.loss, sp, F64, f"{tag} vs fusedce")
+        close(out.loss, sp, F64_SP, f"{tag} vs fusedce")
 
 
 @check
@@ -224,26 +225,25 @@ def ce_lse_gradient_and_shift(c):
 
 @check
 def ce_argmax_ties_across_ranks(c):
-    """The global argmax is the smallest global index among equal maxima, across shard borders."""
+    """The global argmax is the smallest global index among equal maxima, across shard borders.
+    Small integers: the logits are exact whatever the GEMM's summation order, so the ties are too."""
     V, N, H = 11, 6, 3
-    x = c.randn(N, H, seed=20)
-    W = c.randn(V, H, seed=21)
+    g = torch.Generator().manual_seed(20)
+    x = torch.randint(1, 4, (N, H), generator=g).double().to(c.dev)
+    W = torch.randint(-3, 2, (V, H), generator=g).double().to(c.dev)
     lo, hi = c.layout(V)
-    # every row of W equal to row 2 at indices 2, lo_of_rank_1 and V-1: ties across ranks
-    lo1 = V // c.world  # rank 1's start in this layout
-    for j in (lo1, V - 1):
-        W[j] = W[2]
-    W[2] = W[2] * 1.0
-    x = x.abs()
-    W[2] = W[2].abs() + 3.0
-    W[lo1] = W[2]
-    W[V - 1] = W[2]
+    lo1 = V // c.world  # rank 1's first id in this layout
+    for j in (2, lo1, V - 1):
+        W[j] = 5.0  # the same, largest row on three ranks (rank 0, rank 1, the last)
     t = torch.arange(N, device=c.dev) % V
     out = fd.linear_cross_entropy(x, W[lo:hi], t, return_stats=True, chunk_size=4)
     r = ref.linear_cross_entropy(x, W, t)
     assert torch.equal(out.predicted.cpu(), r.predicted.cpu()), f"{out.predicted} vs {r.predicted}"
     assert (out.predicted == 2).all(), out.predicted
     close(out.accuracy, r.accuracy, F64, "accuracy")
+    z = x @ W.T
+    out = fd.cross_entropy(z[:, lo:hi], t, return_stats=True, chunk_size=4)
+    assert (out.predicted == 2).all(), out.predicted
 
 
 @check
