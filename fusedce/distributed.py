@@ -38,16 +38,18 @@ partial instead, for a sequence-parallel layout that reduces it itself). Per-tok
 carry a gradient (reduction="none", token log-probabilities, the per-token lse) are differentiated
 by a recomputing pass in backward: one collective per chunk again, plus the one for grad_input.
 
-Vocabulary offsets: ``vocab_start=None`` computes this rank's offset (and the global V) from all
-ranks' local sizes with one small all_gather at the first call for a (group, V_local) pair, cached
-afterwards; pass ``vocab_start`` (and, for label smoothing, nothing else: V travels with the
-partials) to avoid that setup collective.
+Vocabulary offsets: ``vocab_start`` is this rank's first global id. Given, nothing is exchanged
+for it (the global V that label smoothing needs travels with the partials). A DTensor weight's
+offset follows from its global shape (torch.chunk's layout) without communication. Otherwise the
+local sizes are all-gathered once per call: one small setup collective per call, not per chunk.
+It is not cached, on purpose: any cache key is rank-local (the local size, a tensor's identity), so
+a cache could hit on one rank and miss on another (uneven shards: rank 0's V_local of one layout is
+rank 1's of another), and the ranks' collectives would stop matching - a hang or a crash.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -545,7 +547,7 @@ def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _base(process_group, vocab_start, weight_like, device, v_local):
+def _base(process_group, vocab_start, device, v_local):
     group, rank, world = _group_info(process_group)
     v0 = _vocab_start(group, rank, world, v_local, device, vocab_start)
     return dict(group=group, rank=rank, world=world, v0=v0, v_local=v_local, device=device)
@@ -669,7 +671,7 @@ def linear_cross_entropy(
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
                  logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
                  chunk_size=chunk_size, fp32_grad_accum=fp32_grad_accum, reduce_grad_input=reduce_grad_input,
-                 **_base(process_group, vocab_start, linear_weight, input.device, Vl))
+                 **_base(process_group, vocab_start, input.device, Vl))
     return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
 
 
@@ -707,7 +709,7 @@ def cross_entropy(
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
                  logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
                  chunk_size=chunk_size, fp32_grad_accum=True, reduce_grad_input=True,
-                 **_base(process_group, vocab_start, input, input.device, Vl))
+                 **_base(process_group, vocab_start, input.device, Vl))
     return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
 
 
@@ -738,7 +740,7 @@ def token_logprobs(
                  target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
                  acc=_acc_dtype(input), chunk_size=chunk_size, fp32_grad_accum=False,
                  reduce_grad_input=reduce_grad_input, agg=None, divisor=None,
-                 **_base(process_group, vocab_start, linear_weight, input.device, Vl))
+                 **_base(process_group, vocab_start, input.device, Vl))
     _, lp, ent = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     lp, ent = lp.reshape(tokens.shape), ent.reshape(tokens.shape)
     return (lp, ent) if return_entropy else lp
@@ -797,7 +799,7 @@ def distillation_loss(
                  ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
                  distill_weight=float(distill_weight), ce_weight=float(ce_weight), acc=acc,
                  chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
-                 **_base(process_group, vocab_start, linear_weight, input.device, Vl))
+                 **_base(process_group, vocab_start, input.device, Vl))
     if reduction == "none":
         P.agg, P.divisor = None, None
     else:
@@ -863,7 +865,7 @@ def policy_loss(
                  beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),
                  entropy_coef=float(entropy_coef), agg=agg.reshape(-1), divisor=lambda res: div, extra={},
                  acc=acc, chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
-                 **_base(process_group, vocab_start, linear_weight, input.device, Vl))
+                 **_base(process_group, vocab_start, input.device, Vl))
     (loss,) = _ShardedHead.apply(P, P.hidden, P.W, None, None)
     res = P.res
     msum = m.sum().clamp(min=1)
