@@ -200,7 +200,8 @@ def _raw(P, lo, hi, teacher=False):
         if P.t_logits is not None:
             return P.t_logits[lo:hi].to(P.acc)
         h, W = P.t_hidden[lo:hi], P.t_W
-        return _mm_acc(h.to(W.dtype), W.t(), P.acc)
+        r = _mm_acc(h.to(W.dtype), W.t(), P.acc)
+        return r if P.t_b is None else r + P.t_b.to(P.acc)
     if P.logits is not None:
         return P.logits[lo:hi].to(P.acc)
     r = _mm_acc(P.hidden[lo:hi], P.W.t(), P.acc)
@@ -316,6 +317,9 @@ def _chunk(P, lo, hi, coefs, grads):
         M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
         lp = G[..., 2].sum(0) - lse
         ent = lse - ez / S
+        if k == "lp":  # HF's padding label: log-probability 0, no gradient
+            lp_valid = tgt != P.ignore_index
+            lp = torch.where(lp_valid, lp, torch.zeros_like(lp))
         out.update(lp=lp, ent=ent)
         if k == "policy":
             pt, dpt = _policy_token(P, lo, hi, lp, ent)
@@ -324,6 +328,8 @@ def _chunk(P, lo, hi, coefs, grads):
             return out
         if k == "lp":
             a_lp, a_ent = coefs
+            if a_lp is not None:
+                a_lp = a_lp * lp_valid.to(a_lp.dtype)
         else:
             a = coefs[0]
             a_lp = None if a is None else a * dpt
@@ -543,6 +549,12 @@ class _ShardedHead(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
+def _not_sharded_yet(**knobs):
+    for name, (value, default) in knobs.items():
+        if value != default:
+            raise NotImplementedError(f"fusedce.distributed: {name} is not supported by this sharded function yet")
+
+
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -723,12 +735,16 @@ def token_logprobs(
     linear_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     chunk_size: int | None = None,
     reduce_grad_input: bool = True,
 ):
     """log softmax((input @ W.T + b) / temperature)[token] per token (and the entropy of that
     softmax with ``return_entropy=True``), with W sharded over the vocabulary. Both outputs are
-    differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input)."""
+    differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input).
+    Tokens equal to -100 get log-probability 0."""
+    _not_sharded_yet(softcap=(softcap, None), logit_scale=(logit_scale, 1.0))
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
@@ -737,7 +753,7 @@ def token_logprobs(
         raise ValueError(f"fusedce: temperature must be > 0, got {temperature}")
     Vl, H = linear_weight.shape
     P = _Problem(kind="lp", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
-                 target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
+                 target=tokens.reshape(-1).long(), ignore_index=-100, temperature=float(temperature),
                  acc=_acc_dtype(input), chunk_size=chunk_size, fp32_grad_accum=False,
                  reduce_grad_input=reduce_grad_input, agg=None, divisor=None,
                  **_base(process_group, vocab_start, input.device, Vl))
@@ -761,6 +777,12 @@ def distillation_loss(
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    linear_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     process_group=None,
     vocab_start: int | None = None,
     chunk_size: int | None = None,
@@ -771,6 +793,13 @@ def distillation_loss(
     shard [V_local, H_t] with ``teacher_input`` (default: ``input``), or a logits shard
     ``teacher_logits`` [..., V_local]) sharded over the vocabulary. The teacher gets no gradient.
     kind="jsd" takes a second (small) collective per chunk; see the module doc."""
+    _not_sharded_yet(label_smoothing=(label_smoothing, 0.0), z_loss=(z_loss, 0.0), softcap=(softcap, None),
+                     logit_scale=(logit_scale, 1.0))
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    if teacher_bias is not None:
+        teacher_bias, process_group, _ = _unwrap(teacher_bias, process_group)
+        teacher_bias = teacher_bias.detach()
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if teacher_weight is not None:
         teacher_weight, process_group, _ = _unwrap(teacher_weight, process_group)
@@ -794,8 +823,8 @@ def distillation_loss(
     flat = target.reshape(-1).long()
     acc = _acc_dtype(input)
     valid = (flat != ignore_index).to(acc)
-    P = _Problem(kind="distill", hidden=input.reshape(-1, H), W=linear_weight, b=None, logits=None,
-                 t_hidden=t_hidden, t_W=teacher_weight, t_logits=t_logits, target=flat,
+    P = _Problem(kind="distill", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 t_hidden=t_hidden, t_W=teacher_weight, t_b=teacher_bias, t_logits=t_logits, target=flat,
                  ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
                  distill_weight=float(distill_weight), ce_weight=float(ce_weight), acc=acc,
                  chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
@@ -806,7 +835,7 @@ def distillation_loss(
         P.agg = torch.ones_like(valid)
         d = valid.sum() if reduction == "mean" else torch.ones((), dtype=acc, device=input.device)
         P.divisor = lambda res: d
-    loss, tok = _ShardedHead.apply(P, P.hidden, P.W, None, None)
+    loss, tok = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     return tok.reshape(shape) if reduction == "none" else loss
 
 
@@ -826,6 +855,9 @@ def policy_loss(
     loss_type: str = "grpo",
     entropy_coef: float = 0.0,
     max_completion_length: int | None = None,
+    linear_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
     process_group=None,
     vocab_start: int | None = None,
     chunk_size: int | None = None,
@@ -833,11 +865,14 @@ def policy_loss(
 ):
     """TRL GRPOTrainer's clipped objective (see fusedce.reference.policy_loss) with the head
     sharded over the vocabulary. input [B, T, H], tokens / old_logprobs / mask / ref_logprobs
-    [B, T], advantages [B, T] or [B]. Returns (loss, metrics): metrics holds detached per-token
-    tensors [B, T] "logprobs", "entropy", "per_token_loss", "ratio", and the masked means
-    "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean" and, with beta != 0,
-    "kl" (the masked mean of the k3 estimator)."""
+    [B, T], advantages [B, T] or [B]. Returns (loss, metrics), metrics the 0-d tensors of the
+    single-process fusedce.policy_loss (clip_ratio/low_mean, .../high_mean, .../region_mean,
+    ratio/mean, ratio/min, ratio/max, entropy, logprob/mean, advantages/mean, advantages/std, and kl
+    when beta != 0). Masked tokens still go through the shared statistics (no row skipping)."""
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    _not_sharded_yet(softcap=(softcap, None), logit_scale=(logit_scale, 1.0))
     if loss_type not in _LOSS_TYPES:
         raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
     if beta != 0.0 and ref_logprobs is None:
@@ -858,7 +893,7 @@ def policy_loss(
     else:
         agg = m
         div = torch.tensor(float(B * (T if max_completion_length is None else max_completion_length)), dtype=acc, device=input.device)
-    P = _Problem(kind="policy", hidden=input.reshape(-1, H), W=linear_weight, b=None, logits=None,
+    P = _Problem(kind="policy", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
                  old=None if old_logprobs is None else old_logprobs.reshape(-1).to(acc).detach(),
                  adv=adv.reshape(-1), ref=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).detach(),
@@ -866,20 +901,33 @@ def policy_loss(
                  entropy_coef=float(entropy_coef), agg=agg.reshape(-1), divisor=lambda res: div, extra={},
                  acc=acc, chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))
-    (loss,) = _ShardedHead.apply(P, P.hidden, P.W, None, None)
+    (loss,) = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     res = P.res
-    msum = m.sum().clamp(min=1)
+    with torch.no_grad():
+        lp, ent, ratio = res["lp"].reshape(B, T), res["ent"].reshape(B, T), res["ratio"].reshape(B, T)
+        a_ = adv.reshape(B, T)
+        count = m.sum().clamp(min=1)
 
-    def mmean(x):
-        return (x.reshape(B, T) * m).sum() / msum
+        def mean(x):
+            return (x * m).sum() / count
 
-    metrics = {
-        "logprobs": res["lp"].reshape(B, T), "entropy": res["ent"].reshape(B, T),
-        "per_token_loss": res["per_token"].reshape(B, T), "ratio": res["ratio"].reshape(B, T),
-        "clip_ratio/low_mean": mmean(res["is_low_clipped"]),
-        "clip_ratio/high_mean": mmean(res["is_high_clipped"]),
-        "clip_ratio/region_mean": mmean(res["is_low_clipped"] + res["is_high_clipped"]),
-    }
-    if beta != 0.0:
-        metrics["kl"] = mmean(res["kl"])
+        valid = m != 0
+        big = torch.finfo(lp.dtype).max
+        low = (ratio < 1 - epsilon_low) & (a_ < 0)
+        high = (ratio > 1 + epsilon_high) & (a_ > 0)
+        # The keys and definitions of the single-process fusedce.policy_loss (fusedce/terms.py).
+        metrics = {
+            "clip_ratio/low_mean": mean(low.to(lp)),
+            "clip_ratio/high_mean": mean(high.to(lp)),
+            "clip_ratio/region_mean": mean((low | high).to(lp)),
+            "ratio/mean": mean(ratio),
+            "ratio/min": torch.where(valid, ratio, torch.full_like(ratio, big)).min(),
+            "ratio/max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max(),
+            "entropy": mean(ent),
+            "logprob/mean": mean(lp),
+            "advantages/mean": advantages.to(lp).mean(),
+            "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
+        }
+        if beta != 0.0:
+            metrics["kl"] = mean(res["kl"].reshape(B, T))
     return loss, metrics

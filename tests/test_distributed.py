@@ -338,6 +338,14 @@ def token_logprobs_and_entropy(c):
             close(a, b_[s], F64, f"T={temp} grad {name}")
     lp_only = fd.token_logprobs(x, W[lo:hi], tok, temperature=0.5)
     close(lp_only, ref.token_logprobs(x @ W.T, tok, temperature=0.5)[0], F64, "logprobs only")
+    padded = tok.clone()
+    padded[0, 2:4] = -100  # HF's padding label: log-probability 0 and no gradient
+    xs = leaf(x)
+    lp = fd.token_logprobs(xs, W[lo:hi], padded, chunk_size=4)
+    (g,) = grads_of(lp.sum(), xs)
+    lpr = ref.token_logprobs(x @ W.T, tok)[0]
+    close(lp, torch.where(padded == -100, torch.zeros_like(lpr), lpr), F64, "padded logprobs")
+    assert (g[0, 2:4] == 0).all()
 
 
 @check
@@ -404,9 +412,14 @@ def policy_every_loss_type(c):
             g = grads_of(loss, xs, Ws)
             gr = grads_of(rl, xr, Wr)
             close(loss, rl, F64, f"{tag} loss")
-            close(metrics["logprobs"], rlp, F64, f"{tag} logprobs")
-            close(metrics["entropy"], rent, F64, f"{tag} entropy")
-            close(metrics["per_token_loss"], rpt, F64, f"{tag} per-token")
+            mm = kw.get("mask", torch.ones(B, T, device=c.dev)).to(rlp)
+            mean = lambda v: (v * mm).sum() / mm.sum()  # noqa: E731
+            close(metrics["logprob/mean"], mean(rlp), F64, f"{tag} logprob/mean")
+            close(metrics["entropy"], mean(rent), F64, f"{tag} entropy")
+            close(metrics["ratio/mean"], mean(torch.exp(rlp - old)), F64, f"{tag} ratio/mean")
+            if "ref_logprobs" in kw:
+                d = refl - rlp
+                close(metrics["kl"], mean(torch.exp(d) - d - 1), F64, f"{tag} kl")
             close(g[0], gr[0], F64, f"{tag} grad input")
             close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
 
