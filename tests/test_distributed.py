@@ -1,0 +1,615 @@
+"""Vocab-parallel head losses (fusedce.distributed) against the single-process float64 reference.
+
+One process group per (backend, world size) is spawned once (a module-scoped fixture); every rank
+runs every check in it and reports per check, so each check is its own pytest item without paying
+a spawn each. gloo on the CPU always (world sizes 2 and 3, uneven shards); NCCL on CUDA when at
+least 2 GPUs (world 2) or 4 GPUs (world 4) are present.
+
+The full weight is drawn from the same seed on every rank and each rank takes its contiguous slice;
+the reference runs on the full weight in float64 and its gradient slice is the expected gradient of
+the local shard.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import sys
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fusedce  # noqa: E402
+import fusedce.distributed as fd  # noqa: E402
+from fusedce import reference as ref  # noqa: E402
+
+F64 = dict(rtol=1e-9, atol=1e-11)
+F32 = dict(rtol=2e-5, atol=2e-6)
+F64_SP = dict(rtol=1e-8, atol=1e-9)  # against the single-process op (CUDA float64 kernels)
+
+# ---------------------------------------------------------------------------------------------
+# Helpers run inside the workers
+# ---------------------------------------------------------------------------------------------
+
+
+class Ctx:
+    def __init__(self, rank, world, dev):
+        self.rank, self.world, self.dev = rank, world, dev
+
+    def layout(self, V):
+        """Uneven contiguous shards that are not torch.chunk's (the rank's [start, stop))."""
+        base = [V // self.world] * self.world
+        for i in range(V % self.world):
+            base[self.world - 1 - i] += 1  # the remainder on the LAST ranks
+        start = sum(base[: self.rank])
+        return start, start + base[self.rank]
+
+    def randn(self, *shape, seed, dtype=torch.float64, scale=1.0):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(self.dev, dtype)
+
+
+def close(a, b, tol, what):
+    a = a.detach().to(torch.float64).cpu()
+    b = b.detach().to(torch.float64).cpu()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def grads_of(loss, *xs):
+    gs = torch.autograd.grad(loss, xs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
+
+
+class Counter:
+    """Counts the collectives issued through torch.distributed's public functions."""
+
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
+             "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather", "scatter")
+
+    def __enter__(self):
+        self.calls = []
+        self.saved = {}
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+
+            def wrapped(*a, __fn=fn, __name=name, **k):
+                self.calls.append(__name)
+                return __fn(*a, **k)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+    def take(self):
+        out, self.calls = self.calls, []
+        return out
+
+
+GATHERS = ("all_gather_single", "all_gather_into_tensor", "all_gather")
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks: each runs on every rank with the same arguments.
+# ---------------------------------------------------------------------------------------------
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _ce_setup(c, V=11, N=23, H=6, dtype=torch.float64, seed=0):
+    x = c.randn(N, H, seed=seed, dtype=dtype)
+    W = c.randn(V, H, seed=seed + 1, dtype=dtype)
+    b = c.randn(V, seed=seed + 2, dtype=dtype, scale=0.5)
+    cw = (torch.rand(V, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64) + 0.5).to(c.dev, dtype)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(seed + 4)).to(c.dev)
+    t[::5] = -100
+    return x, W, b, cw, t
+
+
+CE_CONFIGS = [
+    dict(),
+    dict(label_smoothing=0.1, z_loss=1e-2, softcap=3.0, logit_scale=0.7, cw=True, bias=True),
+    dict(label_smoothing=0.2, cw=True, reduction="sum"),
+    dict(z_loss=1e-3, softcap=2.0, reduction="none", bias=True),
+    dict(label_smoothing=0.05, logit_scale=1.3, num_items_in_batch=17, cw=True),
+]
+
+
+def _ce_kwargs(cfg, cw_full, cw_local, b_full, b_local):
+    kw = {k: v for k, v in cfg.items() if k not in ("cw", "bias")}
+    full, local = dict(kw), dict(kw)
+    if cfg.get("cw"):
+        full["weight"], local["weight"] = cw_full, cw_local
+    return full, local, (b_full if cfg.get("bias") else None), (b_local if cfg.get("bias") else None)
+
+
+@check
+def ce_linear_every_term(c):
+    """linear_cross_entropy: values, statistics and gradients (input, shard, bias) in float64."""
+    x, W, b, cw, t = _ce_setup(c)
+    lo, hi = c.layout(W.shape[0])
+    for i, cfg in enumerate(CE_CONFIGS):
+        full, local, bf, bl = _ce_kwargs(cfg, cw, cw[lo:hi], b, b[lo:hi])
+        xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(bl) if bl is not None else None
+        out = fd.linear_cross_entropy(xs, Ws, t, linear_bias=bs, return_stats=True, chunk_size=7, **local)
+        xr, Wr, br = leaf(x), leaf(W), leaf(bf) if bf is not None else None
+        r = ref.linear_cross_entropy(xr, Wr, t, linear_bias=br, **full)
+        upstream = c.randn(*out.loss.shape, seed=99) if out.loss.dim() else torch.tensor(1.3, dtype=torch.float64)
+        g = grads_of((out.loss * upstream.to(out.loss)).sum(), *[v for v in (xs, Ws, bs) if v is not None])
+        gr = grads_of((r.loss * upstream.to(r.loss)).sum(), *[v for v in (xr, Wr, br) if v is not None])
+        tag = f"config {i} {cfg}"
+        close(out.loss, r.loss, F64, f"{tag} loss")
+        close(out.lse, r.lse, F64, f"{tag} lse")
+        assert torch.equal(out.predicted.cpu(), r.predicted.cpu()), f"{tag} predicted"
+        close(out.accuracy, r.accuracy, F64, f"{tag} accuracy")
+        close(out.z_loss, r.z_loss, F64, f"{tag} z_loss")
+        close(g[0], gr[0], F64, f"{tag} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
+        if bs is not None:
+            close(g[2], gr[2][lo:hi], F64, f"{tag} grad bias shard")
+        # and the single-process fusedce on the full weight
+        sp = fusedce.linear_cross_entropy(x, W, t, linear_bias=bf, return_stats=True, **full)
+        close(out.loss, sp.loss, F64_SP, f"{tag} vs fusedce loss")
+        assert torch.equal(out.predicted.cpu(), sp.predicted.cpu()), f"{tag} vs fusedce predicted"
+
+
+@check
+def ce_logits_shard_every_term(c):
+    """cross_entropy on a logits shard: values, statistics and the gradient of the shard."""
+    V, N = 13, 19
+    z = c.randn(N, V, seed=5, scale=2.0)
+    cw = c.randn(V, seed=6).abs() + 0.3
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(7)).to(c.dev)
+    t[1::4] = -100
+    lo, hi = c.layout(V)
+    for i, cfg in enumerate(CE_CONFIGS):
+        full, local, _, _ = _ce_kwargs(cfg, cw, cw[lo:hi], None, None)
+        zs, zr = leaf(z[:, lo:hi]), leaf(z)
+        out = fd.cross_entropy(zs, t, return_stats=True, chunk_size=4, **local)
+        r = ref.cross_entropy(zr, t, **full)
+        up = c.randn(*out.loss.shape, seed=98) if out.loss.dim() else torch.tensor(0.7, dtype=torch.float64)
+        (g,) = grads_of((out.loss * up.to(out.loss)).sum(), zs)
+        (gr,) = grads_of((r.loss * up.to(r.loss)).sum(), zr)
+        tag = f"config {i} {cfg}"
+        close(out.loss, r.loss, F64, f"{tag} loss")
+        close(out.lse, r.lse, F64, f"{tag} lse")
+        assert torch.equal(out.predicted.cpu(), r.predicted.cpu()), f"{tag} predicted"
+        close(out.accuracy, r.accuracy, F64, f"{tag} accuracy")
+        close(out.z_loss, r.z_loss, F64, f"{tag} z_loss")
+        close(g, gr[:, lo:hi], F64, f"{tag} grad logits shard")
+        sp = fusedce.cross_entropy(z, t, **full)
+        close(out.loss, sp, F64_SP, f"{tag} vs fusedce")
+
+
+@check
+def ce_lse_gradient_and_shift(c):
+    """A gradient through the per-token lse (recomputing pass) on top of the loss's; shift=True;
+    3-D input."""
+    V, B, T, H = 11, 3, 5, 4
+    x = c.randn(B, T, H, seed=10)
+    W = c.randn(V, H, seed=11)
+    t = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(12)).to(c.dev)
+    lo, hi = c.layout(V)
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, shift=True, z_loss=1e-2, return_stats=True, chunk_size=4)
+    xr, Wr = leaf(x), leaf(W)
+    r = ref.linear_cross_entropy(xr, Wr, t, shift=True, z_loss=1e-2)
+    g = grads_of(out.loss + 0.3 * (out.lse ** 2).sum(), xs, Ws)
+    gr = grads_of(r.loss + 0.3 * (r.lse ** 2).sum(), xr, Wr)
+    close(out.loss, r.loss, F64, "loss")
+    close(g[0], gr[0], F64, "grad input")
+    close(g[1], gr[1][lo:hi], F64, "grad weight shard")
+
+
+@check
+def ce_argmax_ties_across_ranks(c):
+    """The global argmax is the smallest global index among equal maxima, across shard borders.
+    Small integers: the logits are exact whatever the GEMM's summation order, so the ties are too."""
+    V, N, H = 11, 6, 3
+    g = torch.Generator().manual_seed(20)
+    x = torch.randint(1, 4, (N, H), generator=g).double().to(c.dev)
+    W = torch.randint(-3, 2, (V, H), generator=g).double().to(c.dev)
+    lo, hi = c.layout(V)
+    lo1 = V // c.world  # rank 1's first id in this layout
+    for j in (2, lo1, V - 1):
+        W[j] = 5.0  # the same, largest row on three ranks (rank 0, rank 1, the last)
+    t = torch.arange(N, device=c.dev) % V
+    out = fd.linear_cross_entropy(x, W[lo:hi], t, return_stats=True, chunk_size=4)
+    r = ref.linear_cross_entropy(x, W, t)
+    assert torch.equal(out.predicted.cpu(), r.predicted.cpu()), f"{out.predicted} vs {r.predicted}"
+    assert (out.predicted == 2).all(), out.predicted
+    close(out.accuracy, r.accuracy, F64, "accuracy")
+    z = x @ W.T
+    out = fd.cross_entropy(z[:, lo:hi], t, return_stats=True, chunk_size=4)
+    assert (out.predicted == 2).all(), out.predicted
+
+
+@check
+def ce_all_ignored_and_masked(c):
+    """An all-ignored batch: nan loss, zero gradients; -inf (masked) logits."""
+    V, N = 11, 6
+    z = c.randn(N, V, seed=30)
+    z[:, 3] = -math.inf
+    z[0, :] = -math.inf
+    z[0, 5] = 1.0
+    t = torch.full((N,), -100, device=c.dev)
+    lo, hi = c.layout(V)
+    zs = leaf(z[:, lo:hi])
+    loss = fd.cross_entropy(zs, t)
+    (g,) = grads_of(loss, zs)
+    assert torch.isnan(loss), loss
+    assert (g == 0).all()
+    t = torch.tensor([5, 1, 2, 4, 0, 10], device=c.dev)
+    zs, zr = leaf(z[:, lo:hi]), leaf(z)
+    out = fd.cross_entropy(zs, t, return_stats=True, z_loss=1e-2)
+    r = ref.cross_entropy(zr, t, z_loss=1e-2)
+    (g,) = grads_of(out.loss, zs)
+    (gr,) = grads_of(r.loss, zr)
+    close(out.loss, r.loss, F64, "masked loss")
+    close(g, gr[:, lo:hi], F64, "masked grad")
+
+
+@check
+def ce_float32(c):
+    """float32 inputs: the float32 accumulation path, against the float64 reference."""
+    x, W, b, cw, t = _ce_setup(c, V=37, N=40, H=16, dtype=torch.float32, seed=40)
+    lo, hi = c.layout(W.shape[0])
+    xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(b[lo:hi])
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, ignore_index=-100)
+    out = fd.linear_cross_entropy(xs, Ws, t, linear_bias=bs, weight=cw[lo:hi], chunk_size=16,
+                                  return_stats=True, **kw)
+    xr, Wr, br = leaf(x.double()), leaf(W.double()), leaf(b.double())
+    r = ref.linear_cross_entropy(xr, Wr, t, linear_bias=br, weight=cw.double(), **kw)
+    g = grads_of(out.loss, xs, Ws, bs)
+    gr = grads_of(r.loss, xr, Wr, br)
+    assert out.loss.dtype == torch.float32 and g[1].dtype == torch.float32
+    close(out.loss, r.loss, F32, "loss")
+    close(g[0], gr[0], F32, "grad input")
+    close(g[1], gr[1][lo:hi], F32, "grad weight shard")
+    close(g[2], gr[2][lo:hi], F32, "grad bias shard")
+    sp = fusedce.linear_cross_entropy(x, W, t, linear_bias=b, weight=cw, **kw)
+    close(out.loss, sp, F32, "vs fusedce float32")
+
+
+@check
+def ce_bfloat16(c):
+    """bfloat16 inputs (the benchmark's dtype): float32 statistics, bf16 gradients, against the
+    float64 reference on the same (bf16-rounded) inputs and against single-process fusedce."""
+    x, W, b, cw, t = _ce_setup(c, V=37, N=32, H=16, dtype=torch.bfloat16, seed=45)
+    lo, hi = c.layout(W.shape[0])
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, z_loss=1e-3, chunk_size=8, fp32_grad_accum=True)
+    g = grads_of(out, xs, Ws)
+    xr, Wr = leaf(x.double()), leaf(W.double())
+    r = ref.linear_cross_entropy(xr, Wr, t, z_loss=1e-3)
+    gr = grads_of(r.loss, xr, Wr)
+    assert out.dtype == torch.float32 and g[0].dtype == torch.bfloat16 and g[1].dtype == torch.bfloat16
+    tol = dict(rtol=2e-2, atol=2e-3)
+    close(out, r.loss, tol, "loss")
+    close(g[0], gr[0], tol, "grad input")
+    close(g[1], gr[1][lo:hi], tol, "grad weight shard")
+    sp = fusedce.linear_cross_entropy(x, W, t, z_loss=1e-3)
+    close(out, sp, dict(rtol=1e-3, atol=1e-4), "vs fusedce bfloat16")
+
+
+@check
+def token_logprobs_and_entropy(c):
+    """Token log-probabilities with temperature and their entropy, both differentiated."""
+    V, B, T, H = 37, 2, 7, 5
+    x = c.randn(B, T, H, seed=50)
+    W = c.randn(V, H, seed=51, scale=1.5)
+    bias = c.randn(V, seed=52)
+    tok = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(53)).to(c.dev)
+    lo, hi = c.layout(V)
+    for temp in (1.0, 0.7):
+        xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(bias[lo:hi])
+        lp, ent = fd.token_logprobs(xs, Ws, tok, linear_bias=bs, temperature=temp, return_entropy=True, chunk_size=5)
+        xr, Wr, br = leaf(x), leaf(W), leaf(bias)
+        lpr, entr = ref.token_logprobs(torch.nn.functional.linear(xr, Wr, br), tok, temperature=temp)
+        u1, u2 = c.randn(B, T, seed=54), c.randn(B, T, seed=55)
+        g = grads_of((lp * u1).sum() + (ent * u2).sum(), xs, Ws, bs)
+        gr = grads_of((lpr * u1).sum() + (entr * u2).sum(), xr, Wr, br)
+        close(lp, lpr, F64, f"T={temp} logprobs")
+        close(ent, entr, F64, f"T={temp} entropy")
+        for name, a, b_, s in (("input", g[0], gr[0], slice(None)), ("weight", g[1], gr[1], slice(lo, hi)),
+                               ("bias", g[2], gr[2], slice(lo, hi))):
+            close(a, b_[s], F64, f"T={temp} grad {name}")
+    lp_only = fd.token_logprobs(x, W[lo:hi], tok, temperature=0.5)
+    close(lp_only, ref.token_logprobs(x @ W.T, tok, temperature=0.5)[0], F64, "logprobs only")
+    padded = tok.clone()
+    padded[0, 2:4] = -100  # HF's padding label: log-probability 0 and no gradient
+    xs = leaf(x)
+    lp = fd.token_logprobs(xs, W[lo:hi], padded, chunk_size=4)
+    (g,) = grads_of(lp.sum(), xs)
+    lpr = ref.token_logprobs(x @ W.T, tok)[0]
+    close(lp, torch.where(padded == -100, torch.zeros_like(lpr), lpr), F64, "padded logprobs")
+    assert (g[0, 2:4] == 0).all()
+
+
+@check
+def distillation_every_kind(c):
+    """forward KL, reverse KL, JSD; teacher as logits and as hidden + weight; CE part; tempered."""
+    V, B, T, H, Ht = 11, 2, 6, 5, 4
+    x = c.randn(B, T, H, seed=60)
+    W = c.randn(V, H, seed=61)
+    xt = c.randn(B, T, Ht, seed=62)
+    Wt = c.randn(V, Ht, seed=63, scale=1.5)
+    tl = torch.nn.functional.linear(xt, Wt)
+    tgt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(64)).to(c.dev)
+    tgt[0, 1] = -100
+    tgt[1, 4] = -100
+    lo, hi = c.layout(V)
+    cases = [("forward_kl", 0.5, 1.0, 0.0, "logits", "mean"), ("reverse_kl", 0.5, 2.0, 0.3, "weight", "mean"),
+             ("jsd", 0.5, 1.0, 0.0, "logits", "sum"), ("jsd", 0.2, 1.5, 0.5, "weight", "mean"),
+             ("forward_kl", 0.5, 0.8, 0.4, "weight", "none"), ("reverse_kl", 0.5, 1.0, 0.0, "logits", "none"),
+             ("jsd", 0.7, 1.0, 0.0, "weight", "none")]
+    for kind, beta, temp, cew, teacher, red in cases:
+        tag = f"{kind} beta={beta} T={temp} ce={cew} teacher={teacher} {red}"
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        tk = dict(teacher_logits=tl[..., lo:hi]) if teacher == "logits" else dict(teacher_input=xt, teacher_weight=Wt[lo:hi])
+        out = fd.distillation_loss(xs, Ws, tgt, kind=kind, beta=beta, temperature=temp, distill_weight=0.9,
+                                   ce_weight=cew, reduction=red, chunk_size=5, **tk)
+        xr, Wr = leaf(x), leaf(W)
+        r = ref.distillation_loss(torch.nn.functional.linear(xr, Wr), tl, tgt, kind=kind, beta=beta,
+                                  temperature=temp, distill_weight=0.9, ce_weight=cew, reduction=red)
+        up = c.randn(*out.shape, seed=65) if out.dim() else torch.tensor(1.1, dtype=torch.float64)
+        g = grads_of((out * up).sum(), xs, Ws)
+        gr = grads_of((r * up).sum(), xr, Wr)
+        close(out, r, F64, f"{tag} loss")
+        close(g[0], gr[0], F64, f"{tag} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
+
+
+@check
+def policy_every_loss_type(c):
+    """GRPO / BNPO / Dr. GRPO / DAPO, clipping active on both sides, beta > 0, entropy bonus, mask."""
+    V, B, T, H = 37, 3, 6, 5
+    x = c.randn(B, T, H, seed=70)
+    W = c.randn(V, H, seed=71)
+    tok = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(72)).to(c.dev)
+    lpr0, _ = ref.token_logprobs(x @ W.T, tok, temperature=0.9)
+    old = lpr0 + c.randn(B, T, seed=73, scale=0.4)  # ratios well outside [0.8, 1.2] both ways
+    adv = c.randn(B, T, seed=74)
+    refl = lpr0 + c.randn(B, T, seed=75, scale=0.3)
+    mask = torch.ones(B, T, device=c.dev)
+    mask[0, 4:] = 0
+    mask[2, 1] = 0
+    lo, hi = c.layout(V)
+    ratio = torch.exp(lpr0 - old)
+    assert ((ratio > 1.2) & (adv > 0)).any() and ((ratio < 0.8) & (adv < 0)).any(), "clipping not exercised"
+    for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for kw in (dict(beta=0.04, ref_logprobs=refl, entropy_coef=0.01, mask=mask),
+                   dict(epsilon_high=0.28, max_completion_length=8, advantages_1d=True)):
+            kw = dict(kw)
+            a = adv[:, 0] if kw.pop("advantages_1d", False) else adv
+            tag = f"{lt} {sorted(kw)}"
+            xs, Ws = leaf(x), leaf(W[lo:hi])
+            loss, metrics = fd.policy_loss(xs, Ws, tok, old, a, temperature=0.9, loss_type=lt, chunk_size=4, **kw)
+            xr, Wr = leaf(x), leaf(W)
+            rl, rpt, rlp, rent = ref.policy_loss(xr @ Wr.T, tok, old, a, temperature=0.9, loss_type=lt, **kw)
+            g = grads_of(loss, xs, Ws)
+            gr = grads_of(rl, xr, Wr)
+            close(loss, rl, F64, f"{tag} loss")
+            mm = kw.get("mask", torch.ones(B, T, device=c.dev)).to(rlp)
+            mean = lambda v: (v * mm).sum() / mm.sum()  # noqa: E731
+            close(metrics["logprob/mean"], mean(rlp), F64, f"{tag} logprob/mean")
+            close(metrics["entropy"], mean(rent), F64, f"{tag} entropy")
+            close(metrics["ratio/mean"], mean(torch.exp(rlp - old)), F64, f"{tag} ratio/mean")
+            if "ref_logprobs" in kw:
+                d = refl - rlp
+                close(metrics["kl"], mean(torch.exp(d) - d - 1), F64, f"{tag} kl")
+            close(g[0], gr[0], F64, f"{tag} grad input")
+            close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
+
+
+@check
+def dtensor_weight(c):
+    """A DTensor weight Shard(0) on a 1-D mesh (torch.chunk's uneven layout): the local shard and
+    the mesh's group are used, and the gradient reaches the DTensor parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    V, N, H = 11, 9, 4
+    x = c.randn(N, H, seed=80)
+    W = c.randn(V, H, seed=81)
+    b = c.randn(V, seed=82)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(83)).to(c.dev)
+    mesh = init_device_mesh(c.dev.type, (c.world,))
+    Wd = torch.nn.Parameter(distribute_tensor(W, mesh, [Shard(0)]))
+    bd = torch.nn.Parameter(distribute_tensor(b, mesh, [Shard(0)]))
+    xs = leaf(x)
+    loss = fd.linear_cross_entropy(xs, Wd, t, linear_bias=bd, label_smoothing=0.1, chunk_size=4)
+    loss.backward()
+    xr, Wr, br = leaf(x), leaf(W), leaf(b)
+    r = ref.linear_cross_entropy(xr, Wr, t, linear_bias=br, label_smoothing=0.1)
+    r.loss.backward()
+    close(loss, r.loss, F64, "loss")
+    close(xs.grad, xr.grad, F64, "grad input")
+    assert Wd.grad is not None and type(Wd.grad).__name__ == "DTensor", type(Wd.grad)
+    close(Wd.grad.full_tensor(), Wr.grad, F64, "DTensor weight grad")
+    close(bd.grad.full_tensor(), br.grad, F64, "DTensor bias grad")
+    lp = fd.token_logprobs(x, Wd.detach(), t)
+    close(lp, ref.token_logprobs(x @ W.T, t)[0], F64, "DTensor token_logprobs")
+
+
+@check
+def process_group_subgroup(c):
+    """process_group= a subgroup (the last two ranks): ranks, offsets and collectives are the
+    group's; ranks outside it do nothing."""
+    members = [c.world - 2, c.world - 1]
+    group = dist.new_group(members)  # every rank calls new_group
+    if c.rank not in members:
+        return
+    sub = Ctx(members.index(c.rank), 2, c.dev)
+    V, N, H = 11, 10, 4
+    x = c.randn(N, H, seed=95)
+    W = c.randn(V, H, seed=96)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(97)).to(c.dev)
+    lo, hi = sub.layout(V)
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, process_group=group, label_smoothing=0.1, return_stats=True, chunk_size=3)
+    g = grads_of(out.loss, xs, Ws)
+    xr, Wr = leaf(x), leaf(W)
+    r = ref.linear_cross_entropy(xr, Wr, t, label_smoothing=0.1)
+    gr = grads_of(r.loss, xr, Wr)
+    close(out.loss, r.loss, F64, "loss")
+    assert torch.equal(out.predicted.cpu(), r.predicted.cpu())
+    close(g[0], gr[0], F64, "grad input")
+    close(g[1], gr[1][lo:hi], F64, "grad weight shard")
+
+
+@check
+def collective_count(c):
+    """ONE collective per chunk in forward (two for JSD), ONE (grad_input) in backward; the vocab
+    layout setup collective once per (group, V_local), then cached."""
+    V, N, H = 11, 20, 4
+    x = c.randn(N, H, seed=90)
+    W = c.randn(V, H, seed=91)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(92)).to(c.dev)
+    lo, hi = c.layout(V)
+    n_chunks = 4  # chunk_size 5
+    with Counter() as cnt:
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        loss = fd.linear_cross_entropy(xs, Ws, t, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
+                                       return_stats=True, chunk_size=5).loss
+        fwd = cnt.take()
+        assert len(fwd) == 1 + n_chunks and all(n in GATHERS for n in fwd), f"setup + chunks: {fwd}"
+        loss.backward()
+        assert cnt.take() == ["all_reduce"], "backward"
+        # vocab_start given: exactly one gather per chunk, every term requested
+        xs = leaf(x)
+        loss = fd.linear_cross_entropy(xs, Ws, t, vocab_start=lo, label_smoothing=0.1, z_loss=1e-3,
+                                       weight=torch.ones(hi - lo, dtype=x.dtype, device=c.dev), softcap=4.0,
+                                       return_stats=True, chunk_size=5).loss
+        fwd = cnt.take()
+        assert len(fwd) == n_chunks and all(n in GATHERS for n in fwd), f"forward: {fwd}"
+        loss.backward()
+        assert cnt.take() == ["all_reduce"], "backward"
+        # reduce_grad_input=False: no collective in backward; partials sum to the full gradient
+        xs = leaf(x)
+        loss = fd.linear_cross_entropy(xs, Ws, t, vocab_start=lo, chunk_size=5, reduce_grad_input=False)
+        cnt.take()
+        loss.backward()
+        assert cnt.take() == [], "reduce_grad_input=False backward"
+        partial = xs.grad.clone()
+        dist.all_reduce(partial)
+        cnt.take()
+        xr = leaf(x)
+        ref.linear_cross_entropy(xr, W, t).loss.backward()
+        close(partial, xr.grad, F64, "summed partial grad_input")
+        # logits shard: no backward collective at all
+        zs = leaf(x @ W[lo:hi].T)
+        loss = fd.cross_entropy(zs, t, vocab_start=lo, chunk_size=5)
+        assert len(cnt.take()) == n_chunks
+        loss.backward()
+        assert cnt.take() == []
+        # per-token outputs: recomputing backward, one per chunk + grad_input
+        xs = leaf(x)
+        lp = fd.token_logprobs(xs, Ws, t, vocab_start=lo, chunk_size=5)
+        assert len(cnt.take()) == n_chunks
+        lp.sum().backward()
+        bwd = cnt.take()
+        assert len(bwd) == n_chunks + 1 and bwd[-1] == "all_reduce", bwd
+        # distillation: one per chunk (KL), two per chunk (JSD)
+        for kind, per in (("forward_kl", 1), ("reverse_kl", 1), ("jsd", 2)):
+            loss = fd.distillation_loss(leaf(x), Ws, t, teacher_weight=Ws.detach() * 0.5, kind=kind,
+                                        vocab_start=lo, chunk_size=5)
+            assert len(cnt.take()) == per * n_chunks, kind
+            loss.backward()
+            assert cnt.take() == ["all_reduce"], kind
+        # policy loss
+        loss, _ = fd.policy_loss(leaf(x)[None], Ws, t[None], None, torch.ones(1, N, dtype=x.dtype, device=c.dev),
+                                 vocab_start=lo, chunk_size=5)
+        assert len(cnt.take()) == n_chunks
+        loss.backward()
+        assert cnt.take() == ["all_reduce"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The spawned group
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker(rank, world, backend, init_file, result_dir):
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+    else:
+        dev = torch.device("cpu")
+        torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    c = Ctx(rank, world, dev)
+    try:
+        for name, fn in CHECKS.items():
+            try:
+                fn(c)
+                msg = "ok"
+            except Exception:  # noqa: BLE001 - reported per check
+                msg = traceback.format_exc()
+            with open(os.path.join(result_dir, f"{name}.{rank}"), "w") as f:
+                f.write(msg)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+GROUPS = [
+    pytest.param(("gloo", 2), id="gloo-2"),
+    pytest.param(("gloo", 3), id="gloo-3"),
+    pytest.param(("nccl", 2), id="nccl-2", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")),
+    pytest.param(("nccl", 4), id="nccl-4", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 4, reason="needs 4 GPUs")),
+]
+
+
+@pytest.fixture(scope="module", params=GROUPS)
+def group_results(request):
+    backend, world = request.param
+    if backend == "gloo" and not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    if backend == "nccl" and not dist.is_nccl_available():
+        pytest.skip("NCCL is not available")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        crash = None
+        try:
+            mp.spawn(_worker, args=(world, backend, init_file, tmp), nprocs=world, join=True)
+        except Exception as e:  # noqa: BLE001 - a rank died (e.g. a collective mismatch after a failure)
+            crash = f"the process group crashed before this check ran: {e}"
+        results = {}
+        for name in CHECKS:
+            results[name] = {}
+            for r in range(world):
+                path = os.path.join(tmp, f"{name}.{r}")
+                results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
+    return results
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_sharded_equals_single_process(group_results, name):
+    failures = {r: m for r, m in group_results[name].items() if m != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{m}" for r, m in failures.items())
