@@ -43,7 +43,10 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
                ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
                grad_mask=(False, False, False), chunk_size=0, vocab_chunk_size=0,
                fp32_grad_accum=False, ce_weight=1.0, want_entropy=False, want_logprob=False,
-               **terms):
+               entropy_coef=0.0, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
+               teacher_bias=None, distill=0, distill_weight=1.0, distill_beta=0.5,
+               distill_temperature=1.0, old_logprobs=None, advantages=None, ref_logprobs=None,
+               epsilon_low=0.2, epsilon_high=0.2, kl_beta=0.0):
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     return (
@@ -62,7 +65,12 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
                         grad_lse=None, grad_entropy=None, grad_logprob=None, ignore_index=-100,
                         label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
                         grad_mask=(True, True, True), chunk_size=0, vocab_chunk_size=0,
-                        fp32_grad_accum=False, **terms):
+                        fp32_grad_accum=False, ce_weight=1.0, want_entropy=False,
+                        want_logprob=False, entropy_coef=0.0, teacher_logits=None,
+                        teacher_hidden=None, teacher_weight=None, teacher_bias=None, distill=0,
+                        distill_weight=1.0, distill_beta=0.5, distill_temperature=1.0,
+                        old_logprobs=None, advantages=None, ref_logprobs=None, epsilon_low=0.2,
+                        epsilon_high=0.2, kl_beta=0.0):
     return _fake_grads(hidden, weight, bias, grad_mask)
 
 

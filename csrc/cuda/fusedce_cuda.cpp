@@ -45,6 +45,7 @@ cublasHandle_t getCurrentCUDABlasHandle();
 #endif
 
 #include "../checks.h"
+#include "../terms_args.h"
 #include "kernels/launchers.h"
 
 namespace fusedce {
@@ -52,7 +53,8 @@ namespace cuda_impl {
 namespace {
 
 using at::Tensor;
-using Out7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Out9 =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Out3 = std::tuple<Tensor, Tensor, Tensor>;
 
 constexpr int64_t kMiB = int64_t(1) << 20;
@@ -353,12 +355,139 @@ void grad_pass(const Linear& P, Grads& G, Tensor& buf, const Tensor& hc, int64_t
   if (G.gh && G.gh32.defined()) G.grad_hidden.narrow(0, r0, rows).copy_(G.gh32.narrow(0, 0, rows));
 }
 
-Tensor acc_scalar_ptr_tensor(const std::optional<Tensor>& t, const Linear& P, const char* name) {
+// grad_scale: one value (stride 0) or one per token, in acc dtype on the device.
+Tensor grad_scale_tensor(const std::optional<Tensor>& t, const Linear& P, int64_t& stride) {
+  stride = 0;
   if (!t.has_value()) return Tensor();
-  TORCH_CHECK(t->numel() == 1, "fusedce: ", name, " must be a one-element (0-d) tensor, got shape ",
+  TORCH_CHECK(t->numel() == 1 || (t->dim() == 1 && t->size(0) == P.N),
+              "fusedce: grad_scale must be a single value or one per token ([", P.N, "]), got ",
               t->sizes());
-  check_float_tensor(*t, name);
-  return t->to(P.h.device(), P.acc).reshape({}).contiguous();
+  check_float_tensor(*t, "grad_scale");
+  check_same_device(*t, P.h, "grad_scale", "hidden");
+  if (t->numel() == 1) return t->to(P.acc).reshape({}).contiguous();
+  stride = 1;
+  return t->to(P.acc).contiguous();
+}
+
+const void* row_ptr(const Tensor& t, int64_t r0, int64_t stride = 1) {
+  if (!t.defined()) return nullptr;
+  return static_cast<const char*>(t.data_ptr()) + r0 * stride * t.element_size();
+}
+
+// ---- the terms beyond the CE (kernels/terms_kernels.cu) ------------------------------------------
+struct TermsRun {
+  Tensor tl;              // teacher logits [N, V] in the student's dtype, or undefined
+  Tensor th, tw, tb;      // teacher hidden / weight / bias in the student's dtype, or undefined
+  Tensor adv, old, ref;   // policy inputs [N] in acc dtype, or undefined
+  gpu::TermsParams tp;
+};
+
+TermsRun prepare_terms(const Linear& P, const TermArgs& ta) {
+  TermsRun T;
+  T.tp.ce_weight = ta.ce_weight;
+  T.tp.entropy_coef = ta.entropy_coef;
+  T.tp.distill = static_cast<int>(ta.distill);
+  T.tp.distill_weight = ta.distill_weight;
+  T.tp.beta = ta.distill_beta;
+  T.tp.inv_T = 1.0 / ta.distill_temperature;
+  T.tp.eps_low = ta.epsilon_low;
+  T.tp.eps_high = ta.epsilon_high;
+  T.tp.kl_beta = ta.kl_beta;
+  if (ta.distill != 0) {
+    if (ta.teacher_logits.has_value()) {
+      T.tl = ta.teacher_logits->to(P.dt).contiguous();
+    } else {
+      T.th = ta.teacher_hidden->to(P.dt).contiguous();
+      T.tw = ta.teacher_weight->to(P.dt).contiguous();
+      if (ta.teacher_bias.has_value()) T.tb = ta.teacher_bias->to(P.dt).contiguous();
+    }
+  }
+  if (ta.policy()) {
+    T.adv = ta.advantages->to(P.acc).contiguous();
+    if (ta.old_logprobs.has_value()) T.old = ta.old_logprobs->to(P.acc).contiguous();
+    if (ta.kl_beta != 0.0) T.ref = ta.ref_logprobs->to(P.acc).contiguous();
+  }
+  return T;
+}
+
+// Whole-row chunks for the terms kernel: rows from the fast (or, when vocabulary tiles were asked
+// for, the low-memory) budget, counting the teacher's logits chunk when it is computed here.
+void choose_terms_chunk(Linear& P, const TermsRun& T, int64_t chunk_size, int64_t vocab_chunk_size) {
+  P.tiled = false;
+  P.Vt = P.V;
+  const int64_t n = std::max<int64_t>(P.N, 1);
+  if (chunk_size > 0) {
+    P.C = std::min(chunk_size, n);
+    return;
+  }
+  const bool lowmem = vocab_chunk_size > 0 && vocab_chunk_size < P.V;
+  const int64_t budget =
+      lowmem ? env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB
+             : env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
+  const int64_t per_row =
+      P.V * static_cast<int64_t>(at::elementSize(P.dt)) * (T.th.defined() ? 2 : 1);
+  P.C = std::max<int64_t>(1, std::min(n, budget / per_row));
+}
+
+// Per-row upstream gradients and outputs of one run of the terms kernel over all chunks.
+struct TermsIO {
+  Tensor g_tok;  // scalar (stride 0) or [N]; undefined = 1
+  int64_t g_tok_stride = 0;
+  Tensor g_lse, g_entropy, g_logprob;                  // [N] acc or undefined
+  Tensor token_loss, lse, entropy, logprob, predicted;  // outputs or undefined
+};
+
+void run_terms(Linear& P, TermsRun& T, Grads& G, const TermsIO& io) {
+  if (P.N == 0) return;
+  const auto opt = P.h.options();
+  Tensor buf = at::empty({P.C * P.V}, opt);
+  Tensor tbuf = T.th.defined() ? at::empty({P.C * P.V}, opt) : Tensor();
+  auto out_ptr = [](const Tensor& t, int64_t r0) -> void* {
+    return t.defined() && t.numel() > 0 ? static_cast<char*>(t.data_ptr()) + r0 * t.element_size()
+                                        : nullptr;
+  };
+  for (int64_t r0 = 0; r0 < P.N; r0 += P.C) {
+    const int64_t rows = std::min(P.C, P.N - r0);
+    const Tensor hc = P.h.narrow(0, r0, rows);
+    Tensor lg = logits_view(buf, rows, P.V);
+    logits_gemm(P, lg, hc, 0, P.V);
+    gpu::TermsArgs ta;
+    ta.logits = lg.data_ptr();
+    ta.ld = P.V;
+    ta.rows = rows;
+    if (T.tl.defined()) {
+      ta.teacher = row_ptr(T.tl, r0, P.V);
+      ta.ld_teacher = P.V;
+    } else if (T.th.defined()) {
+      Tensor tlg = logits_view(tbuf, rows, P.V);
+      const Tensor thc = T.th.narrow(0, r0, rows);
+      if (T.tb.defined()) {
+        at::addmm_out(tlg, T.tb, thc, T.tw.t());
+      } else {
+        at::mm_out(tlg, thc, T.tw.t());
+      }
+      ta.teacher = tlg.data_ptr();
+      ta.ld_teacher = P.V;
+    }
+    ta.target = P.tgt.data_ptr<int64_t>() + r0;
+    ta.write_grad = G.any();
+    ta.g_tok = row_ptr(io.g_tok, r0, io.g_tok_stride);
+    ta.g_tok_stride = io.g_tok_stride;
+    ta.g_lse = row_ptr(io.g_lse, r0);
+    ta.g_entropy = row_ptr(io.g_entropy, r0);
+    ta.g_logprob = row_ptr(io.g_logprob, r0);
+    ta.token_loss = out_ptr(io.token_loss, r0);
+    ta.lse = out_ptr(io.lse, r0);
+    ta.entropy = out_ptr(io.entropy, r0);
+    ta.logprob = out_ptr(io.logprob, r0);
+    ta.predicted = io.predicted.defined() ? io.predicted.data_ptr<int64_t>() + r0 : nullptr;
+    gpu::TermsParams tp = T.tp;
+    tp.advantages = row_ptr(T.adv, r0);
+    tp.old_logprobs = row_ptr(T.old, r0);
+    tp.ref_logprobs = row_ptr(T.ref, r0);
+    check_launch(gpu::launch_row_terms(P.kd, ta, P.ep, tp, P.stream), "row_terms");
+    if (G.any()) tile_gemms(P, G, lg, hc, r0, 0, P.V, true, r0 == 0);
+  }
 }
 
 // Per-token float tensor [N] in acc dtype on the device; returns the element stride.
@@ -370,19 +499,42 @@ Tensor per_token(const Tensor& t, const Linear& P, int64_t& stride) {
 }
 
 // ---- ops ----------------------------------------------------------------------------------------
-Out7 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
+Out9 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
                const std::optional<Tensor>& grad_scale, int64_t ignore_index,
                double label_smoothing, double z_loss, double softcap, double logit_scale,
                std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-               bool fp32_grad_accum) {
+               bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   c10::cuda::CUDAGuard guard(hidden.device());
+  const TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);
-  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
-  const Tensor gs = acc_scalar_ptr_tensor(grad_scale, P, "grad_scale");
+  targs.check(P.N, P.V, P.h);
+  int64_t gs_stride = 0;
+  const Tensor gs = grad_scale_tensor(grad_scale, P, gs_stride);
   check_targets(P.tgt, P.V, ignore_index, P.stream);
+
+  if (targs.any()) {
+    TermsRun T = prepare_terms(P, targs);
+    choose_terms_chunk(P, T, chunk_size, vocab_chunk_size);
+    const auto opt = P.h.options();
+    TermsIO io;
+    io.g_tok = gs;
+    io.g_tok_stride = gs_stride;
+    io.token_loss = at::empty({P.N}, opt.dtype(P.acc));
+    io.lse = at::empty({P.N}, opt.dtype(P.acc));
+    io.predicted = at::empty({P.N}, opt.dtype(at::kLong));
+    io.entropy = at::empty({targs.want_entropy ? P.N : 0}, opt.dtype(P.acc));
+    io.logprob = at::empty({targs.want_logprob ? P.N : 0}, opt.dtype(P.acc));
+    Grads G;
+    init_grads(P, G, grad_mask, fp32_grad_accum);
+    run_terms(P, T, G, io);
+    Tensor loss = gs.defined() ? (io.token_loss * gs).sum() : io.token_loss.sum();
+    auto [gh, gw, gb] = finish_grads(P, G);
+    return {loss, io.token_loss, io.lse, io.predicted, io.entropy, io.logprob, gh, gw, gb};
+  }
+  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
 
   const auto opt = P.h.options();
   Tensor token_loss = at::empty({P.N}, opt.dtype(P.acc));
@@ -433,8 +585,8 @@ Out7 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
         sa.first_tile = v0 == 0;
         sa.last_tile = v0 + cols == P.V;
         sa.fused_grad = fused;
-        sa.grad_scale = gs.defined() ? gs.data_ptr() : nullptr;
-        sa.grad_scale_stride = 0;
+        sa.grad_scale = row_ptr(gs, r0, gs_stride);
+        sa.grad_scale_stride = gs_stride;
         sa.grid_limit = grid_limit;
         sa.allow_cluster = allow_cluster;
         sa.cluster_seg_bytes = cluster_seg;
@@ -442,33 +594,61 @@ Out7 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
         if (fused) tile_gemms(P, G, lg, hc, r0, 0, cols, true, r0 == 0);
       }
       if (P.tiled && G.any()) {
-        grad_pass(P, G, buf, hc, r0, rows, sa.lse, gs.defined() ? gs.data_ptr() : nullptr, 0,
+        grad_pass(P, G, buf, hc, r0, rows, sa.lse, row_ptr(gs, r0, gs_stride), gs_stride,
                   nullptr, 0, r0 == 0);
       }
     }
   }
-  Tensor loss = token_loss.sum();
-  if (gs.defined()) loss = loss * gs;
+  Tensor loss = gs.defined() ? (token_loss * gs).sum() : token_loss.sum();
   auto [gh, gw, gb] = finish_grads(P, G);
-  return {loss, token_loss, lse, predicted, gh, gw, gb};
+  const Tensor none = at::empty({0}, opt.dtype(P.acc));
+  return {loss, token_loss, lse, predicted, none, none, gh, gw, gb};
 }
 
 Out3 loss_backward_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                         const std::optional<Tensor>& bias,
                         const std::optional<Tensor>& class_weight, const Tensor& lse_in,
                         const Tensor& grad_token_loss, const std::optional<Tensor>& grad_lse,
-                        int64_t ignore_index, double label_smoothing, double z_loss,
-                        double softcap, double logit_scale, std::array<bool, 3> grad_mask,
-                        int64_t chunk_size, int64_t vocab_chunk_size, bool fp32_grad_accum) {
+                        const std::optional<Tensor>& grad_entropy,
+                        const std::optional<Tensor>& grad_logprob, int64_t ignore_index,
+                        double label_smoothing, double z_loss, double softcap, double logit_scale,
+                        std::array<bool, 3> grad_mask, int64_t chunk_size,
+                        int64_t vocab_chunk_size, bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   c10::cuda::CUDAGuard guard(hidden.device());
+  const TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);
+  targs.check(P.N, P.V, P.h);
   check_per_token(std::optional<Tensor>(lse_in), P.N, P.h, "lse");
   check_per_token(std::optional<Tensor>(grad_token_loss), P.N, P.h, "grad_token_loss");
   check_per_token(grad_lse, P.N, P.h, "grad_lse");
-  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
+  check_per_token(grad_entropy, P.N, P.h, "grad_entropy");
+  check_per_token(grad_logprob, P.N, P.h, "grad_logprob");
+  TORCH_CHECK(!grad_entropy.has_value() || targs.entropy_needed(),
+              "fusedce: grad_entropy needs want_entropy=True");
+  TORCH_CHECK(!grad_logprob.has_value() || targs.want_logprob,
+              "fusedce: grad_logprob needs want_logprob=True");
   check_targets(P.tgt, P.V, ignore_index, P.stream);
+
+  if (targs.any()) {
+    TermsRun T = prepare_terms(P, targs);
+    choose_terms_chunk(P, T, chunk_size, vocab_chunk_size);
+    auto acc = [&](const std::optional<Tensor>& t) {
+      return t.has_value() ? t->to(P.acc).contiguous() : Tensor();
+    };
+    TermsIO io;
+    io.g_tok = grad_token_loss.to(P.acc).contiguous();
+    io.g_tok_stride = 1;
+    io.g_lse = acc(grad_lse);
+    io.g_entropy = acc(grad_entropy);
+    io.g_logprob = acc(grad_logprob);
+    Grads G;
+    init_grads(P, G, grad_mask, fp32_grad_accum);
+    if (G.any()) run_terms(P, T, G, io);
+    return finish_grads(P, G);
+  }
+  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
   const Tensor lse = lse_in.to(P.acc).contiguous();
   int64_t gt_stride = 0, gl_stride = 0;
   const Tensor gt = per_token(grad_token_loss, P, gt_stride);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace fusedce {
 namespace kern {
@@ -72,6 +73,21 @@ struct Epi {
     cC = gs * e;
   }
 };
+
+template <typename A>
+inline Epi<A> make_epi(const gpu::EpiParams& p) {
+  Epi<A> e;
+  e.logit_scale = static_cast<A>(p.logit_scale);
+  e.softcap = static_cast<A>(p.softcap > 0 ? p.softcap : 0.0);
+  e.inv_softcap = static_cast<A>(p.softcap > 0 ? 1.0 / p.softcap : 0.0);
+  e.eps = static_cast<A>(p.label_smoothing);
+  e.z_loss = static_cast<A>(p.z_loss);
+  e.class_weight = static_cast<const A*>(p.class_weight);
+  e.class_weight_sum = static_cast<const A*>(p.class_weight_sum);
+  e.V = p.V;
+  e.ignore_index = p.ignore_index;
+  return e;
+}
 
 }  // namespace kern
 }  // namespace fusedce

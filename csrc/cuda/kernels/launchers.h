@@ -87,6 +87,48 @@ cudaError_t launch_row_stats(DType dtype, const StatsArgs& args, const EpiParams
 cudaError_t launch_row_grad(DType dtype, const GradArgs& args, const EpiParams& epi,
                             cudaStream_t stream);
 
+// The terms beyond the CE (entropy, log-prob, distillation, policy gradient; csrc/cpu/terms.h is
+// the CPU twin, fusedce.cpp's FUSEDCE_TERM_ARGS the definitions), on whole rows: one block per row
+// reads the row for its maxima, its sums (and the JSD's sums), then writes d/d(logits) in place.
+struct TermsParams {
+  double ce_weight = 1.0;
+  double entropy_coef = 0.0;
+  int distill = 0;  // 0 off, 1 forward KL, 2 reverse KL, 3 JSD
+  double distill_weight = 1.0, beta = 0.5, inv_T = 1.0;
+  double eps_low = 0.2, eps_high = 0.2, kl_beta = 0.0;
+  // per-row inputs of the policy loss (acc dtype, offset to row 0 of the call); policy on when
+  // advantages != nullptr; old_logprobs nullptr: ratio 1; ref_logprobs nullptr: no KL term.
+  const void* advantages = nullptr;
+  const void* old_logprobs = nullptr;
+  const void* ref_logprobs = nullptr;
+};
+
+struct TermsArgs {
+  void* logits = nullptr;  // [rows, V] raw logits (ld), overwritten by the gradient if write_grad
+  int64_t ld = 0;
+  int64_t rows = 0;
+  const void* teacher = nullptr;  // [rows, V] raw teacher logits in the logits' dtype, or nullptr
+  int64_t ld_teacher = 0;
+  const int64_t* target = nullptr;
+  bool write_grad = false;
+  // upstream gradients (acc dtype): of token_loss at g_tok[i * g_tok_stride] (nullptr = 1), of
+  // lse, entropy, logprob at [i] (nullptr = 0)
+  const void* g_tok = nullptr;
+  int64_t g_tok_stride = 0;
+  const void* g_lse = nullptr;
+  const void* g_entropy = nullptr;
+  const void* g_logprob = nullptr;
+  // outputs (acc dtype, int64 for predicted), each nullptr = not written
+  void* token_loss = nullptr;
+  void* lse = nullptr;
+  void* entropy = nullptr;
+  void* logprob = nullptr;
+  int64_t* predicted = nullptr;
+};
+
+cudaError_t launch_row_terms(DType dtype, const TermsArgs& args, const EpiParams& epi,
+                             const TermsParams& terms, cudaStream_t stream);
+
 // data[0, n) *= *scale in place (contiguous data of `dtype`; scale: a device scalar of the
 // accumulation dtype). When *scale == 1 the kernel exits without touching data (no host sync).
 cudaError_t launch_scale(DType dtype, void* data, int64_t n, const void* scale, int sm_count,

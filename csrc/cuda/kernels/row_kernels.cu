@@ -417,21 +417,6 @@ __global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocks)
 #endif
 }
 
-template <typename A>
-Epi<A> make_epi(const gpu::EpiParams& p) {
-  Epi<A> e;
-  e.logit_scale = static_cast<A>(p.logit_scale);
-  e.softcap = static_cast<A>(p.softcap > 0 ? p.softcap : 0.0);
-  e.inv_softcap = static_cast<A>(p.softcap > 0 ? 1.0 / p.softcap : 0.0);
-  e.eps = static_cast<A>(p.label_smoothing);
-  e.z_loss = static_cast<A>(p.z_loss);
-  e.class_weight = static_cast<const A*>(p.class_weight);
-  e.class_weight_sum = static_cast<const A*>(p.class_weight_sum);
-  e.V = p.V;
-  e.ignore_index = p.ignore_index;
-  return e;
-}
-
 // A warp per row up to 4 vectors per lane, else a 256-thread block per row (several blocks per SM
 // keep enough loads in flight; a 1024-thread block per row measured ~3x under copy bandwidth).
 inline int pick_nt(int64_t cols, int elem_size) {

@@ -1,0 +1,339 @@
+// The terms beyond the CE on whole rows: entropy, token log-probability, distillation against a
+// teacher (forward KL, reverse KL, generalized JSD) and the clipped policy-gradient objective,
+// together with the CE, z-loss and label smoothing of epilogue.cuh. Plain CUDA C++ (no torch).
+//
+// One 256-thread block per row, all from the one logits chunk the host's GEMM wrote:
+//   pass 1  maxima of z (with the first argmax) and of the teacher's y = b / T
+//   pass 2  the sums relative to those maxima (csrc/cpu/terms.h names them):
+//           s, hz (entropy), wz (smoothing), su, hu_u, hu_y (under q), sy, hy_y, hy_u (under r)
+//   pass 3  (JSD only) the divergence and the mean its gradient subtracts, with both normalizers
+//   pass 4  d(loss)/d(raw logits) written in place.
+// The row is re-read from L2/HBM by each pass: a general kernel for the extra terms; the plain CE
+// keeps the tuned single-pass kernels of row_kernels.cu.
+
+#include "common.cuh"
+#include "epilogue.cuh"
+#include "launchers.h"
+
+namespace fusedce {
+namespace kern {
+
+constexpr int kTermsThreads = 256;
+constexpr int kTermsWarps = kTermsThreads / 32;
+constexpr int64_t kTermsNoIndex = INT64_MAX;
+
+template <typename A>
+struct TermsK {
+  A ce_weight, entropy_coef;
+  int distill;
+  A distill_weight, beta, inv_T;
+  A eps_low, eps_high, kl_beta;
+  const A* advantages;
+  const A* old_logprobs;
+  const A* ref_logprobs;
+};
+
+// Sum of K values over the block; every thread gets the totals.
+template <typename A, int K>
+__device__ __forceinline__ void block_sum(A (&v)[K], A* smem /* K * kTermsWarps */) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // smem may still be read by the previous reduction
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) smem[k * kTermsWarps + warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    A s = A(0);
+#pragma unroll
+    for (int w = 0; w < kTermsWarps; ++w) s += smem[k * kTermsWarps + w];
+    v[k] = s;
+  }
+}
+
+// Block maximum of (m, first index attaining it) and of my; every thread gets the results.
+template <typename A>
+__device__ __forceinline__ void block_max(A& m, int64_t& im, A& my, A* smem, int64_t* smem_i) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const A om = __shfl_xor_sync(0xffffffffu, m, off);
+    const long long oi = __shfl_xor_sync(0xffffffffu, static_cast<long long>(im), off);
+    const A omy = __shfl_xor_sync(0xffffffffu, my, off);
+    if (om > m || (om == m && oi < im)) {
+      m = om;
+      im = oi;
+    }
+    my = acc_max(my, omy);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) {
+    smem[warp] = m;
+    smem[kTermsWarps + warp] = my;
+    smem_i[warp] = im;
+  }
+  __syncthreads();
+  m = smem[0];
+  im = smem_i[0];
+  my = smem[kTermsWarps];
+#pragma unroll
+  for (int w = 1; w < kTermsWarps; ++w) {
+    const A om = smem[w];
+    const int64_t oi = smem_i[w];
+    if (om > m || (om == m && oi < im)) {
+      m = om;
+      im = oi;
+    }
+    my = acc_max(my, smem[kTermsWarps + w]);
+  }
+}
+
+// Accurate exp / log1p / min / max (acc_exp of common.cuh is the fast approximate one).
+__device__ __forceinline__ float xexp(float x) { return expf(x); }
+__device__ __forceinline__ double xexp(double x) { return exp(x); }
+__device__ __forceinline__ float xlog1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double xlog1p(double x) { return log1p(x); }
+__device__ __forceinline__ float xmin(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double xmin(double a, double b) { return fmin(a, b); }
+
+template <typename A>
+__device__ __forceinline__ A log_add_exp(A x, A y) {
+  const A mx = acc_max(x, y);
+  if (mx == neg_inf<A>()) return mx;
+  return mx + acc_log(xexp(x - mx) + xexp(y - mx));
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kTermsThreads)
+    terms_kernel(gpu::TermsArgs g, const Epi<A> ep, const TermsK<A> tk) {
+  __shared__ A red[9 * kTermsWarps];
+  __shared__ int64_t red_i[kTermsWarps];
+  const int64_t row = blockIdx.x;
+  T* a = static_cast<T*>(g.logits) + row * g.ld;
+  const T* b = g.teacher ? static_cast<const T*>(g.teacher) + row * g.ld_teacher : nullptr;
+  const int64_t V = ep.V;
+  const int tid = threadIdx.x;
+  const int64_t t = g.target[row];
+  const bool valid = ep.valid(t);
+  const bool distill = tk.distill != 0 && b != nullptr;
+  const A inv_T = tk.inv_T;
+  const A ninf = neg_inf<A>();
+
+  // Pass 1: maxima (strictly greater keeps each thread's first index; ties across threads are
+  // resolved to the smaller index by the reduction).
+  A m = ninf, my = ninf;
+  int64_t im = kTermsNoIndex;
+  for (int64_t j = tid; j < V; j += kTermsThreads) {
+    const A z = ep.z(to_acc(a[j]));
+    if (z > m) {
+      m = z;
+      im = j;
+    } else if (im == kTermsNoIndex) {
+      im = j;  // an all -inf row: the first index, as torch.argmax
+    }
+    if (distill) my = acc_max(my, to_acc(b[j]) * inv_T);
+  }
+  block_max(m, im, my, red, red_i);
+  const A zt = valid ? ep.z(to_acc(a[t])) : A(0);
+
+  // Pass 2: sums relative to the maxima.
+  const A mu = m * inv_T;
+  A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  for (int64_t j = tid; j < V; j += kTermsThreads) {
+    const A z = ep.z(to_acc(a[j]));
+    if (z != ninf) {
+      const A zf = z - m, e = xexp(zf);
+      v[0] += e;
+      v[1] += e * zf;
+    }
+    if (ep.eps != A(0)) v[2] += ep.w(j) * z;
+    if (distill) {
+      const A uf = z * inv_T - mu;
+      const A yf = to_acc(b[j]) * inv_T - my;
+      if (z != ninf) {
+        const A eu = xexp(uf);
+        v[3] += eu;
+        v[4] += eu * uf;
+        v[5] += eu * yf;
+      }
+      if (yf != ninf) {
+        const A ey = xexp(yf);
+        v[6] += ey;
+        v[7] += ey * yf;
+        v[8] += ey * uf;
+      }
+    }
+  }
+  block_sum(v, red);
+  const A s = v[0], hz = v[1], wz = v[2], su = v[3], hu_u = v[4], hu_y = v[5], sy = v[6],
+          hy_y = v[7], hy_u = v[8];
+  const A lse = m + acc_log(s);
+  const A H = s > A(0) ? acc_log(s) - hz / s : A(0);
+  const A lse_u = mu + acc_log(su), lse_y = my + acc_log(sy);
+
+  // Pass 3 (JSD): the divergence and S = sum_j q_j (1 - beta)(log q_j - log m_j).
+  const A lb = acc_log(tk.beta), l1b = xlog1p(-tk.beta);
+  A jsd = A(0), jsd_s = A(0);
+  if (distill && tk.distill == 3) {
+    A w2[2] = {A(0), A(0)};
+    for (int64_t j = tid; j < V; j += kTermsThreads) {
+      const A lq = ep.z(to_acc(a[j])) * inv_T - lse_u;
+      const A lr = to_acc(b[j]) * inv_T - lse_y;
+      const A lm = log_add_exp(lr + lb, lq + l1b);
+      if (lr != ninf) w2[0] += tk.beta * xexp(lr) * (lr - lm);
+      if (lq != ninf) {
+        const A q = (A(1) - tk.beta) * xexp(lq) * (lq - lm);
+        w2[0] += q;
+        w2[1] += q;
+      }
+    }
+    block_sum(w2, red);
+    jsd = w2[0];
+    jsd_s = w2[1];
+  }
+
+  // The row's values and gradient coefficients (every thread computes the same scalars):
+  //   d/dz_j = cA p_j - cB [j == t] - cC w_j + cE p_j (z_j - lse) + lam * distill_j
+  const A gtok = g.g_tok ? static_cast<const A*>(g.g_tok)[row * g.g_tok_stride] : A(1);
+  const A g_tok = g.write_grad ? gtok : A(0);
+  const A g_lse = g.write_grad && g.g_lse ? static_cast<const A*>(g.g_lse)[row] : A(0);
+  A g_h = g.write_grad && g.g_entropy ? static_cast<const A*>(g.g_entropy)[row] : A(0);
+  A g_lp = g.write_grad && g.g_logprob && valid ? static_cast<const A*>(g.g_logprob)[row] : A(0);
+  A loss = A(0), logprob = A(0), lam = A(0), div = A(0);
+  A cA = g_lse, cB = A(0), cC = A(0);
+  if (valid) {
+    const A wt = ep.w(t);
+    const A e = ep.eps / static_cast<A>(V);
+    const A hard = tk.ce_weight * wt * (A(1) - ep.eps);
+    loss = hard * (lse - zt) + wt * ep.z_loss * lse * lse;
+    if (ep.eps != A(0)) loss += tk.ce_weight * e * (ep.wsum() * lse - wz);
+    cA += g_tok * (hard + tk.ce_weight * e * ep.wsum() + A(2) * ep.z_loss * wt * lse);
+    cB = g_tok * hard;
+    cC = g_tok * tk.ce_weight * e;
+    logprob = zt - lse;
+    if (tk.entropy_coef != A(0)) {
+      loss += tk.entropy_coef * H;
+      g_h += g_tok * tk.entropy_coef;
+    }
+    if (distill) {
+      if (tk.distill == 1) {
+        div = (hy_y - hy_u) / sy + acc_log(su) - acc_log(sy);
+      } else if (tk.distill == 2) {
+        div = (hu_u - hu_y) / su - acc_log(su) + acc_log(sy);
+      } else {
+        div = jsd;
+      }
+      loss += tk.distill_weight * div;
+      lam = g_tok * tk.distill_weight * inv_T;
+    }
+    if (tk.advantages) {
+      const A old = tk.old_logprobs ? tk.old_logprobs[row] : logprob;
+      const A adv = tk.advantages[row];
+      const A ratio = xexp(logprob - old);
+      const A clipped = xmin(acc_max(ratio, A(1) - tk.eps_low), A(1) + tk.eps_high);
+      const A un = ratio * adv, cl = clipped * adv;
+      loss -= xmin(un, cl);
+      A dlp = un <= cl ? -adv * ratio : A(0);
+      if (tk.ref_logprobs) {
+        const A d = tk.ref_logprobs[row] - logprob;
+        loss += tk.kl_beta * (xexp(d) - d - A(1));
+        dlp += tk.kl_beta * (A(1) - xexp(d));
+      }
+      g_lp += g_tok * dlp;
+    }
+  }
+  // d logp/dz_j = [j == t] - p_j;  dH/dz_j = -p_j (z_j - lse) - H p_j
+  cA -= g_lp;
+  cB -= g_lp;
+  const A cE = -g_h;
+  cA -= g_h * H;
+
+  if (tid == 0) {
+    if (g.token_loss) static_cast<A*>(g.token_loss)[row] = loss;
+    if (g.lse) static_cast<A*>(g.lse)[row] = lse;
+    if (g.entropy) static_cast<A*>(g.entropy)[row] = H;
+    if (g.logprob) static_cast<A*>(g.logprob)[row] = valid ? logprob : A(0);
+    if (g.predicted) g.predicted[row] = valid ? (im == kTermsNoIndex ? 0 : im) : -1;
+  }
+  if (!g.write_grad) return;
+  __syncthreads();  // every read of the row (zt included) is done before it is overwritten
+
+  // Pass 4: the gradient, in place.
+  for (int64_t j = tid; j < V; j += kTermsThreads) {
+    const A z = ep.z(to_acc(a[j]));
+    const A zl = z - lse;
+    const A p = xexp(zl);
+    A dz = cA * p;
+    if (cC != A(0)) dz -= cC * ep.w(j);
+    if (j == t) dz -= cB;
+    if (cE != A(0) && p > A(0)) dz += cE * p * zl;
+    if (lam != A(0)) {
+      const A lq = z * inv_T - lse_u;
+      const A lr = to_acc(b[j]) * inv_T - lse_y;
+      const A q = xexp(lq);
+      if (tk.distill == 1) {
+        dz += lam * (q - xexp(lr));
+      } else if (q > A(0)) {
+        if (tk.distill == 2) {
+          dz += lam * q * (lq - lr - div);
+        } else {
+          const A lm = log_add_exp(lr + lb, lq + l1b);
+          dz += lam * q * ((A(1) - tk.beta) * (lq - lm) - jsd_s);
+        }
+      }
+    }
+    a[j] = from_acc<T>(dz * ep.dz_da(z));
+  }
+}
+
+template <typename T>
+cudaError_t terms_impl(const gpu::TermsArgs& args, const gpu::EpiParams& p,
+                       const gpu::TermsParams& tp, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (args.rows <= 0) return cudaSuccess;
+  TermsK<A> tk;
+  tk.ce_weight = static_cast<A>(tp.ce_weight);
+  tk.entropy_coef = static_cast<A>(tp.entropy_coef);
+  tk.distill = tp.distill;
+  tk.distill_weight = static_cast<A>(tp.distill_weight);
+  tk.beta = static_cast<A>(tp.beta);
+  tk.inv_T = static_cast<A>(tp.inv_T);
+  tk.eps_low = static_cast<A>(tp.eps_low);
+  tk.eps_high = static_cast<A>(tp.eps_high);
+  tk.kl_beta = static_cast<A>(tp.kl_beta);
+  tk.advantages = static_cast<const A*>(tp.advantages);
+  tk.old_logprobs = static_cast<const A*>(tp.old_logprobs);
+  tk.ref_logprobs = static_cast<const A*>(tp.ref_logprobs);
+  // One block per row; rows beyond the grid's y-limit are not a concern (blockIdx.x: 2^31 - 1).
+  terms_kernel<T, A><<<static_cast<unsigned>(args.rows), kTermsThreads, 0, stream>>>(
+      args, make_epi<A>(p), tk);
+  return cudaGetLastError();
+}
+
+}  // namespace kern
+
+namespace gpu {
+
+cudaError_t launch_row_terms(DType dtype, const TermsArgs& args, const EpiParams& epi,
+                             const TermsParams& terms, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return kern::terms_impl<__nv_bfloat16>(args, epi, terms, stream);
+    case DType::kFloat16:
+      return kern::terms_impl<__half>(args, epi, terms, stream);
+    case DType::kFloat32:
+      return kern::terms_impl<float>(args, epi, terms, stream);
+    case DType::kFloat64:
+      return kern::terms_impl<double>(args, epi, terms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gpu
+}  // namespace fusedce
