@@ -201,6 +201,17 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
                       None if entropy is None else entropy.reshape(shape))
 
 
+def _sharded(process_group, *tensors) -> bool:
+    """Vocab-parallel call: a process group given, or a weight held as a DTensor."""
+    if process_group is not None:
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors if t is not None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +238,9 @@ def linear_cross_entropy(
     fp32_grad_accum: bool = False,
     low_memory: bool = False,
     entropy_coef: float = 0.0,
+    process_group=None,
+    vocab_start: int | None = None,
+    reduce_grad_input: bool = True,
 ):
     """Cross entropy of ``input @ linear_weight.T + linear_bias`` without materializing the logits.
 
@@ -245,7 +259,28 @@ def linear_cross_entropy(
     ``entropy_coef`` adds entropy_coef * H (the entropy of the softmax) per non-ignored token,
     reduced like the CE (negative: an entropy bonus); ``return_stats`` then also returns the
     per-token entropy (``LossOutput.entropy``), from the same pass.
+
+    Vocab-parallel (fusedce/distributed.py): with ``process_group`` (or a DTensor weight sharded on
+    the vocabulary) ``linear_weight`` / ``linear_bias`` / ``weight`` are this rank's vocabulary
+    shard starting at global id ``vocab_start`` (None: derived from the shards), ``input`` and
+    ``target`` (global ids) are the same on every rank; one collective per chunk.
+    ``reduce_grad_input=False`` leaves the input gradient as this rank's partial sum.
     """
+    if _sharded(process_group, linear_weight, linear_bias):
+        if entropy_coef != 0.0:
+            raise NotImplementedError("fusedce: entropy_coef is not sharded yet (process_group); "
+                                      "use token_logprobs(..., return_entropy=True)")
+        from . import distributed
+
+        return distributed.linear_cross_entropy(
+            input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,
+            linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, logit_scale=logit_scale, num_items_in_batch=num_items_in_batch,
+            shift=shift, return_stats=return_stats, chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size, fp32_grad_accum=fp32_grad_accum,
+            low_memory=low_memory, reduce_grad_input=reduce_grad_input,
+        )
     _check_tensor(input, "input")
     _check_tensor(linear_weight, "linear_weight")
     _check_float(input, "input")
@@ -340,13 +375,26 @@ def cross_entropy(
     num_items_in_batch: int | torch.Tensor | None = None,
     return_stats: bool = False,
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start: int | None = None,
 ):
     """The same terms as :func:`linear_cross_entropy` on given logits ``input`` [..., V].
 
     One online-softmax pass per row in forward; the backward reads each logit once and writes its
     gradient once. ``inplace_backward=True`` writes that gradient into ``input``'s storage (the
-    logits are garbage after backward; no [N, V] allocation).
+    logits are garbage after backward; no [N, V] allocation). With ``process_group``, ``input`` is
+    this rank's vocabulary shard of the logits [..., V_local] (fusedce/distributed.py).
     """
+    if _sharded(process_group, input):
+        from . import distributed
+
+        return distributed.cross_entropy(
+            input, target, process_group=process_group, vocab_start=vocab_start, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+            num_items_in_batch=num_items_in_batch, return_stats=return_stats,
+            inplace_backward=inplace_backward,
+        )
     _check_tensor(input, "input")
     _check_float(input, "input")
     if input.dim() < 1:

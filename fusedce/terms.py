@@ -12,6 +12,7 @@ import math
 import torch
 
 from .functional import (
+    _sharded,
     _check_chunk,
     _check_device,
     _check_finite,
@@ -94,12 +95,22 @@ def _per_token(x, name, shape, ref, ref_name):
 
 
 def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperature=1.0,
-                   return_entropy=False, softcap=None, logit_scale=1.0, chunk_size=None):
+                   return_entropy=False, softcap=None, logit_scale=1.0, chunk_size=None,
+                   process_group=None, vocab_start=None, reduce_grad_input=True):
     """log softmax(logits / temperature)[tokens] per token, logits = input @ linear_weight.T (+ bias),
     never materialized. input [..., H], tokens [...] -> logprobs [...] (float32 for half inputs),
     and the entropy of that softmax per token when ``return_entropy``. Positions whose token is
     -100 (HF's padding label) get log-probability 0. Exact gradients for any upstream gradient
-    of either output (a recomputing backward pass)."""
+    of either output (a recomputing backward pass). ``process_group``: vocab-parallel, as
+    :func:`fusedce.linear_cross_entropy`."""
+    if _sharded(process_group, linear_weight, linear_bias):
+        from . import distributed
+
+        return distributed.token_logprobs(
+            input, linear_weight, tokens, process_group=process_group, vocab_start=vocab_start,
+            linear_bias=linear_bias, temperature=temperature, return_entropy=return_entropy,
+            softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+            reduce_grad_input=reduce_grad_input)
     V, H = _check_head(input, linear_weight, linear_bias)
     _check_target(tokens, input.shape[:-1], input, "input")
     temperature = _check_positive(temperature, "temperature")
@@ -126,7 +137,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
                       teacher_logits=None, kind="forward_kl", beta=0.5, temperature=1.0,
                       distill_weight=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean",
                       linear_bias=None, teacher_bias=None, label_smoothing=0.0, z_loss=0.0,
-                      softcap=None, logit_scale=1.0, chunk_size=None):
+                      softcap=None, logit_scale=1.0, chunk_size=None, entropy_coef=0.0,
+                      process_group=None, vocab_start=None, reduce_grad_input=True):
     """Knowledge distillation of the student head ``input @ linear_weight.T`` toward a teacher,
     without materializing either's logits whole.
 
@@ -136,12 +148,27 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     ``kind``: "forward_kl" KL(r || q), "reverse_kl" KL(q || r), "jsd" the generalized
     Jensen-Shannon divergence beta KL(r || m) + (1 - beta) KL(q || m), m = beta r + (1 - beta) q
     (0 < beta < 1; TRL's GKD and Liger's JSD convention). No temperature**2 factor.
+    ``entropy_coef`` adds entropy_coef * H(softmax(student logits)) per token, from the same pass.
 
     The teacher is given as ``teacher_logits`` [..., V], or as ``teacher_input`` [..., Ht] +
     ``teacher_weight`` [V, Ht] (+ ``teacher_bias``), whose logits are computed chunk by chunk
     beside the student's. Gradients flow to the student only. "mean" divides by the number of
-    non-ignored tokens (nan when there are none, as torch's cross entropy).
+    non-ignored tokens (nan when there are none, as torch's cross entropy). ``process_group``:
+    vocab-parallel, the teacher's weight / logits sharded like the student's.
     """
+    if _sharded(process_group, linear_weight, linear_bias, teacher_weight):
+        if entropy_coef != 0.0:
+            raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
+        from . import distributed
+
+        return distributed.distillation_loss(
+            input, linear_weight, target, teacher_input=teacher_input,
+            teacher_weight=teacher_weight, teacher_logits=teacher_logits, kind=kind, beta=beta,
+            temperature=temperature, distill_weight=distill_weight, ce_weight=ce_weight,
+            ignore_index=ignore_index, reduction=reduction, linear_bias=linear_bias,
+            teacher_bias=teacher_bias, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, logit_scale=logit_scale, process_group=process_group,
+            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
     V, H = _check_head(input, linear_weight, linear_bias)
     _check_target(target, input.shape[:-1], input, "input")
     if kind not in _DISTILL_KINDS:
@@ -156,6 +183,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     _check_finite(ce_weight, "ce_weight")
     _check_finite(label_smoothing, "label_smoothing")
     _check_finite(z_loss, "z_loss")
+    _check_finite(entropy_coef, "entropy_coef")
     _check_chunk(chunk_size, "chunk_size")
     if (teacher_logits is None) == (teacher_input is None):
         raise ValueError("fusedce: give the teacher as teacher_logits, or as teacher_input + teacher_weight (exactly one)")
@@ -195,7 +223,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
         input.reshape(-1, H), linear_weight, flat_target, linear_bias, None, grad_scale,
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, ce_weight=float(ce_weight),
-        distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
+        entropy_coef=float(entropy_coef), distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
         distill_beta=float(beta), distill_temperature=temperature,
         **_head_knobs(softcap, logit_scale), **teacher,
     )
@@ -226,7 +254,8 @@ def _policy_weights(mask, loss_type, max_completion_length):
 def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=None,
                 ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0,
                 loss_type="grpo", entropy_coef=0.0, max_completion_length=None, linear_bias=None,
-                softcap=None, logit_scale=1.0, chunk_size=None):
+                softcap=None, logit_scale=1.0, chunk_size=None, process_group=None,
+                vocab_start=None, reduce_grad_input=True):
     """The clipped policy-gradient objective of TRL's GRPOTrainer on the head
     ``input @ linear_weight.T``, in one pass over the vocabulary.
 
@@ -241,7 +270,19 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     Returns (loss, metrics): metrics holds 0-d tensors computed from the same pass (no host sync):
     clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, ratio/mean, ratio/min,
     ratio/max, kl (when beta != 0), entropy, logprob/mean, advantages/mean, advantages/std.
+    ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
     """
+    if _sharded(process_group, linear_weight, linear_bias):
+        from . import distributed
+
+        return distributed.policy_loss(
+            input, linear_weight, tokens, old_logprobs, advantages, mask=mask,
+            ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, temperature=temperature, loss_type=loss_type,
+            entropy_coef=entropy_coef, max_completion_length=max_completion_length,
+            linear_bias=linear_bias, softcap=softcap, logit_scale=logit_scale,
+            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
+            reduce_grad_input=reduce_grad_input)
     V, H = _check_head(input, linear_weight, linear_bias)
     if input.dim() != 3:
         raise ValueError(f"fusedce: input must have shape [B, T, H], got {tuple(input.shape)}")

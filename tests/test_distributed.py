@@ -455,6 +455,33 @@ def dtensor_weight(c):
 
 
 @check
+def public_entry_points(c):
+    """fusedce's public functions with process_group= (or a DTensor weight) are the sharded ones:
+    the same values as fusedce.distributed's, from the same shards."""
+    V, N, H = 13, 8, 4
+    x = c.randn(N, H, seed=120)
+    W = c.randn(V, H, seed=121)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(122)).to(c.dev)
+    lo, hi = c.layout(V)
+    group = dist.group.WORLD
+    Ws = W[lo:hi]
+    close(fusedce.linear_cross_entropy(x, Ws, t, process_group=group, z_loss=1e-3),
+          fd.linear_cross_entropy(x, Ws, t, z_loss=1e-3), F64, "linear_cross_entropy")
+    close(fusedce.cross_entropy(x @ Ws.T, t, process_group=group),
+          fd.cross_entropy(x @ Ws.T, t), F64, "cross_entropy")
+    close(fusedce.token_logprobs(x, Ws, t, process_group=group),
+          ref.token_logprobs(x @ W.T, t)[0], F64, "token_logprobs")
+    tl = c.randn(N, V, seed=123)
+    close(fusedce.distillation_loss(x, Ws, t, teacher_logits=tl[:, lo:hi], process_group=group),
+          ref.distillation_loss(x @ W.T, tl, t), F64, "distillation_loss")
+    adv = c.randn(2, seed=124)
+    old = c.randn(2, N // 2, seed=125) - 2
+    xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)
+    close(fusedce.policy_loss(xb, Ws, tb, old, adv, process_group=group)[0],
+          ref.policy_loss(xb @ W.T, tb, old, adv)[0], F64, "policy_loss")
+
+
+@check
 def process_group_subgroup(c):
     """process_group= a subgroup (the last two ranks): ranks, offsets and collectives are the
     group's; ranks outside it do nothing."""
