@@ -21,3 +21,11 @@ __all__ = [
     "linear_cross_entropy",
     "nn",
 ]
+
+import os as _os  # noqa: E402
+
+if _os.environ.get("FUSEDCE_PATCH_TRANSFORMERS", "") not in ("", "0"):
+    # fusedce into every transformers *ForCausalLM it can prove it handles (imports transformers)
+    from .integrations import transformers as _hf
+
+    _hf.install()
