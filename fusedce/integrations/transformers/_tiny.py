@@ -72,6 +72,9 @@ _FAMILY = {
 }
 
 
+_MROPE = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm_ocr", "paddleocr", "glm46v")  # mrope_section defaults in code
+
+
 def _fix(cfg, depth=0):
     for k in list(vars(cfg)):
         v = getattr(cfg, k)
@@ -81,6 +84,15 @@ def _fix(cfg, depth=0):
         cfg.num_key_value_heads = cfg.num_attention_heads  # multi-head latent attention: one kv head per head
     if "head_dim" in vars(cfg) and vars(cfg)["head_dim"] is None and getattr(cfg, "num_attention_heads", None):
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None)
+    mt = getattr(cfg, "model_type", "") or ""
+    if isinstance(rope, dict) and getattr(cfg, "hidden_size", None) and getattr(cfg, "num_attention_heads", None) and (
+            isinstance(rope.get("mrope_section"), list) or any(f in mt for f in _MROPE)):
+        # multimodal rope: the sections split the rotary half-dimension, which the shrink made small
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        half = int(hd * rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0) or 1.0)) // 2
+        n = len(rope.get("mrope_section") or [0, 0, 0])
+        rope["mrope_section"] = [half - (n - 1) * (half // n)] + [half // n] * (n - 1)
     for k, v in _FAMILY.get(getattr(cfg, "model_type", None), {}).items():
         setattr(cfg, k, v)
     return cfg
