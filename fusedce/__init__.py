@@ -25,3 +25,11 @@ __all__ = [
     "policy_loss",
     "token_logprobs",
 ]
+
+import os as _os  # noqa: E402
+
+if _os.environ.get("FUSEDCE_PATCH_TRANSFORMERS", "") not in ("", "0"):
+    # fusedce into every transformers *ForCausalLM it can prove it handles (imports transformers)
+    from .integrations import transformers as _hf
+
+    _hf.install()

@@ -1,0 +1,271 @@
+"""fusedce in Hugging Face transformers' causal language models.
+
+    import fusedce.integrations.transformers as fhf
+    fhf.apply(model)      # one model instance (a PeftModel too: its base model)
+    fhf.install()         # every *ForCausalLM / *ForConditionalGeneration class, now and imported later
+    fhf.audit()           # what was patched, refused (and why), failed
+
+or ``FUSEDCE_PATCH_TRANSFORMERS=1`` in the environment: ``import fusedce`` calls install().
+
+A patched forward is the stock forward's own code with the head call, the recognised logit
+transforms (scale, division, softcap), the loss call and the returned logits swapped for fusedce's
+(see ``_analysis``). It takes the fused path when labels are given in training (or when
+``skip_logits=True`` is passed, as the HF Trainer/TRL may do): the head's input, weight and bias go
+to ``fusedce.linear_cross_entropy`` with the shift, ``shift_labels``, ``ignore_index`` and
+``num_items_in_batch`` of transformers' ``ForCausalLMLoss``, and the output has ``logits=None``.
+The stock path runs, unchanged, when labels are None, in eval (unless ``skip_logits=True``), when
+``logits_to_keep`` is set, when ``skip_logits=False`` is passed, or when the model's
+``loss_function`` is not transformers' ForCausalLMLoss.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.abc
+import importlib.util
+import inspect
+import sys
+import threading
+import types
+
+from . import _analysis
+from ._analysis import FusedState, Refused
+
+__all__ = ["apply", "install", "uninstall", "audit", "patch_class", "Refused"]
+
+# class key ("transformers.models.llama.modeling_llama.LlamaForCausalLM") -> record
+_PATCHED: dict[str, dict] = {}
+_REFUSED: dict[str, str] = {}
+_FAILED: dict[str, str] = {}
+_FUSED: dict[type, types.FunctionType] = {}  # class -> patched forward (cache; also used by apply)
+_LOCK = threading.RLock()
+_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "GenerationDecoder",
+                   "ModelWithLMHead")
+
+
+def _key(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _make_forward(cls):
+    """The patched forward of cls (cached) or raise Refused."""
+    if cls in _FUSED:
+        return _FUSED[cls]
+    orig = _analysis.original_forward(cls)
+    inner, plan = _analysis.analyse(cls)
+    sig = inspect.signature(orig)
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    @functools.wraps(orig)
+    def forward(self, *args, **kwargs):
+        skip_logits = kwargs.pop("skip_logits", None)
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError:
+            return inner(self, *args, **kwargs)  # let the stock code raise its own error
+        arguments = bound.arguments
+        labels = arguments.get("labels")
+        keep = arguments.get("logits_to_keep", 0)
+        fused = (self.training and labels is not None) if skip_logits is None else bool(skip_logits)
+        if fused and labels is None:
+            raise ValueError("fusedce: skip_logits=True needs labels (the logits are not computed)")
+        if fused and not (isinstance(keep, int) and keep == 0):
+            fused = False  # logits_to_keep set: the caller wants logits
+        if fused and self.loss_function is not ForCausalLMLoss:
+            _analysis.warn_once(f"fusedce: {type(self).__name__}.loss_function is not transformers' "
+                                "ForCausalLMLoss; the stock forward runs")
+            fused = False
+        state = FusedState(fused)
+        out = inner(self, *args, _fce_state=state, **kwargs)
+        if fused and not state.loss_done:
+            raise RuntimeError(f"fusedce: {type(self).__name__}'s patched forward did not reach its loss")
+        return out
+
+    forward.__signature__ = sig
+    forward._fusedce_original = orig
+    forward._fusedce_plan = {"head": plan.head_attr, "transforms": plan.transforms}
+    _FUSED[cls] = forward
+    return forward
+
+
+def _is_candidate(cls) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return (isinstance(cls, type) and issubclass(cls, PreTrainedModel)
+            and cls.__name__.endswith(_CLASS_SUFFIXES))
+
+
+def analyse_class(cls):
+    """Record cls as patchable, refused or failed; return the patched forward or None."""
+    key = _key(cls)
+    with _LOCK:
+        try:
+            fwd = _make_forward(cls)
+        except Refused as e:
+            _REFUSED[key] = str(e)
+            return None
+        except Exception as e:  # noqa: BLE001  (a bug here must leave the class stock, and be listed)
+            _FAILED[key] = f"{type(e).__name__}: {e}"
+            return None
+        _PATCHED[key] = fwd._fusedce_plan
+        return fwd
+
+
+def patch_class(cls) -> bool:
+    """Replace cls.forward by its fused twin if cls is understood; True if patched."""
+    fwd = analyse_class(cls)
+    if fwd is None:
+        return False
+    if cls.__dict__.get("forward") is not fwd:
+        cls.forward = fwd
+    return True
+
+
+def _patch_module(module) -> None:
+    for obj in list(vars(module).values()):
+        if isinstance(obj, type) and obj.__module__ == module.__name__ and _is_candidate(obj):
+            patch_class(obj)
+
+
+def _is_modeling_module(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "transformers" and parts[1] == "models" \
+        and parts[3].startswith("modeling_")
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Patches transformers' modeling modules when they are imported."""
+
+    def __init__(self):
+        self._busy = set()
+
+    def find_spec(self, name, path=None, target=None):
+        if not _is_modeling_module(name) or name in self._busy:
+            return None
+        self._busy.add(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy.discard(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            loader_exec(module)
+            if _INSTALLED:
+                _patch_module(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_INSTALLED = False
+_FINDER = _Finder()
+
+
+def install() -> dict:
+    """Patch every candidate class of the transformers modeling modules imported now, and (by an
+    import hook) of those imported later. Returns audit()."""
+    global _INSTALLED
+    with _LOCK:
+        _INSTALLED = True
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)
+        for name, module in list(sys.modules.items()):
+            if module is not None and _is_modeling_module(name):
+                _patch_module(module)
+    return audit()
+
+
+def uninstall() -> None:
+    """Restore the stock forwards of the classes install() patched and remove the import hook."""
+    global _INSTALLED
+    with _LOCK:
+        _INSTALLED = False
+        if _FINDER in sys.meta_path:
+            sys.meta_path.remove(_FINDER)
+        for name, module in list(sys.modules.items()):
+            if module is not None and _is_modeling_module(name):
+                for obj in list(vars(module).values()):
+                    if isinstance(obj, type) and obj.__module__ == module.__name__:
+                        f = obj.__dict__.get("forward")
+                        if f is not None and hasattr(f, "_fusedce_original"):
+                            _restore(obj, f)
+
+
+def _restore(cls, patched):
+    orig = patched._fusedce_original
+    # the class either defined this forward itself or inherited it: find which
+    for base in cls.__mro__[1:]:
+        if "forward" in base.__dict__:
+            inherited = base.__dict__["forward"]
+            inherited = getattr(inherited, "_fusedce_original", inherited)
+            if inherited is orig:
+                del cls.forward
+                return
+            break
+    cls.forward = orig
+
+
+def apply(model):
+    """Patch one model instance (its forward only; the class is untouched). Accepts a PeftModel: its
+    base model is patched; a LoRA (or any adapter) on the head is refused with ValueError. Raises
+    ValueError naming the reason when the class is refused. Returns the model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    fwd = analyse_class(cls)
+    if fwd is None:
+        key = _key(cls)
+        raise ValueError(f"fusedce: {cls.__name__} is not patched: "
+                         f"{_REFUSED.get(key) or _FAILED.get(key)}")
+    head = getattr(base, fwd._fusedce_plan["head"])
+    try:
+        _analysis._check_linear_head(head)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    base.forward = types.MethodType(fwd, base)
+    return model
+
+
+def audit(all_models: bool = False) -> dict:
+    """What this process patched (JSON-safe):
+
+    {"transformers_version": str, "installed": bool,
+     "patched": {class: {"head": attr, "transforms": [...]}},
+     "refused": {class: reason}, "failed": {class: error}}
+
+    Classes are keyed by module and name. With all_models=True every class of transformers'
+    causal-LM and image-text-to-text auto mappings is analysed first (imported, not patched unless
+    install() was called)."""
+    import transformers
+
+    if all_models:
+        for cls in _mapping_classes():
+            analyse_class(cls)
+    with _LOCK:
+        return {
+            "transformers_version": transformers.__version__,
+            "installed": _INSTALLED,
+            "patched": {k: dict(v) for k, v in sorted(_PATCHED.items())},
+            "refused": dict(sorted(_REFUSED.items())),
+            "failed": dict(sorted(_FAILED.items())),
+        }
+
+
+def _mapping_classes():
+    import transformers
+    from transformers.models.auto import modeling_auto as ma
+
+    names = list(dict.fromkeys(list(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+                               + list(getattr(ma, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}).values())))
+    out = []
+    for n in names:
+        try:
+            out.append(getattr(transformers, n))
+        except Exception:  # noqa: BLE001  (a model needing an absent dependency)
+            continue
+    return out
