@@ -601,8 +601,9 @@ Out9 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
   }
   Tensor loss = gs.defined() ? (token_loss * gs).sum() : token_loss.sum();
   auto [gh, gw, gb] = finish_grads(P, G);
-  const Tensor none = at::empty({0}, opt.dtype(P.acc));
-  return {loss, token_loss, lse, predicted, none, none, gh, gw, gb};
+  // Two distinct empty outputs: the schema promises outputs that do not alias one another.
+  return {loss,           token_loss, lse, predicted, at::empty({0}, opt.dtype(P.acc)),
+          at::empty({0}, opt.dtype(P.acc)), gh, gw, gb};
 }
 
 Out3 loss_backward_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
