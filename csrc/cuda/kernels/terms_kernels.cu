@@ -94,7 +94,8 @@ __device__ __forceinline__ void block_max(A& m, int64_t& im, A& my, A* smem, int
   }
 }
 
-// Accurate exp / log1p / min / max (acc_exp of common.cuh is the fast approximate one).
+// Accurate exp / log1p / min / max for the per-row scalars (acc_exp of common.cuh, the fast
+// approximate exp of the CE kernels, is used per element).
 __device__ __forceinline__ float xexp(float x) { return expf(x); }
 __device__ __forceinline__ double xexp(double x) { return exp(x); }
 __device__ __forceinline__ float xlog1p(float x) { return log1pf(x); }
@@ -142,28 +143,31 @@ __global__ void __launch_bounds__(kTermsThreads)
   block_max(m, im, my, red, red_i);
   const A zt = valid ? ep.z(to_acc(a[t])) : A(0);
 
-  // Pass 2: sums relative to the maxima.
+  // Pass 2: sums relative to the maxima. At T = 1, u = z and q = p: their exponentials are shared.
   const A mu = m * inv_T;
+  const bool t1 = inv_T == A(1);
   A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
   for (int64_t j = tid; j < V; j += kTermsThreads) {
     const A z = ep.z(to_acc(a[j]));
+    A e = A(0);
     if (z != ninf) {
-      const A zf = z - m, e = xexp(zf);
+      const A zf = z - m;
+      e = acc_exp(zf);
       v[0] += e;
       v[1] += e * zf;
     }
     if (ep.eps != A(0)) v[2] += ep.w(j) * z;
     if (distill) {
-      const A uf = z * inv_T - mu;
+      const A uf = t1 ? z - m : z * inv_T - mu;
       const A yf = to_acc(b[j]) * inv_T - my;
       if (z != ninf) {
-        const A eu = xexp(uf);
+        const A eu = t1 ? e : acc_exp(uf);
         v[3] += eu;
         v[4] += eu * uf;
         v[5] += eu * yf;
       }
       if (yf != ninf) {
-        const A ey = xexp(yf);
+        const A ey = acc_exp(yf);
         v[6] += ey;
         v[7] += ey * yf;
         v[8] += ey * uf;
@@ -268,17 +272,17 @@ __global__ void __launch_bounds__(kTermsThreads)
   for (int64_t j = tid; j < V; j += kTermsThreads) {
     const A z = ep.z(to_acc(a[j]));
     const A zl = z - lse;
-    const A p = xexp(zl);
+    const A p = acc_exp(zl);
     A dz = cA * p;
     if (cC != A(0)) dz -= cC * ep.w(j);
     if (j == t) dz -= cB;
     if (cE != A(0) && p > A(0)) dz += cE * p * zl;
     if (lam != A(0)) {
-      const A lq = z * inv_T - lse_u;
+      const A lq = t1 ? z - lse_u : z * inv_T - lse_u;
       const A lr = to_acc(b[j]) * inv_T - lse_y;
-      const A q = xexp(lq);
+      const A q = t1 ? p : acc_exp(lq);  // at T = 1, lse_u == lse bit for bit (same sums)
       if (tk.distill == 1) {
-        dz += lam * (q - xexp(lr));
+        dz += lam * (q - acc_exp(lr));
       } else if (q > A(0)) {
         if (tk.distill == 2) {
           dz += lam * q * (lq - lr - div);
