@@ -97,6 +97,19 @@ inline void check_logits_args(const at::Tensor& logits, const at::Tensor& target
   check_class_weight(class_weight, logits.size(1), logits);
 }
 
+// The shard ops: logits [N, V_local] (unit stride along the vocabulary), target [N] global ids,
+// class weights [V_local] (this shard's), vocab_start >= 0.
+inline void check_shard_args(const at::Tensor& logits, const at::Tensor& target,
+                             int64_t vocab_start, const std::optional<at::Tensor>& class_weight) {
+  check_float_tensor(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "fusedce: logits must be 2-D [N, V_local], got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1,
+              "fusedce: logits must have unit stride along the vocabulary");
+  TORCH_CHECK(vocab_start >= 0, "fusedce: vocab_start must be >= 0, got ", vocab_start);
+  check_target(target, logits.size(0), logits);
+  check_class_weight(class_weight, logits.size(1), logits);
+}
+
 // The accumulation dtype of the softmax math: float32 for half types, else the input's.
 inline at::ScalarType acc_type_of(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

@@ -109,6 +109,22 @@ TORCH_LIBRARY(fusedce, m) {
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0) "
       "-> ()");
 
+  // Vocab-parallel building blocks (fusedce/distributed.py): the row math on this rank's shard of
+  // the logits [N, V_local], columns [vocab_start, vocab_start + V_local) of the vocabulary;
+  // target holds global ids (ignore_index or any id outside the shard owns nothing here).
+  // shard_stats -> [N, 6] in the accumulation dtype, per row over the shard's final logits z:
+  //   max z, sum exp(z - max), sum_c w_c z_c, z at the target and w at the target (0 unless this
+  //   shard owns it), the first argmax as a global id.
+  m.def(
+      "shard_stats(Tensor logits, Tensor target, int vocab_start, Tensor? class_weight=None, "
+      "int ignore_index=-100, float softcap=0.0, float logit_scale=1.0) -> Tensor");
+  // logits <- d/d(raw logits) in place, from the gathered statistics: per row i and local class j
+  //   (coef_p[i] exp(z_ij - lse[i]) - coef_w[i] w_j - [j is target i, not ignored] coef_t[i]) * dz/da
+  m.def(
+      "shard_grad_(Tensor(a!) logits, Tensor target, int vocab_start, Tensor? class_weight, "
+      "Tensor lse, Tensor coef_p, Tensor coef_t, Tensor? coef_w=None, int ignore_index=-100, "
+      "float softcap=0.0, float logit_scale=1.0) -> ()");
+
   // self *= scale (a one-element tensor on self's device), in place. The backward of `loss` uses it
   // to apply the upstream gradient to the gradients computed in the forward; when scale == 1
   // (plain loss.backward()) the kernel exits without touching self, with no host synchronization.

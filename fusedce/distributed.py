@@ -210,6 +210,21 @@ def _raw(P, lo, hi, teacher=False):
     return r
 
 
+def _raw_native(P, lo, hi, writable):
+    """Local raw logits of rows [lo, hi) in the input dtype (contiguous); a private copy when the
+    gradient will overwrite them and they are the caller's logits."""
+    if P.logits is not None:
+        x = P.logits[lo:hi]
+        return x.clone(memory_format=torch.contiguous_format) if writable else x.contiguous()
+    h = P.hidden[lo:hi]
+    W = P.W
+    if h.dtype != W.dtype:
+        h = h.to(W.dtype)
+    if P.b is not None:
+        return torch.addmm(P.b.to(W.dtype), h, W.t())
+    return torch.mm(h, W.t())
+
+
 def _target_local(P, tgt):
     """(owned mask, local index safe for gather) of global targets `tgt` on this rank."""
     li = tgt - P.v0
@@ -236,29 +251,29 @@ def _chunk(P, lo, hi, coefs, grads):
     """One chunk: local partials, ONE gather (two for JSD), combine, per-row outputs, and, when
     `grads` is given, the local gradient contributions with per-row coefficients `coefs`."""
     k = P.kind
-    raw = _raw(P, lo, hi)
+    raw = None if k == "ce" else _raw(P, lo, hi)
     tgt = P.target[lo:hi]
     owned, li = _target_local(P, tgt)
     cols = []
     out = {}
 
     if k == "ce":
-        s = P.logit_scale
-        z = raw * s
-        if P.softcap is not None:
-            z = P.softcap * torch.tanh(z / P.softcap)
-        m, e, se = _local_softmax(z)
-        cols += [m, se, _pick(z, owned, li)]
+        # The row math runs in the fused row kernels (fusedce::shard_stats / shard_grad_) on the
+        # shard's logits in the input dtype: one read for the partials, one in-place gradient.
+        lg = _raw_native(P, lo, hi, writable=grads is not None)
+        st = torch.ops.fusedce.shard_stats(
+            lg, tgt, P.v0, P.w, ignore_index=P.ignore_index if P.ignore_index is not None else -100,
+            softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+        m = st[:, 0]
+        cols += [m, st[:, 1], st[:, 3]]
         if P.w is not None:
-            cols.append(_pick(P.w.to(z.dtype)[None, :].expand_as(z), owned, li) if z.shape[-1] else torch.zeros_like(m))
+            cols.append(st[:, 4])
         if P.label_smoothing > 0:
-            wz = (z * P.w.to(z.dtype)).sum(-1) if P.w is not None else z.sum(-1)
-            wsum = (P.w.to(z.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=z.dtype, device=z.device))
-            cols += [wz, wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
+            wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=m.dtype, device=m.device))
+            cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
         if P.need_argmax:
-            am = z.argmax(-1) if z.shape[-1] else torch.zeros(m.shape, dtype=torch.long, device=m.device)
-            cols.append((am + P.v0).to(z.dtype))
-        del e
+            cols.append(st[:, 5])
+        z = m  # only its dtype and device are used below
         G = _gather(torch.stack(cols, -1), P.group, P.world)
         M, lse, S = _combine(G[..., 0], G[..., 1])
         valid = tgt != P.ignore_index
@@ -286,24 +301,23 @@ def _chunk(P, lo, hi, coefs, grads):
         if grads is None:
             return out
         a_loss, a_lse = coefs
-        p = torch.exp(z - lse[:, None])
         row = torch.zeros_like(lse)
+        coef_t = torch.zeros_like(lse)
+        coef_w = None
         if a_loss is not None:
             a = a_loss * vf
             row = a * wt * ((1 - eps) + 2 * P.z_loss * lse)
+            coef_t = a * wt * (1 - eps)
             if eps > 0:
                 row = row + a * (eps / V) * wsum
+                coef_w = a * (eps / V)
         if a_lse is not None:
             row = row + a_lse
-        dz = p.mul_(row[:, None])  # p is not needed after this
-        if a_loss is not None:
-            if eps > 0:
-                wv = P.w.to(z.dtype) if P.w is not None else torch.ones(z.shape[-1], dtype=z.dtype, device=z.device)
-                dz = dz - (a * eps / V)[:, None] * wv[None, :]
-            dz = _sub_onehot(dz, owned, li, a * wt * (1 - eps))
-        draw = dz * s
-        if P.softcap is not None:
-            draw = draw * (1 - (z / P.softcap) ** 2)
+        torch.ops.fusedce.shard_grad_(
+            lg, tgt, P.v0, P.w, lse, row, coef_t, coef_w,
+            ignore_index=P.ignore_index if P.ignore_index is not None else -100,
+            softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+        draw = lg
         _accumulate(P, lo, hi, draw, grads)
         return out
 
@@ -448,7 +462,7 @@ def _accumulate(P, lo, hi, draw, grads):
         gW.addmm_(draw.t().to(P.hidden.dtype), P.hidden[lo:hi]) if gW.dtype == P.hidden.dtype else \
             gW.add_(torch.matmul(draw.t().to(P.hidden.dtype), P.hidden[lo:hi]).to(gW.dtype))
     if grads.get("b") is not None:
-        grads["b"] += draw.sum(0).to(grads["b"].dtype)
+        grads["b"] += draw.sum(0, dtype=grads["b"].dtype)
 
 
 def _run(P, coefs=None, need=None):

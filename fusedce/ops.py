@@ -114,6 +114,18 @@ _SCALE_DEVICES = {
 }
 
 
+@register_fake("fusedce::shard_stats")
+def _shard_stats_fake(logits, target, vocab_start, class_weight=None, ignore_index=-100,
+                      softcap=0.0, logit_scale=1.0):
+    return logits.new_empty((logits.shape[0], 6), dtype=_acc_dtype(logits.dtype))
+
+
+@register_fake("fusedce::shard_grad_")
+def _shard_grad_fake(logits, target, vocab_start, class_weight, lse, coef_p, coef_t, coef_w=None,
+                     ignore_index=-100, softcap=0.0, logit_scale=1.0):
+    return None
+
+
 @register_fake("fusedce::scale_")
 def _scale_fake(self, scale):
     return None

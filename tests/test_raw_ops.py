@@ -120,3 +120,62 @@ def test_scale_op(device, case):
     want = buf * scale
     torch.ops.fusedce.scale_(buf, scale)
     torch.testing.assert_close(buf, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The vocab-parallel building blocks on shards of one logits matrix.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bounds", [(0, 9, 23), (0, 0, 23), (0, 23, 23)])  # uneven; an empty shard
+def test_shard_ops(device, dtype, bounds):
+    """shard_stats on each shard, combined as fusedce.distributed does, gives the reference lse,
+    target logit and argmax; shard_grad_ with a smoothed, class-weighted mean CE's coefficients
+    gives the reference gradient of the logits, shard by shard."""
+    N, V, eps, zl = 11, bounds[-1], 0.1, 1e-2
+    kw = dict(softcap=4.0, logit_scale=1.3)
+    raw = (torch.randn(N, V, dtype=torch.float64) * 2).to(device, dtype)
+    t = torch.randint(0, V, (N,), device=device)
+    t[1] = -100
+    cw = torch.rand(V, dtype=torch.float64, device=device) + 0.5
+    shards = list(zip(bounds[:-1], bounds[1:]))
+    stats = [torch.ops.fusedce.shard_stats(raw[:, a:b].contiguous(), t, a, cw[a:b], **kw)
+             for a, b in shards]
+    G = torch.stack(stats).double()
+    M = G[..., 0].amax(0)
+    lse = M + torch.log((G[..., 1] * torch.exp(G[..., 0] - M)).sum(0))
+    z64 = raw.double().requires_grad_()
+    ref = reference.cross_entropy(z64, t, weight=cw, label_smoothing=eps, z_loss=zl,
+                                  reduction="mean", **kw)
+    tight = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close(lse, ref.lse.detach(), tight, what="lse")
+    valid = t != -100
+    zt = G[..., 3].sum(0)
+    z = reference.final_logits(raw.double(), kw["logit_scale"], kw["softcap"])
+    assert_close(zt[valid], z[valid, t[valid]], tight, what="target logit")
+    best = torch.where(G[..., 0] == M, G[..., 5], torch.full_like(G[..., 5], float("inf"))).amin(0)
+    assert torch.equal(best.long().cpu(), z.argmax(-1).cpu())
+    # the mean CE's per-row coefficients (as fusedce.distributed forms them)
+    wt = G[..., 4].sum(0) * valid
+    a = valid / wt.sum()
+    coef_p = a * (wt * (1 - eps + 2 * zl * lse) + eps / V * cw.sum())
+    coef_t, coef_w = a * wt * (1 - eps), a * eps / V
+    (g_ref,) = torch.autograd.grad(ref.loss, z64)
+    for (lo, hi) in shards:
+        g = raw[:, lo:hi].clone()
+        torch.ops.fusedce.shard_grad_(g, t, lo, cw[lo:hi], lse, coef_p, coef_t, coef_w, **kw)
+        if dtype == torch.bfloat16:  # the gradient is rounded to bfloat16 once
+            torch.testing.assert_close(g.double(), g_ref[:, lo:hi], rtol=1e-2, atol=2e-3 * g_ref.abs().max().item())
+        else:
+            assert_close(g, g_ref[:, lo:hi], tight, what=f"grad of shard [{lo}, {hi})")
+
+
+def test_shard_ops_opcheck(device):
+    raw = torch.randn(5, 7, dtype=torch.float64, device=device)
+    t = torch.tensor([0, 3, -100, 9, 12], device=device)
+    cw = torch.rand(7, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.fusedce.shard_stats.default, (raw, t, 4, cw), {"softcap": 2.0})
+    v = torch.rand(5, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.fusedce.shard_grad_.default, (raw.clone(), t, 4, cw, v, v, v, v),
+                          {"logit_scale": 0.5})

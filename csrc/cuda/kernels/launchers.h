@@ -129,6 +129,30 @@ struct TermsArgs {
 cudaError_t launch_row_terms(DType dtype, const TermsArgs& args, const EpiParams& epi,
                              const TermsParams& terms, cudaStream_t stream);
 
+// The vocab-parallel building blocks (fusedce::shard_stats / shard_grad_; csrc/cpu/shard_cpu.cpp is
+// the CPU twin): one block per row of a shard [rows, cols] of the logits, at global column
+// vocab_start. Per-row arrays are in the accumulation dtype; class_weight is the shard's [cols].
+struct ShardArgs {
+  void* logits = nullptr;  // read by shard_stats, overwritten by shard_grad
+  int64_t ld = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const int64_t* target = nullptr;  // global ids
+  int64_t vocab_start = 0;
+  int64_t ignore_index = -100;
+  const void* class_weight = nullptr;
+  double softcap = 0.0;
+  double logit_scale = 1.0;
+  void* stats = nullptr;  // shard_stats: [rows, 6]
+  const void* lse = nullptr;  // shard_grad: [rows] each; coef_w may be nullptr (0)
+  const void* coef_p = nullptr;
+  const void* coef_t = nullptr;
+  const void* coef_w = nullptr;
+};
+
+cudaError_t launch_shard_stats(DType dtype, const ShardArgs& args, cudaStream_t stream);
+cudaError_t launch_shard_grad(DType dtype, const ShardArgs& args, cudaStream_t stream);
+
 // data[0, n) *= *scale in place (contiguous data of `dtype`; scale: a device scalar of the
 // accumulation dtype). When *scale == 1 the kernel exits without touching data (no host sync).
 cudaError_t launch_scale(DType dtype, void* data, int64_t n, const void* scale, int sm_count,

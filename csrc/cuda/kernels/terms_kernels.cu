@@ -8,12 +8,13 @@
 //           s, hz (entropy), wz (smoothing), su, hu_u, hu_y (under q), sy, hy_y, hy_u (under r)
 //   pass 3  (JSD only) the divergence and the mean its gradient subtracts, with both normalizers
 //   pass 4  d(loss)/d(raw logits) written in place.
-// The row is re-read from L2/HBM by each pass: a general kernel for the extra terms; the plain CE
-// keeps the tuned single-pass kernels of row_kernels.cu.
+// Each pass re-reads the row (16-byte vector loads); a general kernel for the extra terms, while
+// the plain CE keeps the tuned kernels of row_kernels.cu.
 
 #include "common.cuh"
 #include "epilogue.cuh"
 #include "launchers.h"
+#include "row_iter.cuh"
 
 namespace fusedce {
 namespace kern {
@@ -32,67 +33,6 @@ struct TermsK {
   const A* old_logprobs;
   const A* ref_logprobs;
 };
-
-// Sum of K values over the block; every thread gets the totals.
-template <typename A, int K>
-__device__ __forceinline__ void block_sum(A (&v)[K], A* smem /* K * kTermsWarps */) {
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read by the previous reduction
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) smem[k * kTermsWarps + warp] = v[k];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    A s = A(0);
-#pragma unroll
-    for (int w = 0; w < kTermsWarps; ++w) s += smem[k * kTermsWarps + w];
-    v[k] = s;
-  }
-}
-
-// Block maximum of (m, first index attaining it) and of my; every thread gets the results.
-template <typename A>
-__device__ __forceinline__ void block_max(A& m, int64_t& im, A& my, A* smem, int64_t* smem_i) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const A om = __shfl_xor_sync(0xffffffffu, m, off);
-    const long long oi = __shfl_xor_sync(0xffffffffu, static_cast<long long>(im), off);
-    const A omy = __shfl_xor_sync(0xffffffffu, my, off);
-    if (om > m || (om == m && oi < im)) {
-      m = om;
-      im = oi;
-    }
-    my = acc_max(my, omy);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) {
-    smem[warp] = m;
-    smem[kTermsWarps + warp] = my;
-    smem_i[warp] = im;
-  }
-  __syncthreads();
-  m = smem[0];
-  im = smem_i[0];
-  my = smem[kTermsWarps];
-#pragma unroll
-  for (int w = 1; w < kTermsWarps; ++w) {
-    const A om = smem[w];
-    const int64_t oi = smem_i[w];
-    if (om > m || (om == m && oi < im)) {
-      m = om;
-      im = oi;
-    }
-    my = acc_max(my, smem[kTermsWarps + w]);
-  }
-}
 
 // Accurate exp / log1p / min / max for the per-row scalars (acc_exp of common.cuh, the fast
 // approximate exp of the CE kernels, is used per element).
@@ -130,25 +70,25 @@ __global__ void __launch_bounds__(kTermsThreads)
   // resolved to the smaller index by the reduction).
   A m = ninf, my = ninf;
   int64_t im = kTermsNoIndex;
-  for (int64_t j = tid; j < V; j += kTermsThreads) {
-    const A z = ep.z(to_acc(a[j]));
+  for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
+    const A z = ep.z(raw);
     if (z > m) {
       m = z;
       im = j;
     } else if (im == kTermsNoIndex) {
       im = j;  // an all -inf row: the first index, as torch.argmax
     }
-    if (distill) my = acc_max(my, to_acc(b[j]) * inv_T);
-  }
-  block_max(m, im, my, red, red_i);
+    if (distill) my = acc_max(my, braw * inv_T);
+  });
+  block_max<kTermsThreads>(m, im, my, red, red_i);
   const A zt = valid ? ep.z(to_acc(a[t])) : A(0);
 
   // Pass 2: sums relative to the maxima. At T = 1, u = z and q = p: their exponentials are shared.
   const A mu = m * inv_T;
   const bool t1 = inv_T == A(1);
   A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
-  for (int64_t j = tid; j < V; j += kTermsThreads) {
-    const A z = ep.z(to_acc(a[j]));
+  for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
+    const A z = ep.z(raw);
     A e = A(0);
     if (z != ninf) {
       const A zf = z - m;
@@ -159,7 +99,7 @@ __global__ void __launch_bounds__(kTermsThreads)
     if (ep.eps != A(0)) v[2] += ep.w(j) * z;
     if (distill) {
       const A uf = t1 ? z - m : z * inv_T - mu;
-      const A yf = to_acc(b[j]) * inv_T - my;
+      const A yf = braw * inv_T - my;
       if (z != ninf) {
         const A eu = t1 ? e : acc_exp(uf);
         v[3] += eu;
@@ -173,8 +113,8 @@ __global__ void __launch_bounds__(kTermsThreads)
         v[8] += ey * uf;
       }
     }
-  }
-  block_sum(v, red);
+  });
+  block_sum<kTermsThreads>(v, red);
   const A s = v[0], hz = v[1], wz = v[2], su = v[3], hu_u = v[4], hu_y = v[5], sy = v[6],
           hy_y = v[7], hy_u = v[8];
   const A lse = m + acc_log(s);
@@ -186,9 +126,9 @@ __global__ void __launch_bounds__(kTermsThreads)
   A jsd = A(0), jsd_s = A(0);
   if (distill && tk.distill == 3) {
     A w2[2] = {A(0), A(0)};
-    for (int64_t j = tid; j < V; j += kTermsThreads) {
-      const A lq = ep.z(to_acc(a[j])) * inv_T - lse_u;
-      const A lr = to_acc(b[j]) * inv_T - lse_y;
+    for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t, A raw, A braw) {
+      const A lq = ep.z(raw) * inv_T - lse_u;
+      const A lr = braw * inv_T - lse_y;
       const A lm = log_add_exp(lr + lb, lq + l1b);
       if (lr != ninf) w2[0] += tk.beta * xexp(lr) * (lr - lm);
       if (lq != ninf) {
@@ -196,8 +136,8 @@ __global__ void __launch_bounds__(kTermsThreads)
         w2[0] += q;
         w2[1] += q;
       }
-    }
-    block_sum(w2, red);
+    });
+    block_sum<kTermsThreads>(w2, red);
     jsd = w2[0];
     jsd_s = w2[1];
   }
@@ -269,8 +209,8 @@ __global__ void __launch_bounds__(kTermsThreads)
   __syncthreads();  // every read of the row (zt included) is done before it is overwritten
 
   // Pass 4: the gradient, in place.
-  for (int64_t j = tid; j < V; j += kTermsThreads) {
-    const A z = ep.z(to_acc(a[j]));
+  update_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
+    const A z = ep.z(raw);
     const A zl = z - lse;
     const A p = acc_exp(zl);
     A dz = cA * p;
@@ -279,7 +219,7 @@ __global__ void __launch_bounds__(kTermsThreads)
     if (cE != A(0) && p > A(0)) dz += cE * p * zl;
     if (lam != A(0)) {
       const A lq = t1 ? z - lse_u : z * inv_T - lse_u;
-      const A lr = to_acc(b[j]) * inv_T - lse_y;
+      const A lr = braw * inv_T - lse_y;
       const A q = t1 ? p : acc_exp(lq);  // at T = 1, lse_u == lse bit for bit (same sums)
       if (tk.distill == 1) {
         dz += lam * (q - acc_exp(lr));
@@ -292,8 +232,8 @@ __global__ void __launch_bounds__(kTermsThreads)
         }
       }
     }
-    a[j] = from_acc<T>(dz * ep.dz_da(z));
-  }
+    return dz * ep.dz_da(z);
+  });
 }
 
 template <typename T>
