@@ -173,9 +173,15 @@ class _Problem:
 def _default_chunk(P, n_rows):
     if P.chunk_size:
         return max(1, min(P.chunk_size, max(n_rows, 1)))
-    per_row = 4 * max(P.v_local, 1) * (8 if P.acc == torch.float64 else 4)
-    if P.kind == "distill":
-        per_row *= 2
+    if P.kind == "ce":
+        # The row kernels work on the one [C, V_local] logits chunk in the input dtype (as the
+        # single-GPU op, which fills the same budget): large chunks, few collectives.
+        src = P.logits if P.logits is not None else P.W
+        per_row = max(P.v_local, 1) * src.element_size()
+    else:
+        per_row = 4 * max(P.v_local, 1) * (8 if P.acc == torch.float64 else 4)
+        if P.kind == "distill":
+            per_row *= 2
     budget = _BUDGET_BYTES.get(P.device.type, _BUDGET_BYTES["cpu"])
     return max(1, min(max(n_rows, 1), budget // per_row))
 
