@@ -32,4 +32,4 @@ if _os.environ.get("FUSEDCE_PATCH_TRANSFORMERS", "") not in ("", "0"):
     # fusedce into every transformers *ForCausalLM it can prove it handles (imports transformers)
     from .integrations import transformers as _hf
 
-    _hf.install()
+    _hf.install(verified_only=_os.environ["FUSEDCE_PATCH_TRANSFORMERS"] == "verified")

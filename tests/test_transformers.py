@@ -252,9 +252,9 @@ def test_audit_is_json_safe():
     fhf.analyse_class(transformers.BartForCausalLM)
     a = json.loads(json.dumps(fhf.audit()))
     assert a["transformers_version"] == transformers.__version__
-    assert set(a) == {"transformers_version", "installed", "patched", "refused", "failed"}
+    assert set(a) == {"transformers_version", "installed", "verified", "patched", "refused", "failed"}
     assert a["patched"]["transformers.models.llama.modeling_llama.LlamaForCausalLM"] == {
-        "head": "lm_head", "transforms": []}
+        "head": "lm_head", "transforms": [], "verified": True}
 
 
 # --- install(), the import hook, the environment variable --------------------------------------
@@ -398,3 +398,30 @@ def test_torch_compile_training_step():
     assert out.logits is None
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     assert _tiny.compare(stock, (out.loss.detach(), grads, out)) is None
+
+
+def test_audit_marks_verified_and_verified_only():
+    """audit() marks the classes of the shipped verified list; install(verified_only=True) and
+    apply(verified_only=True) patch only those and refuse the others with that reason."""
+    import transformers
+
+    listed = fhf.verified_classes()
+    if transformers.__version__ != fhf._manifest()[0]:
+        assert listed == frozenset()
+        return
+    assert "LlamaForCausalLM" in listed and len(listed) >= 100
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    fhf.apply(transformers.LlamaForCausalLM(cfg), verified_only=True)
+    a = fhf.audit()
+    rec = [v for k, v in a["patched"].items() if k.endswith(".LlamaForCausalLM")]
+    assert rec and rec[0]["verified"] is True and a["verified"] >= 1
+    json.dumps(a)
+
+    class MyLlamaForCausalLM(transformers.LlamaForCausalLM):  # same forward, not on the list
+        pass
+
+    with pytest.raises(ValueError, match="verified list"):
+        fhf.apply(MyLlamaForCausalLM(cfg), verified_only=True)
+    fhf.apply(MyLlamaForCausalLM(cfg))  # understood from its source: patched without the flag
+    assert fhf.audit()["patched"][fhf._key(MyLlamaForCausalLM)]["verified"] is False

@@ -72,3 +72,10 @@ def test_totals():
     print(json.dumps(summary))
     assert not by.get("mismatch") and not by.get("failed"), {k: by.get(k) for k in ("mismatch", "failed")}
     assert summary.get("verified", 0) >= MIN_VERIFIED, summary
+    # The shipped list of verified classes (audit()'s "verified", install(verified_only=True)) is
+    # exactly what this sweep verified, for the transformers version it names.
+    version, listed = fhf._manifest()
+    if transformers.__version__ == version:
+        assert listed == set(by.get("verified", {})), {
+            "listed, not verified now": sorted(listed - set(by.get("verified", {}))),
+            "verified now, not listed": sorted(set(by.get("verified", {})) - listed)}

@@ -5,7 +5,15 @@
     fhf.install()         # every *ForCausalLM / *ForConditionalGeneration class, now and imported later
     fhf.audit()           # what was patched, refused (and why), failed
 
-or ``FUSEDCE_PATCH_TRANSFORMERS=1`` in the environment: ``import fusedce`` calls install().
+or ``FUSEDCE_PATCH_TRANSFORMERS=1`` in the environment: ``import fusedce`` calls install()
+(``FUSEDCE_PATCH_TRANSFORMERS=verified``: install(verified_only=True)).
+
+Verified classes: ``verified.json`` lists the classes that tests/test_transformers_sweep.py
+patched and checked against their stock forward (loss and every parameter's gradient) for one
+transformers version; the sweep fails if the list and its result differ. audit() marks each
+patched class ``verified`` when it is on that list for the installed version; with
+``verified_only=True`` install() and apply() patch only those (the others stay stock, refused with
+that reason).
 
 A patched forward is the stock forward's own code with the head call, the recognised logit
 transforms (scale, division, softcap), the loss call and the returned logits swapped for fusedce's
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import os
 import importlib.abc
 import importlib.util
 import inspect
@@ -32,7 +42,7 @@ import types
 from . import _analysis
 from ._analysis import FusedState, Refused
 
-__all__ = ["apply", "install", "uninstall", "audit", "patch_class", "Refused"]
+__all__ = ["apply", "install", "uninstall", "audit", "patch_class", "verified_classes", "Refused"]
 
 # class key ("transformers.models.llama.modeling_llama.LlamaForCausalLM") -> record
 _PATCHED: dict[str, dict] = {}
@@ -46,6 +56,22 @@ _CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Ge
 
 def _key(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@functools.lru_cache(maxsize=None)
+def _manifest() -> tuple[str, frozenset]:
+    with open(os.path.join(os.path.dirname(__file__), "verified.json")) as f:
+        m = json.load(f)
+    return m["transformers_version"], frozenset(m["classes"])
+
+
+def verified_classes() -> frozenset:
+    """Names of the classes the sweep verified for the installed transformers version (empty for
+    another version)."""
+    import transformers
+
+    version, classes = _manifest()
+    return classes if transformers.__version__ == version else frozenset()
 
 
 def _make_forward(cls):
@@ -114,10 +140,25 @@ def analyse_class(cls):
         return fwd
 
 
-def patch_class(cls) -> bool:
-    """Replace cls.forward by its fused twin if cls is understood; True if patched."""
+def _refuse_unverified(cls) -> bool:
+    """With verified_only: a class off the verified list is refused (stays stock); True if so."""
+    if cls.__name__ in verified_classes():
+        return False
+    import transformers
+
+    key = _key(cls)
+    with _LOCK:
+        _PATCHED.pop(key, None)
+        _REFUSED[key] = (f"not on fusedce's verified list for transformers {transformers.__version__} "
+                         f"(verified_only=True; the list is for {_manifest()[0]})")
+    return True
+
+
+def patch_class(cls, verified_only: bool = False) -> bool:
+    """Replace cls.forward by its fused twin if cls is understood (and, with verified_only, on the
+    verified list); True if patched."""
     fwd = analyse_class(cls)
-    if fwd is None:
+    if fwd is None or (verified_only and _refuse_unverified(cls)):
         return False
     if cls.__dict__.get("forward") is not fwd:
         cls.forward = fwd
@@ -127,7 +168,7 @@ def patch_class(cls) -> bool:
 def _patch_module(module) -> None:
     for obj in list(vars(module).values()):
         if isinstance(obj, type) and obj.__module__ == module.__name__ and _is_candidate(obj):
-            patch_class(obj)
+            patch_class(obj, _VERIFIED_ONLY)
 
 
 def _is_modeling_module(name: str) -> bool:
@@ -164,15 +205,18 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 _INSTALLED = False
+_VERIFIED_ONLY = False
 _FINDER = _Finder()
 
 
-def install() -> dict:
+def install(verified_only: bool = False) -> dict:
     """Patch every candidate class of the transformers modeling modules imported now, and (by an
-    import hook) of those imported later. Returns audit()."""
-    global _INSTALLED
+    import hook) of those imported later; with verified_only, only the classes on the verified list
+    for the installed transformers version. Returns audit()."""
+    global _INSTALLED, _VERIFIED_ONLY
     with _LOCK:
         _INSTALLED = True
+        _VERIFIED_ONLY = verified_only
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
         for name, module in list(sys.modules.items()):
@@ -211,13 +255,16 @@ def _restore(cls, patched):
     cls.forward = orig
 
 
-def apply(model):
+def apply(model, verified_only: bool = False):
     """Patch one model instance (its forward only; the class is untouched). Accepts a PeftModel: its
     base model is patched; a LoRA (or any adapter) on the head is refused with ValueError. Raises
-    ValueError naming the reason when the class is refused. Returns the model."""
+    ValueError naming the reason when the class is refused (with verified_only, also when it is not
+    on the verified list). Returns the model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cls = type(base)
     fwd = analyse_class(cls)
+    if fwd is not None and verified_only and _refuse_unverified(cls):
+        fwd = None
     if fwd is None:
         key = _key(cls)
         raise ValueError(f"fusedce: {cls.__name__} is not patched: "
@@ -234,9 +281,12 @@ def apply(model):
 def audit(all_models: bool = False) -> dict:
     """What this process patched (JSON-safe):
 
-    {"transformers_version": str, "installed": bool,
-     "patched": {class: {"head": attr, "transforms": [...]}},
+    {"transformers_version": str, "installed": bool, "verified": int,
+     "patched": {class: {"head": attr, "transforms": [...], "verified": bool}},
      "refused": {class: reason}, "failed": {class: error}}
+
+    "verified" (per class): on the list of classes tests/test_transformers_sweep.py checked against
+    the stock forward for the installed transformers version; the top-level count is of those.
 
     Classes are keyed by module and name. With all_models=True every class of transformers'
     causal-LM and image-text-to-text auto mappings is analysed first (imported, not patched unless
@@ -246,11 +296,14 @@ def audit(all_models: bool = False) -> dict:
     if all_models:
         for cls in _mapping_classes():
             analyse_class(cls)
+    ok = verified_classes()
     with _LOCK:
+        patched = {k: {**v, "verified": k.rsplit(".", 1)[-1] in ok} for k, v in sorted(_PATCHED.items())}
         return {
             "transformers_version": transformers.__version__,
             "installed": _INSTALLED,
-            "patched": {k: dict(v) for k, v in sorted(_PATCHED.items())},
+            "verified": sum(v["verified"] for v in patched.values()),
+            "patched": patched,
             "refused": dict(sorted(_REFUSED.items())),
             "failed": dict(sorted(_FAILED.items())),
         }
