@@ -134,8 +134,16 @@ def entropy(logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | 
     if dtype is not None:
         logits = logits.to(dtype)
     logp = torch.log_softmax(final_logits(logits, logit_scale, softcap), dim=-1)
-    # p log p with p = 0 (a masked -inf logit) counts 0, as in the limit.
-    return -torch.where(logp == float("-inf"), torch.zeros_like(logp), logp.exp() * logp).sum(-1)
+    return -_xlogy_exp(logp, logp)
+
+
+def _xlogy_exp(la, lb):
+    """sum_j exp(la_j) * lb_j with 0 where exp(la_j) = 0 (a masked -inf logit counts 0, as in the
+    limit), written so that autograd's gradient there is 0 too (not 0 * inf = nan)."""
+    masked = la == float("-inf")
+    la_s = torch.where(masked, torch.zeros_like(la), la)
+    lb_s = torch.where(masked, torch.zeros_like(lb), lb)
+    return torch.where(masked, torch.zeros_like(la), la_s.exp() * lb_s).sum(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
@@ -164,7 +172,7 @@ def distillation_token_loss(student_logits: torch.Tensor, teacher_logits: torch.
     lr = torch.log_softmax(teacher_logits / temperature, dim=-1)
 
     def kl(la, lb):  # KL(a || b) from log-probabilities, 0 * log 0 = 0
-        return torch.where(la == float("-inf"), torch.zeros_like(la), la.exp() * (la - lb)).sum(-1)
+        return _xlogy_exp(la, la) - _xlogy_exp(la, lb)
 
     if kind == "forward_kl":
         return kl(lr, lq)

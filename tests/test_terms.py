@@ -451,3 +451,28 @@ def test_bad_input_terms(device):
         torch.ops.fusedce.loss(x2, w2, t2, teacher_logits=torch.zeros(6, 9, device=device))
     with pytest.raises(RuntimeError, match="grad_scale"):
         torch.ops.fusedce.loss(x2, w2, t2, grad_scale=torch.ones(4, device=device))
+
+
+def test_masked_classes(device):
+    """-inf logits (a bias masking classes out, a teacher with masked classes): exp(-inf) = 0 adds
+    nothing, 0 * log 0 = 0, and nothing turns nan; values and gradients as the reference."""
+    N, H, V = 6, 8, 29
+    x, w = _leaves(device, torch.float64, (N, H), (V, H))
+    b = torch.zeros(V, dtype=torch.float64, device=device)
+    b[[0, 1, 7]] = -math.inf  # masked for the student (class 0 first: before any finite logit)
+    tl = torch.randn(N, V, dtype=torch.float64, device=device)
+    tl[:, [0, 1, 7, 3, 20]] = -math.inf  # the teacher masks those and two more
+    t = torch.randint(8, V, (N,), device=device)
+
+    def fused(x, w):
+        return fusedce.distillation_loss(x, w, t, teacher_logits=tl, linear_bias=b, ce_weight=0.5,
+                                         entropy_coef=0.1, temperature=1.5)
+
+    def ref(x, w, dtype):
+        logits = x @ w.T + b.to(x.device)
+        d = reference.distillation_token_loss(logits, tl.to(x.device), temperature=1.5, dtype=dtype)
+        ce = reference.cross_entropy(logits, t.to(x.device), reduction="none", dtype=dtype).token_loss
+        ent = reference.entropy(logits, dtype=dtype)
+        return (d + 0.5 * ce + 0.1 * ent).mean()
+
+    _check(fused, ref, [x, w], torch.float64, "masked classes")

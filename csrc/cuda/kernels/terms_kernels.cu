@@ -66,54 +66,92 @@ __global__ void __launch_bounds__(kTermsThreads)
   const A inv_T = tk.inv_T;
   const A ninf = neg_inf<A>();
 
-  // Pass 1: maxima (strictly greater keeps each thread's first index; ties across threads are
-  // resolved to the smaller index by the reduction).
+  // Pass 1: the statistics in one read, online: each thread keeps its sums relative to its running
+  // maxima (m of z, my of the teacher's y) and re-expresses them when a maximum grows (the rule of
+  // csrc/cpu/terms.h's rescale); the block then agrees on the maxima, every thread shifts its sums
+  // to them, and one block sum adds them up. At T = 1, u = z: q's sums are p's.
+  const bool t1 = inv_T == A(1);
   A m = ninf, my = ninf;
   int64_t im = kTermsNoIndex;
+  // v: s, hz, wz, su, hu_u, hu_y, sy, hy_y, hy_u (csrc/cpu/terms.h's ExtSums)
+  A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  auto shift_z = [&](A m2) {  // m2 > m; sums that are 0 stay 0 (and -inf - -inf never forms)
+    const A d = m - m2;
+    if (v[0] > A(0)) {
+      const A f = acc_exp(d);
+      v[1] = f * (v[1] + d * v[0]);
+      v[0] *= f;
+    }
+    if (distill) {
+      const A du = d * inv_T;
+      if (v[3] > A(0)) {
+        const A fu = acc_exp(du);
+        v[4] = fu * (v[4] + du * v[3]);
+        v[5] *= fu;
+        v[3] *= fu;
+      }
+      if (v[6] > A(0)) v[8] += du * v[6];
+    }
+    m = m2;
+  };
+  auto shift_y = [&](A my2) {
+    const A d = my - my2;
+    if (v[3] > A(0)) v[5] += d * v[3];
+    if (v[6] > A(0)) {
+      const A f = acc_exp(d);
+      v[7] = f * (v[7] + d * v[6]);
+      v[8] *= f;
+      v[6] *= f;
+    }
+    my = my2;
+  };
   for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
     const A z = ep.z(raw);
     if (z > m) {
-      m = z;
+      shift_z(z);
       im = j;
     } else if (im == kTermsNoIndex) {
       im = j;  // an all -inf row: the first index, as torch.argmax
     }
-    if (distill) my = acc_max(my, braw * inv_T);
-  });
-  block_max<kTermsThreads>(m, im, my, red, red_i);
-  const A zt = valid ? ep.z(to_acc(a[t])) : A(0);
-
-  // Pass 2: sums relative to the maxima. At T = 1, u = z and q = p: their exponentials are shared.
-  const A mu = m * inv_T;
-  const bool t1 = inv_T == A(1);
-  A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
-  for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
-    const A z = ep.z(raw);
-    A e = A(0);
+    if (ep.eps != A(0)) v[2] += ep.w(j) * z;
+    A y = A(0);
+    if (distill) {
+      y = braw * inv_T;
+      if (y > my) shift_y(y);
+    }
+    const A zf = z - m;
     if (z != ninf) {
-      const A zf = z - m;
-      e = acc_exp(zf);
+      const A e = acc_exp(zf);
       v[0] += e;
       v[1] += e * zf;
-    }
-    if (ep.eps != A(0)) v[2] += ep.w(j) * z;
-    if (distill) {
-      const A uf = t1 ? z - m : z * inv_T - mu;
-      const A yf = braw * inv_T - my;
-      if (z != ninf) {
+      if (distill) {
+        const A uf = zf * inv_T;
         const A eu = t1 ? e : acc_exp(uf);
         v[3] += eu;
         v[4] += eu * uf;
-        v[5] += eu * yf;
-      }
-      if (yf != ninf) {
-        const A ey = acc_exp(yf);
-        v[6] += ey;
-        v[7] += ey * yf;
-        v[8] += ey * uf;
+        v[5] += eu * (y == ninf ? ninf : y - my);  // a teacher zero under the student: KL(q||r) = inf
       }
     }
+    if (distill && y != ninf) {
+      const A yf = y - my;
+      const A ey = acc_exp(yf);
+      v[6] += ey;
+      v[7] += ey * yf;
+      v[8] += ey * (z == ninf ? ninf : (z - m) * inv_T);  // a student zero: KL(r||q) = inf
+    }
   });
+  {
+    A M = m, MY = my;
+    int64_t iM = im;
+    block_max<kTermsThreads>(M, iM, MY, red, red_i);
+    if (M > m) shift_z(M);
+    if (distill && MY > my) shift_y(MY);
+    m = M;
+    my = MY;
+    im = iM;
+  }
+  const A zt = valid ? ep.z(to_acc(a[t])) : A(0);
+  const A mu = m * inv_T;
   block_sum<kTermsThreads>(v, red);
   const A s = v[0], hz = v[1], wz = v[2], su = v[3], hu_u = v[4], hu_y = v[5], sy = v[6],
           hy_y = v[7], hy_u = v[8];
