@@ -9,19 +9,21 @@
 namespace fusedce {
 namespace kern {
 
+// Column indices within a row are 32-bit (V < 2^31; the launchers check): fewer instructions per
+// element in these compute-bound loops.
 // Calls f(j, a_j, b_j) for this thread's columns j of a row (raw values in A; b_j = 0 without a
 // teacher), in increasing j per thread: 16-byte vector loads of the aligned body (a row is read at
 // full bandwidth only with enough bytes in flight per thread), scalar head and tail.
 template <int NT, typename T, typename A, typename F>
-__device__ __forceinline__ void for_row(const T* a, const T* b, int64_t V, F&& f) {
+__device__ __forceinline__ void for_row(const T* a, const T* b, int V, F&& f) {
   constexpr int K = Vec<T>::N;
   const int tid = threadIdx.x;
-  const int64_t h = head_elems(a, V);
-  for (int64_t j = tid; j < h; j += NT) f(j, to_acc(a[j]), b ? to_acc(b[j]) : A(0));
-  const int64_t nv = (V - h) / K;
+  const int h = static_cast<int>(head_elems(a, V));
+  for (int j = tid; j < h; j += NT) f(j, to_acc(a[j]), b ? to_acc(b[j]) : A(0));
+  const int nv = (V - h) / K;
   const bool bvec = b != nullptr && head_elems(b, V) == h;
-  for (int64_t i = tid; i < nv; i += NT) {
-    const int64_t j0 = h + i * K;
+  for (int i = tid; i < nv; i += NT) {
+    const int j0 = h + i * K;
     const Vec<T> va = load_vec(a + j0);
     Vec<T> vb;
     if (bvec) vb = load_vec(b + j0);
@@ -31,24 +33,24 @@ __device__ __forceinline__ void for_row(const T* a, const T* b, int64_t V, F&& f
       f(j0 + k, to_acc(va.v[k]), bk);
     }
   }
-  for (int64_t j = h + nv * K + tid; j < V; j += NT) {
+  for (int j = h + nv * K + tid; j < V; j += NT) {
     f(j, to_acc(a[j]), b ? to_acc(b[j]) : A(0));
   }
 }
 
 // a_j = f(j, a_j, b_j) in place, with the same access pattern.
 template <int NT, typename T, typename A, typename F>
-__device__ __forceinline__ void update_row(T* a, const T* b, int64_t V, F&& f) {
+__device__ __forceinline__ void update_row(T* a, const T* b, int V, F&& f) {
   constexpr int K = Vec<T>::N;
   const int tid = threadIdx.x;
-  const int64_t h = head_elems(a, V);
-  for (int64_t j = tid; j < h; j += NT) {
+  const int h = static_cast<int>(head_elems(a, V));
+  for (int j = tid; j < h; j += NT) {
     a[j] = from_acc<T>(f(j, to_acc(a[j]), b ? to_acc(b[j]) : A(0)));
   }
-  const int64_t nv = (V - h) / K;
+  const int nv = (V - h) / K;
   const bool bvec = b != nullptr && head_elems(b, V) == h;
-  for (int64_t i = tid; i < nv; i += NT) {
-    const int64_t j0 = h + i * K;
+  for (int i = tid; i < nv; i += NT) {
+    const int j0 = h + i * K;
     Vec<T> va = load_vec(a + j0);
     Vec<T> vb;
     if (bvec) vb = load_vec(b + j0);
@@ -59,7 +61,7 @@ __device__ __forceinline__ void update_row(T* a, const T* b, int64_t V, F&& f) {
     }
     store_vec(a + j0, va);
   }
-  for (int64_t j = h + nv * K + tid; j < V; j += NT) {
+  for (int j = h + nv * K + tid; j < V; j += NT) {
     a[j] = from_acc<T>(f(j, to_acc(a[j]), b ? to_acc(b[j]) : A(0)));
   }
 }

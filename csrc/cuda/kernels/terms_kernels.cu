@@ -21,7 +21,7 @@ namespace kern {
 
 constexpr int kTermsThreads = 256;
 constexpr int kTermsWarps = kTermsThreads / 32;
-constexpr int64_t kTermsNoIndex = INT64_MAX;
+constexpr int kTermsNoCol = INT32_MAX;
 
 template <typename A>
 struct TermsK {
@@ -50,19 +50,22 @@ __device__ __forceinline__ A log_add_exp(A x, A y) {
   return mx + acc_log(xexp(x - mx) + xexp(y - mx));
 }
 
-template <typename T, typename A>
-__global__ void __launch_bounds__(kTermsThreads)
+// DK: the distillation kind (0 off, 1 forward KL, 2 reverse KL, 3 JSD), a template parameter so
+// that each kind accumulates only the sums it reads.
+template <typename T, typename A, int DK>
+__global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 blocks per SM
     terms_kernel(gpu::TermsArgs g, const Epi<A> ep, const TermsK<A> tk) {
   __shared__ A red[9 * kTermsWarps];
   __shared__ int64_t red_i[kTermsWarps];
   const int64_t row = blockIdx.x;
   T* a = static_cast<T*>(g.logits) + row * g.ld;
   const T* b = g.teacher ? static_cast<const T*>(g.teacher) + row * g.ld_teacher : nullptr;
-  const int64_t V = ep.V;
+  const int V = static_cast<int>(ep.V);
   const int tid = threadIdx.x;
   const int64_t t = g.target[row];
   const bool valid = ep.valid(t);
-  const bool distill = tk.distill != 0 && b != nullptr;
+  const int tcol = valid ? static_cast<int>(t) : -1;
+  constexpr bool distill = DK != 0;
   const A inv_T = tk.inv_T;
   const A ninf = neg_inf<A>();
 
@@ -72,7 +75,7 @@ __global__ void __launch_bounds__(kTermsThreads)
   // to them, and one block sum adds them up. At T = 1, u = z: q's sums are p's.
   const bool t1 = inv_T == A(1);
   A m = ninf, my = ninf;
-  int64_t im = kTermsNoIndex;
+  int im = kTermsNoCol;
   // v: s, hz, wz, su, hu_u, hu_y, sy, hy_y, hy_u (csrc/cpu/terms.h's ExtSums)
   A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
   auto shift_z = [&](A m2) {  // m2 > m; sums that are 0 stay 0 (and -inf - -inf never forms)
@@ -86,31 +89,35 @@ __global__ void __launch_bounds__(kTermsThreads)
       const A du = d * inv_T;
       if (v[3] > A(0)) {
         const A fu = acc_exp(du);
-        v[4] = fu * (v[4] + du * v[3]);
-        v[5] *= fu;
+        if (DK == 2) {
+          v[4] = fu * (v[4] + du * v[3]);
+          v[5] *= fu;
+        }
         v[3] *= fu;
       }
-      if (v[6] > A(0)) v[8] += du * v[6];
+      if (DK == 1 && v[6] > A(0)) v[8] += du * v[6];
     }
     m = m2;
   };
   auto shift_y = [&](A my2) {
     const A d = my - my2;
-    if (v[3] > A(0)) v[5] += d * v[3];
+    if (DK == 2 && v[3] > A(0)) v[5] += d * v[3];
     if (v[6] > A(0)) {
       const A f = acc_exp(d);
-      v[7] = f * (v[7] + d * v[6]);
-      v[8] *= f;
+      if (DK == 1) {
+        v[7] = f * (v[7] + d * v[6]);
+        v[8] *= f;
+      }
       v[6] *= f;
     }
     my = my2;
   };
-  for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
+  for_row<kTermsThreads, T, A>(a, b, V, [&](int j, A raw, A braw) {
     const A z = ep.z(raw);
     if (z > m) {
       shift_z(z);
       im = j;
-    } else if (im == kTermsNoIndex) {
+    } else if (im == kTermsNoCol) {
       im = j;  // an all -inf row: the first index, as torch.argmax
     }
     if (ep.eps != A(0)) v[2] += ep.w(j) * z;
@@ -128,16 +135,20 @@ __global__ void __launch_bounds__(kTermsThreads)
         const A uf = zf * inv_T;
         const A eu = t1 ? e : acc_exp(uf);
         v[3] += eu;
-        v[4] += eu * uf;
-        v[5] += eu * (y == ninf ? ninf : y - my);  // a teacher zero under the student: KL(q||r) = inf
+        if (DK == 2) {
+          v[4] += eu * uf;
+          v[5] += eu * (y == ninf ? ninf : y - my);  // a teacher zero under the student: KL(q||r) = inf
+        }
       }
     }
     if (distill && y != ninf) {
       const A yf = y - my;
       const A ey = acc_exp(yf);
       v[6] += ey;
-      v[7] += ey * yf;
-      v[8] += ey * (z == ninf ? ninf : (z - m) * inv_T);  // a student zero: KL(r||q) = inf
+      if (DK == 1) {
+        v[7] += ey * yf;
+        v[8] += ey * (z == ninf ? ninf : (z - m) * inv_T);  // a student zero: KL(r||q) = inf
+      }
     }
   });
   {
@@ -162,9 +173,9 @@ __global__ void __launch_bounds__(kTermsThreads)
   // Pass 3 (JSD): the divergence and S = sum_j q_j (1 - beta)(log q_j - log m_j).
   const A lb = acc_log(tk.beta), l1b = xlog1p(-tk.beta);
   A jsd = A(0), jsd_s = A(0);
-  if (distill && tk.distill == 3) {
+  if (DK == 3) {
     A w2[2] = {A(0), A(0)};
-    for_row<kTermsThreads, T, A>(a, b, V, [&](int64_t, A raw, A braw) {
+    for_row<kTermsThreads, T, A>(a, b, V, [&](int, A raw, A braw) {
       const A lq = ep.z(raw) * inv_T - lse_u;
       const A lr = braw * inv_T - lse_y;
       const A lm = log_add_exp(lr + lb, lq + l1b);
@@ -204,9 +215,9 @@ __global__ void __launch_bounds__(kTermsThreads)
       g_h += g_tok * tk.entropy_coef;
     }
     if (distill) {
-      if (tk.distill == 1) {
+      if (DK == 1) {
         div = (hy_y - hy_u) / sy + acc_log(su) - acc_log(sy);
-      } else if (tk.distill == 2) {
+      } else if (DK == 2) {
         div = (hu_u - hu_y) / su - acc_log(su) + acc_log(sy);
       } else {
         div = jsd;
@@ -241,28 +252,28 @@ __global__ void __launch_bounds__(kTermsThreads)
     if (g.lse) static_cast<A*>(g.lse)[row] = lse;
     if (g.entropy) static_cast<A*>(g.entropy)[row] = H;
     if (g.logprob) static_cast<A*>(g.logprob)[row] = valid ? logprob : A(0);
-    if (g.predicted) g.predicted[row] = valid ? (im == kTermsNoIndex ? 0 : im) : -1;
+    if (g.predicted) g.predicted[row] = valid ? (im == kTermsNoCol ? 0 : im) : -1;
   }
   if (!g.write_grad) return;
   __syncthreads();  // every read of the row (zt included) is done before it is overwritten
 
   // Pass 4: the gradient, in place.
-  update_row<kTermsThreads, T, A>(a, b, V, [&](int64_t j, A raw, A braw) {
+  update_row<kTermsThreads, T, A>(a, b, V, [&](int j, A raw, A braw) {
     const A z = ep.z(raw);
     const A zl = z - lse;
     const A p = acc_exp(zl);
     A dz = cA * p;
     if (cC != A(0)) dz -= cC * ep.w(j);
-    if (j == t) dz -= cB;
+    if (j == tcol) dz -= cB;
     if (cE != A(0) && p > A(0)) dz += cE * p * zl;
     if (lam != A(0)) {
       const A lq = t1 ? z - lse_u : z * inv_T - lse_u;
       const A lr = braw * inv_T - lse_y;
       const A q = t1 ? p : acc_exp(lq);  // at T = 1, lse_u == lse bit for bit (same sums)
-      if (tk.distill == 1) {
+      if (DK == 1) {
         dz += lam * (q - acc_exp(lr));
       } else if (q > A(0)) {
-        if (tk.distill == 2) {
+        if (DK == 2) {
           dz += lam * q * (lq - lr - div);
         } else {
           const A lm = log_add_exp(lr + lb, lq + l1b);
@@ -279,6 +290,7 @@ cudaError_t terms_impl(const gpu::TermsArgs& args, const gpu::EpiParams& p,
                        const gpu::TermsParams& tp, cudaStream_t stream) {
   using A = acc_t<T>;
   if (args.rows <= 0) return cudaSuccess;
+  if (p.V > INT32_MAX) return cudaErrorInvalidValue;  // 32-bit columns within a row
   TermsK<A> tk;
   tk.ce_weight = static_cast<A>(tp.ce_weight);
   tk.entropy_coef = static_cast<A>(tp.entropy_coef);
@@ -293,8 +305,21 @@ cudaError_t terms_impl(const gpu::TermsArgs& args, const gpu::EpiParams& p,
   tk.old_logprobs = static_cast<const A*>(tp.old_logprobs);
   tk.ref_logprobs = static_cast<const A*>(tp.ref_logprobs);
   // One block per row; rows beyond the grid's y-limit are not a concern (blockIdx.x: 2^31 - 1).
-  terms_kernel<T, A><<<static_cast<unsigned>(args.rows), kTermsThreads, 0, stream>>>(
-      args, make_epi<A>(p), tk);
+  const unsigned grid = static_cast<unsigned>(args.rows);
+  const Epi<A> ep = make_epi<A>(p);
+  switch (args.teacher ? tp.distill : 0) {
+    case 1:
+      terms_kernel<T, A, 1><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+      break;
+    case 2:
+      terms_kernel<T, A, 2><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+      break;
+    case 3:
+      terms_kernel<T, A, 3><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+      break;
+    default:
+      terms_kernel<T, A, 0><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+  }
   return cudaGetLastError();
 }
 
