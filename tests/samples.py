@@ -11,6 +11,8 @@
     "fusedce::cross_entropy_backward_" torch.ops.fusedce.cross_entropy_backward_
     "fusedce::scale_"                 torch.ops.fusedce.scale_ (the backward's in-place scaling of
                                       the forward-computed gradients; scale 1 is its fast exit)
+    "fusedce::shard_stats"            torch.ops.fusedce.shard_stats (vocab-parallel partials)
+    "fusedce::shard_grad_"            torch.ops.fusedce.shard_grad_ (vocab-parallel in-place gradient)
 
 Every entry point sees the same cases (CASES below): the public functions with their own keyword
 names, the raw ops with the flattened [N, H] / [N] tensors and the scalars that fusedce/functional.py
@@ -257,6 +259,18 @@ def _as_raw(op, args, kwargs, requires_grad, g):
     grad_lse = torch.randn(N, generator=g, dtype=torch.float64).to(acc).to(x.device)
     if op in ("fusedce::cross_entropy_backward", "fusedce::cross_entropy_backward_"):
         return (logits.detach().clone(), t, cw, lse, grad_tok), dict(grad_lse=grad_lse, **scalars)
+    if op in ("fusedce::shard_stats", "fusedce::shard_grad_"):
+        # The vocab-parallel blocks on the last two thirds of the vocabulary (a shard at an offset,
+        # owning some targets and not others); the scalars they take.
+        v0 = logits.shape[-1] // 3
+        shard = logits.detach()[:, v0:].contiguous()
+        cws = None if cw is None else cw[v0:]
+        knobs = dict(ignore_index=scalars["ignore_index"], softcap=scalars["softcap"],
+                     logit_scale=scalars["logit_scale"])
+        if op == "fusedce::shard_stats":
+            return (shard, t, v0, cws), knobs
+        coef_w = torch.randn(N, generator=g, dtype=torch.float64).to(acc).to(x.device)
+        return (shard, t, v0, cws, lse, grad_tok, grad_lse), dict(coef_w=coef_w, **knobs)
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -269,6 +283,8 @@ OPS = (
     "fusedce::cross_entropy_backward",
     "fusedce::cross_entropy_backward_",
     "fusedce::scale_",
+    "fusedce::shard_stats",
+    "fusedce::shard_grad_",
 )
 
 
