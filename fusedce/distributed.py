@@ -231,6 +231,26 @@ def _raw_native(P, lo, hi, writable):
     return torch.mm(h, W.t())
 
 
+def _final(P, raw):
+    """The head transforms on raw logits: logit_scale, then softcap (the single-process order)."""
+    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
+    z = raw * scale if scale != 1.0 else raw
+    return cap * torch.tanh(z / cap) if cap is not None else z
+
+
+def _dfinal(P, z):
+    """d(final)/d(raw) at the final value z (None when the transform is the identity)."""
+    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
+    if cap is not None:
+        return scale * (1 - (z / cap) ** 2)
+    return None if scale == 1.0 else scale
+
+
+def _chain(P, dz, zb):
+    d = _dfinal(P, zb)
+    return dz if d is None else dz * d
+
+
 def _target_local(P, tgt):
     """(owned mask, local index safe for gather) of global targets `tgt` on this rank."""
     li = tgt - P.v0
@@ -329,7 +349,8 @@ def _chunk(P, lo, hi, coefs, grads):
 
     if k in ("lp", "policy"):
         T = P.temperature
-        z = raw / T
+        zb = _final(P, raw)
+        z = zb / T
         m, e, se = _local_softmax(z)
         cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
         del e
@@ -362,11 +383,12 @@ def _chunk(P, lo, hi, coefs, grads):
         if a_ent is not None:
             logp = z - lse[:, None]
             dz = dz - a_ent[:, None] * torch.where(p > 0, p * (logp + ent[:, None]), torch.zeros_like(p))
-        _accumulate(P, lo, hi, dz / T, grads)
+        _accumulate(P, lo, hi, _chain(P, dz / T, zb), grads)
         return out
 
     # distillation
     T = P.temperature
+    raw = _final(P, raw)  # the student's final logits (the CE part reads them at T = 1)
     zs = raw / T
     zt_ = _raw(P, lo, hi, teacher=True) / T
     ms, es, ss = _local_softmax(zs)
@@ -425,7 +447,7 @@ def _chunk(P, lo, hi, coefs, grads):
         ac = a * P.ce_weight
         draw = draw + ac[:, None] * torch.exp(raw - lse1[:, None])
         draw = _sub_onehot(draw, owned, li, ac)
-    _accumulate(P, lo, hi, draw, grads)
+    _accumulate(P, lo, hi, _chain(P, draw, raw), grads)
     return out
 
 
@@ -764,7 +786,6 @@ def token_logprobs(
     softmax with ``return_entropy=True``), with W sharded over the vocabulary. Both outputs are
     differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input).
     Tokens equal to -100 get log-probability 0."""
-    _not_sharded_yet(softcap=(softcap, None), logit_scale=(logit_scale, 1.0))
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
@@ -774,6 +795,7 @@ def token_logprobs(
     Vl, H = linear_weight.shape
     P = _Problem(kind="lp", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  target=tokens.reshape(-1).long(), ignore_index=-100, temperature=float(temperature),
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
                  acc=_acc_dtype(input), chunk_size=chunk_size, fp32_grad_accum=False,
                  reduce_grad_input=reduce_grad_input, agg=None, divisor=None,
                  **_base(process_group, vocab_start, input.device, Vl))
@@ -813,8 +835,7 @@ def distillation_loss(
     shard [V_local, H_t] with ``teacher_input`` (default: ``input``), or a logits shard
     ``teacher_logits`` [..., V_local]) sharded over the vocabulary. The teacher gets no gradient.
     kind="jsd" takes a second (small) collective per chunk; see the module doc."""
-    _not_sharded_yet(label_smoothing=(label_smoothing, 0.0), z_loss=(z_loss, 0.0), softcap=(softcap, None),
-                     logit_scale=(logit_scale, 1.0))
+    _not_sharded_yet(label_smoothing=(label_smoothing, 0.0), z_loss=(z_loss, 0.0))
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
     if teacher_bias is not None:
@@ -846,6 +867,7 @@ def distillation_loss(
     P = _Problem(kind="distill", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  t_hidden=t_hidden, t_W=teacher_weight, t_b=teacher_bias, t_logits=t_logits, target=flat,
                  ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
                  distill_weight=float(distill_weight), ce_weight=float(ce_weight), acc=acc,
                  chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))
@@ -892,7 +914,6 @@ def policy_loss(
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
-    _not_sharded_yet(softcap=(softcap, None), logit_scale=(logit_scale, 1.0))
     if loss_type not in _LOSS_TYPES:
         raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
     if beta != 0.0 and ref_logprobs is None:
@@ -915,6 +936,7 @@ def policy_loss(
         div = torch.tensor(float(B * (T if max_completion_length is None else max_completion_length)), dtype=acc, device=input.device)
     P = _Problem(kind="policy", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
                  old=None if old_logprobs is None else old_logprobs.reshape(-1).to(acc).detach(),
                  adv=adv.reshape(-1), ref=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).detach(),
                  beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),

@@ -68,10 +68,13 @@ def _check_positive(value, name):
 
 
 def _head_knobs(softcap, logit_scale, temperature=1.0):
+    """The op's (softcap, logit_scale) for final logits softcap * tanh(logit_scale * a / softcap)
+    divided by a temperature T: (softcap / T) * tanh((logit_scale / T) * a / (softcap / T)) is
+    the same function, so T folds into both."""
     if softcap is not None:
         _check_positive(softcap, "softcap")
     _check_finite(logit_scale, "logit_scale")
-    return dict(softcap=0.0 if softcap is None else float(softcap),
+    return dict(softcap=0.0 if softcap is None else float(softcap) / temperature,
                 logit_scale=float(logit_scale) / temperature)
 
 

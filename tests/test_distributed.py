@@ -425,6 +425,48 @@ def policy_every_loss_type(c):
 
 
 @check
+def head_transforms_every_term(c):
+    """softcap and logit_scale (applied before the temperature, as a sampler sees the final logits)
+    in token log-probs, distillation and the policy loss: sharded and single-process fusedce both
+    equal the reference on final_logits(x @ W.T)."""
+    V, B, T, H = 13, 2, 5, 4
+    x = c.randn(B, T, H, seed=130)
+    W = c.randn(V, H, seed=131, scale=2.0)
+    tok = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(132)).to(c.dev)
+    tl = c.randn(B, T, V, seed=133)
+    lo, hi = c.layout(V)
+    hk = dict(softcap=3.0, logit_scale=0.8)
+    zfin = lambda W_: ref.final_logits(x @ W_.T, hk["logit_scale"], hk["softcap"])  # noqa: E731
+    for name, fn in (("sharded", lambda *a, **k: getattr(fd, k.pop("f"))(*a, **k)),
+                     ("single", lambda *a, **k: getattr(fusedce, k.pop("f"))(*a, **k))):
+        shard = name == "sharded"
+        Wl = leaf(W[lo:hi] if shard else W)
+        lp, ent = fn(x, Wl, tok, f="token_logprobs", temperature=0.7, return_entropy=True, **hk)
+        Wr = leaf(W)
+        rlp, rent = ref.token_logprobs(zfin(Wr), tok, temperature=0.7)
+        close(lp, rlp, F64, f"{name} logprobs")
+        close(ent, rent, F64, f"{name} entropy")
+        g = grads_of(lp.sum() + ent.sum(), Wl)[0]
+        gr = grads_of(rlp.sum() + rent.sum(), Wr)[0]
+        close(g, gr[lo:hi] if shard else gr, F64, f"{name} logprobs grad")
+        Wl, Wr = leaf(W[lo:hi] if shard else W), leaf(W)
+        d = fn(x, Wl, tok, f="distillation_loss", teacher_logits=tl[..., lo:hi] if shard else tl,
+               temperature=1.5, ce_weight=0.5, **hk)
+        rd = ref.distillation_loss(zfin(Wr), tl, tok, temperature=1.5, ce_weight=0.5)
+        close(d, rd, F64, f"{name} distillation")
+        close(grads_of(d, Wl)[0], grads_of(rd, Wr)[0][lo:hi] if shard else grads_of(rd, Wr)[0],
+              F64, f"{name} distillation grad")
+        old = rlp.detach() + c.randn(B, T, seed=134, scale=0.3)
+        adv = c.randn(B, seed=135)
+        Wl, Wr = leaf(W[lo:hi] if shard else W), leaf(W)
+        pl = fn(x, Wl, tok, old, adv, f="policy_loss", temperature=0.7, beta=0.0, **hk)[0]
+        rp = ref.policy_loss(zfin(Wr), tok, old, adv, temperature=0.7)[0]
+        close(pl, rp, F64, f"{name} policy")
+        gp, grp = grads_of(pl, Wl)[0], grads_of(rp, Wr)[0]
+        close(gp, grp[lo:hi] if shard else grp, F64, f"{name} policy grad")
+
+
+@check
 def dtensor_weight(c):
     """A DTensor weight Shard(0) on a 1-D mesh (torch.chunk's uneven layout): the local shard and
     the mesh's group are used, and the gradient reaches the DTensor parameter."""
