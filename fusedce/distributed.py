@@ -395,9 +395,13 @@ def _chunk(P, lo, hi, coefs, grads):
     mt, et, st = _local_softmax(zt_)
     # student group: [ms, ss, sum es zs, sum es zt]; teacher group: [mt, st, sum et zt, sum et zs]
     cols += [ms, ss, _wsum(es, zs), _wsum(es, zt_), mt, st, _wsum(et, zt_), _wsum(et, zs)]
-    if P.ce_weight != 0.0:
+    eps, zl = P.label_smoothing, P.z_loss
+    need_ce = P.ce_weight != 0.0 or zl != 0.0
+    if need_ce:  # the CE part (with smoothing) and the z-loss read the T = 1 softmax
         m1, e1, s1 = _local_softmax(raw)
         cols += [m1, s1, _pick(raw, owned, li)]
+        if eps > 0:
+            cols += [raw.sum(-1), torch.full_like(m1, float(P.v_local))]
     G = _gather(torch.stack(cols, -1), P.group, P.world)
     _, lseq, Sq, q_zs, q_zt = _combine(G[..., 0], G[..., 1], G[..., 2], G[..., 3])
     _, lser, Sr, r_zt, r_zs = _combine(G[..., 4], G[..., 5], G[..., 6], G[..., 7])
@@ -421,10 +425,13 @@ def _chunk(P, lo, hi, coefs, grads):
         div = beta * sum_r_lr + (1 - beta) * sum_q_lq - sum_m_lm
     valid = tgt != P.ignore_index
     tok = P.distill_weight * div
-    if P.ce_weight != 0.0:
+    if need_ce:
         _, lse1, _ = _combine(G[..., 8], G[..., 9])
-        ce = lse1 - G[..., 10].sum(0)
-        tok = tok + P.ce_weight * ce
+        ce = (1 - eps) * (lse1 - G[..., 10].sum(0))
+        if eps > 0:
+            zsum, Vg = G[..., 11].sum(0), G[..., 12].sum(0)
+            ce = ce + eps / Vg * (Vg * lse1 - zsum)
+        tok = tok + P.ce_weight * ce + zl * lse1 * lse1
     tok = torch.where(valid, tok, torch.zeros_like(tok))
     out["token_loss"] = tok
     if grads is None:
@@ -443,10 +450,13 @@ def _chunk(P, lo, hi, coefs, grads):
         diff = torch.where(q > 0, lq - lm, torch.zeros_like(q))
         dzs = (ad * (1 - beta))[:, None] * q * (diff - klqm[:, None])
     draw = dzs / T
-    if P.ce_weight != 0.0:
+    if need_ce:
         ac = a * P.ce_weight
-        draw = draw + ac[:, None] * torch.exp(raw - lse1[:, None])
-        draw = _sub_onehot(draw, owned, li, ac)
+        coef_p = ac + 2 * zl * a * lse1  # (1 - eps) + eps of the smoothing's sum of p
+        draw = draw + coef_p[:, None] * torch.exp(raw - lse1[:, None])
+        draw = _sub_onehot(draw, owned, li, ac * (1 - eps))
+        if eps > 0:
+            draw = draw - (ac * eps / Vg)[:, None]
     _accumulate(P, lo, hi, _chain(P, draw, raw), grads)
     return out
 
@@ -835,7 +845,6 @@ def distillation_loss(
     shard [V_local, H_t] with ``teacher_input`` (default: ``input``), or a logits shard
     ``teacher_logits`` [..., V_local]) sharded over the vocabulary. The teacher gets no gradient.
     kind="jsd" takes a second (small) collective per chunk; see the module doc."""
-    _not_sharded_yet(label_smoothing=(label_smoothing, 0.0), z_loss=(z_loss, 0.0))
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
     if teacher_bias is not None:
@@ -868,6 +877,7 @@ def distillation_loss(
                  t_hidden=t_hidden, t_W=teacher_weight, t_b=teacher_bias, t_logits=t_logits, target=flat,
                  ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
                  softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                 label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                  distill_weight=float(distill_weight), ce_weight=float(ce_weight), acc=acc,
                  chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))

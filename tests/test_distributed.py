@@ -454,6 +454,17 @@ def head_transforms_every_term(c):
                temperature=1.5, ce_weight=0.5, **hk)
         rd = ref.distillation_loss(zfin(Wr), tl, tok, temperature=1.5, ce_weight=0.5)
         close(d, rd, F64, f"{name} distillation")
+        # with label smoothing and a z-loss in the same call (the CE part at T = 1)
+        Wl2, Wr2 = leaf(W[lo:hi] if shard else W), leaf(W)
+        d2 = fn(x, Wl2, tok, f="distillation_loss", teacher_logits=tl[..., lo:hi] if shard else tl,
+                temperature=1.5, ce_weight=0.5, label_smoothing=0.1, z_loss=1e-2, **hk)
+        zr = zfin(Wr2)
+        kl = ref.distillation_token_loss(zr, tl, temperature=1.5)
+        cer = ref.cross_entropy(zr, tok, label_smoothing=0.1, reduction="none")
+        rd2 = (kl + 0.5 * cer.token_loss + 1e-2 * cer.lse ** 2).mean()
+        close(d2, rd2, F64, f"{name} distillation + smoothing + z-loss")
+        g2, gr2 = grads_of(d2, Wl2)[0], grads_of(rd2, Wr2)[0]
+        close(g2, gr2[lo:hi] if shard else gr2, F64, f"{name} distillation + smoothing + z-loss grad")
         close(grads_of(d, Wl)[0], grads_of(rd, Wr)[0][lo:hi] if shard else grads_of(rd, Wr)[0],
               F64, f"{name} distillation grad")
         old = rlp.detach() + c.randn(B, T, seed=134, scale=0.3)
