@@ -34,29 +34,7 @@ import fusedce.distributed as fd  # noqa: E402
 
 SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 3584, 152064)]
 TINY_SHAPES = [(256, 64, 1001), (512, 32, 2003)]
-COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
-               "reduce_scatter_tensor", "all_to_all_single")
-
-
-class CountCollectives:
-    def __enter__(self):
-        self.calls, self.saved = [], {}
-        for name in COLLECTIVES:
-            fn = getattr(dist, name, None)
-            if fn is None:
-                continue
-            self.saved[name] = fn
-
-            def wrapped(*a, __fn=fn, __name=name, **k):
-                self.calls.append(__name)
-                return __fn(*a, **k)
-
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(dist, name, fn)
+CountCollectives = fd.CollectiveCounter
 
 
 class Timer:

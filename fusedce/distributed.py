@@ -55,8 +55,42 @@ import torch
 import torch.distributed as dist
 
 from .functional import LossOutput
+from .terms import _policy_metrics
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+class CollectiveCounter:
+    """Counts the collectives issued through torch.distributed's public functions while active
+    (``with CollectiveCounter() as cc: ...; cc.calls``): what the tests assert and the benchmark
+    reports as collectives per step."""
+
+    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
+             "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather", "scatter")
+
+    def __enter__(self):
+        self.calls, self.saved = [], {}
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+
+            def wrapped(*a, __fn=fn, __name=name, **k):
+                self.calls.append(__name)
+                return __fn(*a, **k)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+    def take(self):
+        """The calls so far (and start counting afresh)."""
+        out, self.calls = self.calls, []
+        return out
 _KINDS = ("forward_kl", "reverse_kl", "jsd")
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
@@ -955,31 +989,10 @@ def policy_loss(
                  **_base(process_group, vocab_start, input.device, Vl))
     (loss,) = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     res = P.res
-    with torch.no_grad():
-        lp, ent, ratio = res["lp"].reshape(B, T), res["ent"].reshape(B, T), res["ratio"].reshape(B, T)
-        a_ = adv.reshape(B, T)
-        count = m.sum().clamp(min=1)
-
-        def mean(x):
-            return (x * m).sum() / count
-
-        valid = m != 0
-        big = torch.finfo(lp.dtype).max
-        low = (ratio < 1 - epsilon_low) & (a_ < 0)
-        high = (ratio > 1 + epsilon_high) & (a_ > 0)
-        # The keys and definitions of the single-process fusedce.policy_loss (fusedce/terms.py).
-        metrics = {
-            "clip_ratio/low_mean": mean(low.to(lp)),
-            "clip_ratio/high_mean": mean(high.to(lp)),
-            "clip_ratio/region_mean": mean((low | high).to(lp)),
-            "ratio/mean": mean(ratio),
-            "ratio/min": torch.where(valid, ratio, torch.full_like(ratio, big)).min(),
-            "ratio/max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max(),
-            "entropy": mean(ent),
-            "logprob/mean": mean(lp),
-            "advantages/mean": advantages.to(lp).mean(),
-            "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
-        }
-        if beta != 0.0:
-            metrics["kl"] = mean(res["kl"].reshape(B, T))
+    with torch.no_grad():  # the keys and definitions of the single-process policy_loss
+        metrics = _policy_metrics(
+            res["lp"].reshape(B, T), res["ent"].reshape(B, T),
+            None if old_logprobs is None else old_logprobs.reshape(-1), adv.reshape(-1),
+            None if ref_logprobs is None else ref_logprobs.reshape(-1), m, advantages, beta,
+            epsilon_low, epsilon_high)
     return loss, metrics

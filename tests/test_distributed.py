@@ -72,35 +72,7 @@ def grads_of(loss, *xs):
     return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
 
 
-class Counter:
-    """Counts the collectives issued through torch.distributed's public functions."""
-
-    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast",
-             "reduce_scatter_tensor", "all_to_all_single", "reduce", "gather", "scatter")
-
-    def __enter__(self):
-        self.calls = []
-        self.saved = {}
-        for name in self.NAMES:
-            fn = getattr(dist, name, None)
-            if fn is None:
-                continue
-            self.saved[name] = fn
-
-            def wrapped(*a, __fn=fn, __name=name, **k):
-                self.calls.append(__name)
-                return __fn(*a, **k)
-
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(dist, name, fn)
-
-    def take(self):
-        out, self.calls = self.calls, []
-        return out
+Counter = fd.CollectiveCounter
 
 
 GATHERS = ("all_gather_single", "all_gather_into_tensor", "all_gather")
