@@ -126,6 +126,38 @@ def _check_class_weight(weight, vocab: int, ref: torch.Tensor, ref_name: str):
         raise ValueError("fusedce: weight (class weights) cannot require grad: the loss is not differentiated with respect to it")
 
 
+def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight"):
+    """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H)."""
+    _check_tensor(input, input_name)
+    _check_tensor(linear_weight, weight_name)
+    _check_float(input, input_name)
+    _check_float(linear_weight, weight_name)
+    if input.dim() < 1:
+        raise ValueError(f"fusedce: {input_name} must have shape [..., H], got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"fusedce: {weight_name} must be 2-D [V, H], got shape {tuple(linear_weight.shape)}")
+    V, H = linear_weight.shape
+    if input.shape[-1] != H:
+        raise ValueError(
+            f"fusedce: {input_name} has hidden size {input.shape[-1]} but {weight_name} is "
+            f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
+        )
+    if V == 0:
+        raise ValueError(f"fusedce: {weight_name} must have at least one row (V > 0)")
+    if input.dtype != linear_weight.dtype:
+        raise TypeError(f"fusedce: {input_name} is {input.dtype} but {weight_name} is {linear_weight.dtype}; they must match")
+    _check_device(linear_weight, weight_name, input, input_name)
+    if linear_bias is not None:
+        bias_name = weight_name.replace("weight", "bias")
+        _check_tensor(linear_bias, bias_name)
+        if linear_bias.shape != (V,):
+            raise ValueError(f"fusedce: {bias_name} must have shape ({V},), got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"fusedce: {bias_name} is {linear_bias.dtype} but {input_name} is {input.dtype}")
+        _check_device(linear_bias, bias_name, input, input_name)
+    return V, H
+
+
 def _check_num_items(num_items_in_batch):
     if num_items_in_batch is None:
         return
@@ -281,33 +313,8 @@ def linear_cross_entropy(
             vocab_chunk_size=vocab_chunk_size, fp32_grad_accum=fp32_grad_accum,
             low_memory=low_memory, reduce_grad_input=reduce_grad_input,
         )
-    _check_tensor(input, "input")
-    _check_tensor(linear_weight, "linear_weight")
-    _check_float(input, "input")
-    _check_float(linear_weight, "linear_weight")
-    if input.dim() < 1:
-        raise ValueError("fusedce: input must have shape [..., H], got a 0-d tensor")
-    if linear_weight.dim() != 2:
-        raise ValueError(f"fusedce: linear_weight must be 2-D [V, H], got shape {tuple(linear_weight.shape)}")
-    V, H = linear_weight.shape
-    if input.shape[-1] != H:
-        raise ValueError(
-            f"fusedce: input has hidden size {input.shape[-1]} but linear_weight is "
-            f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
-        )
-    if V == 0:
-        raise ValueError("fusedce: linear_weight must have at least one row (V > 0)")
-    if input.dtype != linear_weight.dtype:
-        raise TypeError(f"fusedce: input is {input.dtype} but linear_weight is {linear_weight.dtype}; they must match")
-    _check_device(linear_weight, "linear_weight", input, "input")
+    V, H = _check_head(input, linear_weight, linear_bias)
     _check_target(target, input.shape[:-1], input, "input")
-    if linear_bias is not None:
-        _check_tensor(linear_bias, "linear_bias")
-        if linear_bias.shape != (V,):
-            raise ValueError(f"fusedce: linear_bias must have shape ({V},), got {tuple(linear_bias.shape)}")
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(f"fusedce: linear_bias is {linear_bias.dtype} but input is {input.dtype}")
-        _check_device(linear_bias, "linear_bias", input, "input")
     _check_class_weight(weight, V, input, "input")
     _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     _check_finite(entropy_coef, "entropy_coef")

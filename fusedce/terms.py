@@ -12,6 +12,7 @@ import math
 import torch
 
 from .functional import (
+    _check_head,
     _sharded,
     _check_chunk,
     _check_device,
@@ -30,34 +31,6 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight"):
-    """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H)."""
-    _check_tensor(input, input_name)
-    _check_tensor(linear_weight, weight_name)
-    _check_float(input, input_name)
-    _check_float(linear_weight, weight_name)
-    if input.dim() < 1:
-        raise ValueError(f"fusedce: {input_name} must have shape [..., H], got a 0-d tensor")
-    if linear_weight.dim() != 2:
-        raise ValueError(f"fusedce: {weight_name} must be 2-D [V, H], got shape {tuple(linear_weight.shape)}")
-    V, H = linear_weight.shape
-    if input.shape[-1] != H:
-        raise ValueError(
-            f"fusedce: {input_name} has hidden size {input.shape[-1]} but {weight_name} is "
-            f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
-        )
-    if input.dtype != linear_weight.dtype:
-        raise TypeError(f"fusedce: {input_name} is {input.dtype} but {weight_name} is {linear_weight.dtype}; they must match")
-    _check_device(linear_weight, weight_name, input, input_name)
-    if linear_bias is not None:
-        bias_name = weight_name.replace("weight", "bias")
-        _check_tensor(linear_bias, bias_name)
-        if linear_bias.shape != (V,):
-            raise ValueError(f"fusedce: {bias_name} must have shape ({V},), got {tuple(linear_bias.shape)}")
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(f"fusedce: {bias_name} is {linear_bias.dtype} but {input_name} is {input.dtype}")
-        _check_device(linear_bias, bias_name, input, input_name)
-    return V, H
 
 
 def _check_positive(value, name):
