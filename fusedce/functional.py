@@ -30,7 +30,8 @@ class LossOutput(NamedTuple):
     the target. predicted: per-token argmax of the final logits, -1 at ignored positions.
     accuracy: fraction of non-ignored tokens whose argmax equals the target (nan when none).
     z_loss: the z-loss part of `loss`, reduced the same way.
-    entropy: per-token entropy of softmax(final logits), shaped like the target (differentiable).
+    entropy: per-token entropy of softmax(final logits), shaped like the target (differentiable);
+    None unless asked for (``return_entropy=True``), since it takes the general row kernel.
     `loss` and `lse` are differentiable for every reduction (a gradient through lse is exact,
     computed by a recomputing pass only when one flows).
     """
@@ -270,6 +271,7 @@ def linear_cross_entropy(
     fp32_grad_accum: bool = False,
     low_memory: bool = False,
     entropy_coef: float = 0.0,
+    return_entropy: bool = False,
     process_group=None,
     vocab_start: int | None = None,
     reduce_grad_input: bool = True,
@@ -289,8 +291,9 @@ def linear_cross_entropy(
     for the gradient: tens of MiB of transient memory for ~1/3 more GEMM work.
     ``fp32_grad_accum`` accumulates the weight gradient in float32 on CUDA (the CPU always does).
     ``entropy_coef`` adds entropy_coef * H (the entropy of the softmax) per non-ignored token,
-    reduced like the CE (negative: an entropy bonus); ``return_stats`` then also returns the
-    per-token entropy (``LossOutput.entropy``), from the same pass.
+    reduced like the CE (negative: an entropy bonus). ``return_entropy`` (with ``return_stats``)
+    also returns the per-token entropy (``LossOutput.entropy``), from the same pass; plain
+    ``return_stats`` keeps the CE's own row kernel.
 
     Vocab-parallel (fusedce/distributed.py): with ``process_group`` (or a DTensor weight sharded on
     the vocabulary) ``linear_weight`` / ``linear_bias`` / ``weight`` are this rank's vocabulary
@@ -299,9 +302,9 @@ def linear_cross_entropy(
     ``reduce_grad_input=False`` leaves the input gradient as this rank's partial sum.
     """
     if _sharded(process_group, linear_weight, linear_bias):
-        if entropy_coef != 0.0:
-            raise NotImplementedError("fusedce: entropy_coef is not sharded yet (process_group); "
-                                      "use token_logprobs(..., return_entropy=True)")
+        if entropy_coef != 0.0 or return_entropy:
+            raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
+                                      "(process_group); use token_logprobs(..., return_entropy=True)")
         from . import distributed
 
         return distributed.linear_cross_entropy(
@@ -354,7 +357,7 @@ def linear_cross_entropy(
         softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, vocab_chunk_size=vocab_chunk_size or 0,
         fp32_grad_accum=bool(fp32_grad_accum), entropy_coef=float(entropy_coef),
-        want_entropy=bool(return_stats),
+        want_entropy=bool(return_stats and return_entropy),
     )
     loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
@@ -365,7 +368,7 @@ def linear_cross_entropy(
     if not return_stats:
         return loss
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
-                  num_items_in_batch, denom, shape, entropy)
+                  num_items_in_batch, denom, shape, entropy if return_entropy else None)
 
 
 def cross_entropy(

@@ -58,7 +58,8 @@ for dtype in DTYPES:
         lg2 = (x @ w.T).detach().clone().requires_grad_()
         fusedce.cross_entropy(lg2 * 1, t, inplace_backward=True).backward()
         # terms kernel: entropy / log-prob, every distillation kind, the policy loss
-        out = fusedce.linear_cross_entropy(x, w, t, entropy_coef=0.1, return_stats=True)
+        out = fusedce.linear_cross_entropy(x, w, t, entropy_coef=0.1, return_stats=True,
+                                           return_entropy=True)
         (out.loss + out.entropy.sum()).backward()
         tl = torch.randn(N, V, device=dev, dtype=dtype)
         for kind in ("forward_kl", "reverse_kl", "jsd"):

@@ -83,7 +83,8 @@ def test_entropy_term(device, dtype, entropy_coef, reduction, vocab_chunk_size):
 
     def fused(x, w):
         out = fusedce.linear_cross_entropy(x, w, t, reduction=reduction, entropy_coef=entropy_coef,
-                                           return_stats=True, vocab_chunk_size=vocab_chunk_size,
+                                           return_stats=True, return_entropy=True,
+                                           vocab_chunk_size=vocab_chunk_size,
                                            **kw)
         return out.loss, out.entropy  # the entropy statistic is differentiable too
 
@@ -476,3 +477,13 @@ def test_masked_classes(device):
         return (d + 0.5 * ce + 0.1 * ent).mean()
 
     _check(fused, ref, [x, w], torch.float64, "masked classes")
+
+
+def test_plain_stats_do_not_ask_for_entropy(device):
+    """return_stats alone keeps the CE's own row kernel: no entropy is computed or returned."""
+    x, w = _leaves(device, torch.float32, (4, 8), (11, 8))
+    t = torch.randint(0, 11, (4,), device=device)
+    assert fusedce.linear_cross_entropy(x, w, t, return_stats=True).entropy is None
+    out = fusedce.linear_cross_entropy(x, w, t, return_stats=True, return_entropy=True)
+    assert_close(out.entropy, reference.entropy(x.detach() @ w.detach().T), torch.float32,
+                 what="entropy")
