@@ -1,6 +1,7 @@
 """fusedce: the loss of a language-model head without materializing the [tokens x vocab] logits."""
 
 from ._extension import build_info, load_extension
+from ._version import __version__
 
 _C = load_extension()  # registers torch.ops.fusedce.* (checks the torch it was built against first)
 
@@ -15,6 +16,7 @@ from .terms import distillation_loss, policy_loss, token_logprobs  # noqa: E402
 from . import nn  # noqa: E402
 
 __all__ = [
+    "__version__",
     "LossOutput",
     "allow_second_backward",
     "build_info",
