@@ -110,9 +110,30 @@ def kernels(fn, x, w, t):
     return sorted(rows, key=lambda r: -r["us"])[:25]
 
 
+def host_profile(x, w, t, steps=200, top=30):
+    """cProfile of back-to-back fusedce steps: where the host time of a small call goes."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(10):
+        _step(_fused, x, w, t)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        _step(_fused, x, w, t)
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of the smallest shape")
     p.add_argument("--shapes", default="128x1024x32000,512x2048x128256,512x4096x128256,2048x4096x128256")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -136,6 +157,10 @@ def main():
         row["fusedce"]["kernels"] = kernels(_fused, x, w, t)
         print(json.dumps({k: v for k, v in row.items()}, indent=None)[:2000], flush=True)
         result["shapes"].append(row)
+        if args.profile and len(result["shapes"]) == 1:
+            text = host_profile(x, w, t)
+            result["host_profile"] = text
+            print(text, flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
