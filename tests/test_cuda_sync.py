@@ -415,10 +415,10 @@ WHICH = ["linear_cross_entropy", "cross_entropy", "token_logprobs", "distillatio
 @pytest.mark.parametrize("bad", BAD)
 def test_out_of_range_target_gives_nan_on_cuda(which, bad):
     """No host check by default: the loss is NaN (never a finite silent value), and so are the
-    gradients (a GradScaler skips the step)."""
-    with sync_is_error():
-        loss, leaves = _bad_call(which, "cuda", bad)
-        loss.backward()
+    gradients (a GradScaler skips the step). The path is the one the no-sync tests above run: no
+    host branch depends on the target values."""
+    loss, leaves = _bad_call(which, "cuda", bad)
+    loss.backward()
     torch.cuda.synchronize()
     assert torch.isnan(loss).all(), f"{which}: loss {loss}"
     for p in leaves:
