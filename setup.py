@@ -79,7 +79,7 @@ def _nvcc_version():
             return Version(match.group(1))
     except (OSError, subprocess.CalledProcessError):
         pass
-    return Version(torch.version.cuda)
+    return Version(torch.version.cuda or "0")
 
 
 def _default_cuda_archs() -> str:
