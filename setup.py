@@ -5,7 +5,11 @@
 CUDA build (CUDAExtension, nvcc) when the installed torch has CUDA and nvcc is found (CUDA_HOME),
 otherwise a CPU-only CppExtension. Environment:
     FUSEDCE_FORCE_CPU=1     force the CPU-only build
-    TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0a": sm_80 and sm_90a)
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default DEFAULT_CUDA_ARCHS, "8.0;9.0a;10.0;12.0+PTX":
+                            SASS for sm_80 (A100, and 8.x GPUs), sm_90a (H100/H200), sm_100 (B200/
+                            GB200 and B300, 10.x) and sm_120 (RTX 50 / RTX PRO, 12.x), plus compute_120
+                            PTX that the driver JIT-compiles on a newer GPU; with nvcc < 12.8, which
+                            knows no Blackwell, "8.0;9.0a")
     MAX_JOBS                parallel compile jobs (ninja)
 The build needs torch at build time, so install with --no-build-isolation: an isolated build would
 fetch a different torch than the one the extension will run against.
@@ -29,7 +33,13 @@ except ImportError:  # pragma: no cover - only reached without torch
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+# sm_100, not sm_100a: an arch-specific ("a") cubin runs on that exact compute capability only,
+# so sm_100a would leave B300 (10.3) without a kernel, and no kernel here uses an arch-specific
+# instruction (sm_90a keeps its "a": 9.0 is the only 9.x). PTX for the newest target: a GPU newer
+# than every SASS target JIT-compiles it instead of failing with "no kernel image".
+DEFAULT_CUDA_ARCHS = "8.0;9.0a;10.0;12.0+PTX"
+# nvcc before 12.8 knows no Blackwell target.
+DEFAULT_CUDA_ARCHS_PRE_BLACKWELL = "8.0;9.0a"
 
 
 def _env_flag(name: str) -> bool:
@@ -52,6 +62,32 @@ def _want_cuda() -> tuple[bool, str]:
     if cpp_extension.CUDA_HOME is None:
         return False, "nvcc not found (set CUDA_HOME)"
     return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={cpp_extension.CUDA_HOME}"
+
+
+def _nvcc_version():
+    """The release of $CUDA_HOME/bin/nvcc (packaging Version), else torch's CUDA version."""
+    import re
+    import subprocess
+
+    from packaging.version import Version
+
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+        match = re.search(r"release (\d+\.\d+)", out)
+        if match:
+            return Version(match.group(1))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return Version(torch.version.cuda or "0")
+
+
+def _default_cuda_archs() -> str:
+    from packaging.version import Version
+
+    if _nvcc_version() < Version("12.8"):
+        return DEFAULT_CUDA_ARCHS_PRE_BLACKWELL
+    return DEFAULT_CUDA_ARCHS
 
 
 def _use_ninja() -> bool:
@@ -91,7 +127,7 @@ USE_NINJA = _use_ninja()
 if WITH_CUDA:
     # torch.utils.cpp_extension reads TORCH_CUDA_ARCH_LIST itself; when it is not set it would build
     # for the GPUs visible now (none on a build machine), so set our default explicitly.
-    CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
+    CUDA_ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or _default_cuda_archs()
     os.environ["TORCH_CUDA_ARCH_LIST"] = CUDA_ARCHS
 else:
     CUDA_ARCHS = ""

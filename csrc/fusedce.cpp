@@ -10,6 +10,8 @@
 //   lse         = logsumexp(z);  p = softmax(z)
 //   per-token   = w[t] * ((1 - eps) * (lse - z[t]) + z_loss * lse^2) + eps / V * sum_c w[c] * (lse - z[c])
 //                 (w = class weights or 1; 0 at rows whose target is ignore_index)
+//   a target outside [0, V) that is not ignore_index: an error on the CPU and in validation mode
+//                 (csrc/validate.h); otherwise on CUDA a NaN token loss and gradient (no host sync)
 //   predicted   = argmax(z) (first maximum), -1 at ignored rows
 //
 // The ops return per-token values and (for the training case) the gradients; reductions and
@@ -23,6 +25,8 @@
 #endif
 
 #include <string>
+
+#include "validate.h"
 
 #ifdef FUSEDCE_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -164,5 +168,11 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fusedce build information; the ops live in torch.ops.fusedce";
   mod.def("build_info", &build_info, "How this fusedce._C was built (CPU/CUDA, versions, archs).");
+  mod.def(
+      "_validate_targets",
+      [](int delta) { return fusedce::validate_depth().fetch_add(delta) + delta; },
+      "Open (+1) or close (-1) a fusedce.validate_targets() block; returns the open blocks.");
+  mod.def("_validation_enabled", &fusedce::validation_enabled,
+          "Whether the CUDA ops check the targets on the host (a block open or FUSEDCE_VALIDATE).");
 }
 #endif  // FUSEDCE_NO_PYTHON

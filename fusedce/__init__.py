@@ -13,6 +13,7 @@ from .functional import (  # noqa: E402
     linear_cross_entropy,
 )
 from .terms import distillation_loss, policy_loss, token_logprobs  # noqa: E402
+from .validation import validate_targets  # noqa: E402
 from . import nn  # noqa: E402
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "nn",
     "policy_loss",
     "token_logprobs",
+    "validate_targets",
 ]
 
 import os as _os  # noqa: E402

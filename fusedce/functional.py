@@ -204,13 +204,23 @@ def _token_weights(target: torch.Tensor, ignore_index: int, weight, dtype) -> to
     valid = target != ignore_index
     if weight is None:
         return valid.to(dtype)
-    safe = torch.where(valid, target, torch.zeros_like(target))
+    # Out-of-range targets too are never used as an index: the op makes their loss NaN instead
+    # (fusedce/validation.py), so their weight here does not matter.
+    usable = valid & (target >= 0) & (target < weight.shape[0])
+    safe = torch.where(usable, target, torch.zeros_like(target))
     return weight.to(dtype)[safe] * valid.to(dtype)
 
 
-def _divisor(num_items_in_batch, like: torch.Tensor):
+def _divisor(num_items_in_batch, device: torch.device, dtype: torch.dtype):
+    """num_items_in_batch as a float, or as a 0-d tensor on `device`. A tensor already there is
+    never read back (a CUDA one <= 0 gives an inf / nan loss: it cannot be checked without a host
+    sync). A CPU tensor for a CUDA loss is read on the host (no device sync) rather than copied:
+    a pageable host-to-device copy synchronizes."""
     if isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch.to(device=like.device, dtype=like.dtype).reshape(())
+        if (num_items_in_batch.device != device and num_items_in_batch.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            return float(num_items_in_batch.item())
+        return num_items_in_batch.to(device=device, dtype=dtype).reshape(())
     return float(num_items_in_batch)
 
 
@@ -225,7 +235,7 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items is not None:
-        z_part = z_tok.sum() / _divisor(num_items, z_tok)
+        z_part = z_tok.sum() / _divisor(num_items, z_tok.device, z_tok.dtype)
     elif reduction == "sum":
         z_part = z_tok.sum()
     else:
@@ -341,7 +351,9 @@ def linear_cross_entropy(
     grad_scale = None
     if reduction != "none":
         if num_items_in_batch is not None:
-            grad_scale = 1.0 / torch.as_tensor(num_items_in_batch, dtype=acc, device=input.device).reshape(())
+            d = _divisor(num_items_in_batch, input.device, acc)
+            # a fill, not torch.as_tensor(number, device=...): that is a synchronizing copy
+            grad_scale = 1.0 / d if isinstance(d, torch.Tensor) else torch.full((), 1.0 / d, dtype=acc, device=input.device)
         elif reduction == "mean":
             denom = _token_weights(flat_target, ignore_index, weight, acc).sum()
             grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
@@ -431,7 +443,7 @@ def cross_entropy(
     if reduction == "none":
         loss = token_loss.reshape(shape)
     elif num_items_in_batch is not None:
-        loss = token_loss.sum() / _divisor(num_items_in_batch, token_loss)
+        loss = token_loss.sum() / _divisor(num_items_in_batch, token_loss.device, token_loss.dtype)
     elif reduction == "sum":
         loss = token_loss.sum()
     else:

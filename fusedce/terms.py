@@ -296,7 +296,9 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         m = mask.to(acc)
     weights = _policy_weights(m, loss_type, max_completion_length).reshape(-1)
     # Masked tokens are ignored rows: no loss, no gradient, no work beyond the shared statistics.
-    ignore = -1
+    # The one int64 that is no token id anyone writes: a -1 token must stay out of range (a NaN
+    # loss, or the validation error), not be taken for a masked position.
+    ignore = torch.iinfo(torch.int64).min
     target = torch.where(m.reshape(-1) != 0, tokens.reshape(-1), torch.full_like(tokens.reshape(-1), ignore))
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, target, linear_bias, None, weights,

@@ -11,8 +11,8 @@ reports a hazard: there it runs float32 only, whose kernels share the shared-mem
 
 Covers: the fused CE row kernels (warp- and block-per-row widths, whole rows and vocabulary tiles),
 the recomputing backward, CE on given logits (out of place and in place), the in-place scale, the
-terms kernel (entropy, log-prob, each distillation kind, the policy loss), the shard kernels, and a
-target out of range (the error path must not touch memory out of bounds). Checks values against
+terms kernel (entropy, log-prob, each distillation kind, the policy loss), the shard kernels, and
+targets out of range (no kernel may touch memory out of bounds). Checks values against
 the float64 reference as it goes, so a clean sanitizer run is also a correct one.
 """
 
@@ -84,14 +84,28 @@ for dtype in DTYPES:
             torch.ops.fusedce.shard_grad_(g, t, lo, cw[lo:hi], st[:, 0], one, one, one, softcap=5.0)
         torch.cuda.synchronize()
 
-# a target out of range: a clear error, no out-of-bounds access
-x = torch.randn(4, 8, device=dev)
-w = torch.randn(11, 8, device=dev)
+# targets out of range (past the end, negative, far out): no out-of-bounds access in any kernel,
+# a NaN loss and gradient by default, the clear error in validation mode
+x = torch.randn(4, 8, device=dev, requires_grad=True)
+w = torch.randn(11, 8, device=dev, requires_grad=True)
+bad = torch.tensor([0, 11, -5, 2**40], device=dev)
+for kw in ({}, {"reduction": "none"}, {"low_memory": True, "vocab_chunk_size": 4},
+           {"entropy_coef": 0.1}, {"weight": torch.rand(11, device=dev)}):
+    loss = fusedce.linear_cross_entropy(x, w, bad, **kw)
+    loss.sum().backward()
+    torch.cuda.synchronize()
+    assert torch.isnan(loss).any() and torch.isnan(w.grad).any(), kw
+    w.grad = None
+z = torch.randn(4, 11, device=dev, requires_grad=True)
+assert torch.isnan(fusedce.cross_entropy(z, bad))
+lp = fusedce.token_logprobs(x, w, bad)
+assert torch.isnan(lp[1:3]).all() and torch.isfinite(lp[0])
 try:
-    fusedce.linear_cross_entropy(x, w, torch.tensor([0, 1, 11, 2], device=dev))
-except (RuntimeError, ValueError) as e:
-    assert "target" in str(e)
+    with fusedce.validate_targets():
+        fusedce.linear_cross_entropy(x, w, bad)
+except RuntimeError as e:
+    assert "target[1] = 11" in str(e), e
 else:
-    raise AssertionError("an out-of-range target was accepted")
+    raise AssertionError("an out-of-range target was accepted in validation mode")
 torch.cuda.synchronize()
 print("cuda_sanitize_run: all kernels ran")

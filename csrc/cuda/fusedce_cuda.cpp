@@ -8,8 +8,9 @@
 // Low-memory mode (0 < vocab_chunk_size < V): the vocabulary is tiled; a statistics pass over the
 // tiles finalizes lse, then the tiles are recomputed for the gradient (8*N*H*V flops instead of 6).
 // Everything runs on the current stream under a device guard; the chunk loop has no host sync and
-// no data-dependent host branch, so the ops can be captured in a CUDA graph. The only host sync is
-// the target range check, once per call before the loop, skipped while the stream is capturing.
+// no data-dependent host branch, so the ops can be captured in a CUDA graph. No call reads a device
+// value on the host: an out-of-range target gives a NaN token loss and gradient in the kernels
+// (kernels/epilogue.cuh); only the opt-in validation mode (csrc/validate.h) checks on the host.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -46,6 +47,7 @@ cublasHandle_t getCurrentCUDABlasHandle();
 
 #include "../checks.h"
 #include "../terms_args.h"
+#include "../validate.h"
 #include "kernels/launchers.h"
 
 namespace fusedce {
@@ -98,11 +100,11 @@ bool stream_capturing(cudaStream_t s) {
   return st != cudaStreamCaptureStatusNone;
 }
 
-// Once per call, before any kernel reads by target (the kernels themselves treat an out-of-range
-// target as ignored, so nothing is ever read out of bounds). One host sync; skipped while the
-// stream is being captured into a CUDA graph.
+// Validation mode only (fusedce.validate_targets(), FUSEDCE_VALIDATE=1): the clear error with the
+// first bad index, at the cost of a host sync; skipped while the stream is being captured into a
+// CUDA graph. The kernels never index by an out-of-range target either way.
 void check_targets(const Tensor& tgt, int64_t vocab, int64_t ignore_index, cudaStream_t s) {
-  if (tgt.numel() == 0 || stream_capturing(s)) return;
+  if (!validation_enabled() || tgt.numel() == 0 || stream_capturing(s)) return;
   const Tensor bad = ((tgt < 0) | (tgt >= vocab)) & (tgt != ignore_index);
   if (!bad.any().item<bool>()) return;
   const int64_t i = bad.nonzero().select(1, 0).min().item<int64_t>();

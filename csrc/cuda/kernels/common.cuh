@@ -96,6 +96,16 @@ __device__ __forceinline__ double neg_inf<double>() {
   return -__longlong_as_double(0x7ff0000000000000LL);
 }
 
+// The per-token loss (and gradient) of an out-of-range target: loud rather than a silent finite value.
+template <typename A>
+__device__ __forceinline__ A quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7fc00000); }
+template <>
+__device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7ff8000000000000LL);
+}
+
 // ---- 16-byte vectors --------------------------------------------------------------------------
 // VEC elements of T in one 16-byte access.
 template <typename T>

@@ -8,6 +8,14 @@
 //              = A p_j - B [j==t] - Cc w_j
 //   d/da_j     = d/dz_j * logit_scale * (softcap > 0 ? 1 - (z_j/softcap)^2 : 1)
 // gs = upstream gradient of token_loss (grad_scale or grad_token_loss[i]), gl = that of lse.
+//
+// Out-of-range targets (t outside [0, V), not ignore_index) are never used as an index. The host
+// does not check them by default (that would read a device flag back: one host sync per call), so
+// the kernels make them loud instead: the token's loss is NaN (hence a NaN reduced loss), and so
+// is its whole gradient row whenever gs != 0 (a GradScaler then skips the step). The lse stays
+// exact and its gradient (gl) too; predicted is -1 as for an ignored token. The host-side check
+// with the index and value is the opt-in validation mode (csrc/validate.h).
+
 #pragma once
 
 #include "common.cuh"
@@ -44,13 +52,16 @@ struct Epi {
   __device__ __forceinline__ bool valid(int64_t t) const {
     return t != ignore_index && t >= 0 && t < V;
   }
+  __device__ __forceinline__ bool bad(int64_t t) const {
+    return t != ignore_index && (t < 0 || t >= V);
+  }
   __device__ __forceinline__ A w(int64_t j) const { return class_weight ? class_weight[j] : A(1); }
   __device__ __forceinline__ A wsum() const {
     return class_weight_sum ? *class_weight_sum : static_cast<A>(V);
   }
 
   __device__ __forceinline__ A token_loss(bool ok, int64_t t, A lse, A zt, A wz) const {
-    if (!ok) return A(0);
+    if (!ok) return bad(t) ? quiet_nan<A>() : A(0);
     const A wt = w(t);
     A r = wt * ((A(1) - eps) * (lse - zt) + z_loss * lse * lse);
     if (eps != A(0)) r += eps / static_cast<A>(V) * (wsum() * lse - wz);
@@ -61,7 +72,7 @@ struct Epi {
   __device__ __forceinline__ void grad_coefs(bool ok, int64_t t, A lse, A gs, A gl, A& cA, A& cB,
                                              A& cC) const {
     if (!ok) {
-      cA = gl;
+      cA = bad(t) && gs != A(0) ? quiet_nan<A>() : gl;
       cB = A(0);
       cC = A(0);
       return;

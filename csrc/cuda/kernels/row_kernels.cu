@@ -469,8 +469,11 @@ inline int cluster_size(int64_t cols, int elem_size, int64_t seg_target, int64_t
   return static_cast<int>(k);
 }
 
-// Whether the cluster kernel can run on the current device: compiled for sm_90+ (a build for sm_80
-// only would run an empty body through PTX JIT) and the shared-memory limit raised. Cached per
+// Whether the cluster kernel can run on the current device: compiled from sm_90+ code (ptxVersion:
+// code JIT-compiled from compute_80 PTX has the empty body even on a newer GPU; every 9.x+ target,
+// sm_90a, sm_100, sm_120 and the compute_120 PTX, has the full one, which uses only the portable
+// cluster features) and the shared-memory limit raised (sm_120's 99 KB per block is below
+// kSegMax: the generic kernel runs there). Cached per
 // device and instantiation; the first call is made outside any graph capture by the host driver's
 // eager warm-up in practice, and the queries are not stream work in any case.
 template <typename T, bool kTr, bool kWz>
@@ -485,7 +488,7 @@ bool cluster_ready() {
                   cudaSuccess &&
               major >= 9 &&
               cudaFuncGetAttributes(&attr, row_fused_cluster_kernel<T, kTr, kWz>) == cudaSuccess &&
-              attr.binaryVersion >= 90 &&
+              attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
               cudaFuncSetAttribute(row_fused_cluster_kernel<T, kTr, kWz>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(kSegMax)) == cudaSuccess;

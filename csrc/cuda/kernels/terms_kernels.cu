@@ -241,6 +241,15 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
       g_lp += g_tok * dlp;
     }
   }
+  // An out-of-range target (epilogue.cuh): NaN loss and log-prob, and a NaN gradient row when an
+  // upstream gradient of either is nonzero; the entropy, the lse and their gradients stay exact.
+  const bool bad = ep.bad(t);
+  if (bad) {
+    loss = quiet_nan<A>();
+    logprob = quiet_nan<A>();
+    const A g_lp_in = g.write_grad && g.g_logprob ? static_cast<const A*>(g.g_logprob)[row] : A(0);
+    if (g_tok != A(0) || g_lp_in != A(0)) cA = quiet_nan<A>();
+  }
   // d logp/dz_j = [j == t] - p_j;  dH/dz_j = -p_j (z_j - lse) - H p_j
   cA -= g_lp;
   cB -= g_lp;
@@ -251,7 +260,7 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
     if (g.token_loss) static_cast<A*>(g.token_loss)[row] = loss;
     if (g.lse) static_cast<A*>(g.lse)[row] = lse;
     if (g.entropy) static_cast<A*>(g.entropy)[row] = H;
-    if (g.logprob) static_cast<A*>(g.logprob)[row] = valid ? logprob : A(0);
+    if (g.logprob) static_cast<A*>(g.logprob)[row] = valid || bad ? logprob : A(0);
     if (g.predicted) g.predicted[row] = valid ? (im == kTermsNoCol ? 0 : im) : -1;
   }
   if (!g.write_grad) return;
