@@ -28,6 +28,8 @@ import warnings
 import torch
 from torch import nn
 
+from .._head import call_head
+
 _DOC_DECORATORS = {
     "auto_docstring", "add_start_docstrings", "add_start_docstrings_to_model_forward",
     "replace_return_docstrings", "add_code_sample_docstrings",
@@ -149,12 +151,6 @@ def _fce_loss(state, loss_function, *args, **kwargs):
         raise RuntimeError(f"fusedce: vocab_size={a['vocab_size']} given to the loss but the head has "
                            f"{head.out_features} outputs")
     hidden = state.hidden
-    weight, bias = head.weight, head.bias
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # what F.linear does under autocast
-        dt = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
     shift_labels = a["shift_labels"]
     if shift_labels is None:
         target, shift = a["labels"], True
@@ -166,10 +162,16 @@ def _fce_loss(state, loss_function, *args, **kwargs):
             raise ValueError(f"fusedce: labels of shape {tuple(target.shape)} do not match the hidden "
                              f"states of shape {tuple(hidden.shape)}")
         target = target.reshape(hidden.shape[:-1])
-    loss = F_.linear_cross_entropy(
-        hidden, weight, target.long(), linear_bias=bias, ignore_index=int(a["ignore_index"]),
-        softcap=state.softcap, logit_scale=state.scale, num_items_in_batch=a["num_items_in_batch"],
-        shift=shift)
+
+    def fused(x, weight, bias):
+        return F_.linear_cross_entropy(
+            x, weight, target.long(), linear_bias=bias, ignore_index=int(a["ignore_index"]),
+            softcap=state.softcap, logit_scale=state.scale, num_items_in_batch=a["num_items_in_batch"],
+            shift=shift)
+
+    # Through the head's own call, so that its wrappers (FSDP, ZeRO-3, offload hooks) gather the
+    # weight and reduce its gradient as they would for the logits (autocast casts as F.linear's).
+    loss = call_head(head, hidden, fused)
     state.loss_done = True
     return loss
 
