@@ -12,15 +12,23 @@ so the wrappers' backward hooks are attached to it: a recomputing backward finds
 gathered again before it runs.
 
 The override is a torch function mode: per call and per thread (the mode stack is thread-local),
-nothing on the module changes.
+nothing on the module changes. Where a library has replaced ``F.linear`` itself (DeepSpeed ZeRO-3),
+that replacement is wrapped by a thread-aware pass-through (``_wrap_replaced_linear``).
 """
 
 from __future__ import annotations
+
+import functools
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _LINEAR = torch._C._nn.linear
+
+
+_TLS = threading.local()
+_SHIM_LOCK = threading.Lock()
 
 
 class _LinearOverride(TorchFunctionMode):
@@ -33,16 +41,43 @@ class _LinearOverride(TorchFunctionMode):
         self.compute = compute
         self.done = False
 
+    def claims(self, weight) -> bool:
+        return not self.done and weight is getattr(self.head, "weight", None)
+
+    def answer(self, x, w, b):
+        self.done = True
+        return self.compute(x, w, b)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.done and (func is _LINEAR or func is torch.nn.functional.linear):
+        if func is _LINEAR or func is torch.nn.functional.linear:
             x = args[0] if args else kwargs["input"]
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if w is getattr(self.head, "weight", None):
-                self.done = True
-                return self.compute(x, w, b)
+            if self.claims(w):
+                return self.answer(x, w, b)
         return func(*args, **kwargs)
+
+
+def _wrap_replaced_linear():
+    """A library may have replaced ``torch.nn.functional.linear`` by a Python function that the
+    function mode cannot see (DeepSpeed ZeRO-3's memory-efficient linear does, for good). Such a
+    replacement is wrapped once by a pass-through that answers only this thread's fusedce head
+    call and otherwise calls the replacement."""
+    with _SHIM_LOCK:
+        current = torch.nn.functional.linear
+        if current is _LINEAR or getattr(current, "_fusedce_passthrough", False):
+            return
+
+        @functools.wraps(current)
+        def linear(input, weight, bias=None):
+            override = getattr(_TLS, "override", None)
+            if override is not None and override.claims(weight):
+                return override.answer(input, weight, bias)
+            return current(input, weight, bias)
+
+        linear._fusedce_passthrough = True
+        torch.nn.functional.linear = linear
 
 
 def _cast_like_linear(x, w, b):
@@ -62,9 +97,15 @@ def call_head(head: torch.nn.Module, hidden: torch.Tensor, compute):
     def run(x, w, b):
         return compute(*_cast_like_linear(x, w, b))
 
+    _wrap_replaced_linear()
     mode = _LinearOverride(head, run)
-    with mode:
-        out = head(hidden)
+    previous = getattr(_TLS, "override", None)
+    _TLS.override = mode
+    try:
+        with mode:
+            out = head(hidden)
+    finally:
+        _TLS.override = previous
     if not mode.done:
         raise RuntimeError(
             f"fusedce: calling the head ({type(head).__name__}) did not reach "
