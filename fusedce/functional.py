@@ -322,8 +322,9 @@ def linear_cross_entropy(
 
     Vocab-parallel (fusedce/distributed.py): with ``process_group`` (and only then: a DTensor
     weight without it is refused) ``linear_weight`` / ``linear_bias`` / ``weight`` are this rank's
-    vocabulary shard (or a Shard(0) DTensor over that group's mesh) starting at global id ``vocab_start`` (None: derived from the shards), ``input`` and
-    ``target`` (global ids) are the same on every rank; one collective per chunk.
+    vocabulary shard (or a Shard(0) DTensor over that group's mesh) starting at global id
+    ``vocab_start`` (None: derived from the shards), ``input`` and ``target`` (global ids) are the
+    same on every rank; one collective per chunk.
     ``reduce_grad_input=False`` leaves the input gradient as this rank's partial sum.
     """
     if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):

@@ -159,6 +159,41 @@ def fsdp2_bf16_mixed_precision(c):
 
 
 @check
+def fsdp1_head_own_unit(c):
+    """FSDP1 (FullyShardedDataParallel): decoder layers and lm_head each wrapped, then the root;
+    the flat parameters' views are what the head's forward passes to F.linear."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fusedce.integrations.transformers import _tiny
+
+    model = _tiny_llama()
+    head = model.lm_head
+    policy = functools.partial(lambda_auto_wrap_policy,
+                               lambda_fn=lambda m: m is head or isinstance(m, LlamaDecoderLayer))
+    model = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    assert type(model.module.lm_head) is FSDP
+    ids, labels = _tiny.batch(seed=30 + c.rank)
+    runs = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        kw = {} if fused else {"skip_logits": False}
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        # each rank holds its shard of the flat parameters' reduced gradients: gather them whole
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        parts = [torch.zeros_like(g) for _ in range(c.world)]
+        dist.all_gather(parts, g)
+        runs.append((out.loss.detach(), torch.cat(parts)))
+    close(runs[1][0], runs[0][0], F32, "loss")
+    close(runs[1][1], runs[0][1], F32, "flat gradients")
+
+
+@check
 def ddp_no_sync_accumulation(c):
     """Two micro-batches, the first under no_sync(): the accumulated, all-reduced gradients."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -309,6 +344,26 @@ def dtensor_weight_needs_process_group(c):
     wf, bf = w.full_tensor().detach(), b.full_tensor().detach()
     close(fusedce.linear_cross_entropy(h, wf, t, linear_bias=bf), F.cross_entropy(h @ wf.T + bf, t), F32,
           "full_tensor() weight")
+
+
+def test_accelerate_cpu_offload_hooks():
+    """accelerate's cpu_offload keeps the weights on the meta device and loads them in each
+    module's pre-forward hook: the fused loss, computed inside the head's call, sees them loaded
+    (the same loss as the model before offloading)."""
+    pytest.importorskip("transformers")
+    accelerate = pytest.importorskip("accelerate")
+    from fusedce.integrations.transformers import _tiny
+
+    model = _tiny_llama()
+    ids, labels = _tiny.batch()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    with torch.no_grad():
+        stock = model(**kw, skip_logits=False).loss
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.lm_head.weight.device.type == "meta"
+        out = model(**kw)
+    assert out.logits is None
+    close(out.loss, stock, F32, "loss under cpu_offload")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,17 +32,17 @@ _SHIM_LOCK = threading.Lock()
 
 
 class _LinearOverride(TorchFunctionMode):
-    """Answers the first ``F.linear`` whose weight is ``head.weight`` (as the module holds it at
+    """Answers the first ``F.linear`` whose weight is ``linear.weight`` (as the module holds it at
     that moment) with ``compute(x, weight, bias)``; every other call runs as usual."""
 
-    def __init__(self, head, compute):
+    def __init__(self, linear, compute):
         super().__init__()
-        self.head = head
+        self.linear = linear
         self.compute = compute
         self.done = False
 
     def claims(self, weight) -> bool:
-        return not self.done and weight is getattr(self.head, "weight", None)
+        return not self.done and weight is getattr(self.linear, "weight", None)
 
     def answer(self, x, w, b):
         self.done = True
@@ -90,15 +90,16 @@ def _cast_like_linear(x, w, b):
     return x, w, b
 
 
-def call_head(head: torch.nn.Module, hidden: torch.Tensor, compute):
-    """``head(hidden)`` with the head's ``F.linear(x, weight, bias)`` replaced by
-    ``compute(x, weight, bias)`` (operands cast as autocast casts F.linear's); returns what the
-    module's call returns (compute's result, through the module's hooks)."""
+def call_head(head: torch.nn.Module, hidden: torch.Tensor, compute, linear=None):
+    """``head(hidden)`` with the ``F.linear(x, weight, bias)`` of ``linear`` (the head itself, or
+    the linear layer a wrapper module holds) replaced by ``compute(x, weight, bias)`` (operands
+    cast as autocast casts F.linear's); returns what the module's call returns (compute's result,
+    through the module's hooks)."""
     def run(x, w, b):
         return compute(*_cast_like_linear(x, w, b))
 
     _wrap_replaced_linear()
-    mode = _LinearOverride(head, run)
+    mode = _LinearOverride(head if linear is None else linear, run)
     previous = getattr(_TLS, "override", None)
     _TLS.override = mode
     try:
