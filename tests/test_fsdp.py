@@ -346,6 +346,91 @@ def dtensor_weight_needs_process_group(c):
           "full_tensor() weight")
 
 
+def _plain_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, H, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -100
+    return head, x, t
+
+
+@pytest.mark.parametrize("replaced_linear", [False, True], ids=["builtin-F.linear", "replaced-F.linear"])
+def test_head_loss_single_process(monkeypatch, replaced_linear):
+    """head_loss equals F.cross_entropy(head(x)) (value and gradients), also when a library has
+    replaced F.linear by a Python function (as DeepSpeed ZeRO-3 does); the override is per thread:
+    another thread calling the head meanwhile gets its logits."""
+    import threading
+
+    from fusedce.integrations import head_loss
+    from fusedce.integrations._head import call_head
+
+    if replaced_linear:
+        builtin = torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda i, w, b=None: builtin(i, w, b))
+    head, x, t = _plain_head()
+    for kw in (dict(), dict(reduction="sum", label_smoothing=0.2), dict(reduction="none")):
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        loss = head_loss(head, xs, t, **kw)
+        up = torch.linspace(0.5, 1.5, N) if kw.get("reduction") == "none" else torch.tensor(1.0)
+        (loss * up).sum().backward()
+        g1 = (xs.grad, head.weight.grad.clone(), head.bias.grad.clone())
+        head.zero_grad(set_to_none=True)
+        ref = F.cross_entropy(head(xr), t, **kw)
+        (ref * up).sum().backward()
+        close(loss, ref, F32, f"{kw} loss")
+        for a, b, n in zip(g1, (xr.grad, head.weight.grad, head.bias.grad), ("input", "weight", "bias")):
+            close(a, b, F32, f"{kw} grad {n}")
+
+    seen = {}
+
+    def other_thread():
+        seen["out"] = head(x)  # no override in this thread: the logits
+
+    def compute(xx, w, b):
+        th = threading.Thread(target=other_thread)
+        th.start()
+        th.join()
+        return torch.zeros(())
+
+    with torch.no_grad():
+        out = call_head(head, x, compute)
+        assert out.shape == () and seen["out"].shape == (N, V)
+        close(seen["out"], head(x), dict(rtol=0.0, atol=0.0), "the other thread's logits")
+
+
+def test_head_loss_autocast_and_errors():
+    """Under CPU autocast the operands are cast as F.linear casts them (bf16); a head whose
+    forward never calls F.linear with its weight, a non-module head and a linear_bias argument are
+    refused."""
+    import fusedce
+    from fusedce.integrations import head_loss
+
+    head, x, t = _plain_head()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_loss(head, x, t)
+    expect = fusedce.linear_cross_entropy(x.bfloat16(), head.weight.bfloat16(), t,
+                                          linear_bias=head.bias.bfloat16())
+    close(loss, expect, dict(rtol=0.0, atol=0.0), "autocast bf16")
+
+    class NotLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(V, H))
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    with pytest.raises(RuntimeError, match="did not reach torch.nn.functional.linear"):
+        head_loss(NotLinear(), x, t)
+    with pytest.raises(TypeError, match="head must be a torch.nn.Module"):
+        head_loss(head.weight, x, t)
+    with pytest.raises(TypeError, match="linear_bias"):
+        head_loss(head, x, t, linear_bias=head.bias)
+
+
 def test_accelerate_cpu_offload_hooks():
     """accelerate's cpu_offload keeps the weights on the meta device and loads them in each
     module's pre-forward hook: the fused loss, computed inside the head's call, sees them loaded
