@@ -266,7 +266,9 @@ def _sharded(process_group, **tensors) -> bool:
                 "process_group= names that group. A weight sharded for data parallelism (FSDP2's "
                 "fully_shard) must be gathered by its wrapper: compute the loss through the head "
                 "module with fusedce.integrations.head_loss(head, input, target, ...) (the "
-                f"transformers integration does so), or pass {name}.full_tensor() yourself.")
+                f"transformers integration does so), or pass {name}.full_tensor() yourself (its "
+                "gradient then follows DTensor's rules: each rank keeps its slice of its own "
+                "gradient, with no data-parallel reduction).")
     return False
 
 

@@ -318,7 +318,8 @@ def public_head_loss_fsdp2(c):
 def dtensor_weight_needs_process_group(c):
     """A DTensor weight (FSDP2's Shard(0) over the data-parallel mesh) given to a public function
     without process_group is refused with an error naming the argument and the way out; its
-    full_tensor() gives the loss of the full weight."""
+    full_tensor() gives the loss of the full weight. With process_group= a Shard(0) DTensor is a
+    vocabulary shard."""
     import fusedce
 
     root = _head_model(c)
@@ -344,6 +345,21 @@ def dtensor_weight_needs_process_group(c):
     wf, bf = w.full_tensor().detach(), b.full_tensor().detach()
     close(fusedce.linear_cross_entropy(h, wf, t, linear_bias=bf), F.cross_entropy(h @ wf.T + bf, t), F32,
           "full_tensor() weight")
+    # with process_group= the same kind of DTensor is a vocabulary shard (tensor parallelism):
+    # input and target the same on every rank, the gradient back to the DTensor
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(5)  # the same on every rank
+    xs, W = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    ts = torch.randint(0, V, (N,), generator=g)
+    Wd = torch.nn.Parameter(distribute_tensor(W, c.mesh, [Shard(0)]))
+    loss = fusedce.linear_cross_entropy(xs, Wd, ts, process_group=c.mesh.get_group())
+    loss.backward()
+    Wr = W.clone().requires_grad_()
+    ref = F.cross_entropy(xs @ Wr.T, ts)
+    ref.backward()
+    close(loss, ref, F32, "vocab-parallel DTensor loss")
+    close(Wd.grad.full_tensor(), Wr.grad, F32, "vocab-parallel DTensor weight grad")
 
 
 def _plain_head():
