@@ -130,7 +130,7 @@ def _check_class_weight(weight, vocab: int, ref: torch.Tensor, ref_name: str):
 def _check_gathered(x, name: str):
     """DeepSpeed ZeRO-3 leaves a partitioned parameter as a [0]-shaped placeholder (ds_shape holds
     its real shape) outside its module's forward."""
-    if isinstance(x, torch.Tensor) and x.numel() == 0 and hasattr(x, "ds_shape"):
+    if hasattr(x, "ds_shape") and isinstance(x, torch.Tensor) and x.numel() == 0:
         raise ValueError(
             f"fusedce: {name} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(x.shape)}, "
             f"full shape {tuple(x.ds_shape)}): it is gathered only inside its module's forward. "
