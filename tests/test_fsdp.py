@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WORLD = 2
 F32 = dict(rtol=2e-5, atol=1e-6)
-BF16 = dict(rtol=2e-2, atol=2e-3)
+BF16 = dict(rtol=4e-3, atol=1e-3)  # measured: loss 2e-5, gradients 1e-3 apart (bf16 logits in the stock head)
 
 CHECKS = {}
 
