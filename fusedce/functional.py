@@ -127,10 +127,24 @@ def _check_class_weight(weight, vocab: int, ref: torch.Tensor, ref_name: str):
         raise ValueError("fusedce: weight (class weights) cannot require grad: the loss is not differentiated with respect to it")
 
 
+def _check_gathered(x, name: str):
+    """DeepSpeed ZeRO-3 leaves a partitioned parameter as a [0]-shaped placeholder (ds_shape holds
+    its real shape) outside its module's forward."""
+    if hasattr(x, "ds_shape") and isinstance(x, torch.Tensor) and x.numel() == 0:
+        raise ValueError(
+            f"fusedce: {name} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(x.shape)}, "
+            f"full shape {tuple(x.ds_shape)}): it is gathered only inside its module's forward. "
+            "Compute the loss through the head module with fusedce.integrations.head_loss(head, "
+            "input, target, ...) (the transformers integration does so), or gather it with "
+            "deepspeed.zero.GatheredParameters.")
+
+
 def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight"):
     """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H)."""
     _check_tensor(input, input_name)
     _check_tensor(linear_weight, weight_name)
+    _check_gathered(linear_weight, weight_name)
+    _check_gathered(linear_bias, weight_name.replace("weight", "bias"))
     _check_float(input, input_name)
     _check_float(linear_weight, weight_name)
     if input.dim() < 1:
@@ -244,15 +258,28 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
                       None if entropy is None else entropy.reshape(shape))
 
 
-def _sharded(process_group, *tensors) -> bool:
-    """Vocab-parallel call: a process group given, or a weight held as a DTensor."""
+def _sharded(process_group, **tensors) -> bool:
+    """Vocab-parallel call: only when the caller gives a process group. A DTensor without one is
+    refused rather than guessed at: FSDP2 shards a weight on dim 0 for data parallelism (each rank
+    holds different tokens), which looks like a vocabulary shard but is not one."""
     if process_group is not None:
         return True
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(t, DTensor) for t in tensors if t is not None)
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise ValueError(
+                f"fusedce: {name} is a DTensor (placements {tuple(t.placements)}) and process_group "
+                "is None. fusedce takes a DTensor as a vocabulary shard (tensor parallelism) only when "
+                "process_group= names that group. A weight sharded for data parallelism (FSDP2's "
+                "fully_shard) must be gathered by its wrapper: compute the loss through the head "
+                "module with fusedce.integrations.head_loss(head, input, target, ...) (the "
+                f"transformers integration does so), or pass {name}.full_tensor() yourself (its "
+                "gradient then follows DTensor's rules: each rank keeps its slice of its own "
+                "gradient, with no data-parallel reduction).")
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,13 +332,14 @@ def linear_cross_entropy(
     also returns the per-token entropy (``LossOutput.entropy``), from the same pass; plain
     ``return_stats`` keeps the CE's own row kernel.
 
-    Vocab-parallel (fusedce/distributed.py): with ``process_group`` (or a DTensor weight sharded on
-    the vocabulary) ``linear_weight`` / ``linear_bias`` / ``weight`` are this rank's vocabulary
-    shard starting at global id ``vocab_start`` (None: derived from the shards), ``input`` and
-    ``target`` (global ids) are the same on every rank; one collective per chunk.
+    Vocab-parallel (fusedce/distributed.py): with ``process_group`` (and only then: a DTensor
+    weight without it is refused) ``linear_weight`` / ``linear_bias`` / ``weight`` are this rank's
+    vocabulary shard (or a Shard(0) DTensor over that group's mesh) starting at global id
+    ``vocab_start`` (None: derived from the shards), ``input`` and ``target`` (global ids) are the
+    same on every rank; one collective per chunk.
     ``reduce_grad_input=False`` leaves the input gradient as this rank's partial sum.
     """
-    if _sharded(process_group, linear_weight, linear_bias):
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
         if entropy_coef != 0.0 or return_entropy:
             raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
                                       "(process_group); use token_logprobs(..., return_entropy=True)")
@@ -407,7 +435,7 @@ def cross_entropy(
     logits are garbage after backward; no [N, V] allocation). With ``process_group``, ``input`` is
     this rank's vocabulary shard of the logits [..., V_local] (fusedce/distributed.py).
     """
-    if _sharded(process_group, input):
+    if _sharded(process_group, input=input):
         from . import distributed
 
         return distributed.cross_entropy(

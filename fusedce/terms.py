@@ -79,7 +79,7 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     -100 (HF's padding label) get log-probability 0. Exact gradients for any upstream gradient
     of either output (a recomputing backward pass). ``process_group``: vocab-parallel, as
     :func:`fusedce.linear_cross_entropy`."""
-    if _sharded(process_group, linear_weight, linear_bias):
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
         from . import distributed
 
         return distributed.token_logprobs(
@@ -132,7 +132,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     non-ignored tokens (nan when there are none, as torch's cross entropy). ``process_group``:
     vocab-parallel, the teacher's weight / logits sharded like the student's.
     """
-    if _sharded(process_group, linear_weight, linear_bias, teacher_weight):
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
+                teacher_weight=teacher_weight):
         if entropy_coef != 0.0:
             raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
         from . import distributed
@@ -248,7 +249,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     ratio/max, kl (when beta != 0), entropy, logprob/mean, advantages/mean, advantages/std.
     ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
     """
-    if _sharded(process_group, linear_weight, linear_bias):
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
         from . import distributed
 
         return distributed.policy_loss(

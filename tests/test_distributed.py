@@ -481,7 +481,8 @@ def dtensor_weight(c):
 
 @check
 def public_entry_points(c):
-    """fusedce's public functions with process_group= (or a DTensor weight) are the sharded ones:
+    """fusedce's public functions with process_group= are the sharded ones (a DTensor weight alone is
+    not: tests/test_fsdp.py checks it is refused):
     the same values as fusedce.distributed's, from the same shards."""
     V, N, H = 13, 8, 4
     x = c.randn(N, H, seed=120)

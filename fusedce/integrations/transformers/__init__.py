@@ -18,8 +18,9 @@ that reason).
 A patched forward is the stock forward's own code with the head call, the recognised logit
 transforms (scale, division, softcap), the loss call and the returned logits swapped for fusedce's
 (see ``_analysis``). It takes the fused path when labels are given in training (or when
-``skip_logits=True`` is passed, as the HF Trainer/TRL may do): the head's input, weight and bias go
-to ``fusedce.linear_cross_entropy`` with the shift, ``shift_labels``, ``ignore_index`` and
+``skip_logits=True`` is passed, as the HF Trainer/TRL may do): the head module is called on its input
+(so that FSDP / ZeRO-3 / offload hooks gather its weight) and the weight and bias its forward passes
+to ``F.linear`` go to ``fusedce.linear_cross_entropy`` with the shift, ``shift_labels``, ``ignore_index`` and
 ``num_items_in_batch`` of transformers' ``ForCausalLMLoss``, and the output has ``logits=None``.
 The stock path runs, unchanged, when labels are None, in eval (unless ``skip_logits=True``), when
 ``logits_to_keep`` is set, when ``skip_logits=False`` is passed, or when the model's
@@ -271,7 +272,7 @@ def apply(model, verified_only: bool = False):
                          f"{_REFUSED.get(key) or _FAILED.get(key)}")
     head = getattr(base, fwd._fusedce_plan["head"])
     try:
-        _analysis._check_linear_head(head)
+        _analysis._linear_of(head)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     base.forward = types.MethodType(fwd, base)

@@ -11,8 +11,9 @@ The patched forward is the stock forward's own code, recompiled with five calls 
 With ``_fce_state.fused`` false (or None) every helper does exactly what the replaced expression did,
 so the stock path is the stock code. With it true, ``_fce_head`` keeps the head's input and returns a
 zero-stride placeholder of the logits' shape (no memory), the transforms only record their constants,
-``_fce_loss`` computes the loss with fusedce from the kept input and the head's weight and bias, and
-the output carries ``logits=None``. Everything else (backbone call, router auxiliary loss, output
+``_fce_loss`` calls the head on the kept input with its ``F.linear`` answered by fusedce's loss
+(``fusedce.integrations._head.call_head``: the head's wrappers, FSDP, ZeRO-3, offload hooks, act as
+for the logits), and the output carries ``logits=None``. Everything else (backbone call, router auxiliary loss, output
 class) runs as written. A forward whose code between the head and the loss is not one of the
 recognised forms is refused with the reason.
 """
@@ -27,6 +28,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from .._head import call_head
 
 _DOC_DECORATORS = {
     "auto_docstring", "add_start_docstrings", "add_start_docstrings_to_model_forward",
@@ -64,24 +67,30 @@ def _active(state) -> bool:
     return state is not None and state.fused
 
 
-def _check_linear_head(head) -> None:
-    if type(head).forward is not nn.Linear.forward:
+def _linear_of(head):
+    """The nn.Linear inside the head: the head itself, or the module an FSDP1
+    (FullyShardedDataParallel) wrapper holds, whose forward calls it unchanged."""
+    inner = head
+    while type(inner).__name__ == "FullyShardedDataParallel" and hasattr(inner, "_fsdp_wrapped_module"):
+        inner = inner._fsdp_wrapped_module
+    if type(inner).forward is not nn.Linear.forward:
         raise RuntimeError(
-            f"fusedce: the language-model head is a {type(head).__module__}.{type(head).__qualname__}, "
+            f"fusedce: the language-model head is a {type(inner).__module__}.{type(inner).__qualname__}, "
             "not a plain torch.nn.Linear (a LoRA or another adapter on the head?): fusedce cannot fold it "
             "into the fused loss. Leave the head out of the adapter's target_modules, or run the stock "
             "forward with skip_logits=False.")
+    return inner
 
 
 def _fce_head(state, head, x):
     if not _active(state):
         return head(x)
-    _check_linear_head(head)
+    linear = _linear_of(head)
     if state.head is not None:
         raise RuntimeError("fusedce: the head was called twice in one forward")
     state.hidden = x
     state.head = head
-    state.placeholder = x.new_zeros(()).expand(*x.shape[:-1], head.out_features)
+    state.placeholder = x.new_zeros(()).expand(*x.shape[:-1], linear.out_features)
     return state.placeholder
 
 
@@ -145,16 +154,11 @@ def _fce_loss(state, loss_function, *args, **kwargs):
     a = bound.arguments
     _check_placeholder(state, a["logits"], "the loss")
     head = state.head
-    if int(a["vocab_size"]) != head.out_features:
+    linear = _linear_of(head)
+    if int(a["vocab_size"]) != linear.out_features:
         raise RuntimeError(f"fusedce: vocab_size={a['vocab_size']} given to the loss but the head has "
-                           f"{head.out_features} outputs")
+                           f"{linear.out_features} outputs")
     hidden = state.hidden
-    weight, bias = head.weight, head.bias
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # what F.linear does under autocast
-        dt = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
     shift_labels = a["shift_labels"]
     if shift_labels is None:
         target, shift = a["labels"], True
@@ -166,10 +170,16 @@ def _fce_loss(state, loss_function, *args, **kwargs):
             raise ValueError(f"fusedce: labels of shape {tuple(target.shape)} do not match the hidden "
                              f"states of shape {tuple(hidden.shape)}")
         target = target.reshape(hidden.shape[:-1])
-    loss = F_.linear_cross_entropy(
-        hidden, weight, target.long(), linear_bias=bias, ignore_index=int(a["ignore_index"]),
-        softcap=state.softcap, logit_scale=state.scale, num_items_in_batch=a["num_items_in_batch"],
-        shift=shift)
+
+    def fused(x, weight, bias):
+        return F_.linear_cross_entropy(
+            x, weight, target.long(), linear_bias=bias, ignore_index=int(a["ignore_index"]),
+            softcap=state.softcap, logit_scale=state.scale, num_items_in_batch=a["num_items_in_batch"],
+            shift=shift)
+
+    # Through the head's own call, so that its wrappers (FSDP, ZeRO-3, offload hooks) gather the
+    # weight and reduce its gradient as they would for the logits (autocast casts as F.linear's).
+    loss = call_head(head, hidden, fused, linear=linear)
     state.loss_done = True
     return loss
 

@@ -1,0 +1,526 @@
+"""fusedce inside data-parallel wrappers: FSDP2 (``fully_shard``) and DDP, 2 gloo ranks on the CPU.
+
+Each rank holds different tokens. Every check compares fusedce with the same model run without
+fusedce in the same layout (the patched transformers forward with ``skip_logits=False`` runs the
+stock code through the same module calls; the public API against ``F.cross_entropy`` on
+``head(hidden)``): the loss on each rank and the gradient of every parameter after the wrapper's
+reduction, fp32 at a tight tolerance (bf16 tolerance under a bf16 MixedPrecisionPolicy).
+
+The fused loss runs inside the head module's call, so FSDP2 gathers the head's weight before it
+and reduces its gradient after; a recomputing backward (per-token upstream gradient) must find the
+weight gathered again after ``reshard_after_forward=True`` freed it. A DTensor weight given to a
+public function without ``process_group`` is refused (never taken for a vocabulary shard).
+
+One process group is spawned once (module-scoped fixture); every rank runs every check and
+reports per check, as tests/test_distributed.py does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+WORLD = 2
+F32 = dict(rtol=2e-5, atol=1e-6)
+BF16 = dict(rtol=4e-3, atol=1e-3)  # measured: loss 2e-5, gradients 1e-3 apart (bf16 logits in the stock head)
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def close(a, b, tol, what):
+    a = a.detach().to(torch.float64)
+    b = b.detach().to(torch.float64)
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
+    err = (a - b).abs().max().item() if b.numel() else 0.0
+    assert err <= tol["atol"] + tol["rtol"] * scale, f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"
+
+
+def full(g):
+    """A gradient as one full tensor (FSDP2 leaves sharded DTensor gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    return g.full_tensor() if isinstance(g, DTensor) else g
+
+
+def grads(model):
+    return {n: full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def compare_grads(g0, g1, tol, what):
+    assert g0 and set(g0) == set(g1), f"{what}: gradients for {sorted(set(g0) ^ set(g1))}"
+    for n in g0:
+        close(g1[n], g0[n], tol, f"{what}: gradient of {n}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face models patched by fusedce.integrations.transformers.apply
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_llama(**overrides):
+    import transformers
+
+    import fusedce.integrations.transformers as fhf
+    from fusedce.integrations.transformers import _tiny
+
+    transformers.logging.set_verbosity_error()
+    model = _tiny.tiny_model(transformers.LlamaForCausalLM, seed=0, **overrides)
+    assert fhf.apply(model), fhf.audit()
+    return model
+
+
+def _step(model, ids, labels, fused):
+    """(loss, gradients after the wrapper's reduction, output) of one forward and backward."""
+    model.zero_grad(set_to_none=True)
+    kw = {} if fused else {"skip_logits": False}
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw)
+    assert (out.logits is None) == fused, "the fused path returns no logits, the stock path does"
+    out.loss.backward()
+    return out.loss.detach(), grads(model)
+
+
+def _hf_fsdp2(c, layout, reshard=True, bf16=False):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fusedce.integrations.transformers import _tiny
+
+    model = _tiny_llama(tie_word_embeddings=layout == "tied")
+    kw = dict(mesh=c.mesh, reshard_after_forward=reshard)
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if layout != "root":
+        for layer in model.model.layers:
+            fully_shard(layer, **kw)
+    if layout == "head":
+        fully_shard(model.lm_head, **kw)
+    if layout == "tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        fully_shard([model.model.embed_tokens, model.lm_head], **kw)
+    fully_shard(model, **kw)
+    ids, labels = _tiny.batch(seed=10 + c.rank)  # different tokens on each rank
+    tol = BF16 if bf16 else F32
+    l0, g0 = _step(model, ids, labels, fused=False)
+    l1, g1 = _step(model, ids, labels, fused=True)
+    close(l1, l0, tol, "loss")
+    compare_grads(g0, g1, tol, layout)
+    l2, g2 = _step(model, ids, labels, fused=True)  # the wrapper's state survived the fused step
+    close(l2, l1, F32, "second fused step")
+    compare_grads(g1, g2, F32, "second fused step")
+    other = [torch.zeros_like(l1) for _ in range(c.world)]
+    dist.all_gather(other, l1)
+    assert other[0].item() != other[1].item(), "the ranks' losses must differ (different tokens)"
+
+
+@check
+def fsdp2_root_only(c):
+    _hf_fsdp2(c, "root")
+
+
+@check
+def fsdp2_per_layer_units(c):
+    _hf_fsdp2(c, "layers")
+
+
+@check
+def fsdp2_head_own_unit(c):
+    _hf_fsdp2(c, "head")
+
+
+@check
+def fsdp2_tied_head_and_embedding_grouped(c):
+    _hf_fsdp2(c, "tied")
+
+
+@check
+def fsdp2_no_reshard_after_forward(c):
+    _hf_fsdp2(c, "head", reshard=False)
+
+
+@check
+def fsdp2_bf16_mixed_precision(c):
+    _hf_fsdp2(c, "head", bf16=True)
+
+
+@check
+def fsdp1_head_own_unit(c):
+    """FSDP1 (FullyShardedDataParallel): decoder layers and lm_head each wrapped, then the root;
+    the flat parameters' views are what the head's forward passes to F.linear."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from fusedce.integrations.transformers import _tiny
+
+    model = _tiny_llama()
+    head = model.lm_head
+    policy = functools.partial(lambda_auto_wrap_policy,
+                               lambda_fn=lambda m: m is head or isinstance(m, LlamaDecoderLayer))
+    model = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    assert type(model.module.lm_head) is FSDP
+    ids, labels = _tiny.batch(seed=30 + c.rank)
+    runs = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        kw = {} if fused else {"skip_logits": False}
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        # each rank holds its shard of the flat parameters' reduced gradients: gather them whole
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        parts = [torch.zeros_like(g) for _ in range(c.world)]
+        dist.all_gather(parts, g)
+        runs.append((out.loss.detach(), torch.cat(parts)))
+    close(runs[1][0], runs[0][0], F32, "loss")
+    close(runs[1][1], runs[0][1], F32, "flat gradients")
+
+
+@check
+def ddp_no_sync_accumulation(c):
+    """Two micro-batches, the first under no_sync(): the accumulated, all-reduced gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fusedce.integrations.transformers import _tiny
+
+    model = DDP(_tiny_llama())
+    batches = [_tiny.batch(seed=20 + 2 * c.rank + i) for i in range(2)]
+    runs = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for i, (ids, labels) in enumerate(batches):
+            kw = {} if fused else {"skip_logits": False}
+            ctx = model.no_sync() if i == 0 else _null()
+            with ctx:
+                out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **kw)
+                assert (out.logits is None) == fused
+                (out.loss / 2).backward()
+            losses.append(out.loss.detach())
+        runs.append((torch.stack(losses), grads(model.module)))
+    close(runs[1][0], runs[0][0], F32, "losses")
+    compare_grads(runs[0][1], runs[1][1], F32, "ddp")
+    # the gradients were all-reduced: the same on every rank
+    g = runs[1][1]["lm_head.weight"]
+    other = [torch.zeros_like(g) for _ in range(c.world)]
+    dist.all_gather(other, g)
+    close(other[1 - c.rank], g, dict(rtol=0.0, atol=0.0), "all-reduced lm_head gradient")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The public API with an FSDP2-sharded nn.Linear head
+# ---------------------------------------------------------------------------------------------
+
+H, V, N = 8, 19, 12
+
+
+def _head_model(c, reshard=True):
+    """body (Linear H->H) and head (Linear H->V with bias), each its own FSDP2 unit, under a root."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)  # the same full parameters on every rank before sharding
+    root = torch.nn.Module()
+    root.body = torch.nn.Linear(H, H)
+    root.head = torch.nn.Linear(H, V)
+    fully_shard(root.body, mesh=c.mesh, reshard_after_forward=False)  # the backward gathers only the head's
+    fully_shard(root.head, mesh=c.mesh, reshard_after_forward=reshard)
+    fully_shard(root, mesh=c.mesh)
+    return root
+
+
+def _data(c):
+    g = torch.Generator().manual_seed(100 + c.rank)
+    x = torch.randn(N, H, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::5] = -100
+    up = torch.rand(N, generator=g)  # a per-token upstream gradient
+    return x, t, up
+
+
+def _run_head(root, x, stock, fused):
+    root.zero_grad(set_to_none=True)
+    h = root.body(x)
+    if fused is None:
+        out = stock(root.head(h))
+    else:
+        out = fused(root.head, h)
+    return out
+
+
+@check
+def public_head_loss_fsdp2(c):
+    """fusedce.integrations.head_loss on an FSDP2-sharded head: mean (the gradient from the
+    forward) and per-token losses (the recomputing backward) equal F.cross_entropy on head(h);
+    with reshard_after_forward=True the head is resharded after the forward and gathered again
+    before its recomputing backward."""
+    import fusedce
+    from fusedce.distributed import CollectiveCounter
+    from fusedce.integrations import head_loss
+    from torch.distributed.tensor import DTensor
+
+    x, t, up = _data(c)
+    cases = {
+        "mean": (lambda z: F.cross_entropy(z, t, label_smoothing=0.1),
+                 lambda m, h: head_loss(m, h, t, label_smoothing=0.1), None),
+        "none": (lambda z: F.cross_entropy(z, t, reduction="none"),
+                 lambda m, h: head_loss(m, h, t, reduction="none"), up),
+        "token_logprobs": (lambda z: torch.log_softmax(z, -1).gather(-1, t.clamp(min=0)[:, None])[:, 0] * (t >= 0),
+                           lambda m, h: head_loss(m, h, t, function=fusedce.token_logprobs), up),
+    }
+    for reshard in (True, False):
+        root = _head_model(c, reshard)
+        for name, (stock, fused, weights) in cases.items():
+            res = []
+            for which in (None, fused):
+                with CollectiveCounter() as cc:
+                    out = _run_head(root, x, stock, which)
+                    if reshard and which is not None:
+                        # resharded after the forward: the module holds its DTensor shard again
+                        assert isinstance(root.head.weight, DTensor), type(root.head.weight)
+                    cc.take()
+                    (out if weights is None else (out * weights).sum()).backward()
+                    gathers = sum(n.startswith("all_gather") for n in cc.take())
+                res.append((out.detach(), grads(root), gathers))
+            (o0, g0, n0), (o1, g1, n1) = res
+            what = f"{name} reshard={reshard}"
+            close(o1, o0, F32, what)
+            compare_grads(g0, g1, F32, what)
+            assert n1 == n0, f"{what}: {n1} all-gathers in backward, stock {n0}"
+            assert n1 == (1 if reshard else 0), f"{what}: {n1} all-gathers of the head in backward"
+
+
+@check
+def dtensor_weight_needs_process_group(c):
+    """A DTensor weight (FSDP2's Shard(0) over the data-parallel mesh) given to a public function
+    without process_group is refused with an error naming the argument and the way out; its
+    full_tensor() gives the loss of the full weight. With process_group= a Shard(0) DTensor is a
+    vocabulary shard."""
+    import fusedce
+
+    root = _head_model(c)
+    x, t, _ = _data(c)
+    h = root.body(x).detach()
+    w, b = root.head.weight, root.head.bias
+    calls = {
+        "linear_cross_entropy": (lambda: fusedce.linear_cross_entropy(h, w, t), "linear_weight"),
+        "linear_cross_entropy bias": (lambda: fusedce.linear_cross_entropy(h, w.full_tensor(), t, linear_bias=b),
+                                      "linear_bias"),
+        "token_logprobs": (lambda: fusedce.token_logprobs(h, w, t), "linear_weight"),
+        "distillation_loss": (lambda: fusedce.distillation_loss(h, w.full_tensor(), t, teacher_input=h,
+                                                                teacher_weight=w), "teacher_weight"),
+        "policy_loss": (lambda: fusedce.policy_loss(h[None], w, t.clamp(min=0)[None], None, torch.ones(1)),
+                        "linear_weight"),
+        "cross_entropy": (lambda: fusedce.cross_entropy(w, t[:V]), "input"),
+    }
+    for name, (fn, arg) in calls.items():
+        with pytest.raises(ValueError) as e:
+            fn()
+        msg = str(e.value)
+        assert f"{arg} is a DTensor" in msg and "process_group" in msg and "head_loss" in msg, (name, msg)
+    wf, bf = w.full_tensor().detach(), b.full_tensor().detach()
+    close(fusedce.linear_cross_entropy(h, wf, t, linear_bias=bf), F.cross_entropy(h @ wf.T + bf, t), F32,
+          "full_tensor() weight")
+    # with process_group= the same kind of DTensor is a vocabulary shard (tensor parallelism):
+    # input and target the same on every rank, the gradient back to the DTensor
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(5)  # the same on every rank
+    xs, W = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    ts = torch.randint(0, V, (N,), generator=g)
+    Wd = torch.nn.Parameter(distribute_tensor(W, c.mesh, [Shard(0)]))
+    loss = fusedce.linear_cross_entropy(xs, Wd, ts, process_group=c.mesh.get_group())
+    loss.backward()
+    Wr = W.clone().requires_grad_()
+    ref = F.cross_entropy(xs @ Wr.T, ts)
+    ref.backward()
+    close(loss, ref, F32, "vocab-parallel DTensor loss")
+    close(Wd.grad.full_tensor(), Wr.grad, F32, "vocab-parallel DTensor weight grad")
+
+
+def _plain_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(H, V)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, H, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -100
+    return head, x, t
+
+
+@pytest.mark.parametrize("replaced_linear", [False, True], ids=["builtin-F.linear", "replaced-F.linear"])
+def test_head_loss_single_process(monkeypatch, replaced_linear):
+    """head_loss equals F.cross_entropy(head(x)) (value and gradients), also when a library has
+    replaced F.linear by a Python function (as DeepSpeed ZeRO-3 does); the override is per thread:
+    another thread calling the head meanwhile gets its logits."""
+    import threading
+
+    from fusedce.integrations import head_loss
+    from fusedce.integrations._head import call_head
+
+    if replaced_linear:
+        builtin = torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda i, w, b=None: builtin(i, w, b))
+    head, x, t = _plain_head()
+    for kw in (dict(), dict(reduction="sum", label_smoothing=0.2), dict(reduction="none")):
+        xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        head.zero_grad(set_to_none=True)
+        loss = head_loss(head, xs, t, **kw)
+        up = torch.linspace(0.5, 1.5, N) if kw.get("reduction") == "none" else torch.tensor(1.0)
+        (loss * up).sum().backward()
+        g1 = (xs.grad, head.weight.grad.clone(), head.bias.grad.clone())
+        head.zero_grad(set_to_none=True)
+        ref = F.cross_entropy(head(xr), t, **kw)
+        (ref * up).sum().backward()
+        close(loss, ref, F32, f"{kw} loss")
+        for a, b, n in zip(g1, (xr.grad, head.weight.grad, head.bias.grad), ("input", "weight", "bias")):
+            close(a, b, F32, f"{kw} grad {n}")
+
+    seen = {}
+
+    def other_thread():
+        seen["out"] = head(x)  # no override in this thread: the logits
+
+    def compute(xx, w, b):
+        th = threading.Thread(target=other_thread)
+        th.start()
+        th.join()
+        return torch.zeros(())
+
+    with torch.no_grad():
+        out = call_head(head, x, compute)
+        assert out.shape == () and seen["out"].shape == (N, V)
+        close(seen["out"], head(x), dict(rtol=0.0, atol=0.0), "the other thread's logits")
+
+
+def test_head_loss_autocast_and_errors():
+    """Under CPU autocast the operands are cast as F.linear casts them (bf16); a head whose
+    forward never calls F.linear with its weight, a non-module head and a linear_bias argument are
+    refused."""
+    import fusedce
+    from fusedce.integrations import head_loss
+
+    head, x, t = _plain_head()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_loss(head, x, t)
+    expect = fusedce.linear_cross_entropy(x.bfloat16(), head.weight.bfloat16(), t,
+                                          linear_bias=head.bias.bfloat16())
+    close(loss, expect, dict(rtol=0.0, atol=0.0), "autocast bf16")
+
+    class NotLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(V, H))
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    with pytest.raises(RuntimeError, match="did not reach torch.nn.functional.linear"):
+        head_loss(NotLinear(), x, t)
+    with pytest.raises(TypeError, match="head must be a torch.nn.Module"):
+        head_loss(head.weight, x, t)
+    with pytest.raises(TypeError, match="linear_bias"):
+        head_loss(head, x, t, linear_bias=head.bias)
+
+
+def test_accelerate_cpu_offload_hooks():
+    """accelerate's cpu_offload keeps the weights on the meta device and loads them in each
+    module's pre-forward hook: the fused loss, computed inside the head's call, sees them loaded
+    (the same loss as the model before offloading)."""
+    pytest.importorskip("transformers")
+    accelerate = pytest.importorskip("accelerate")
+    from fusedce.integrations.transformers import _tiny
+
+    model = _tiny_llama()
+    ids, labels = _tiny.batch()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    with torch.no_grad():
+        stock = model(**kw, skip_logits=False).loss
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+        assert model.lm_head.weight.device.type == "meta"
+        out = model(**kw)
+    assert out.logits is None
+    close(out.loss, stock, F32, "loss under cpu_offload")
+
+
+# ---------------------------------------------------------------------------------------------
+# The spawned group
+# ---------------------------------------------------------------------------------------------
+
+
+class Ctx:
+    def __init__(self, rank, world):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.rank, self.world = rank, world
+        self.mesh = init_device_mesh("cpu", (world,))
+
+
+def _worker(rank, world, init_file, result_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        c = Ctx(rank, world)
+        for name, fn in CHECKS.items():
+            try:
+                fn(c)
+                msg = "ok"
+            except Exception:  # noqa: BLE001 - reported per check
+                msg = traceback.format_exc()
+            with open(os.path.join(result_dir, f"{name}.{rank}"), "w") as f:
+                f.write(msg)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def group_results():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    pytest.importorskip("transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        crash = None
+        try:
+            mp.spawn(_worker, args=(WORLD, init_file, tmp), nprocs=WORLD, join=True)
+        except Exception as e:  # noqa: BLE001 - a rank died (e.g. a collective mismatch after a failure)
+            crash = f"the process group crashed before this check ran: {e}"
+        results = {}
+        for name in CHECKS:
+            results[name] = {}
+            for r in range(WORLD):
+                path = os.path.join(tmp, f"{name}.{r}")
+                results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
+    return results
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_fsdp(group_results, name):
+    failures = {r: m for r, m in group_results[name].items() if m != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{m}" for r, m in failures.items())
