@@ -11,7 +11,13 @@ from .functional import (  # noqa: E402
     cross_entropy,
     linear_cross_entropy,
 )
-from .terms import distillation_loss, policy_loss, token_logprobs  # noqa: E402
+from .terms import (  # noqa: E402
+    TokenStatistics,
+    distillation_loss,
+    policy_loss,
+    token_logprobs,
+    token_statistics,
+)
 from . import nn  # noqa: E402
 
 __all__ = [
@@ -24,6 +30,8 @@ __all__ = [
     "nn",
     "policy_loss",
     "token_logprobs",
+    "token_statistics",
+    "TokenStatistics",
 ]
 
 import os as _os  # noqa: E402
@@ -33,3 +41,9 @@ if _os.environ.get("FUSEDCE_PATCH_TRANSFORMERS", "") not in ("", "0"):
     from .integrations import transformers as _hf
 
     _hf.install(verified_only=_os.environ["FUSEDCE_PATCH_TRANSFORMERS"] == "verified")
+
+if _os.environ.get("FUSEDCE_PATCH_TRL", "") not in ("", "0"):
+    # fusedce's head in TRL's trainers (add_fused_lm_head), patched when TRL is imported
+    from .integrations import trl as _trl
+
+    _trl.install(lazy=True)
