@@ -410,3 +410,88 @@ def test_transformers_apply_after_trl_head_is_refused():
     plain = model(input_ids=ids, labels=ids)  # the transformers integration's fused CE
     assert plain.logits is None
     torch.testing.assert_close(plain.loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2: fusedce's head inside the head module's call, against TRL's on the same sharded model
+# ---------------------------------------------------------------------------------------------
+
+
+def _full(g):
+    from torch.distributed.tensor import DTensor
+
+    return g.full_tensor() if isinstance(g, DTensor) else g
+
+
+def _fsdp_worker(rank, world, init_file, result_dir):
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    msg = "ok"
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from trl.trainer.utils import add_fused_lm_head as trl_head
+
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(10 + rank)  # different tokens on each rank
+        ids = torch.randint(4, 30, (2, 7))
+        labels = ids.clone()
+        labels[:, :3] = -100
+        def step(head, layout):
+            model = _tiny()
+            head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+            if layout == "head":  # the head its own unit: its weight is a shard outside its call
+                for layer in model.model.layers:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(model, mesh=mesh, reshard_after_forward=True)
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            # a per-token upstream gradient (entropy): fusedce's recomputing backward runs after
+            # FSDP resharded the head, and must find it gathered again
+            (out.loss + 0.1 * out.entropy.sum()).backward()
+            return out.loss.detach(), {n: _full(p.grad).detach().clone()
+                                       for n, p in model.named_parameters() if p.grad is not None}
+
+        # The reference: TRL's head with the whole model one FSDP unit (its parameters are
+        # gathered for the root's forward and its gradients reduced by FSDP like every other).
+        l0, g0 = step(trl_head, "root")
+        for layout in ("root", "head"):
+            l1, g1 = step(ftrl.add_fused_lm_head, layout)
+            torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6, msg=lambda m: f"{layout} loss: {m}")
+            assert g0 and g0.keys() == g1.keys(), (layout, set(g0) ^ set(g1))
+            for n in g0:
+                torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{layout} grad {n}: {m}")
+    except Exception:  # noqa: BLE001 - reported to the test
+        msg = traceback.format_exc()
+    finally:
+        with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
+            f.write(msg)
+        dist.destroy_process_group()
+
+
+def test_fsdp2_fused_head():
+    """FSDP2 on 2 gloo ranks: fusedce's head with the model as one unit and with the head as its
+    own unit (resharded after forward, so its weight is a shard outside its call and is gathered
+    again for the recomputing backward) equals TRL's head on the one-unit model: the loss of each
+    rank and every gradient after FSDP's reduction."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_fsdp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        msgs = {r: open(os.path.join(tmp, f"rank{r}")).read() for r in range(2)}
+    failures = {r: m for r, m in msgs.items() if m != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{m}" for r, m in failures.items())
