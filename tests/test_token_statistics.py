@@ -65,7 +65,13 @@ def test_token_statistics(device, dtype, temperature, head):
                        None if bias is None else bias.detach().double().cpu(), tok.cpu(),
                        torch.float64, **rkw)
     assert s.is_top1.dtype == torch.bool
-    assert torch.equal(s.is_top1.cpu(), truth["is_top1"])
+    # Rows whose two largest logits are closer than the input dtype resolves may rank them either
+    # way (the logits themselves are rounded to it): judged everywhere else.
+    z = torch.nn.functional.linear(x.detach().double().cpu(), w.detach().double().cpu(),
+                                   None if bias is None else bias.detach().double().cpu())
+    top2 = z.topk(2, dim=-1).values
+    resolved = (top2[..., 0] - top2[..., 1]) > 8 * torch.finfo(dtype).eps * z.abs().amax(-1)
+    assert torch.equal(s.is_top1.cpu()[resolved], truth["is_top1"][resolved])
     assert not bool(s.is_top1[1, -1])
 
 
