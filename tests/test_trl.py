@@ -504,3 +504,21 @@ def test_fsdp2_fused_head():
         msgs = {r: open(os.path.join(tmp, f"rank{r}")).read() for r in range(2)}
     failures = {r: m for r, m in msgs.items() if m != "ok"}
     assert not failures, "\n".join(f"rank {r}:\n{m}" for r, m in failures.items())
+
+
+def test_lora_on_the_head_is_refused_by_name():
+    peft = pytest.importorskip("peft")
+    model = _tiny()
+    ftrl.add_fused_lm_head(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    ids = torch.randint(4, 30, (2, 6))
+    with pytest.raises(ValueError, match="adapter on the head"):
+        peft_model(input_ids=ids, labels=ids, fused_lm_head=True)
+    # a LoRA on the body only: fine, and its adapter weights get gradients
+    model = _tiny()
+    ftrl.add_fused_lm_head(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    out = peft_model(input_ids=ids, labels=ids, fused_lm_head=True)
+    out.loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0
+               for n, p in peft_model.named_parameters() if "lora_" in n)

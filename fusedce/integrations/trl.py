@@ -159,6 +159,14 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         else:
             target = shift_labels
         head = self.get_output_embeddings()
+        if hasattr(head, "base_layer"):
+            # A PEFT adapter on the head adds to the linear layer's output: not one F.linear.
+            raise ValueError(
+                f"fusedce: the LM head is a {type(head).__module__}.{type(head).__qualname__} (an "
+                "adapter on the head): fusedce's TRL head folds a plain linear head only. Leave the "
+                "head out of the adapter's target_modules, or build this trainer without "
+                "fusedce.integrations.trl.install() (TRL's own head reads lm_head.weight and "
+                "ignores the adapter).")
         # device_map may leave the backbone's output on another device than the head.
         device = head.weight.device
         hidden, target = hidden.to(device), target.to(device)
