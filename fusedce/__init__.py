@@ -46,4 +46,9 @@ if _os.environ.get("FUSEDCE_PATCH_TRL", "") not in ("", "0"):
     # fusedce's head in TRL's trainers (add_fused_lm_head), patched when TRL is imported
     from .integrations import trl as _trl
 
-    _trl.install(lazy=True)
+    try:
+        _trl.install(lazy=True)
+    except ImportError as _e:  # FUSEDCE_PATCH_TRL set where TRL is absent: fusedce itself still works
+        import warnings as _warnings
+
+        _warnings.warn(str(_e), stacklevel=2)

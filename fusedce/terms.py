@@ -136,6 +136,7 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     unknown = set(outputs) - set(_STAT_NAMES)
     if unknown:
         raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
+    _sharded(None, linear_weight=linear_weight, linear_bias=linear_bias)  # a DTensor: refused by name
     V, H = _check_head(input, linear_weight, linear_bias)
     _check_target(tokens, input.shape[:-1], input, "input")
     temperature = _check_positive(temperature, "temperature")

@@ -478,6 +478,24 @@ def _fsdp_worker(rank, world, init_file, result_dir):
             for n in g0:
                 torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6,
                                            msg=lambda m: f"{layout} grad {n}: {m}")
+        # A tensor-parallel head (vocabulary-sharded DTensor weight, gathered output): fusedce's
+        # head takes the whole weight beside the call, as TRL's does; gradients reach the shards.
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        def tp_step(head):
+            model = _tiny()
+            head(model, temperature=0.8, outputs=("log_probs", "entropy"))
+            parallelize_module(model.lm_head, mesh, ColwiseParallel(use_local_output=True))
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            (out.loss + 0.1 * out.entropy.sum()).backward()
+            return out.loss.detach(), {n: _full(p.grad).detach().clone()
+                                       for n, p in model.named_parameters() if p.grad is not None}
+
+        (l0, g0), (l1, g1) = tp_step(trl_head), tp_step(ftrl.add_fused_lm_head)
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6, msg=lambda m: f"tp loss: {m}")
+        assert g0 and g0.keys() == g1.keys(), set(g0) ^ set(g1)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"tp grad {n}: {m}")
     except Exception:  # noqa: BLE001 - reported to the test
         msg = traceback.format_exc()
     finally:

@@ -44,7 +44,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ._head import call_head
+from ._head import _cast_like_linear, call_head
 
 __all__ = ["install", "uninstall", "installed", "add_fused_lm_head", "is_trl_fused_forward"]
 
@@ -97,6 +97,22 @@ def _aux_loss(model, text_config, backbone_outputs, attention_mask):
 # ---------------------------------------------------------------------------------------------
 # fusedce's add_fused_lm_head
 # ---------------------------------------------------------------------------------------------
+
+
+def _is_dtensor(t) -> bool:
+    if t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _is_fsdp2(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def is_trl_fused_forward(forward) -> bool:
@@ -184,6 +200,10 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             ctx = torch.autocast(device.type, enabled=False)
 
         def compute(x, w, b):
+            # Still a DTensor inside the head's call (a tensor-parallel head, not FSDP, which
+            # gathers it): the whole head, as TRL's head takes it; the gradient flows back to the
+            # shards through the DTensor.
+            x, w, b = (t.full_tensor() if _is_dtensor(t) else t for t in (x, w, b))
             # The projection runs in the dtype of its input (autocast's, or float32 with
             # cast_lm_head_to_fp32), the weight cast to it as TRL's head casts it.
             w = w if w.dtype == x.dtype else w.to(x.dtype)
@@ -192,7 +212,13 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                                     outputs=wanted, softcap=softcap, logit_scale=logit_scale)
 
         with ctx:
-            stats = call_head(head, rows, compute)
+            if _is_dtensor(head.weight) and not _is_fsdp2(head):
+                # A tensor-parallel head (its weight a DTensor that no FSDP hook gathers, and hooks
+                # that expect logits out of its call): computed beside the call from the gathered
+                # weight, as TRL's head does.
+                stats = compute(*_cast_like_linear(rows, head.weight, head.bias))
+            else:
+                stats = call_head(head, rows, compute)
 
         def place(x):
             if x is None:
