@@ -17,8 +17,10 @@ per-token field 0 where the label is -100, ``shift_labels`` scored unshifted, ``
 dividing the loss, ``cast_lm_head_to_fp32``), computed by one fusedce softmax pass per token
 (:func:`fusedce.token_statistics`) through the head module's own call, so that FSDP2/FSDP1,
 DeepSpeed ZeRO-3 and offload hooks gather the head's weight for the forward and again for the
-recomputing backward. Log-probs and entropy have exact gradients; mean_logits, log_sum_sq_probs and
-is_top1 are metrics without gradient, as in TRL.
+recomputing backward. A tensor-parallel head (a DTensor weight that no FSDP2 hook gathers) is
+computed beside its call from the gathered weight, as TRL's head computes every head; a PEFT adapter
+on the head is refused by name. Log-probs and entropy have exact gradients; mean_logits,
+log_sum_sq_probs and is_top1 are metrics without gradient, as in TRL.
 
 Which integration a TRL user wants: this one. TRL's trainers compute their training loss through
 ``fused_lm_head=True``, which calls the backbone and the head directly and never the model's
