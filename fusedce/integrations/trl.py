@@ -206,6 +206,10 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             # gathers it): the whole head, as TRL's head takes it; the gradient flows back to the
             # shards through the DTensor.
             x, w, b = (t.full_tensor() if _is_dtensor(t) else t for t in (x, w, b))
+            if cast_lm_head_to_fp32:
+                # float32 even where a wrapper's hook cast the head's input down (an FSDP2
+                # MixedPrecisionPolicy on a head unit): the rows as given.
+                x = rows
             # The projection runs in the dtype of its input (autocast's, or float32 with
             # cast_lm_head_to_fp32), the weight cast to it as TRL's head casts it.
             w = w if w.dtype == x.dtype else w.to(x.dtype)
