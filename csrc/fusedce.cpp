@@ -68,14 +68,20 @@ TORCH_LIBRARY(fusedce, m) {
   // upstream gradient. Gradients not requested come back as empty tensors. chunk_size /
   // vocab_chunk_size = 0 picks them from the memory budget; vocab_chunk_size > 0 tiles the
   // vocabulary (low-memory mode, logits recomputed per tile).
+  // Per-token statistics of softmax(z) from the same pass, defined at every row, not
+  // differentiable (metrics: TRL's mean_logits and log_sum_sq_probs), empty when not requested:
+  //   want_mean_logit  mean_logit      = sum_c z_c / V
+  //   want_log_sum_sq  log_sum_sq_prob = log sum_c p_c^2
   m.def(
       "loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
       "Tensor? class_weight=None, Tensor? grad_scale=None, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0, "
       "bool[3] grad_mask=[False, False, False], int chunk_size=0, int vocab_chunk_size=0, "
-      "bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ") "
+      "bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ", "
+      "bool want_mean_logit=False, bool want_log_sum_sq=False) "
       "-> (Tensor loss, Tensor token_loss, Tensor lse, Tensor predicted, Tensor entropy, "
-      "Tensor logprob, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor logprob, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor mean_logit, Tensor log_sum_sq_prob)");
 
   // Exact backward of `loss` for any per-token upstream gradient (reduction='none', or gradients
   // flowing into lse, entropy or logprob): recomputes the logits chunk by chunk (from the saved

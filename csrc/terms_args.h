@@ -21,12 +21,15 @@ struct TermArgs {
   double distill_weight = 1.0, distill_beta = 0.5, distill_temperature = 1.0;
   std::optional<at::Tensor> old_logprobs, advantages, ref_logprobs;
   double epsilon_low = 0.2, epsilon_high = 0.2, kl_beta = 0.0;
+  // Statistics of `loss` only (not in FUSEDCE_TERM_ARGS: no gradient, so loss_backward has none).
+  bool want_mean_logit = false, want_log_sum_sq = false;
 
   bool entropy_needed() const { return want_entropy || entropy_coef != 0.0; }
   bool policy() const { return advantages.has_value(); }
   // Anything beyond the plain CE (which has its own tuned kernels).
   bool any() const {
-    return ce_weight != 1.0 || entropy_needed() || want_logprob || distill != 0 || policy();
+    return ce_weight != 1.0 || entropy_needed() || want_logprob || distill != 0 || policy() ||
+           want_mean_logit || want_log_sum_sq;
   }
 
   // n rows, v classes (the student's), ref: the student's hidden (device, for messages).

@@ -12,7 +12,13 @@ from .functional import (  # noqa: E402
     cross_entropy,
     linear_cross_entropy,
 )
-from .terms import distillation_loss, policy_loss, token_logprobs  # noqa: E402
+from .terms import (  # noqa: E402
+    TokenStatistics,
+    distillation_loss,
+    policy_loss,
+    token_logprobs,
+    token_statistics,
+)
 from .validation import validate_targets  # noqa: E402
 from . import nn  # noqa: E402
 
@@ -27,6 +33,8 @@ __all__ = [
     "nn",
     "policy_loss",
     "token_logprobs",
+    "token_statistics",
+    "TokenStatistics",
     "validate_targets",
 ]
 
@@ -37,3 +45,14 @@ if _os.environ.get("FUSEDCE_PATCH_TRANSFORMERS", "") not in ("", "0"):
     from .integrations import transformers as _hf
 
     _hf.install(verified_only=_os.environ["FUSEDCE_PATCH_TRANSFORMERS"] == "verified")
+
+if _os.environ.get("FUSEDCE_PATCH_TRL", "") not in ("", "0"):
+    # fusedce's head in TRL's trainers (add_fused_lm_head), patched when TRL is imported
+    from .integrations import trl as _trl
+
+    try:
+        _trl.install(lazy=True)
+    except ImportError as _e:  # FUSEDCE_PATCH_TRL set where TRL is absent: fusedce itself still works
+        import warnings as _warnings
+
+        _warnings.warn(str(_e), stacklevel=2)

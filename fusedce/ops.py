@@ -46,7 +46,8 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
                entropy_coef=0.0, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
                teacher_bias=None, distill=0, distill_weight=1.0, distill_beta=0.5,
                distill_temperature=1.0, old_logprobs=None, advantages=None, ref_logprobs=None,
-               epsilon_low=0.2, epsilon_high=0.2, kl_beta=0.0):
+               epsilon_low=0.2, epsilon_high=0.2, kl_beta=0.0, want_mean_logit=False,
+               want_log_sum_sq=False):
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     return (
@@ -57,6 +58,8 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
         hidden.new_empty((n if want_entropy else 0,), dtype=acc),
         hidden.new_empty((n if want_logprob else 0,), dtype=acc),
         *_fake_grads(hidden, weight, bias, grad_mask),
+        hidden.new_empty((n if want_mean_logit else 0,), dtype=acc),
+        hidden.new_empty((n if want_log_sum_sq else 0,), dtype=acc),
     )
 
 
@@ -86,9 +89,10 @@ _TERM_TENSORS = ("teacher_logits", "teacher_hidden", "teacher_weight", "teacher_
 def _loss_setup_context(ctx, inputs, output):
     a = _by_name(_ops.loss, inputs)
     (loss, token_loss, lse, predicted, entropy, logprob,
-     grad_hidden, grad_weight, grad_bias) = output
+     grad_hidden, grad_weight, grad_bias, mean_logit, log_sum_sq_prob) = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    # mean_logit / log_sum_sq_prob are metrics (TRL marks them non-differentiable as well).
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, mean_logit, log_sum_sq_prob)
     # With gradients computed in the forward (grad_mask), the backward of `loss` only scales them;
     # gradients flowing into token_loss, lse, entropy or logprob (statistics used in a further
     # loss term) are still exact, through the recomputing loss_backward.
@@ -155,7 +159,7 @@ def _add(a, b):
 
 
 def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entropy,
-                   grad_logprob, _g_gh, _g_gw, _g_gb):
+                   grad_logprob, _g_gh, _g_gw, _g_gb, _g_mean_logit=None, _g_log_sum_sq=None):
     saved = ctx.saved_tensors
     hidden, weight, target, bias, class_weight, grad_scale, lse = saved[:7]
     terms = dict(zip(_TERM_TENSORS, saved[7:7 + len(_TERM_TENSORS)]))

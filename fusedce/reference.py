@@ -157,6 +157,33 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: f
     return lp, entropy(z, dtype=None)
 
 
+def token_statistics(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: float = 1.0,
+                     logit_scale: float = 1.0, softcap: float | None = None,
+                     ignore_index: int = -100, dtype: torch.dtype | None = torch.float64) -> dict:
+    """Per-token statistics of p = softmax(z), z = final_logits(logits) / temperature (TRL's
+    FusedCausalLMOutput fields, before its masking):
+      logprobs          log p[token], 0 where token == ignore_index
+      entropy           -sum_c p_c log p_c
+      mean_logits       sum_c z_c / V
+      log_sum_sq_probs  log sum_c p_c^2
+      is_top1           token == argmax_c z_c (the first maximum), False where ignored"""
+    if dtype is not None:
+        logits = logits.to(dtype)
+    z = final_logits(logits, logit_scale, softcap) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    tokens = tokens.long()
+    valid = tokens != ignore_index
+    safe = torch.where(valid, tokens, torch.zeros_like(tokens))
+    lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return {
+        "logprobs": torch.where(valid, lp, torch.zeros_like(lp)),
+        "entropy": -_xlogy_exp(logp, logp),
+        "mean_logits": z.mean(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * logp, dim=-1),
+        "is_top1": valid & (z.argmax(-1) == safe),
+    }
+
+
 def distillation_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                             kind: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                             dtype: torch.dtype | None = torch.float64) -> torch.Tensor:

@@ -8,6 +8,7 @@ fusedce/reference.py holds the float64 definitions.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -102,6 +103,63 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     if return_entropy:
         return logprobs, out[4].reshape(shape)
     return logprobs
+
+
+_STAT_NAMES = ("logprobs", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+
+
+class TokenStatistics(NamedTuple):
+    """Per-token outputs of :func:`token_statistics` (None where not requested)."""
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    mean_logits: torch.Tensor | None
+    log_sum_sq_probs: torch.Tensor | None
+    is_top1: torch.Tensor | None
+
+
+def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperature=1.0,
+                     outputs=_STAT_NAMES, softcap=None, logit_scale=1.0, chunk_size=None):
+    """Per-token statistics of softmax(logits / temperature), logits = input @ linear_weight.T
+    (+ bias), all from one softmax pass over the vocabulary (never materialized):
+
+    - ``logprobs``: log-probability of ``tokens`` (0 where the token is -100), always computed;
+    - ``entropy``: entropy of the distribution;
+    - ``mean_logits``: mean over the vocabulary of the final logits (after logit_scale, softcap
+      and the temperature);
+    - ``log_sum_sq_probs``: log sum_c p_c^2;
+    - ``is_top1``: whether the token is the (first) argmax; False where the token is -100.
+
+    ``outputs`` names the extra ones wanted (TRL's ``add_fused_lm_head`` names); the others are
+    None. ``logprobs`` and ``entropy`` have exact gradients (a recomputing backward);
+    ``mean_logits``, ``log_sum_sq_probs`` and ``is_top1`` are metrics without gradient (as in TRL).
+    Float outputs are float32 for half inputs. input [..., H], tokens [...] -> each [...]."""
+    unknown = set(outputs) - set(_STAT_NAMES)
+    if unknown:
+        raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
+    _sharded(None, linear_weight=linear_weight, linear_bias=linear_bias)  # a DTensor: refused by name
+    V, H = _check_head(input, linear_weight, linear_bias)
+    _check_target(tokens, input.shape[:-1], input, "input")
+    temperature = _check_positive(temperature, "temperature")
+    _check_chunk(chunk_size, "chunk_size")
+    shape = tokens.shape
+    want = set(outputs)
+    flat = tokens.reshape(-1)
+    out = _ops.loss(
+        input.reshape(-1, H), linear_weight, flat, linear_bias,
+        ignore_index=-100, chunk_size=chunk_size or 0, ce_weight=0.0,
+        want_entropy="entropy" in want, want_logprob=True,
+        want_mean_logit="mean_logits" in want, want_log_sum_sq="log_sum_sq_probs" in want,
+        **_head_knobs(softcap, logit_scale, temperature),
+    )
+    # predicted is -1 at ignored rows, so an ignored token is never the top-1.
+    is_top1 = (out[3] == flat).reshape(shape) if "is_top1" in want else None
+    return TokenStatistics(
+        out[5].reshape(shape),
+        out[4].reshape(shape) if "entropy" in want else None,
+        out[9].reshape(shape) if "mean_logits" in want else None,
+        out[10].reshape(shape) if "log_sum_sq_probs" in want else None,
+        is_top1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,8 @@ struct RowIO {
   int64_t* predicted = nullptr;
   acc_t* entropy = nullptr;
   acc_t* logprob = nullptr;
+  acc_t* mean_logit = nullptr;
+  acc_t* log_sum_sq = nullptr;
   // upstream gradients: of token_loss (uniform_g when g_tok is null), lse, entropy, logprob
   acc_t uniform_g = 0;
   const acc_t* g_tok = nullptr;
@@ -251,6 +253,12 @@ void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, const Terms<a
         if (want_stats) {
           if (io.entropy) io.entropy[row] = static_cast<acc_t>(er.entropy);
           if (io.logprob) io.logprob[row] = static_cast<acc_t>(er.logprob);
+          // log sum p^2 = log(s2) - 2 log(s), both sums relative to the same maximum
+          if (io.mean_logit) io.mean_logit[row] = static_cast<acc_t>(ext[i].sz / P.v);
+          if (io.log_sum_sq) {
+            io.log_sum_sq[row] =
+                static_cast<acc_t>(std::log(ext[i].s2) - 2.0 * std::log(ext[i].s));
+          }
         }
       }
       if (want_stats) {
@@ -315,6 +323,7 @@ Terms<acc_t> make_terms(const TermArgs& ta, at::ScalarType acc, std::vector<at::
   tm.eps_low = static_cast<acc_t>(ta.epsilon_low);
   tm.eps_high = static_cast<acc_t>(ta.epsilon_high);
   tm.kl_beta = static_cast<acc_t>(ta.kl_beta);
+  tm.moments = ta.want_mean_logit || ta.want_log_sum_sq;
   return tm;
 }
 
@@ -372,7 +381,8 @@ at::Tensor per_token_scale(const std::optional<at::Tensor>& grad_scale, const Li
 }
 
 using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                               at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                               at::Tensor>;
 
 LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                      const std::optional<at::Tensor>& bias,
@@ -380,10 +390,13 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
                      const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
                      double label_smoothing, double z_loss, double softcap, double logit_scale,
                      std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-                     bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
+                     bool fp32_grad_accum, FUSEDCE_TERM_PARAMS, bool want_mean_logit,
+                     bool want_log_sum_sq) {
   (void)fp32_grad_accum;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
-  const TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
+  TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
+  ta.want_mean_logit = want_mean_logit;
+  ta.want_log_sum_sq = want_log_sum_sq;
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
   ta.check(P.n, P.v, hidden);
@@ -394,6 +407,8 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
   at::Tensor predicted = at::empty({P.n}, hidden.options().dtype(at::kLong));
   at::Tensor entropy = at::empty({ta.want_entropy ? P.n : 0}, accopts);
   at::Tensor logprob = at::empty({ta.want_logprob ? P.n : 0}, accopts);
+  at::Tensor mean_logit = at::empty({want_mean_logit ? P.n : 0}, accopts);
+  at::Tensor log_sum_sq = at::empty({want_log_sum_sq ? P.n : 0}, accopts);
   GradOutputs grads;
   GradAccumulators acc = make_accumulators(P, hidden, weight, bias, grad_mask, grads);
   const bool want_grad = acc.need_hidden || acc.need_weight || acc.need_bias;
@@ -412,6 +427,8 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
     io.predicted = predicted.data_ptr<int64_t>();
     io.entropy = ta.want_entropy ? entropy.data_ptr<acc_t>() : nullptr;
     io.logprob = ta.want_logprob ? logprob.data_ptr<acc_t>() : nullptr;
+    io.mean_logit = want_mean_logit ? mean_logit.data_ptr<acc_t>() : nullptr;
+    io.log_sum_sq = want_log_sum_sq ? log_sum_sq.data_ptr<acc_t>() : nullptr;
     if (scale.dim() == 0) {
       io.uniform_g = scale.item<acc_t>();
     } else {
@@ -422,8 +439,8 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
   });
   finish_grads(acc, weight, bias, grads);
   at::Tensor loss = (token_loss * scale).sum().to(P.acc);
-  return {loss, token_loss, lse, predicted, entropy, logprob, grads.hidden, grads.weight,
-          grads.bias};
+  return {loss,         token_loss,   lse,        predicted,  entropy,   logprob,
+          grads.hidden, grads.weight, grads.bias, mean_logit, log_sum_sq};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(

@@ -33,6 +33,7 @@ struct Terms {
   const acc_t* advantages = nullptr;
   const acc_t* ref_logprobs = nullptr;  // nullptr: no KL term
   acc_t eps_low = 0.2, eps_high = 0.2, kl_beta = 0;
+  bool moments = false;     // sum z and sum p^2 (mean_logit, log_sum_sq_prob outputs)
 };
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -48,6 +49,8 @@ struct ExtSums {
   double my = kNegInf, sy = 0, hy_y = 0, hy_u = 0;
   // filled by the JSD pass
   double jsd = 0, jsd_s = 0;
+  // moments: sz = sum z (no shift), s2 = sum e^(2(z-m)) (relative to m, like s)
+  double sz = 0, s2 = 0;
 };
 
 // Re-expresses the sums of `x` relative to the shifts (m2, my2) >= its own.
@@ -57,6 +60,7 @@ inline void rescale(ExtSums& x, double m2, double my2, double inv_T) {
     const double f = std::exp(x.m - m2);
     x.hz = f * (x.hz + (x.m - m2) * x.s);
     x.s *= f;
+    x.s2 *= f * f;
   }
   if (x.su > 0) {
     const double f = std::exp(mu - mu2);
@@ -86,6 +90,8 @@ inline void merge(ExtSums& a, ExtSums b, double inv_T) {
   a.sy += b.sy;
   a.hy_y += b.hy_y;
   a.hy_u += b.hy_u;
+  a.sz += b.sz;
+  a.s2 += b.s2;
 }
 
 // Folds one tile of a row (raw student logits a, teacher logits b or nullptr, n columns) into the
@@ -107,7 +113,9 @@ inline void accumulate_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, co
       const double zf = z - t.m, e = std::exp(zf);
       t.s += e;
       t.hz += e * zf;
+      if (tm.moments) t.s2 += e * e;
     }
+    if (tm.moments) t.sz += z;
     if (!distill) continue;
     const double uf = z * inv_T - mu;
     const double yf = b[j] * inv_T - t.my;

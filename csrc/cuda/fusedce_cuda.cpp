@@ -57,6 +57,9 @@ namespace {
 using at::Tensor;
 using Out9 =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// fusedce::loss: Out9's outputs, then mean_logit and log_sum_sq_prob
+using Out11 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                         Tensor, Tensor>;
 using Out3 = std::tuple<Tensor, Tensor, Tensor>;
 
 constexpr int64_t kMiB = int64_t(1) << 20;
@@ -437,6 +440,7 @@ struct TermsIO {
   int64_t g_tok_stride = 0;
   Tensor g_lse, g_entropy, g_logprob;                  // [N] acc or undefined
   Tensor token_loss, lse, entropy, logprob, predicted;  // outputs or undefined
+  Tensor mean_logit, log_sum_sq;                        // outputs or undefined / empty
 };
 
 void run_terms(Linear& P, TermsRun& T, Grads& G, const TermsIO& io) {
@@ -482,6 +486,8 @@ void run_terms(Linear& P, TermsRun& T, Grads& G, const TermsIO& io) {
     ta.lse = out_ptr(io.lse, r0);
     ta.entropy = out_ptr(io.entropy, r0);
     ta.logprob = out_ptr(io.logprob, r0);
+    ta.mean_logit = out_ptr(io.mean_logit, r0);
+    ta.log_sum_sq = out_ptr(io.log_sum_sq, r0);
     ta.predicted = io.predicted.defined() ? io.predicted.data_ptr<int64_t>() + r0 : nullptr;
     gpu::TermsParams tp = T.tp;
     tp.advantages = row_ptr(T.adv, r0);
@@ -501,14 +507,17 @@ Tensor per_token(const Tensor& t, const Linear& P, int64_t& stride) {
 }
 
 // ---- ops ----------------------------------------------------------------------------------------
-Out9 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
-               const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
-               const std::optional<Tensor>& grad_scale, int64_t ignore_index,
-               double label_smoothing, double z_loss, double softcap, double logit_scale,
-               std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-               bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
+Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
+                const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
+                const std::optional<Tensor>& grad_scale, int64_t ignore_index,
+                double label_smoothing, double z_loss, double softcap, double logit_scale,
+                std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
+                bool fp32_grad_accum, FUSEDCE_TERM_PARAMS, bool want_mean_logit,
+                bool want_log_sum_sq) {
   c10::cuda::CUDAGuard guard(hidden.device());
-  const TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
+  TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
+  targs.want_mean_logit = want_mean_logit;
+  targs.want_log_sum_sq = want_log_sum_sq;
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);
@@ -529,12 +538,15 @@ Out9 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
     io.predicted = at::empty({P.N}, opt.dtype(at::kLong));
     io.entropy = at::empty({targs.want_entropy ? P.N : 0}, opt.dtype(P.acc));
     io.logprob = at::empty({targs.want_logprob ? P.N : 0}, opt.dtype(P.acc));
+    io.mean_logit = at::empty({want_mean_logit ? P.N : 0}, opt.dtype(P.acc));
+    io.log_sum_sq = at::empty({want_log_sum_sq ? P.N : 0}, opt.dtype(P.acc));
     Grads G;
     init_grads(P, G, grad_mask, fp32_grad_accum);
     run_terms(P, T, G, io);
     Tensor loss = gs.defined() ? (io.token_loss * gs).sum() : io.token_loss.sum();
     auto [gh, gw, gb] = finish_grads(P, G);
-    return {loss, io.token_loss, io.lse, io.predicted, io.entropy, io.logprob, gh, gw, gb};
+    return {loss, io.token_loss, io.lse, io.predicted, io.entropy, io.logprob, gh, gw, gb,
+            io.mean_logit, io.log_sum_sq};
   }
   choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
 
@@ -605,7 +617,8 @@ Out9 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
   auto [gh, gw, gb] = finish_grads(P, G);
   // Two distinct empty outputs: the schema promises outputs that do not alias one another.
   return {loss,           token_loss, lse, predicted, at::empty({0}, opt.dtype(P.acc)),
-          at::empty({0}, opt.dtype(P.acc)), gh, gw, gb};
+          at::empty({0}, opt.dtype(P.acc)), gh, gw, gb, at::empty({0}, opt.dtype(P.acc)),
+          at::empty({0}, opt.dtype(P.acc))};
 }
 
 Out3 loss_backward_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,

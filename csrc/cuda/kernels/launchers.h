@@ -124,6 +124,10 @@ struct TermsArgs {
   void* entropy = nullptr;
   void* logprob = nullptr;
   int64_t* predicted = nullptr;
+  // statistics from the same pass (acc dtype, nullptr = not computed): sum_c z_c / V and
+  // log sum_c p_c^2
+  void* mean_logit = nullptr;
+  void* log_sum_sq = nullptr;
 };
 
 cudaError_t launch_row_terms(DType dtype, const TermsArgs& args, const EpiParams& epi,

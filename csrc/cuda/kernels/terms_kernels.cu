@@ -51,8 +51,10 @@ __device__ __forceinline__ A log_add_exp(A x, A y) {
 }
 
 // DK: the distillation kind (0 off, 1 forward KL, 2 reverse KL, 3 JSD), a template parameter so
-// that each kind accumulates only the sums it reads.
-template <typename T, typename A, int DK>
+// that each kind accumulates only the sums it reads. MOM: the moments sum z and sum e^(2(z-m))
+// (mean_logit, log_sum_sq outputs), a template parameter so that the other calls keep their
+// registers.
+template <typename T, typename A, int DK, bool MOM>
 __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 blocks per SM
     terms_kernel(gpu::TermsArgs g, const Epi<A> ep, const TermsK<A> tk) {
   __shared__ A red[9 * kTermsWarps];
@@ -78,12 +80,14 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
   int im = kTermsNoCol;
   // v: s, hz, wz, su, hu_u, hu_y, sy, hy_y, hy_u (csrc/cpu/terms.h's ExtSums)
   A v[9] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  A mom[2] = {A(0), A(0)};  // MOM: sum z, sum e^(2(z-m))
   auto shift_z = [&](A m2) {  // m2 > m; sums that are 0 stay 0 (and -inf - -inf never forms)
     const A d = m - m2;
     if (v[0] > A(0)) {
       const A f = acc_exp(d);
       v[1] = f * (v[1] + d * v[0]);
       v[0] *= f;
+      if (MOM) mom[1] *= f * f;
     }
     if (distill) {
       const A du = d * inv_T;
@@ -127,10 +131,12 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
       if (y > my) shift_y(y);
     }
     const A zf = z - m;
+    if (MOM) mom[0] += z;
     if (z != ninf) {
       const A e = acc_exp(zf);
       v[0] += e;
       v[1] += e * zf;
+      if (MOM) mom[1] += e * e;
       if (distill) {
         const A uf = zf * inv_T;
         const A eu = t1 ? e : acc_exp(uf);
@@ -164,6 +170,7 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
   const A zt = valid ? ep.z(to_acc(a[t])) : A(0);
   const A mu = m * inv_T;
   block_sum<kTermsThreads>(v, red);
+  if (MOM) block_sum<kTermsThreads>(mom, red);
   const A s = v[0], hz = v[1], wz = v[2], su = v[3], hu_u = v[4], hu_y = v[5], sy = v[6],
           hy_y = v[7], hy_u = v[8];
   const A lse = m + acc_log(s);
@@ -262,6 +269,10 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
     if (g.entropy) static_cast<A*>(g.entropy)[row] = H;
     if (g.logprob) static_cast<A*>(g.logprob)[row] = valid || bad ? logprob : A(0);
     if (g.predicted) g.predicted[row] = valid ? (im == kTermsNoCol ? 0 : im) : -1;
+    if (MOM && g.mean_logit) static_cast<A*>(g.mean_logit)[row] = mom[0] / static_cast<A>(V);
+    if (MOM && g.log_sum_sq) {
+      static_cast<A*>(g.log_sum_sq)[row] = acc_log(mom[1]) - A(2) * acc_log(s);
+    }
   }
   if (!g.write_grad) return;
   __syncthreads();  // every read of the row (zt included) is done before it is overwritten
@@ -294,6 +305,27 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
   });
 }
 
+template <typename T, typename A, bool MOM>
+cudaError_t terms_launch(const gpu::TermsArgs& args, const Epi<A>& ep, const TermsK<A>& tk,
+                         const gpu::TermsParams& tp, cudaStream_t stream) {
+  // One block per row; rows beyond the grid's y-limit are not a concern (blockIdx.x: 2^31 - 1).
+  const unsigned grid = static_cast<unsigned>(args.rows);
+  switch (args.teacher ? tp.distill : 0) {
+    case 1:
+      terms_kernel<T, A, 1, MOM><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+      break;
+    case 2:
+      terms_kernel<T, A, 2, MOM><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+      break;
+    case 3:
+      terms_kernel<T, A, 3, MOM><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+      break;
+    default:
+      terms_kernel<T, A, 0, MOM><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t terms_impl(const gpu::TermsArgs& args, const gpu::EpiParams& p,
                        const gpu::TermsParams& tp, cudaStream_t stream) {
@@ -313,23 +345,9 @@ cudaError_t terms_impl(const gpu::TermsArgs& args, const gpu::EpiParams& p,
   tk.advantages = static_cast<const A*>(tp.advantages);
   tk.old_logprobs = static_cast<const A*>(tp.old_logprobs);
   tk.ref_logprobs = static_cast<const A*>(tp.ref_logprobs);
-  // One block per row; rows beyond the grid's y-limit are not a concern (blockIdx.x: 2^31 - 1).
-  const unsigned grid = static_cast<unsigned>(args.rows);
   const Epi<A> ep = make_epi<A>(p);
-  switch (args.teacher ? tp.distill : 0) {
-    case 1:
-      terms_kernel<T, A, 1><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
-      break;
-    case 2:
-      terms_kernel<T, A, 2><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
-      break;
-    case 3:
-      terms_kernel<T, A, 3><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
-      break;
-    default:
-      terms_kernel<T, A, 0><<<grid, kTermsThreads, 0, stream>>>(args, ep, tk);
-  }
-  return cudaGetLastError();
+  if (args.mean_logit || args.log_sum_sq) return terms_launch<T, A, true>(args, ep, tk, tp, stream);
+  return terms_launch<T, A, false>(args, ep, tk, tp, stream);
 }
 
 }  // namespace kern

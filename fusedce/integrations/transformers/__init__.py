@@ -262,6 +262,16 @@ def apply(model, verified_only: bool = False):
     ValueError naming the reason when the class is refused (with verified_only, also when it is not
     on the verified list). Returns the model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from ..trl import is_trl_fused_forward
+
+    if is_trl_fused_forward(base.__dict__.get("forward")):
+        # Replacing it would drop TRL's fused head: the trainer's fused_lm_head=True calls would
+        # then return plain logits ('CausalLMOutputWithPast' object has no attribute 'log_probs').
+        raise ValueError(
+            f"fusedce: this {type(base).__name__}'s forward is TRL's fused LM head "
+            "(add_fused_lm_head, installed when a TRL trainer is built); apply() would replace it. "
+            "For TRL trainers call fusedce.integrations.trl.install() (or set FUSEDCE_PATCH_TRL=1) "
+            "before building the trainer, instead of transformers.apply() after it.")
     cls = type(base)
     fwd = analyse_class(cls)
     if fwd is not None and verified_only and _refuse_unverified(cls):
