@@ -1,0 +1,227 @@
+"""float16 under a GradScaler-style loss scale (issue 12 section 2).
+
+Mixed-precision training in float16 multiplies the loss by a scale S (GradScaler: 2^16 at first)
+before backward and divides the gradients by S afterwards, so that small gradients do not underflow
+in fp16. The fused losses compute the gradients of a mean/sum loss in the forward, before S exists:
+if they were rounded to fp16 there, a mean's 1/N would push d(loss)/d(logits) and the GEMM outputs
+into fp16's subnormals (or to 0) and no later S could bring the lost bits back.
+
+The check, per gradient: the unscaled fusedce gradient (grad / S) is off the float64 truth
+(fusedce/reference.py) by at most MARGIN times what eager fp16 PyTorch is off by at the same S
+(F.linear in fp16, the loss on logits.float(), backward of loss * S), plus a quarter unit of fp16
+rounding at the gradient's scale. The shapes make (p - y)/N fall below fp16's smallest normal
+(2^-14): N >= 4096 tokens, V >= 8192 classes, a head weight of std 0.02 as at initialization.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import reference
+
+SCALES = (1.0, 2.0**8, 2.0**16)
+MARGIN = 1.5
+# The part of the budget that does not scale with eager's error: a quarter of fp16's unit of
+# rounding at the gradient's largest magnitude (accuracy.py's budget allows a whole unit, which
+# would hide the subnormal rounding this file is about on the CPU, where only the outputs were
+# rounded in fp16).
+SLACK = torch.finfo(torch.float16).eps / 4
+
+# (N, V, H) per device: the CPU one runs in seconds; the CUDA one spans several logits chunks of
+# the fused kernel's memory budget only with a small budget, so it is also run with chunk_size.
+SHAPES = {"cpu": (4096, 8192, 128), "cuda": (8192, 32768, 1024)}
+
+
+def _err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((x.double() - truth).abs().max())
+
+
+def _check(what: str, got: torch.Tensor, eager: torch.Tensor, truth: torch.Tensor, S: float):
+    """got / eager: the scaled fp16 gradients; truth: the unscaled float64 gradient (CPU)."""
+    assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype}, eager {eager.dtype}"
+    got, eager = got.double().cpu() / S, eager.double().cpu() / S
+    slack = SLACK * float(truth.abs().max())
+    if not torch.isfinite(eager).all():
+        # Eager overflowed (a sum at a large S): GradScaler skips the step and halves S. fusedce
+        # may overflow too (same outcome) or stay finite, but then it must be right.
+        if torch.isfinite(got).all():
+            assert _err(got, truth) <= 4 * slack, f"{what}: finite but off by {_err(got, truth):.3g}"
+        return
+    assert torch.isfinite(got).all(), f"{what}: non-finite where eager fp16 is finite"
+    err, err_eager = _err(got, truth), _err(eager, truth)
+    allowed = MARGIN * err_eager + slack
+    assert err <= allowed, (
+        f"{what} (S={S:g}): max error {err:.3g} vs float64 exceeds {allowed:.3g} "
+        f"(eager fp16 {err_eager:.3g}, scale {float(truth.abs().max()):.3g})"
+    )
+
+
+class _Problem:
+    """One set of fp16 inputs per device, its float64 gradients and eager's, computed once."""
+
+    def __init__(self, device: str):
+        N, V, H = SHAPES[device]
+        g = torch.Generator().manual_seed(12)
+        self.x = (torch.randn(N, H, generator=g) * 4).half().to(device)
+        self.w = (torch.randn(V, H, generator=g) * 0.02).half().to(device)
+        self.b = (torch.randn(V, generator=g) * 0.02).half().to(device)
+        t = torch.randint(0, V, (N,), generator=g)
+        t[torch.rand(N, generator=g) < 0.1] = -100  # padding
+        self.t = t.to(device)
+        self.count = int((t != -100).sum())
+        self.num_items = 2 * self.count  # two micro-batches of gradient accumulation
+        # float64 gradients of the sum; the other reductions divide it exactly (float64).
+        xd, wd, bd = (v.detach().cpu().double().requires_grad_() for v in (self.x, self.w, self.b))
+        ref = reference.linear_cross_entropy(xd, wd, t, linear_bias=bd, reduction="sum")
+        self.truth_sum = torch.autograd.grad(ref.loss, (xd, wd, bd))
+        self._eager = {}
+
+    def denom(self, reduction: str) -> float:
+        return {"mean": self.count, "sum": 1, "num_items": self.num_items}[reduction]
+
+    def truth(self, reduction: str):
+        return tuple(g / self.denom(reduction) for g in self.truth_sum)
+
+    def kwargs(self, reduction: str) -> dict:
+        if reduction == "num_items":
+            return dict(reduction="sum", num_items_in_batch=self.num_items)
+        return dict(reduction=reduction)
+
+    def leaves(self):
+        return tuple(v.detach().clone().requires_grad_() for v in (self.x, self.w, self.b))
+
+    def eager(self, reduction: str, S: float):
+        key = (reduction, S)
+        if key not in self._eager:
+            x, w, b = self.leaves()
+            logits = F.linear(x, w, b).float()
+            if reduction == "num_items":
+                loss = F.cross_entropy(logits, self.t, reduction="sum") / self.num_items
+            else:
+                loss = F.cross_entropy(logits, self.t, reduction=reduction)
+            self._eager[key] = torch.autograd.grad(loss * S, (x, w, b))
+        return self._eager[key]
+
+
+_PROBLEMS: dict[str, _Problem] = {}
+
+
+@pytest.fixture
+def problem(device):
+    if device not in _PROBLEMS:
+        _PROBLEMS[device] = _Problem(device)
+    return _PROBLEMS[device]
+
+
+@pytest.mark.parametrize("fp32_grad_accum", [False, True])
+@pytest.mark.parametrize("S", SCALES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "num_items"])
+def test_linear_cross_entropy_fp16_loss_scale(problem, device, reduction, S, fp32_grad_accum):
+    x, w, b = problem.leaves()
+    loss = fusedce.linear_cross_entropy(x, w, problem.t, linear_bias=b,
+                                        fp32_grad_accum=fp32_grad_accum, **problem.kwargs(reduction))
+    assert loss.dtype == torch.float32
+    got = torch.autograd.grad(loss * S, (x, w, b))
+    for name, gv, ev, tv in zip(("grad_input", "grad_weight", "grad_bias"), got,
+                                problem.eager(reduction, S), problem.truth(reduction)):
+        _check(f"{name} ({reduction}, fp32_grad_accum={fp32_grad_accum})", gv, ev, tv, S)
+
+
+@pytest.mark.parametrize("S", SCALES)
+def test_linear_cross_entropy_fp16_loss_scale_chunked(problem, device, S):
+    """Several token chunks (and vocabulary tiles: the low-memory path, whose forward computes the
+    gradients in a second pass over the tiles) accumulate into the same float32 gradients."""
+    truth = problem.truth("mean")
+    eager = problem.eager("mean", S)
+    for kw in (dict(chunk_size=1000), dict(low_memory=True, vocab_chunk_size=3000, chunk_size=1500)):
+        x, w, b = problem.leaves()
+        loss = fusedce.linear_cross_entropy(x, w, problem.t, linear_bias=b, **kw)
+        got = torch.autograd.grad(loss * S, (x, w, b))
+        for name, gv, ev, tv in zip(("grad_input", "grad_weight", "grad_bias"), got, eager, truth):
+            _check(f"{name} {kw}", gv, ev, tv, S)
+
+
+def test_fp16_loss_and_lse(problem, device):
+    """A gradient through the loss (computed in the forward, float32) and one through the lse
+    (recomputed in backward) are summed in float32 and rounded to fp16 once."""
+    S, c = 2.0**16, 1e-4
+    x, w, b = problem.leaves()
+    out = fusedce.linear_cross_entropy(x, w, problem.t, linear_bias=b, return_stats=True)
+    got = torch.autograd.grad((out.loss + c * (out.lse**2).mean()) * S, (x, w, b))
+    xd, wd, bd = (v.detach().cpu().double().requires_grad_() for v in (problem.x, problem.w, problem.b))
+    ref = reference.linear_cross_entropy(xd, wd, problem.t.cpu(), linear_bias=bd)
+    truth = torch.autograd.grad(ref.loss + c * (ref.lse**2).mean(), (xd, wd, bd))
+    ex, ew, eb = problem.leaves()
+    logits = F.linear(ex, ew, eb).float()
+    eloss = F.cross_entropy(logits, problem.t) + c * (torch.logsumexp(logits, -1) ** 2).mean()
+    eager = torch.autograd.grad(eloss * S, (ex, ew, eb))
+    for name, gv, ev, tv in zip(("grad_input", "grad_weight", "grad_bias"), got, eager, truth):
+        _check(name, gv, ev, tv, S)
+
+
+@pytest.mark.parametrize("S", SCALES)
+def test_cross_entropy_fp16_loss_scale(device, S):
+    """fusedce.cross_entropy on given fp16 logits computes its gradient in backward, from the
+    true upstream gradient: as accurate as eager under any scale."""
+    N, V = 4096, 8192
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(N, V, generator=g) * 2).half().to(device)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    truth = torch.autograd.grad(
+        reference.cross_entropy(ld := logits.cpu().double().requires_grad_(), t.cpu()).loss, ld)[0]
+    a = logits.clone().requires_grad_()
+    got = torch.autograd.grad(fusedce.cross_entropy(a, t) * S, a)[0]
+    e = logits.clone().requires_grad_()
+    eager = torch.autograd.grad(F.cross_entropy(e.float(), t) * S, e)[0]
+    _check("grad_logits", got, eager, truth, S)
+
+
+@pytest.mark.parametrize("S", SCALES)
+def test_policy_loss_fp16_loss_scale(device, S):
+    """policy_loss passes per-token gradient weights (GRPO: 1 / (sequence length * B)) to the
+    fused op: the terms kernel's gradients under the same float32 treatment."""
+    B, T, V, H = 8, 512, 8192, 128
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(B, T, H, generator=g) * 4).half().to(device)
+    w = (torch.randn(V, H, generator=g) * 0.02).half().to(device)
+    tokens = torch.randint(0, V, (B, T), generator=g).to(device)
+    old = (-torch.rand(B, T, generator=g) * 2 - 8).to(device)
+    adv = torch.randn(B, generator=g).to(device)
+    mask = (torch.rand(B, T, generator=g) < 0.9).to(device)
+    xd, wd = x.cpu().double().requires_grad_(), w.cpu().double().requires_grad_()
+    rloss = reference.policy_loss(F.linear(xd, wd).reshape(B, T, V), tokens.cpu(), old.cpu(),
+                                  adv.cpu(), mask=mask.cpu())[0]
+    truth = torch.autograd.grad(rloss, (xd, wd))
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, _ = fusedce.policy_loss(xf, wf, tokens, old, adv, mask=mask)
+    got = torch.autograd.grad(loss * S, (xf, wf))
+    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+    eloss = reference.policy_loss(F.linear(xe, we).float(), tokens, old, adv, mask=mask, dtype=None)[0]
+    eager = torch.autograd.grad(eloss * S, (xe, we))
+    for name, gv, ev, tv in zip(("grad_input", "grad_weight"), got, eager, truth):
+        _check(name, gv, ev, tv, S)
+
+
+@pytest.mark.parametrize("S", SCALES)
+def test_distillation_loss_fp16_loss_scale(device, S):
+    N, V, H = 4096, 8192, 128
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(N, H, generator=g) * 4).half().to(device)
+    w = (torch.randn(V, H, generator=g) * 0.02).half().to(device)
+    teacher = (torch.randn(N, V, generator=g) * 2).half().to(device)
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    kw = dict(kind="forward_kl", ce_weight=0.5)
+    xd, wd = x.cpu().double().requires_grad_(), w.cpu().double().requires_grad_()
+    rloss = reference.distillation_loss(F.linear(xd, wd), teacher.cpu(), t.cpu(), **kw)
+    truth = torch.autograd.grad(rloss, (xd, wd))
+    xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+    got = torch.autograd.grad(fusedce.distillation_loss(xf, wf, t, teacher_logits=teacher, **kw) * S,
+                              (xf, wf))
+    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+    eloss = reference.distillation_loss(F.linear(xe, we).float(), teacher.float(), t, dtype=None, **kw)
+    eager = torch.autograd.grad(eloss * S, (xe, we))
+    for name, gv, ev, tv in zip(("grad_input", "grad_weight"), got, eager, truth):
+        _check(name, gv, ev, tv, S)
