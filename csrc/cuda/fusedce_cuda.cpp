@@ -556,21 +556,33 @@ Tensor per_token(const Tensor& t, const Linear& P, int64_t& stride) {
 }
 
 // A float16 forward that computes gradients (Grads::f32_out): the row kernels' per-row coefficient
-// coef = grad_scale / alpha with alpha = max |grad_scale| (so |coef| <= 1: a mean's 1/N is not
-// rounded into the fp16 gradient of the logits), and scalars = {alpha, 0, 1} in float32 on the
-// device for the GEMMs, which multiply alpha back in fp32. No host sync: alpha stays on the device.
-void fp16_grad_scale(const Linear& P, const Tensor& gs, Tensor& coef, Tensor& scalars) {
+// coef = grad_scale / alpha, and scalars = {alpha, 0, 1} in float32 on the device for the GEMMs,
+// which multiply alpha back in fp32 (no host sync: alpha stays on the device). alpha makes
+// |coef| = prescale / bound at most: a mean's 1/N is not rounded into the fp16 gradient of the
+// logits. For the CE (prescale 16, bound = max(1, logit_scale) * max(1, max |class weight|)), the
+// logits' gradient is then at most ~16 (times 1 + 2 z_loss lse), far from fp16's 65504, and the
+// small probabilities of a large vocabulary (~2^-17 at V = 128k) stay normal fp16 numbers, as in
+// eager PyTorch under GradScaler's 2^16 (S / N = 2^3 at N = 8192). The other terms (prescale 1)
+// have unbounded gradients (a policy ratio), so they only get the normalization.
+void fp16_grad_scale(const Linear& P, const Tensor& gs, double prescale, Tensor& coef,
+                     Tensor& scalars) {
   const auto f32 = P.h.options().dtype(at::kFloat);
-  Tensor alpha;
-  if (!gs.defined() || gs.numel() == 0) {
-    coef = gs;
-    alpha = at::ones({1}, f32);
-  } else {
-    const Tensor amax = gs.dim() == 0 ? gs.abs() : gs.abs().amax();
-    // A zero scale (a mean over no token) keeps zero gradients; a NaN one propagates through alpha.
-    coef = at::where(amax > 0, gs / amax, at::zeros_like(gs)).contiguous();
-    alpha = amax.to(at::kFloat).reshape({1});
+  Tensor amax = !gs.defined() || gs.numel() == 0 ? at::ones({}, f32)
+                : gs.dim() == 0                   ? gs.abs()
+                                                  : gs.abs().amax();
+  Tensor bound = amax;
+  double pre = prescale;
+  if (prescale != 1.0) {
+    pre = prescale / std::max(1.0, std::abs(P.ep.logit_scale));
+    if (P.cw.defined()) bound = bound * P.cw.abs().amax().clamp_min(1.0);
   }
+  if (!gs.defined() || gs.numel() == 0) {
+    coef = gs.defined() ? gs : at::full({}, pre, f32);
+  } else {
+    // A zero scale (a mean over no token) keeps zero gradients; a NaN one propagates through alpha.
+    coef = at::where(amax > 0, gs * (pre / bound), at::zeros_like(gs)).contiguous();
+  }
+  const Tensor alpha = (bound / pre).to(at::kFloat).reshape({1});
   scalars = at::cat({alpha, at::zeros({1}, f32), at::ones({1}, f32)});
 }
 
@@ -593,7 +605,7 @@ Out9 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
   // The per-row gradient coefficient the row kernels apply (gs, or its normalized fp16 form).
   Tensor coef = gs, scalars;
   const bool any_grad = grad_mask[0] || grad_mask[1] || (grad_mask[2] && P.b.defined());
-  if (P.dt == at::kHalf && any_grad) fp16_grad_scale(P, gs, coef, scalars);
+  if (P.dt == at::kHalf && any_grad) fp16_grad_scale(P, gs, targs.any() ? 1.0 : 16.0, coef, scalars);
 
   if (targs.any()) {
     TermsRun T = prepare_terms(P, targs);
