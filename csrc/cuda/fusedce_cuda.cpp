@@ -360,15 +360,20 @@ void init_grads(const Linear& P, Grads& G, std::array<bool, 3> mask, bool fp32_g
   G.f32_out = scalars.defined();
   G.scalars = scalars;
   const auto opt = P.h.options();
+  // With beta on the device cuBLAS cannot tell beta == 0 at launch: the float32 outputs start at
+  // zero so that a first GEMM which reads C anyway reads zeros, not NaN garbage.
+  auto alloc32 = [&](at::IntArrayRef shape) {
+    return G.f32_out ? at::zeros(shape, opt.dtype(at::kFloat)) : at::empty(shape, opt.dtype(at::kFloat));
+  };
   if (G.gh) {
-    G.grad_hidden = at::empty({P.N, P.H}, G.f32_out ? opt.dtype(at::kFloat) : opt);
+    G.grad_hidden = G.f32_out ? alloc32({P.N, P.H}) : at::empty({P.N, P.H}, opt);
     if (P.tiled && is_half(P.dt) && P.N > 0 && !G.f32_out) {
       G.gh32 = at::empty({P.C, P.H}, opt.dtype(at::kFloat));
     }
   }
   if (G.gw) {
     G.gw_f32 = (fp32_grad_accum || G.f32_out) && is_half(P.dt);
-    G.gw_acc = at::empty({P.V, P.H}, opt.dtype(G.gw_f32 ? at::kFloat : P.dt));
+    G.gw_acc = G.gw_f32 ? alloc32({P.V, P.H}) : at::empty({P.V, P.H}, opt.dtype(P.dt));
     if (P.N == 0) G.gw_acc.zero_();
   }
   if (G.gb) G.gb_acc = at::zeros({P.V}, opt.dtype(P.acc));
