@@ -547,7 +547,9 @@ def _run(P, coefs=None, need=None):
             grads["logits"] = torch.zeros(P.logits.shape, dtype=P.acc, device=P.device) if need[3] else None
         else:
             grads["hidden"] = torch.zeros(P.hidden.shape, dtype=P.acc, device=P.device) if need[0] else None
-            wacc = P.acc if (P.fp32_grad_accum or P.W.dtype in (torch.float32, torch.float64)) else P.W.dtype
+            # float16: float32 always (as the single-process op): the forward's weight gradient is
+            # divided by the mean's denominator before a loss scale exists (tests/test_fp16_loss_scale.py)
+            wacc = P.acc if (P.fp32_grad_accum or P.W.dtype != torch.bfloat16) else P.W.dtype
             grads["W"] = torch.zeros(P.W.shape, dtype=wacc, device=P.device) if need[1] else None
             grads["b"] = torch.zeros(P.W.shape[0], dtype=P.acc, device=P.device) if (need[2] and P.b is not None) else None
     C = _default_chunk(P, N)

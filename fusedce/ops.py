@@ -24,13 +24,25 @@ def _empty_grad(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-def _fake_grads(hidden, weight, bias, grad_mask):
-    """(grad_hidden, grad_weight, grad_bias): full size where requested, else empty (as the ops)."""
-    grad_hidden = hidden.new_empty(hidden.shape) if grad_mask[0] else _empty_grad(hidden)
-    grad_weight = weight.new_empty(weight.shape) if grad_mask[1] else _empty_grad(weight)
+def _fake_grads(hidden, weight, bias, grad_mask, dtype=None):
+    """(grad_hidden, grad_weight, grad_bias): full size where requested (in `dtype`, default the
+    input's), else empty in the input's dtype (as the ops)."""
+    def full(x):
+        return x.new_empty(x.shape, dtype=dtype or x.dtype)
+
+    grad_hidden = full(hidden) if grad_mask[0] else _empty_grad(hidden)
+    grad_weight = full(weight) if grad_mask[1] else _empty_grad(weight)
     if bias is None:
         return grad_hidden, grad_weight, _empty_grad(hidden)
-    return grad_hidden, grad_weight, bias.new_empty(bias.shape) if grad_mask[2] else _empty_grad(bias)
+    return grad_hidden, grad_weight, full(bias) if grad_mask[2] else _empty_grad(bias)
+
+
+def _precomputed_dtype(dtype: torch.dtype):
+    """The dtype of the gradients `loss` computes in its forward: float32 for float16 inputs.
+    They are the gradients before the upstream gradient (a GradScaler loss scale) is known, so a
+    mean's 1/N would push them into fp16's subnormals; the backward scales them in float32 and
+    rounds to float16 once. Other dtypes: the input's (bfloat16 has float32's exponent range)."""
+    return torch.float32 if dtype == torch.float16 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +69,7 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
         hidden.new_empty((n,), dtype=torch.long),
         hidden.new_empty((n if want_entropy else 0,), dtype=acc),
         hidden.new_empty((n if want_logprob else 0,), dtype=acc),
-        *_fake_grads(hidden, weight, bias, grad_mask),
+        *_fake_grads(hidden, weight, bias, grad_mask, _precomputed_dtype(hidden.dtype)),
         hidden.new_empty((n if want_mean_logit else 0,), dtype=acc),
         hidden.new_empty((n if want_log_sum_sq else 0,), dtype=acc),
     )
@@ -140,9 +152,16 @@ def _scale_fake(self, scale):
 _second_backward_allowed = False
 
 
-def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor):
+def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype):
+    """The precomputed `grad` times the upstream gradient `g`, in `dtype`."""
     if not needed:
         return None
+    if grad.dtype != dtype:
+        # float32 gradients of a float16 forward: multiply in float32, round once. Out of place
+        # (the float16 result is a new buffer anyway); one fused multiply-and-cast in eager.
+        if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+            return torch.mul(grad, g.to(grad.device), out=torch.empty_like(grad, dtype=dtype))
+        return (grad * g).to(dtype)
     # In eager the precomputed gradient is scaled in place: no second [V, H] buffer. Anything
     # traced (dynamo, AOTAutograd's fake/functional tensors) or a tensor subclass gets the
     # out-of-place product, which tracing handles without mutating a forward output.
@@ -172,6 +191,10 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     if not ctx.knobs["want_logprob"]:
         grad_logprob = None
     grads = [None, None, None]
+    # The gradients' dtypes (the inputs'); a float16 forward's precomputed ones are float32 and
+    # stay so until any recomputed part is added (one rounding to float16, at the end).
+    dtypes = [hidden.dtype, weight.dtype, hidden.dtype if bias is None else bias.dtype]
+    recompute = any(x is not None for x in (grad_token_loss, grad_lse, grad_entropy, grad_logprob))
     if ctx.precomputed and grad_loss is not None:
         if ctx.consumed:
             raise RuntimeError(
@@ -181,7 +204,8 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
                 "inside `with fusedce.allow_second_backward():`."
             )
         ctx.consumed = not _second_backward_allowed
-        grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss) for i, p in enumerate(precomputed)]
+        grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss, p.dtype if recompute else dtypes[i])
+                 for i, p in enumerate(precomputed)]
         grad_loss = None  # fully accounted for
 
     upstream = (grad_loss, grad_token_loss, grad_lse, grad_entropy, grad_logprob)
@@ -201,6 +225,7 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
             acc(grad_entropy), acc(grad_logprob), grad_mask=need, **ctx.knobs, **terms,
         )
         grads = [_add(a, b) if n else a for a, b, n in zip(grads, recomputed, need)]
+        grads = [None if x is None else x.to(dt) for x, dt in zip(grads, dtypes)]
     gh, gw, gb = grads
     # Gradients flow to the student's hidden, weight and bias only (never to the teacher).
     return (gh, gw, None, gb) + (None,) * (len(_ops.loss.default._schema.arguments) - 4)

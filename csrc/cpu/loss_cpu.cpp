@@ -344,17 +344,20 @@ struct GradOutputs {
   at::Tensor hidden, weight, bias;
 };
 
-// Allocates the gradient outputs (empty where not requested) and their accumulators.
+// Allocates the gradient outputs (empty where not requested) and their accumulators. f32_out:
+// the requested gradients are returned in float32 (see f32_outputs).
 GradAccumulators make_accumulators(const LinearProblem& P, const at::Tensor& hidden,
                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                   const std::array<bool, 3>& mask, GradOutputs& out) {
+                                   const std::array<bool, 3>& mask, GradOutputs& out,
+                                   bool f32_out = false) {
   GradAccumulators acc;
   acc.need_hidden = mask[0];
   acc.need_weight = mask[1];
   acc.need_bias = mask[2] && bias.has_value();
   const auto accopts = P.weight.options();
-  out.hidden = acc.need_hidden ? at::empty({P.n, P.h}, hidden.options())
-                               : at::empty({0}, hidden.options());
+  out.hidden = acc.need_hidden
+                   ? at::empty({P.n, P.h}, f32_out ? accopts : hidden.options())
+                   : at::empty({0}, hidden.options());
   out.weight = at::empty({0}, weight.options());
   out.bias = at::empty({0}, bias.has_value() ? bias->options() : hidden.options());
   if (acc.need_weight) acc.weight_grad = at::zeros({P.v, P.h}, accopts);
@@ -363,10 +366,16 @@ GradAccumulators make_accumulators(const LinearProblem& P, const at::Tensor& hid
 }
 
 void finish_grads(const GradAccumulators& acc, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, GradOutputs& out) {
-  if (acc.need_weight) out.weight = acc.weight_grad.to(weight.scalar_type());
-  if (acc.need_bias) out.bias = acc.bias_grad.to(bias->scalar_type());
+                  const std::optional<at::Tensor>& bias, GradOutputs& out, bool f32_out = false) {
+  if (acc.need_weight) out.weight = f32_out ? acc.weight_grad : acc.weight_grad.to(weight.scalar_type());
+  if (acc.need_bias) out.bias = f32_out ? acc.bias_grad : acc.bias_grad.to(bias->scalar_type());
 }
+
+// A float16 forward returns the gradients it computes in float32: they are those of the scalar
+// loss before its upstream gradient (a GradScaler loss scale) is applied, so a mean's 1/N makes
+// them small enough to fall into fp16's subnormals; the backward multiplies by the upstream
+// gradient in float32 and rounds to float16 once (fusedce/ops.py), as eager PyTorch does.
+bool f32_outputs(const at::Tensor& hidden) { return hidden.scalar_type() == at::kHalf; }
 
 // grad_scale: one value, or one per token (checked here), in acc dtype.
 at::Tensor per_token_scale(const std::optional<at::Tensor>& grad_scale, const LinearProblem& P,
@@ -410,7 +419,8 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
   at::Tensor mean_logit = at::empty({want_mean_logit ? P.n : 0}, accopts);
   at::Tensor log_sum_sq = at::empty({want_log_sum_sq ? P.n : 0}, accopts);
   GradOutputs grads;
-  GradAccumulators acc = make_accumulators(P, hidden, weight, bias, grad_mask, grads);
+  const bool f32_out = f32_outputs(hidden);
+  GradAccumulators acc = make_accumulators(P, hidden, weight, bias, grad_mask, grads, f32_out);
   const bool want_grad = acc.need_hidden || acc.need_weight || acc.need_bias;
   const Teacher teacher = make_teacher(ta, P.acc);
 
@@ -437,7 +447,7 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
     run_linear<acc_t>(P, ep, ta.any() ? &tm : nullptr, teacher, /*want_stats=*/true, want_grad,
                       io, acc, grads.hidden);
   });
-  finish_grads(acc, weight, bias, grads);
+  finish_grads(acc, weight, bias, grads, f32_out);
   at::Tensor loss = (token_loss * scale).sum().to(P.acc);
   return {loss,         token_loss,   lse,        predicted,  entropy,   logprob,
           grads.hidden, grads.weight, grads.bias, mean_logit, log_sum_sq};

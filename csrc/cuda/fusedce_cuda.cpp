@@ -34,6 +34,11 @@ typedef enum { CUBLAS_STATUS_SUCCESS = 0 } cublasStatus_t;
 typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
 typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
 typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+typedef enum { CUBLAS_POINTER_MODE_HOST = 0, CUBLAS_POINTER_MODE_DEVICE = 1 } cublasPointerMode_t;
+extern "C" cublasStatus_t cublasGetPointerMode_v2(cublasHandle_t, cublasPointerMode_t*);
+extern "C" cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t, cublasPointerMode_t);
+#define cublasGetPointerMode cublasGetPointerMode_v2
+#define cublasSetPointerMode cublasSetPointerMode_v2
 extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
                                        int, int, const void*, const void*, cudaDataType, int,
                                        const void*, cudaDataType, int, const void*, void*,
@@ -131,8 +136,30 @@ void operand(const Tensor& x, cublasOperation_t& op, int64_t& ld) {
   }
 }
 
-void gemm_f32acc(const Tensor& a, const Tensor& b, Tensor& c, float beta) {
+// Switches the (shared) cuBLAS handle to device-resident alpha / beta for one call, and back.
+class DevicePointerMode {
+ public:
+  explicit DevicePointerMode(cublasHandle_t h) : h_(h) {
+    TORCH_CHECK(cublasGetPointerMode(h_, &prev_) == CUBLAS_STATUS_SUCCESS &&
+                    cublasSetPointerMode(h_, CUBLAS_POINTER_MODE_DEVICE) == CUBLAS_STATUS_SUCCESS,
+                "fusedce (CUDA): cublasSetPointerMode failed");
+  }
+  ~DevicePointerMode() { cublasSetPointerMode(h_, prev_); }
+  DevicePointerMode(const DevicePointerMode&) = delete;
+  DevicePointerMode& operator=(const DevicePointerMode&) = delete;
+
+ private:
+  cublasHandle_t h_;
+  cublasPointerMode_t prev_ = CUBLAS_POINTER_MODE_HOST;
+};
+
+// dev_scalars: undefined (alpha 1, beta on the host), or a float32 device tensor {alpha, 0, 1}:
+// alpha is then read on the device (a data-dependent gradient scale, no host sync) and beta is
+// element 1 (beta == 0) or 2 (beta == 1).
+void gemm_f32acc(const Tensor& a, const Tensor& b, Tensor& c, float beta,
+                 const Tensor& dev_scalars = Tensor()) {
   TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1);
+  TORCH_INTERNAL_ASSERT(beta == 0.f || beta == 1.f || !dev_scalars.defined());
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
   if (K == 0) {
@@ -148,21 +175,34 @@ void gemm_f32acc(const Tensor& a, const Tensor& b, Tensor& c, float beta) {
   TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX &&
                   ldb < INT32_MAX && ldc < INT32_MAX,
               "fusedce (CUDA): GEMM dimension too large for cublasGemmEx");
-  const float alpha = 1.f;
-  // col-major: C^T [N, M] = B^T [N, K] @ A^T [K, M]
+  const float one = 1.f;
+  const void* alpha_p = &one;
+  const void* beta_p = &beta;
+  std::optional<DevicePointerMode> device_mode;
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  if (dev_scalars.defined()) {
+    TORCH_INTERNAL_ASSERT(dev_scalars.scalar_type() == at::kFloat && dev_scalars.numel() == 3 &&
+                          dev_scalars.is_contiguous());
+    const float* d = dev_scalars.data_ptr<float>();
+    alpha_p = d;
+    beta_p = d + (beta == 0.f ? 1 : 2);
+    device_mode.emplace(handle);
+  }
+  // col-major: C^T [N, M] = B^T [N, K] @ A^T [K, M]
   const cublasStatus_t st = cublasGemmEx(
-      handle, opb, opa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha,
-      b.data_ptr(), t, static_cast<int>(ldb), a.data_ptr(), t, static_cast<int>(lda), &beta,
+      handle, opb, opa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), alpha_p,
+      b.data_ptr(), t, static_cast<int>(ldb), a.data_ptr(), t, static_cast<int>(lda), beta_p,
       c.data_ptr(), CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fusedce (CUDA): cublasGemmEx failed with status ",
               static_cast<int>(st));
 }
 
-// out (+)= a @ b in out's dtype (beta 0 on the first contribution, then 1).
-void gemm_acc(Tensor& out, const Tensor& a, const Tensor& b, bool first, bool f32acc) {
+// out (+)= a @ b in out's dtype (beta 0 on the first contribution, then 1); with f32acc (out is
+// float32) the product is scaled by dev_scalars' alpha when given (see gemm_f32acc).
+void gemm_acc(Tensor& out, const Tensor& a, const Tensor& b, bool first, bool f32acc,
+              const Tensor& dev_scalars = Tensor()) {
   if (f32acc) {
-    gemm_f32acc(a, b, out, first ? 0.f : 1.f);
+    gemm_f32acc(a, b, out, first ? 0.f : 1.f, dev_scalars);
   } else if (first) {
     at::mm_out(out, a, b);
   } else {
@@ -273,11 +313,18 @@ void logits_gemm(const Linear& P, Tensor& out, const Tensor& hc, int64_t v0, int
 
 struct Grads {
   bool gh = false, gw = false, gb = false;
-  Tensor grad_hidden;  // [N, H] dt
+  Tensor grad_hidden;  // [N, H] dt (float32 with f32_out)
   Tensor gh32;         // [C, H] fp32 accumulator (tiled, half dtypes) or undefined
   Tensor gw_acc;       // [V, H]: grad_weight itself, or its fp32 accumulator
   bool gw_f32 = false;
   Tensor gb_acc;  // [V] acc dtype
+  // float16 forward (the gradients of a scalar loss, computed before its upstream gradient, a
+  // GradScaler loss scale, is known): every gradient is kept and returned in float32. The row
+  // kernels write d(loss)/d(logits) with the per-row coefficient normalized to max |.| = 1 (not
+  // the tiny 1/N of a mean, which rounds (p - y)/N into fp16's subnormals or to 0), and the
+  // GEMMs apply the remaining factor `scalars` = {alpha, 0, 1} (device, float32) in fp32.
+  bool f32_out = false;
+  Tensor scalars;
   bool any() const { return gh || gw || gb; }
 };
 
@@ -292,31 +339,46 @@ void tile_gemms(const Linear& P, Grads& G, const Tensor& g, const Tensor& hc, in
       gemm_acc(acc, g, w, first_tile, /*f32acc=*/true);
     } else {
       Tensor out = G.grad_hidden.narrow(0, r0, rows);
-      gemm_acc(out, g, w, first_tile, false);
+      gemm_acc(out, g, w, first_tile, G.f32_out, G.scalars);
     }
   }
   if (G.gw) {
     Tensor out = cols == P.V ? G.gw_acc : G.gw_acc.narrow(0, v0, cols);
-    gemm_acc(out, g.t(), hc, first_chunk, G.gw_f32);
+    gemm_acc(out, g.t(), hc, first_chunk, G.gw_f32, G.scalars);
   }
   if (G.gb) {
     Tensor out = cols == P.V ? G.gb_acc : G.gb_acc.narrow(0, v0, cols);
-    out.add_(at::sum(g, {0}, false, P.acc));
+    if (G.f32_out) {
+      out.add_(at::sum(g, {0}, false, P.acc) * G.scalars.narrow(0, 0, 1));
+    } else {
+      out.add_(at::sum(g, {0}, false, P.acc));
+    }
   }
 }
 
-void init_grads(const Linear& P, Grads& G, std::array<bool, 3> mask, bool fp32_grad_accum) {
+// scalars: the float32 {alpha, 0, 1} of a float16 forward (Grads::f32_out), else undefined.
+void init_grads(const Linear& P, Grads& G, std::array<bool, 3> mask, bool fp32_grad_accum,
+                const Tensor& scalars = Tensor()) {
   G.gh = mask[0];
   G.gw = mask[1];
   G.gb = mask[2] && P.b.defined();
+  G.f32_out = scalars.defined();
+  G.scalars = scalars;
   const auto opt = P.h.options();
+  // With beta on the device cuBLAS cannot tell beta == 0 at launch: the float32 outputs start at
+  // zero so that a first GEMM which reads C anyway reads zeros, not NaN garbage.
+  auto alloc32 = [&](at::IntArrayRef shape) {
+    return G.f32_out ? at::zeros(shape, opt.dtype(at::kFloat)) : at::empty(shape, opt.dtype(at::kFloat));
+  };
   if (G.gh) {
-    G.grad_hidden = at::empty({P.N, P.H}, opt);
-    if (P.tiled && is_half(P.dt) && P.N > 0) G.gh32 = at::empty({P.C, P.H}, opt.dtype(at::kFloat));
+    G.grad_hidden = G.f32_out ? alloc32({P.N, P.H}) : at::empty({P.N, P.H}, opt);
+    if (P.tiled && is_half(P.dt) && P.N > 0 && !G.f32_out) {
+      G.gh32 = at::empty({P.C, P.H}, opt.dtype(at::kFloat));
+    }
   }
   if (G.gw) {
-    G.gw_f32 = fp32_grad_accum && is_half(P.dt);
-    G.gw_acc = at::empty({P.V, P.H}, opt.dtype(G.gw_f32 ? at::kFloat : P.dt));
+    G.gw_f32 = (fp32_grad_accum || G.f32_out) && is_half(P.dt);
+    G.gw_acc = G.gw_f32 ? alloc32({P.V, P.H}) : at::empty({P.V, P.H}, opt.dtype(P.dt));
     if (P.N == 0) G.gw_acc.zero_();
   }
   if (G.gb) G.gb_acc = at::zeros({P.V}, opt.dtype(P.acc));
@@ -325,9 +387,9 @@ void init_grads(const Linear& P, Grads& G, std::array<bool, 3> mask, bool fp32_g
 Out3 finish_grads(const Linear& P, Grads& G) {
   const auto opt = P.h.options();
   Tensor gh = G.gh ? G.grad_hidden : at::empty({0}, opt);
-  Tensor gw = G.gw ? (G.gw_f32 ? G.gw_acc.to(P.dt) : G.gw_acc) : at::empty({0}, opt);
+  Tensor gw = G.gw ? (G.gw_f32 && !G.f32_out ? G.gw_acc.to(P.dt) : G.gw_acc) : at::empty({0}, opt);
   const at::ScalarType bdt = P.b.defined() ? P.b.scalar_type() : P.dt;
-  Tensor gb = G.gb ? G.gb_acc.to(bdt) : at::empty({0}, opt.dtype(bdt));
+  Tensor gb = G.gb ? G.gb_acc.to(G.f32_out ? at::kFloat : bdt) : at::empty({0}, opt.dtype(bdt));
   return {gh, gw, gb};
 }
 
@@ -506,6 +568,37 @@ Tensor per_token(const Tensor& t, const Linear& P, int64_t& stride) {
   return r;
 }
 
+// A float16 forward that computes gradients (Grads::f32_out): the row kernels' per-row coefficient
+// coef = grad_scale / alpha, and scalars = {alpha, 0, 1} in float32 on the device for the GEMMs,
+// which multiply alpha back in fp32 (no host sync: alpha stays on the device). alpha makes
+// |coef| = prescale / bound at most: a mean's 1/N is not rounded into the fp16 gradient of the
+// logits. For the CE (prescale 16, bound = max(1, logit_scale) * max(1, max |class weight|)), the
+// logits' gradient is then at most ~16 (times 1 + 2 z_loss lse), far from fp16's 65504, and the
+// small probabilities of a large vocabulary (~2^-17 at V = 128k) stay normal fp16 numbers, as in
+// eager PyTorch under GradScaler's 2^16 (S / N = 2^3 at N = 8192). The other terms (prescale 1)
+// have unbounded gradients (a policy ratio), so they only get the normalization.
+void fp16_grad_scale(const Linear& P, const Tensor& gs, double prescale, Tensor& coef,
+                     Tensor& scalars) {
+  const auto f32 = P.h.options().dtype(at::kFloat);
+  Tensor amax = !gs.defined() || gs.numel() == 0 ? at::ones({}, f32)
+                : gs.dim() == 0                   ? gs.abs()
+                                                  : gs.abs().amax();
+  Tensor bound = amax;
+  double pre = prescale;
+  if (prescale != 1.0) {
+    pre = prescale / std::max(1.0, std::abs(P.ep.logit_scale));
+    if (P.cw.defined()) bound = bound * P.cw.abs().amax().clamp_min(1.0);
+  }
+  if (!gs.defined() || gs.numel() == 0) {
+    coef = gs.defined() ? gs : at::full({}, pre, f32);
+  } else {
+    // A zero scale (a mean over no token) keeps zero gradients; a NaN one propagates through alpha.
+    coef = at::where(amax > 0, gs * (pre / bound), at::zeros_like(gs)).contiguous();
+  }
+  const Tensor alpha = (bound / pre).to(at::kFloat).reshape({1});
+  scalars = at::cat({alpha, at::zeros({1}, f32), at::ones({1}, f32)});
+}
+
 // ---- ops ----------------------------------------------------------------------------------------
 Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                 const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
@@ -525,13 +618,17 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
   int64_t gs_stride = 0;
   const Tensor gs = grad_scale_tensor(grad_scale, P, gs_stride);
   check_targets(P.tgt, P.V, ignore_index, P.stream);
+  // The per-row gradient coefficient the row kernels apply (gs, or its normalized fp16 form).
+  Tensor coef = gs, scalars;
+  const bool any_grad = grad_mask[0] || grad_mask[1] || (grad_mask[2] && P.b.defined());
+  if (P.dt == at::kHalf && any_grad) fp16_grad_scale(P, gs, targs.any() ? 1.0 : 16.0, coef, scalars);
 
   if (targs.any()) {
     TermsRun T = prepare_terms(P, targs);
     choose_terms_chunk(P, T, chunk_size, vocab_chunk_size);
     const auto opt = P.h.options();
     TermsIO io;
-    io.g_tok = gs;
+    io.g_tok = coef;
     io.g_tok_stride = gs_stride;
     io.token_loss = at::empty({P.N}, opt.dtype(P.acc));
     io.lse = at::empty({P.N}, opt.dtype(P.acc));
@@ -541,7 +638,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
     io.mean_logit = at::empty({want_mean_logit ? P.N : 0}, opt.dtype(P.acc));
     io.log_sum_sq = at::empty({want_log_sum_sq ? P.N : 0}, opt.dtype(P.acc));
     Grads G;
-    init_grads(P, G, grad_mask, fp32_grad_accum);
+    init_grads(P, G, grad_mask, fp32_grad_accum, scalars);
     run_terms(P, T, G, io);
     Tensor loss = gs.defined() ? (io.token_loss * gs).sum() : io.token_loss.sum();
     auto [gh, gw, gb] = finish_grads(P, G);
@@ -555,7 +652,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
   Tensor lse = at::empty({P.N}, opt.dtype(P.acc));
   Tensor predicted = at::empty({P.N}, opt.dtype(at::kLong));
   Grads G;
-  init_grads(P, G, grad_mask, fp32_grad_accum);
+  init_grads(P, G, grad_mask, fp32_grad_accum, scalars);
 
   if (P.N > 0) {
     const bool fused = !P.tiled && G.any();
@@ -599,7 +696,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
         sa.first_tile = v0 == 0;
         sa.last_tile = v0 + cols == P.V;
         sa.fused_grad = fused;
-        sa.grad_scale = row_ptr(gs, r0, gs_stride);
+        sa.grad_scale = row_ptr(coef, r0, gs_stride);
         sa.grad_scale_stride = gs_stride;
         sa.grid_limit = grid_limit;
         sa.allow_cluster = allow_cluster;
@@ -608,7 +705,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
         if (fused) tile_gemms(P, G, lg, hc, r0, 0, cols, true, r0 == 0);
       }
       if (P.tiled && G.any()) {
-        grad_pass(P, G, buf, hc, r0, rows, sa.lse, row_ptr(gs, r0, gs_stride), gs_stride,
+        grad_pass(P, G, buf, hc, r0, rows, sa.lse, row_ptr(coef, r0, gs_stride), gs_stride,
                   nullptr, 0, r0 == 0);
       }
     }
