@@ -274,12 +274,15 @@ ops = torch.ops.fusedce
 h = torch.randn(10, 16, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(50, 16, device="cuda", dtype=torch.bfloat16)
 t = torch.zeros(10, dtype=torch.long, device="cuda")
-for bad, call in ((50, lambda t: ops.loss(h, w, t, grad_mask=[True, True, False])),
-                  (-7, lambda t: ops.cross_entropy(torch.randn(10, 50, device="cuda"), t))):
+for bad, call in ((50, lambda t: ops.loss(h, w, t, grad_mask=[True, True, False])[1]),
+                  (-7, lambda t: ops.cross_entropy(torch.randn(10, 50, device="cuda"), t)[0])):
     t[3] = bad
     try:
-        call(t)
-        print("NO ERROR")
+        token_loss = call(t)
+        # The default path: no host check; the bad token's loss is NaN, the others finite.
+        bad_nan = bool(token_loss[3].isnan())
+        others = bool(torch.cat([token_loss[:3], token_loss[4:]]).isfinite().all())
+        print("NAN", bad_nan and others)
     except RuntimeError as e:
         print("RAISED", "target[3]" in str(e))
 torch.cuda.synchronize()  # nothing out of bounds happened before the error
@@ -287,16 +290,24 @@ print("DONE")
 """
 
 
-def test_bad_target_is_an_error():
-    """In a subprocess: an error path that crashed the process must fail this test, not the run."""
+@pytest.mark.parametrize("validate", [False, True], ids=["default", "FUSEDCE_VALIDATE"])
+def test_bad_target(validate):
+    """An out-of-range target: a NaN token loss by default (no host sync), the clear error naming
+    the index in validation mode. In a subprocess: an error path that crashed the process must fail
+    this test, not the run."""
     import subprocess
     import sys
 
     root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ)
+    env.pop("FUSEDCE_VALIDATE", None)
+    if validate:
+        env["FUSEDCE_VALIDATE"] = "1"
     r = subprocess.run([sys.executable, "-c", _BAD_TARGET, root], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=env)
     assert r.returncode == 0, f"crashed (rc {r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
-    assert r.stdout.split() == ["RAISED", "True", "RAISED", "True", "DONE"], r.stdout
+    word = "RAISED" if validate else "NAN"
+    assert r.stdout.split() == [word, "True", word, "True", "DONE"], r.stdout
 
 
 def test_float64_supported():

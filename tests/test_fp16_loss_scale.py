@@ -356,3 +356,42 @@ def test_vocab_parallel_fp16_loss_scale(tmp_path):
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [
+    dict(),
+    # Class weights above 1 and logit_scale above 1 enter the fp16 path's gradient normalization
+    # (the bound that keeps the logits' gradient in range); a sum (no grad_scale at all) once came
+    # out scaled by the largest class weight on CUDA.
+    dict(weight="big", logit_scale=2.5, label_smoothing=0.1, z_loss=1e-3),
+    dict(weight="big", softcap=5.0),
+], ids=["plain", "weights_scale", "weights_softcap"])
+def test_fp16_every_option_against_reference(device, reduction, options):
+    """Every fp16 gradient path (with and without a grad_scale) against float64, at a size where
+    fp16's rounding is the only error: the same budget as every other half-precision test."""
+    from accuracy import assert_close, eager_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(11)
+    N, H, V = 96, 40, 1031
+    x = torch.randn(N, H, generator=g).to(device, torch.float16).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.2).to(device, torch.float16).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g).to(device)
+    t[::7] = -100
+    kw = dict(options)
+    if kw.get("weight") == "big":
+        kw["weight"] = (torch.rand(V, generator=g) * 3 + 0.25).to(device)
+    loss = fusedce.linear_cross_entropy(x, w, t, reduction=reduction, **kw)
+    up = torch.randn(loss.shape, generator=g).to(device) if reduction == "none" else None
+    got = torch.autograd.grad(loss, (x, w), up)
+
+    xd, wd = (v.detach().double().requires_grad_() for v in (x, w))
+    ref_kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref = reference.linear_cross_entropy(xd, wd, t, reduction=reduction, **ref_kw).loss
+    truth = torch.autograd.grad(ref, (xd, wd), None if up is None else up.double())
+    xe, we = (v.detach().clone().requires_grad_() for v in (x, w))
+    eager_loss = eager_linear_cross_entropy(xe, we, t, reduction=reduction, **kw)
+    eager = torch.autograd.grad(eager_loss.float(), (xe, we), None if up is None else up.float())
+    assert_close(loss, ref, torch.float16, eager=eager_loss, what=f"loss {reduction} {options}")
+    for name, a, tr, e in zip(("grad_input", "grad_weight"), got, truth, eager):
+        assert_close(a, tr, torch.float16, eager=e, what=f"{name} {reduction} {options}")

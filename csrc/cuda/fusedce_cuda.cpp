@@ -589,8 +589,12 @@ void fp16_grad_scale(const Linear& P, const Tensor& gs, double prescale, Tensor&
     pre = prescale / std::max(1.0, std::abs(P.ep.logit_scale));
     if (P.cw.defined()) bound = bound * P.cw.abs().amax().clamp_min(1.0);
   }
-  if (!gs.defined() || gs.numel() == 0) {
-    coef = gs.defined() ? gs : at::full({}, pre, f32);
+  if (!gs.defined()) {
+    // No grad_scale (a sum): the coefficient is pre / bound, so that coef * alpha == 1 exactly as
+    // with a given scale (bound carries the class weights' largest magnitude).
+    coef = (at::full({}, pre, f32) / bound).to(at::kFloat).contiguous();
+  } else if (gs.numel() == 0) {
+    coef = gs;
   } else {
     // A zero scale (a mean over no token) keeps zero gradients; a NaN one propagates through alpha.
     coef = at::where(amax > 0, gs * (pre / bound), at::zeros_like(gs)).contiguous();
