@@ -201,6 +201,21 @@ def _check_chunk(value, name: str):
         raise ValueError(f"fusedce: {name} must be a positive int or None, got {value!r}")
 
 
+def host_target_check(device: torch.device) -> bool:
+    """Whether a target range check may read the device on the host: always on the CPU (free
+    there). On CUDA only in the opt-in validation mode where fusedce has one
+    (fusedce.validation: validate_targets() / FUSEDCE_VALIDATE=1), so that a default CUDA call
+    makes no host sync; without that module, as the single-process op of this tree does (one
+    host read per call)."""
+    if device.type == "cpu":
+        return True
+    try:
+        from .validation import validation_enabled
+    except ImportError:
+        return True
+    return validation_enabled()
+
+
 def check_global_targets(target: torch.Tensor, vocab: torch.Tensor, valid: torch.Tensor, offset: int,
                          name: str = "target", ignore_desc: str = ""):
     """The sharded path's target range check, against the GLOBAL vocabulary size `vocab` (the sum

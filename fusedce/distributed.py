@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops as _ops_py
-from ._checks import check_global_targets
+from ._checks import check_global_targets, host_target_check
 from .functional import LossOutput, _shift
 from .terms import _policy_metrics
 
@@ -319,15 +319,30 @@ def _check_targets(P):
     """The single-process op's target range check on the sharded path, against the GLOBAL
     vocabulary, once per call (after the forward's chunk loop: an out-of-range target is owned by
     no rank, so the loop read nothing out of bounds meanwhile). Every rank holds the same targets
-    and sizes, so every rank raises the same error and no collective is left unmatched."""
+    and sizes, so every rank raises the same error and no collective is left unmatched. Where no
+    host read is allowed (a default CUDA call, see _checks.host_target_check) the bad rows are
+    kept in P.bad instead and `_poison` makes the results NaN, as the single-process kernels do."""
     tgt = P.target
     if P.kind == "policy":
-        check_global_targets(tgt, P.v_global, P.kept, 0, "tokens (flattened)", " where mask != 0")
+        valid, name, desc = P.kept, "tokens (flattened)", " where mask != 0"
     elif P.kind == "lp":
-        check_global_targets(tgt, P.v_global, tgt != -100, 0, "tokens", " and is not -100")
+        valid, name, desc = tgt != -100, "tokens", " and is not -100"
     else:
-        ii = P.ignore_index
-        check_global_targets(tgt, P.v_global, tgt != ii, 0, "target", f" and is not ignore_index ({ii})")
+        valid, name, desc = tgt != P.ignore_index, "target", f" and is not ignore_index ({P.ignore_index})"
+    if host_target_check(tgt.device):
+        check_global_targets(tgt, P.v_global, valid, 0, name, desc)
+    else:
+        P.bad = valid & ((tgt < 0) | (tgt >= P.v_global))
+
+
+def _poison(P):
+    """NaN where a target was out of range (no host check made), else 0: added to the loss and
+    to every gradient, so a reduced loss is NaN and a GradScaler skips the step."""
+    bad = getattr(P, "bad", None)
+    if bad is None:
+        return None
+    zero = torch.zeros((), dtype=P.acc, device=bad.device)
+    return torch.where(bad.any(), torch.full_like(zero, math.nan), zero)
 
 
 def _chunk(P, lo, hi, coefs, grads):
@@ -621,6 +636,15 @@ class _ShardedHead(torch.autograd.Function):
             for key, g in grads.items():
                 if g is not None:
                     g.div_(div)
+        poison = _poison(P)
+        if poison is not None:
+            loss = loss + poison
+            for key in ("token_loss", "per_token", "lp"):
+                if key in res:
+                    res[key] = torch.where(P.bad, torch.full_like(res[key], math.nan), res[key])
+            for g in (grads or {}).values() if fused else ():
+                if g is not None:
+                    g.add_(poison.to(g.dtype))
         ctx.P, ctx.need, ctx.grads, ctx.fused = P, need, grads if fused else None, fused
         ctx.allow_cell = _ops_py.second_backward_cell()
         ctx.save_for_backward(hidden, W, b, logits)
@@ -648,6 +672,10 @@ class _ShardedHead(torch.autograd.Function):
                     total[key] = total[key] + g if key in total else g
         if not _ops_py.second_backward_allowed(ctx.allow_cell):
             ctx.grads = None  # the weight-sized buffers go now, not with the graph
+        poison = _poison(P)
+        if poison is not None and any(g is not None for g in g_rows):
+            for key in total:
+                total[key] = total[key] + poison.to(total[key].dtype)
         gh = total.get("hidden")
         if gh is not None and P.reduce_grad_input:
             dist.all_reduce(gh, group=P.group)  # the ONE collective of the backward

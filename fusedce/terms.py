@@ -28,6 +28,7 @@ from ._checks import (
     _check_target,
     _check_tensor,
     check_global_targets,
+    host_target_check,
 )
 from .functional import _sharded
 
@@ -94,8 +95,9 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
             softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
             reduce_grad_input=reduce_grad_input)
     shape = tokens.shape
-    if tokens.device.type == "cpu":
-        # The op's own check would name `target`; this one names the argument (free on the CPU).
+    if host_target_check(tokens.device):
+        # The op's own check would name `target`; this one names the argument (free on the CPU,
+        # on CUDA only where a host read is allowed: see _checks.host_target_check).
         flat = tokens.reshape(-1)
         check_global_targets(flat, V, flat != -100, 0, "tokens", " and is not -100")
     out = _ops.loss(
@@ -312,9 +314,9 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     weights = _policy_weights(m, loss_type, max_completion_length).reshape(-1)
     kept = m.reshape(-1) != 0
     flat_tokens = tokens.reshape(-1).long()
-    if flat_tokens.device.type == "cpu":
-        # Every kept token must be a class id; the error names policy_loss's own arguments. (On
-        # CUDA the op's own target check reads the flag, so no second host read is added here.)
+    if host_target_check(flat_tokens.device):
+        # Every kept token must be a class id; the error names policy_loss's own arguments (where
+        # no host read is allowed, the op's kernels make such a token's loss NaN instead).
         check_global_targets(flat_tokens, V, kept, 0, "tokens (flattened)", " where mask != 0")
     # Masked tokens are ignored rows: no loss, no gradient, no work beyond the shared statistics.
     # The marker is the one int64 no vocabulary reaches, so a kept token of any other value

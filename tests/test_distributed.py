@@ -691,6 +691,22 @@ def sharded_target_out_of_range(c):
                        lambda: fd.policy_loss(xb, Ws, tb, None, adv, chunk_size=cs), f"policy {bad}")
             err = _error_of(lambda: fd.policy_loss(xb, Ws, tb, None, adv, chunk_size=cs))
             assert "tokens" in str(err) and "ignore_index" not in str(err), err
+    # Where no host read is allowed (a default CUDA call; forced here on any device): no error,
+    # but the NaN of the single-process CUDA kernels: loss, the bad token's values, every gradient.
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(312)).to(c.dev)
+    t[3] = V
+    saved = fd.host_target_check
+    fd.host_target_check = lambda device: False
+    try:
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        loss = fd.linear_cross_entropy(xs, Ws, t, chunk_size=2)
+        loss.backward()
+        assert loss.isnan() and xs.grad.isnan().all() and Ws.grad.isnan().all(), (loss, xs.grad)
+        tok = fd.linear_cross_entropy(x, W[lo:hi], t, reduction="none")
+        assert tok[3].isnan() and not tok[[0, 1, 2, 4, 5]].isnan().any(), tok
+        assert fd.token_logprobs(x, W[lo:hi], t)[3].isnan()
+    finally:
+        fd.host_target_check = saved
     # masked-out policy tokens may hold anything (padding), on both paths alike
     t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(314)).to(c.dev)
     xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)

@@ -206,7 +206,8 @@ def _policy(device):
 def test_policy_loss_kept_token_out_of_range(bad):
     """A kept (mask != 0) token of -1 was taken for a masked one; any kept token outside [0, V)
     is an error naming policy_loss's own arguments (tokens, mask), not target / ignore_index.
-    CPU: the CUDA op reports the range error through its own target check."""
+    On the CPU, which always checks (a CUDA call checks on the host only where allowed:
+    fusedce._checks.host_target_check)."""
     x, w, tok, old, adv = _policy("cpu")
     tok[0, 1] = bad
     with pytest.raises(RuntimeError, match=r"tokens.*outside \[0, 7\).*mask") as err:
