@@ -258,6 +258,8 @@ def _check_autodiff(fn: str, *tensors):
                 "loss.backward() or torch.autograd.grad")
     from torch.autograd import forward_ad
 
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual_level open: nothing can be dual
+        return
     for t in tensors:
         if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
             raise NotImplementedError(
