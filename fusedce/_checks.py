@@ -136,8 +136,12 @@ def _check_class_weight(weight, vocab: int, ref: torch.Tensor, ref_name: str):
         raise ValueError("fusedce: weight (class weights) cannot require grad: the loss is not differentiated with respect to it")
 
 
-def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight"):
-    """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H)."""
+def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight",
+                vocab_shard=False):
+    """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H). `vocab_shard`: the
+    weight is one rank's vocabulary shard (process_group given), which may be empty when the
+    vocabulary is split over more ranks than it has rows; refusing it on that rank alone would
+    leave the others waiting in a collective."""
     _check_tensor(input, input_name)
     _check_tensor(linear_weight, weight_name)
     _check_float(input, input_name)
@@ -152,7 +156,7 @@ def _check_head(input, linear_weight, linear_bias, input_name="input", weight_na
             f"fusedce: {input_name} has hidden size {input.shape[-1]} but {weight_name} is "
             f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
         )
-    if V == 0:
+    if V == 0 and not vocab_shard:
         raise ValueError(f"fusedce: {weight_name} must have at least one row (V > 0)")
     if H == 0:
         # F.linear would give all-zero logits (the bias alone); a head without features is

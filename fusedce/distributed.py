@@ -860,7 +860,7 @@ def _cross_entropy(input, target, *, process_group, vocab_start, weight, reducti
         weight, process_group, _ = _unwrap(weight, process_group)
     shape = target.shape
     Vl = input.shape[-1]
-    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(-1, Vl),
+    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(target.numel(), Vl),
                  target=target.reshape(-1).long(), w=weight, ignore_index=ignore_index,
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
                  logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
@@ -908,7 +908,7 @@ def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_w
         ti = input if teacher_input is None else teacher_input
         t_hidden = ti.detach().reshape(-1, ti.shape[-1])
         teacher_weight = teacher_weight.detach()
-    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(-1, Vl)
+    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(target.numel(), Vl)
     flat = target.reshape(-1).long()
     acc = _acc_dtype(input)
     valid = (flat != ignore_index).to(acc)  # int64 here: an int32 target was widened above

@@ -197,7 +197,7 @@ def linear_cross_entropy(
     """
     _check_autodiff("linear_cross_entropy", input, linear_weight, linear_bias)
     # Every argument is checked before the call is routed: both paths refuse the same input.
-    V, H = _check_head(input, linear_weight, linear_bias)
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
     _check_class_weight(weight, V, input, "input")
     _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
@@ -302,7 +302,7 @@ def cross_entropy(
     if input.dim() < 1:
         raise ValueError("fusedce: input (logits) must have shape [..., V], got a 0-d tensor")
     V = input.shape[-1]
-    if V == 0:
+    if V == 0 and process_group is None:  # an empty shard of the logits is valid (_check_head)
         raise ValueError("fusedce: input (logits) must have at least one class (V > 0)")
     _check_target(target, input.shape[:-1], input, "input")
     _check_class_weight(weight, V, input, "input")

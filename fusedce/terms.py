@@ -81,7 +81,7 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     of either output (a recomputing backward pass). ``process_group``: vocab-parallel, as
     :func:`fusedce.linear_cross_entropy`."""
     _check_autodiff("token_logprobs", input, linear_weight, linear_bias)
-    V, H = _check_head(input, linear_weight, linear_bias)
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
     temperature = _check_positive(temperature, "temperature")
     _check_chunk(chunk_size, "chunk_size")
@@ -141,7 +141,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     """
     _check_autodiff("distillation_loss", input, linear_weight, linear_bias)
     # Every argument is checked before the call is routed: both paths refuse the same input.
-    V, H = _check_head(input, linear_weight, linear_bias)
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
     if kind not in _DISTILL_KINDS:
         raise ValueError(f"fusedce: kind must be one of {tuple(_DISTILL_KINDS)}, got {kind!r}")
@@ -177,7 +177,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     else:
         if teacher_weight is None:
             raise ValueError("fusedce: teacher_input needs teacher_weight [V, Ht]")
-        Vt, Ht = _check_head(teacher_input, teacher_weight, teacher_bias, "teacher_input", "teacher_weight")
+        Vt, Ht = _check_head(teacher_input, teacher_weight, teacher_bias, "teacher_input",
+                             "teacher_weight", vocab_shard=process_group is not None)
         if Vt != V:
             raise ValueError(f"fusedce: teacher_weight has {Vt} classes but linear_weight has {V}")
         if teacher_input.shape[:-1] != lead:
@@ -263,7 +264,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     """
     _check_autodiff("policy_loss", input, linear_weight, linear_bias)
     # Every argument is checked before the call is routed: both paths refuse the same input.
-    V, H = _check_head(input, linear_weight, linear_bias)
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     if input.dim() != 3:
         raise ValueError(f"fusedce: input must have shape [B, T, H], got {tuple(input.shape)}")
     lead = input.shape[:-1]

@@ -22,6 +22,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -717,6 +718,31 @@ def sharded_target_out_of_range(c):
     adv, old = c.randn(2, seed=315), c.randn(2, N // 2, seed=316) - 2
     close(fd.policy_loss(xb, Ws, padded, old, adv, mask=mask, chunk_size=2)[0],
           ref.policy_loss(xb @ W.T, tb, old, adv, mask=mask)[0], F64, "policy with masked padding")
+
+
+@check
+def sharded_empty_shard(c):
+    """Rank 0 holds an empty shard (the other ranks split the vocabulary). The argument check (run
+    before routing, on every rank) accepts the empty shard, so no rank is left waiting in a
+    collective, and the results equal the reference."""
+    V, N, H = 5, 5, 3
+    x = c.randn(N, H, seed=330)
+    W = c.randn(V, H, seed=331)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(332)).to(c.dev)
+    bounds = [0] + [round(V * r / (c.world - 1)) for r in range(c.world)]
+    lo, hi = bounds[c.rank], bounds[c.rank + 1]
+    g = dist.group.WORLD
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    loss = fusedce.linear_cross_entropy(xs, Ws, t, process_group=g, label_smoothing=0.1)
+    loss.backward()
+    xr, Wr = leaf(x), leaf(W)
+    r = ref.linear_cross_entropy(xr, Wr, t, label_smoothing=0.1).loss
+    r.backward()
+    close(loss, r, F64, "loss")
+    close(xs.grad, xr.grad, F64, "grad input")
+    close(Ws.grad, Wr.grad[lo:hi], F64, "grad weight shard")
+    close(fusedce.cross_entropy(x @ W[lo:hi].T, t, process_group=g), F.cross_entropy(x @ W.T, t), F64, "cross_entropy")
+    close(fusedce.token_logprobs(x, W[lo:hi], t, process_group=g), ref.token_logprobs(x @ W.T, t)[0], F64, "token_logprobs")
 
 
 @check
