@@ -789,7 +789,7 @@ def linear_cross_entropy(input, linear_weight, target, *, process_group=None, **
     """
     from .functional import linear_cross_entropy as checked
 
-    return checked(input, linear_weight, target, process_group=process_group or WORLD, **kwargs)
+    return checked(input, linear_weight, target, process_group=WORLD if process_group is None else process_group, **kwargs)
 
 
 def cross_entropy(input, target, *, process_group=None, **kwargs):
@@ -798,7 +798,7 @@ def cross_entropy(input, target, *, process_group=None, **kwargs):
     backward has no collective. ``inplace_backward`` is accepted and ignored."""
     from .functional import cross_entropy as checked
 
-    return checked(input, target, process_group=process_group or WORLD, **kwargs)
+    return checked(input, target, process_group=WORLD if process_group is None else process_group, **kwargs)
 
 
 def token_logprobs(input, linear_weight, tokens, *, process_group=None, **kwargs):
@@ -806,7 +806,7 @@ def token_logprobs(input, linear_weight, tokens, *, process_group=None, **kwargs
     differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input)."""
     from .terms import token_logprobs as checked
 
-    return checked(input, linear_weight, tokens, process_group=process_group or WORLD, **kwargs)
+    return checked(input, linear_weight, tokens, process_group=WORLD if process_group is None else process_group, **kwargs)
 
 
 def distillation_loss(input, linear_weight, target, *, process_group=None, **kwargs):
@@ -816,7 +816,7 @@ def distillation_loss(input, linear_weight, target, *, process_group=None, **kwa
     (small) collective per chunk; see the module doc."""
     from .terms import distillation_loss as checked
 
-    return checked(input, linear_weight, target, process_group=process_group or WORLD, **kwargs)
+    return checked(input, linear_weight, target, process_group=WORLD if process_group is None else process_group, **kwargs)
 
 
 def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, process_group=None, **kwargs):
@@ -825,7 +825,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, proce
     from .terms import policy_loss as checked
 
     return checked(input, linear_weight, tokens, old_logprobs, advantages,
-                   process_group=process_group or WORLD, **kwargs)
+                   process_group=WORLD if process_group is None else process_group, **kwargs)
 
 
 def _linear_cross_entropy(
