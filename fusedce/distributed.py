@@ -54,10 +54,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from .functional import LossOutput
+from . import ops as _ops_py
+from ._checks import check_global_targets, host_target_check
+from .functional import LossOutput, _shift
 from .terms import _policy_metrics
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 class CollectiveCounter:
@@ -91,8 +91,6 @@ class CollectiveCounter:
         """The calls so far (and start counting afresh)."""
         out, self.calls = self.calls, []
         return out
-_KINDS = ("forward_kl", "reverse_kl", "jsd")
-_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
 _BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 
@@ -307,6 +305,46 @@ def _sub_onehot(dz, owned, li, coef):
     return dz.scatter_add_(1, li[:, None], torch.where(owned, -coef, torch.zeros_like(coef))[:, None])
 
 
+def _gather_checked(P, cols):
+    """The chunk's ONE gather of the [C, K] partials, with this rank's vocabulary size as a last
+    column: their sum is the global vocabulary (kept in P.v_global), which no rank knows alone and
+    against which `_check_targets` checks the targets once the loop is done."""
+    cols = cols + [torch.full_like(cols[0], float(P.v_local))]
+    G = _gather(torch.stack(cols, -1), P.group, P.world)
+    P.v_global = G[:, :1, -1].sum(0).to(torch.int64)
+    return G[..., :-1]
+
+
+def _check_targets(P):
+    """The single-process op's target range check on the sharded path, against the GLOBAL
+    vocabulary, once per call (after the forward's chunk loop: an out-of-range target is owned by
+    no rank, so the loop read nothing out of bounds meanwhile). Every rank holds the same targets
+    and sizes, so every rank raises the same error and no collective is left unmatched. Where no
+    host read is allowed (a default CUDA call, see _checks.host_target_check) the bad rows are
+    kept in P.bad instead and `_poison` makes the results NaN, as the single-process kernels do."""
+    tgt = P.target
+    if P.kind == "policy":
+        valid, name, desc = P.kept, "tokens (flattened)", " where mask != 0"
+    elif P.kind == "lp":
+        valid, name, desc = tgt != -100, "tokens", " and is not -100"
+    else:
+        valid, name, desc = tgt != P.ignore_index, "target", f" and is not ignore_index ({P.ignore_index})"
+    if host_target_check(tgt.device):
+        check_global_targets(tgt, P.v_global, valid, 0, name, desc)
+    else:
+        P.bad = valid & ((tgt < 0) | (tgt >= P.v_global))
+
+
+def _poison(P):
+    """NaN where a target was out of range (no host check made), else 0: added to the loss and
+    to every gradient, so a reduced loss is NaN and a GradScaler skips the step."""
+    bad = getattr(P, "bad", None)
+    if bad is None:
+        return None
+    zero = torch.zeros((), dtype=P.acc, device=bad.device)
+    return torch.where(bad.any(), torch.full_like(zero, math.nan), zero)
+
+
 def _chunk(P, lo, hi, coefs, grads):
     """One chunk: local partials, ONE gather (two for JSD), combine, per-row outputs, and, when
     `grads` is given, the local gradient contributions with per-row coefficients `coefs`."""
@@ -334,7 +372,7 @@ def _chunk(P, lo, hi, coefs, grads):
         if P.need_argmax:
             cols.append(st[:, 5])
         z = m  # only its dtype and device are used below
-        G = _gather(torch.stack(cols, -1), P.group, P.world)
+        G = _gather_checked(P, cols)
         M, lse, S = _combine(G[..., 0], G[..., 1])
         valid = tgt != P.ignore_index
         vf = valid.to(z.dtype)
@@ -388,7 +426,7 @@ def _chunk(P, lo, hi, coefs, grads):
         m, e, se = _local_softmax(z)
         cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
         del e
-        G = _gather(torch.stack(cols, -1), P.group, P.world)
+        G = _gather_checked(P, cols)
         M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
         lp = G[..., 2].sum(0) - lse
         ent = lse - ez / S
@@ -436,7 +474,7 @@ def _chunk(P, lo, hi, coefs, grads):
         cols += [m1, s1, _pick(raw, owned, li)]
         if eps > 0:
             cols += [raw.sum(-1), torch.full_like(m1, float(P.v_local))]
-    G = _gather(torch.stack(cols, -1), P.group, P.world)
+    G = _gather_checked(P, cols)
     _, lseq, Sq, q_zs, q_zt = _combine(G[..., 0], G[..., 1], G[..., 2], G[..., 3])
     _, lser, Sr, r_zt, r_zs = _combine(G[..., 4], G[..., 5], G[..., 6], G[..., 7])
     sum_q_lq = q_zs / Sq - lseq
@@ -560,6 +598,9 @@ def _run(P, coefs=None, need=None):
         outs.append(_chunk(P, lo, hi, cc, grads))
     if not outs:  # no tokens: run nothing (every rank sees the same N)
         return {}, grads
+    if not getattr(P, "targets_checked", False):  # the forward's loop; a recomputing one is not
+        _check_targets(P)
+        P.targets_checked = True
     res = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
     return res, grads
 
@@ -597,7 +638,17 @@ class _ShardedHead(torch.autograd.Function):
             for key, g in grads.items():
                 if g is not None:
                     g.div_(div)
-        ctx.P, ctx.need, ctx.grads = P, need, grads if fused else None
+        poison = _poison(P)
+        if poison is not None:
+            loss = loss + poison
+            for key in ("token_loss", "per_token", "lp"):
+                if key in res:
+                    res[key] = torch.where(P.bad, torch.full_like(res[key], math.nan), res[key])
+            for g in (grads or {}).values() if fused else ():
+                if g is not None:
+                    g.add_(poison.to(g.dtype))
+        ctx.P, ctx.need, ctx.grads, ctx.fused = P, need, grads if fused else None, fused
+        ctx.allow_cell = _ops_py.second_backward_cell()
         ctx.save_for_backward(hidden, W, b, logits)
         P.res = res
         rows = tuple(res[name] if N else torch.zeros(0, dtype=P.acc, device=P.device) for name in _ROW_DIFF[P.kind])
@@ -605,9 +656,12 @@ class _ShardedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *g_rows):
+        _ops_py.check_not_create_graph("the sharded head loss (fusedce.distributed)")
         P, need = ctx.P, ctx.need
         total = {}
-        if g_loss is not None and ctx.grads is not None:
+        if g_loss is not None and ctx.fused:
+            if ctx.grads is None:  # as the single-process op: never a silent zero gradient
+                raise RuntimeError(_ops_py.SECOND_BACKWARD_ERROR.format(fn="vocab-parallel"))
             for key, g in ctx.grads.items():
                 if g is not None:
                     total[key] = g * g_loss
@@ -618,7 +672,12 @@ class _ShardedHead(torch.autograd.Function):
             for key, g in grads.items():
                 if g is not None:
                     total[key] = total[key] + g if key in total else g
-        ctx.grads = None
+        if not _ops_py.second_backward_allowed(ctx.allow_cell):
+            ctx.grads = None  # the weight-sized buffers go now, not with the graph
+        poison = _poison(P)
+        if poison is not None and any(g is not None for g in g_rows):
+            for key in total:
+                total[key] = total[key] + poison.to(total[key].dtype)
         gh = total.get("hidden")
         if gh is not None and P.reduce_grad_input:
             dist.all_reduce(gh, group=P.group)  # the ONE collective of the backward
@@ -637,12 +696,6 @@ class _ShardedHead(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _not_sharded_yet(**knobs):
-    for name, (value, default) in knobs.items():
-        if value != default:
-            raise NotImplementedError(f"fusedce.distributed: {name} is not supported by this sharded function yet")
-
-
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -651,19 +704,6 @@ def _base(process_group, vocab_start, device, v_local):
     group, rank, world = _group_info(process_group)
     v0 = _vocab_start(group, rank, world, v_local, device, vocab_start)
     return dict(group=group, rank=rank, world=world, v0=v0, v_local=v_local, device=device)
-
-
-def _check_common(reduction, chunk_size):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"fusedce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"fusedce: chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def _shift(target, ignore_index):
-    if target.dim() == 0 or target.shape[-1] == 0:
-        return target
-    return torch.cat([target[..., 1:], torch.full_like(target[..., :1], ignore_index)], dim=-1)
 
 
 def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape):
@@ -684,7 +724,8 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
             def _mean_div(res):
                 d = res["wt"].sum() if N else torch.zeros((), dtype=acc, device=P.device)
                 P.denom = d
-                return torch.where(d > 0, d, torch.ones_like(d))
+                # != 0: negative class weights may sum below zero (divided by, as in torch).
+                return torch.where(d != 0, d, torch.ones_like(d))
             P.divisor = _mean_div
     loss, tok, lse = _ShardedHead.apply(P, P.hidden, P.W, P.b, P.logits)
     res = P.res
@@ -692,7 +733,9 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
         loss = tok.reshape(shape)
     elif reduction == "mean" and num_items_in_batch is None:
         d = P.denom
-        loss = loss + torch.where(d > 0, torch.zeros_like(d), torch.full_like(d, math.nan))
+        # A zero denominator: F.cross_entropy's sum / 0 (nan for an all-ignored batch), no gradient.
+        tok_sum = tok.detach().sum() if N else torch.zeros((), dtype=acc, device=P.device)
+        loss = torch.where(d != 0, loss, tok_sum / d)
     if not return_stats:
         return loss
     flat_t = P.target
@@ -717,51 +760,87 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    process_group=None,
-    vocab_start: int | None = None,
-    linear_bias: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    reduction: str = "mean",
-    ignore_index: int | None = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    num_items_in_batch=None,
-    shift: bool = False,
-    return_stats: bool = False,
-    chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    fp32_grad_accum: bool = False,
-    low_memory: bool = False,
-    reduce_grad_input: bool = True,
-):
+# The public functions of this module are fusedce's own with the group defaulting to the whole
+# world: they run the one argument check of fusedce/_checks.py (in fusedce.functional /
+# fusedce.terms), which then routes here, to the private implementations below, which check
+# nothing but the global target range (only known once the shards' sizes are combined).
+
+
+class _World:
+    """process_group for "the default group": routes a plain-tensor call to the sharded path."""
+
+    def __repr__(self):
+        return "fusedce.distributed.WORLD"
+
+
+WORLD = _World()
+
+
+def _group(process_group):
+    return None if process_group is WORLD else process_group
+
+
+def linear_cross_entropy(input, linear_weight, target, *, process_group=None, **kwargs):
     """:func:`fusedce.linear_cross_entropy` with the head sharded over the vocabulary.
 
     ``linear_weight`` [V_local, H] (or a Shard(0) DTensor), ``linear_bias`` and ``weight`` (class
     weights) [V_local] are this rank's shard; ``input`` and ``target`` (global ids) are the same on
     every rank. The result (loss, or LossOutput) is the same on every rank. ``vocab_chunk_size`` and
     ``low_memory`` are accepted for signature compatibility; the sharded path tiles tokens only.
+    ``process_group`` None: the default group (or a DTensor weight's mesh).
     """
+    from .functional import linear_cross_entropy as checked
+
+    return checked(input, linear_weight, target, process_group=WORLD if process_group is None else process_group, **kwargs)
+
+
+def cross_entropy(input, target, *, process_group=None, **kwargs):
+    """:func:`fusedce.cross_entropy` on a logits shard ``input`` [..., V_local] (a Shard(-1) /
+    last-dim split of the logits; a DTensor is not unwrapped here). Its gradient is local: the
+    backward has no collective. ``inplace_backward`` is accepted and ignored."""
+    from .functional import cross_entropy as checked
+
+    return checked(input, target, process_group=WORLD if process_group is None else process_group, **kwargs)
+
+
+def token_logprobs(input, linear_weight, tokens, *, process_group=None, **kwargs):
+    """:func:`fusedce.token_logprobs` with W sharded over the vocabulary. Both outputs are
+    differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input)."""
+    from .terms import token_logprobs as checked
+
+    return checked(input, linear_weight, tokens, process_group=WORLD if process_group is None else process_group, **kwargs)
+
+
+def distillation_loss(input, linear_weight, target, *, process_group=None, **kwargs):
+    """:func:`fusedce.distillation_loss` with the student's head (and the teacher's: a weight shard
+    [V_local, H_t] with ``teacher_input`` (default: ``input``), or a logits shard
+    ``teacher_logits`` [..., V_local]) sharded over the vocabulary. kind="jsd" takes a second
+    (small) collective per chunk; see the module doc."""
+    from .terms import distillation_loss as checked
+
+    return checked(input, linear_weight, target, process_group=WORLD if process_group is None else process_group, **kwargs)
+
+
+def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, process_group=None, **kwargs):
+    """:func:`fusedce.policy_loss` (TRL GRPOTrainer's clipped objective) with the head sharded over
+    the vocabulary; (loss, metrics) with the single-process function's metrics."""
+    from .terms import policy_loss as checked
+
+    return checked(input, linear_weight, tokens, old_logprobs, advantages,
+                   process_group=WORLD if process_group is None else process_group, **kwargs)
+
+
+def _linear_cross_entropy(
+    input, linear_weight, target, *, process_group, vocab_start, linear_bias, weight, reduction,
+    ignore_index, label_smoothing, z_loss, softcap, logit_scale, num_items_in_batch, shift,
+    return_stats, chunk_size, fp32_grad_accum, reduce_grad_input,
+):
+    process_group = _group(process_group)
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
     if weight is not None:
         weight, process_group, _ = _unwrap(weight, process_group)
-    _check_common(reduction, chunk_size)
-    if linear_weight.dim() != 2 or input.shape[-1] != linear_weight.shape[1]:
-        raise ValueError(f"fusedce: input [..., H] and linear_weight [V_local, H] do not match: "
-                         f"{tuple(input.shape)} vs {tuple(linear_weight.shape)}")
-    if input.dtype != linear_weight.dtype:
-        raise TypeError(f"fusedce: input is {input.dtype} but linear_weight is {linear_weight.dtype}; they must match")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"fusedce: label_smoothing must be in [0, 1], got {label_smoothing}")
-    ignore_index = -100 if ignore_index is None else ignore_index
     if shift:
         target = _shift(target, ignore_index)
     shape = target.shape
@@ -775,36 +854,15 @@ def linear_cross_entropy(
     return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
 
 
-def cross_entropy(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    process_group=None,
-    vocab_start: int | None = None,
-    weight: torch.Tensor | None = None,
-    reduction: str = "mean",
-    ignore_index: int | None = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    num_items_in_batch=None,
-    return_stats: bool = False,
-    inplace_backward: bool = False,
-    chunk_size: int | None = None,
-):
-    """:func:`fusedce.cross_entropy` on a logits shard ``input`` [..., V_local] (a Shard(-1) /
-    last-dim split of the logits; a DTensor is not unwrapped here). Its gradient is local: the
-    backward has no collective. ``inplace_backward`` is accepted and ignored."""
+def _cross_entropy(input, target, *, process_group, vocab_start, weight, reduction, ignore_index,
+                   label_smoothing, z_loss, softcap, logit_scale, num_items_in_batch, return_stats,
+                   chunk_size):
+    process_group = _group(process_group)
     if weight is not None:
         weight, process_group, _ = _unwrap(weight, process_group)
-    _check_common(reduction, chunk_size)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"fusedce: label_smoothing must be in [0, 1], got {label_smoothing}")
-    ignore_index = -100 if ignore_index is None else ignore_index
     shape = target.shape
     Vl = input.shape[-1]
-    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(-1, Vl),
+    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(target.numel(), Vl),
                  target=target.reshape(-1).long(), w=weight, ignore_index=ignore_index,
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
                  logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
@@ -813,31 +871,13 @@ def cross_entropy(
     return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
 
 
-def token_logprobs(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    tokens: torch.Tensor,
-    *,
-    process_group=None,
-    vocab_start: int | None = None,
-    linear_bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    return_entropy: bool = False,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    chunk_size: int | None = None,
-    reduce_grad_input: bool = True,
-):
-    """log softmax((input @ W.T + b) / temperature)[token] per token (and the entropy of that
-    softmax with ``return_entropy=True``), with W sharded over the vocabulary. Both outputs are
-    differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input).
-    Tokens equal to -100 get log-probability 0."""
+def _token_logprobs(input, linear_weight, tokens, *, process_group, vocab_start, linear_bias,
+                    temperature, return_entropy, softcap, logit_scale, chunk_size, reduce_grad_input):
+    """Tokens equal to -100 get log-probability 0 (the single-process convention)."""
+    process_group = _group(process_group)
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
-    _check_common("none", chunk_size)
-    if not temperature > 0:
-        raise ValueError(f"fusedce: temperature must be > 0, got {temperature}")
     Vl, H = linear_weight.shape
     P = _Problem(kind="lp", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  target=tokens.reshape(-1).long(), ignore_index=-100, temperature=float(temperature),
@@ -850,37 +890,11 @@ def token_logprobs(
     return (lp, ent) if return_entropy else lp
 
 
-def distillation_loss(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    teacher_input: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
-    kind: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    distill_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    linear_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    process_group=None,
-    vocab_start: int | None = None,
-    chunk_size: int | None = None,
-    reduce_grad_input: bool = True,
-):
-    """distill_weight * divergence(teacher || student, tempered) + ce_weight * CE at T = 1, over
-    tokens whose target is not ignore_index, with the student's head (and the teacher's: a weight
-    shard [V_local, H_t] with ``teacher_input`` (default: ``input``), or a logits shard
-    ``teacher_logits`` [..., V_local]) sharded over the vocabulary. The teacher gets no gradient.
-    kind="jsd" takes a second (small) collective per chunk; see the module doc."""
+def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_weight, teacher_logits,
+                       kind, beta, temperature, distill_weight, ce_weight, ignore_index, reduction,
+                       linear_bias, teacher_bias, label_smoothing, z_loss, softcap, logit_scale,
+                       process_group, vocab_start, chunk_size, reduce_grad_input):
+    process_group = _group(process_group)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
     if teacher_bias is not None:
@@ -889,15 +903,6 @@ def distillation_loss(
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if teacher_weight is not None:
         teacher_weight, process_group, _ = _unwrap(teacher_weight, process_group)
-    _check_common(reduction, chunk_size)
-    if kind not in _KINDS:
-        raise ValueError(f"fusedce: kind must be one of {_KINDS}, got {kind!r}")
-    if (teacher_weight is None) == (teacher_logits is None):
-        raise ValueError("fusedce: give exactly one of teacher_weight (with teacher_input) and teacher_logits")
-    if not temperature > 0:
-        raise ValueError(f"fusedce: temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"fusedce: beta must be in [0, 1], got {beta}")
     Vl, H = linear_weight.shape
     shape = target.shape
     t_hidden = None
@@ -905,10 +910,10 @@ def distillation_loss(
         ti = input if teacher_input is None else teacher_input
         t_hidden = ti.detach().reshape(-1, ti.shape[-1])
         teacher_weight = teacher_weight.detach()
-    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(-1, Vl)
+    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(target.numel(), Vl)
     flat = target.reshape(-1).long()
     acc = _acc_dtype(input)
-    valid = (flat != ignore_index).to(acc)
+    valid = (flat != ignore_index).to(acc)  # int64 here: an int32 target was widened above
     P = _Problem(kind="distill", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  t_hidden=t_hidden, t_W=teacher_weight, t_b=teacher_bias, t_logits=t_logits, target=flat,
                  ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
@@ -927,44 +932,16 @@ def distillation_loss(
     return tok.reshape(shape) if reduction == "none" else loss
 
 
-def policy_loss(
-    input: torch.Tensor,
-    linear_weight: torch.Tensor,
-    tokens: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    *,
-    mask: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    temperature: float = 1.0,
-    loss_type: str = "grpo",
-    entropy_coef: float = 0.0,
-    max_completion_length: int | None = None,
-    linear_bias: torch.Tensor | None = None,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
-    process_group=None,
-    vocab_start: int | None = None,
-    chunk_size: int | None = None,
-    reduce_grad_input: bool = True,
-):
-    """TRL GRPOTrainer's clipped objective (see fusedce.reference.policy_loss) with the head
-    sharded over the vocabulary. input [B, T, H], tokens / old_logprobs / mask / ref_logprobs
-    [B, T], advantages [B, T] or [B]. Returns (loss, metrics), metrics the 0-d tensors of the
-    single-process fusedce.policy_loss (clip_ratio/low_mean, .../high_mean, .../region_mean,
-    ratio/mean, ratio/min, ratio/max, entropy, logprob/mean, advantages/mean, advantages/std, and kl
-    when beta != 0). Masked tokens still go through the shared statistics (no row skipping)."""
+def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask, ref_logprobs, beta,
+                 epsilon_low, epsilon_high, temperature, loss_type, entropy_coef,
+                 max_completion_length, linear_bias, softcap, logit_scale, process_group,
+                 vocab_start, chunk_size, reduce_grad_input):
+    """Masked tokens still go through the shared statistics (no row skipping); kept tokens must be
+    class ids (checked against the global vocabulary in the chunk loop)."""
+    process_group = _group(process_group)
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
-    if loss_type not in _LOSS_TYPES:
-        raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
-    if beta != 0.0 and ref_logprobs is None:
-        raise ValueError("fusedce: beta != 0 needs ref_logprobs")
-    _check_common("mean", chunk_size)
     Vl, H = linear_weight.shape
     B, T = tokens.shape
     acc = _acc_dtype(input)
@@ -987,6 +964,7 @@ def policy_loss(
                  adv=adv.reshape(-1), ref=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).detach(),
                  beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),
                  entropy_coef=float(entropy_coef), agg=agg.reshape(-1), divisor=lambda res: div, extra={},
+                 kept=m.reshape(-1) != 0,
                  acc=acc, chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))
     (loss,) = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)

@@ -1,4 +1,5 @@
-"""The public functions: argument checking, reductions and named outputs over the C++ ops.
+"""The public functions: argument checks (fusedce/_checks.py, before any routing), reductions and
+named outputs over the C++ ops or the vocab-parallel layer.
 
 Positional order and keyword names follow torch.nn.functional.linear_cross_entropy and
 torch.nn.functional.cross_entropy where they overlap, so fusedce is a drop-in replacement.
@@ -7,8 +8,6 @@ torch.nn.functional.cross_entropy where they overlap, so fusedce is a drop-in re
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -16,7 +15,6 @@ import torch
 from . import ops as _ops_py
 
 _ops = torch.ops.fusedce
-_REDUCTIONS = ("mean", "sum", "none")
 
 # The vocabulary tile of the low-memory mode (low_memory=True): with the token chunk the backend
 # derives from its 64 MiB budget, the logits tile and its gradient stay within that budget.
@@ -48,155 +46,35 @@ class LossOutput(NamedTuple):
 def allow_second_backward():
     """Backward passes run inside this block leave the gradients computed in the forward intact,
     so the graph may be backpropagated through again (gradcheck, retain_graph=True). Costs one
-    more weight-sized buffer per backward; outside the block a second backward is an error."""
-    previous = _ops_py._second_backward_allowed
-    _ops_py._second_backward_allowed = True
+    more weight-sized buffer per backward; outside the block a second backward is an error.
+    Per thread: it covers the backward passes this thread runs while inside it, and those of the
+    graphs this thread built (a CUDA backward runs on autograd's device thread); other threads
+    are not affected. Both paths (single-process and sharded)."""
+    cell = _ops_py.second_backward_cell()  # this thread's only: other threads are unaffected
+    previous = cell[0]
+    cell[0] = True
     try:
         yield
     finally:
-        _ops_py._second_backward_allowed = previous
+        cell[0] = previous
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument checks: each error names the public argument.
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_tensor(x, name: str):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"fusedce: {name} must be a torch.Tensor, got {type(x).__name__}")
-
-
-def _check_float(x: torch.Tensor, name: str):
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"fusedce: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-
-
-def _check_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
-    if x.device != ref.device:
-        raise ValueError(f"fusedce: {name} is on {x.device} but {ref_name} is on {ref.device}")
-
-
-def _check_finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise ValueError(f"fusedce: {name} must be a finite number, got {value!r}")
-    # A chained comparison rather than math.isfinite: it also traces under
-    # torch.compile(dynamic=True), where the knob may be a symbolic float. False for nan.
-    if not -math.inf < value < math.inf:
-        raise ValueError(f"fusedce: {name} must be a finite number, got {value!r}")
-    return value
-
-
-def _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"fusedce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    _check_finite(label_smoothing, "label_smoothing")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"fusedce: label_smoothing must be in [0, 1], got {label_smoothing}")
-    _check_finite(z_loss, "z_loss")
-    if z_loss < 0:
-        raise ValueError(f"fusedce: z_loss must be >= 0, got {z_loss}")
-    if softcap is not None:
-        _check_finite(softcap, "softcap")
-        if softcap <= 0:
-            raise ValueError(f"fusedce: softcap must be > 0 (or None for no softcap), got {softcap}")
-    _check_finite(logit_scale, "logit_scale")
-
-
-def _check_target(target, leading: torch.Size, ref: torch.Tensor, ref_name: str):
-    _check_tensor(target, "target")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"fusedce: target must hold int64 or int32 class indices, got {target.dtype}")
-    if target.shape != leading:
-        raise ValueError(
-            f"fusedce: target must have shape {tuple(leading)} (the leading dimensions of "
-            f"{ref_name}), got {tuple(target.shape)}"
-        )
-    _check_device(target, "target", ref, ref_name)
-
-
-def _check_class_weight(weight, vocab: int, ref: torch.Tensor, ref_name: str):
-    if weight is None:
-        return
-    _check_tensor(weight, "weight")
-    _check_float(weight, "weight")
-    if weight.shape != (vocab,):
-        raise ValueError(f"fusedce: weight (class weights) must have shape ({vocab},), got {tuple(weight.shape)}")
-    _check_device(weight, "weight", ref, ref_name)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("fusedce: weight (class weights) cannot require grad: the loss is not differentiated with respect to it")
-
-
-def _check_gathered(x, name: str):
-    """DeepSpeed ZeRO-3 leaves a partitioned parameter as a [0]-shaped placeholder (ds_shape holds
-    its real shape) outside its module's forward."""
-    if hasattr(x, "ds_shape") and isinstance(x, torch.Tensor) and x.numel() == 0:
-        raise ValueError(
-            f"fusedce: {name} is a DeepSpeed ZeRO-3 partitioned parameter (shape {tuple(x.shape)}, "
-            f"full shape {tuple(x.ds_shape)}): it is gathered only inside its module's forward. "
-            "Compute the loss through the head module with fusedce.integrations.head_loss(head, "
-            "input, target, ...) (the transformers integration does so), or gather it with "
-            "deepspeed.zero.GatheredParameters.")
-
-
-def _check_head(input, linear_weight, linear_bias, input_name="input", weight_name="linear_weight"):
-    """input [..., H], linear_weight [V, H], linear_bias [V]: returns (V, H)."""
-    _check_tensor(input, input_name)
-    _check_tensor(linear_weight, weight_name)
-    _check_gathered(linear_weight, weight_name)
-    _check_gathered(linear_bias, weight_name.replace("weight", "bias"))
-    _check_float(input, input_name)
-    _check_float(linear_weight, weight_name)
-    if input.dim() < 1:
-        raise ValueError(f"fusedce: {input_name} must have shape [..., H], got a 0-d tensor")
-    if linear_weight.dim() != 2:
-        raise ValueError(f"fusedce: {weight_name} must be 2-D [V, H], got shape {tuple(linear_weight.shape)}")
-    V, H = linear_weight.shape
-    if input.shape[-1] != H:
-        raise ValueError(
-            f"fusedce: {input_name} has hidden size {input.shape[-1]} but {weight_name} is "
-            f"{tuple(linear_weight.shape)} (expected [V, {input.shape[-1]}])"
-        )
-    if V == 0:
-        raise ValueError(f"fusedce: {weight_name} must have at least one row (V > 0)")
-    if input.dtype != linear_weight.dtype:
-        raise TypeError(f"fusedce: {input_name} is {input.dtype} but {weight_name} is {linear_weight.dtype}; they must match")
-    _check_device(linear_weight, weight_name, input, input_name)
-    if linear_bias is not None:
-        bias_name = weight_name.replace("weight", "bias")
-        _check_tensor(linear_bias, bias_name)
-        if linear_bias.shape != (V,):
-            raise ValueError(f"fusedce: {bias_name} must have shape ({V},), got {tuple(linear_bias.shape)}")
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(f"fusedce: {bias_name} is {linear_bias.dtype} but {input_name} is {input.dtype}")
-        _check_device(linear_bias, bias_name, input, input_name)
-    return V, H
-
-
-def _check_num_items(num_items_in_batch):
-    if num_items_in_batch is None:
-        return
-    if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError(
-                f"fusedce: num_items_in_batch must be a single number, got shape {tuple(num_items_in_batch.shape)}"
-            )
-        # A CUDA value is not read back (that would synchronize); a CPU one is checked.
-        if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling():
-            value = num_items_in_batch.item()
-        else:
-            return
-    else:
-        value = num_items_in_batch
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"fusedce: num_items_in_batch must be > 0, got {value!r}")
-
-
-def _check_chunk(value, name: str):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"fusedce: {name} must be a positive int or None, got {value!r}")
+from ._checks import (  # noqa: E402,F401  (re-exported: older imports name them here)
+    _check_autodiff,
+    _check_chunk,
+    _check_class_weight,
+    _check_device,
+    _check_finite,
+    _check_float,
+    _check_head,
+    _check_ignore_index,
+    _check_num_items,
+    _check_scalars,
+    _check_target,
+    _check_tensor,
+    _fits,
+    _not_ignored,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +86,8 @@ def _shift(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """HF causal shift on the labels: position t predicts t+1, the last position is ignored."""
     if target.dim() == 0 or target.shape[-1] == 0:
         return target
+    if not _fits(target.dtype, ignore_index):
+        target = target.long()  # an int32 target padded with an ignore_index it cannot hold
     pad = torch.full_like(target[..., :1], ignore_index)
     return torch.cat([target[..., 1:], pad], dim=-1)
 
@@ -215,7 +95,7 @@ def _shift(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def _token_weights(target: torch.Tensor, ignore_index: int, weight, dtype) -> torch.Tensor:
     """w[t_i] at non-ignored tokens, 0 elsewhere: the weights of the mean's denominator.
     Computed only where needed (mean, statistics): a few small kernels per call otherwise."""
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     if weight is None:
         return valid.to(dtype)
     # Out-of-range targets too are never used as an index: the op makes their loss NaN instead
@@ -241,7 +121,7 @@ def _divisor(num_items_in_batch, device: torch.device, dtype: torch.dtype):
 def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction, num_items, denom,
            shape, entropy=None):
     """The statistics of LossOutput from the per-token values the op returned."""
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     tok_w = _token_weights(target, ignore_index, weight, lse.dtype)
     n_valid = valid.sum()
     accuracy = ((predicted == target) & valid).sum().to(lse.dtype) / n_valid.to(lse.dtype)
@@ -339,22 +219,9 @@ def linear_cross_entropy(
     same on every rank; one collective per chunk.
     ``reduce_grad_input=False`` leaves the input gradient as this rank's partial sum.
     """
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
-        if entropy_coef != 0.0 or return_entropy:
-            raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
-                                      "(process_group); use token_logprobs(..., return_entropy=True)")
-        from . import distributed
-
-        return distributed.linear_cross_entropy(
-            input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,
-            linear_bias=linear_bias, weight=weight, reduction=reduction,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, logit_scale=logit_scale, num_items_in_batch=num_items_in_batch,
-            shift=shift, return_stats=return_stats, chunk_size=chunk_size,
-            vocab_chunk_size=vocab_chunk_size, fp32_grad_accum=fp32_grad_accum,
-            low_memory=low_memory, reduce_grad_input=reduce_grad_input,
-        )
-    V, H = _check_head(input, linear_weight, linear_bias)
+    _check_autodiff("linear_cross_entropy", input, linear_weight, linear_bias)
+    # Every argument is checked before the call is routed: both paths refuse the same input.
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
     _check_class_weight(weight, V, input, "input")
     _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
@@ -362,7 +229,21 @@ def linear_cross_entropy(
     _check_num_items(num_items_in_batch)
     _check_chunk(chunk_size, "chunk_size")
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = _check_ignore_index(ignore_index)
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
+        if entropy_coef != 0.0 or return_entropy:
+            raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
+                                      "(process_group); use token_logprobs(..., return_entropy=True)")
+        from . import distributed
+
+        return distributed._linear_cross_entropy(
+            input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,
+            linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, logit_scale=logit_scale, num_items_in_batch=num_items_in_batch,
+            shift=shift, return_stats=return_stats, chunk_size=chunk_size,
+            fp32_grad_accum=fp32_grad_accum, reduce_grad_input=reduce_grad_input,
+        )
     if low_memory and vocab_chunk_size is None:
         vocab_chunk_size = LOW_MEMORY_VOCAB_TILE
 
@@ -384,7 +265,9 @@ def linear_cross_entropy(
             grad_scale = 1.0 / d if isinstance(d, torch.Tensor) else torch.full((), 1.0 / d, dtype=acc, device=input.device)
         elif reduction == "mean":
             denom = _token_weights(flat_target, ignore_index, weight, acc).sum()
-            grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
+            # denom != 0, not > 0: negative class weights may sum to a negative denominator,
+            # which F.cross_entropy divides by like any other.
+            grad_scale = torch.where(denom != 0, 1.0 / denom, torch.zeros_like(denom))
     track = torch.is_grad_enabled() and reduction != "none"
     grad_mask = [
         track and input.requires_grad,
@@ -403,8 +286,10 @@ def linear_cross_entropy(
     if reduction == "none":
         loss = token_loss.reshape(shape)
     elif denom is not None:
-        # An all-ignored (or empty) batch: nan like torch.nn.functional.cross_entropy, zero grads.
-        loss = loss + torch.where(denom > 0, torch.zeros_like(denom), torch.full_like(denom, math.nan))
+        # A zero denominator (an all-ignored or empty batch, or class weights summing to 0):
+        # F.cross_entropy's sum / 0 (nan, or +-inf), with zero gradients. The op's loss is 0
+        # there; the detached sum adds the value without a gradient into the token losses.
+        loss = loss + torch.where(denom != 0, torch.zeros_like(denom), token_loss.detach().sum() / denom)
     if not return_stats:
         return loss
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
@@ -427,36 +312,40 @@ def cross_entropy(
     inplace_backward: bool = False,
     process_group=None,
     vocab_start: int | None = None,
+    chunk_size: int | None = None,
 ):
     """The same terms as :func:`linear_cross_entropy` on given logits ``input`` [..., V].
 
     One online-softmax pass per row in forward; the backward reads each logit once and writes its
     gradient once. ``inplace_backward=True`` writes that gradient into ``input``'s storage (the
     logits are garbage after backward; no [N, V] allocation). With ``process_group``, ``input`` is
-    this rank's vocabulary shard of the logits [..., V_local] (fusedce/distributed.py).
+    this rank's vocabulary shard of the logits [..., V_local] (fusedce/distributed.py), processed
+    ``chunk_size`` rows at a time (the single-process op reads each row once and takes no chunk).
     """
-    if _sharded(process_group, input=input):
-        from . import distributed
-
-        return distributed.cross_entropy(
-            input, target, process_group=process_group, vocab_start=vocab_start, weight=weight,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
-            num_items_in_batch=num_items_in_batch, return_stats=return_stats,
-            inplace_backward=inplace_backward,
-        )
+    _check_autodiff("cross_entropy", input)
     _check_tensor(input, "input")
     _check_float(input, "input")
     if input.dim() < 1:
         raise ValueError("fusedce: input (logits) must have shape [..., V], got a 0-d tensor")
     V = input.shape[-1]
-    if V == 0:
+    if V == 0 and process_group is None:  # an empty shard of the logits is valid (_check_head)
         raise ValueError("fusedce: input (logits) must have at least one class (V > 0)")
     _check_target(target, input.shape[:-1], input, "input")
     _check_class_weight(weight, V, input, "input")
     _check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     _check_num_items(num_items_in_batch)
-    ignore_index = -100 if ignore_index is None else ignore_index
+    _check_chunk(chunk_size, "chunk_size")
+    ignore_index = _check_ignore_index(ignore_index)
+    if _sharded(process_group, input=input):
+        from . import distributed
+
+        return distributed._cross_entropy(
+            input, target, process_group=process_group, vocab_start=vocab_start, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+            num_items_in_batch=num_items_in_batch, return_stats=return_stats,
+            chunk_size=chunk_size,
+        )
 
     shape = target.shape
     logits = input.reshape(-1, V)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -118,6 +119,7 @@ def _loss_setup_context(ctx, inputs, output):
         **{name: getattr(a, name) for name in _TERM_SCALARS},
     )
     ctx.consumed = False
+    ctx.allow_cell = second_backward_cell()
     ctx.save_for_backward(a.hidden, a.weight, a.target, a.bias, a.class_weight, a.grad_scale, lse,
                           *(getattr(a, name) for name in _TERM_TENSORS),
                           grad_hidden, grad_weight, grad_bias)
@@ -147,13 +149,55 @@ def _scale_fake(self, scale):
     return None
 
 
-# Set by fusedce.allow_second_backward(): the precomputed gradients are then scaled out of place
-# (one more [V, H] buffer in backward) so that the graph can be backpropagated through again.
-_second_backward_allowed = False
+class _SecondBackward(threading.local):
+    """Set by fusedce.allow_second_backward() in the thread that enters it: the precomputed
+    gradients are then scaled out of place (one more [V, H] buffer in backward) so that the graph
+    can be backpropagated through again. Per thread, so one thread's block does not change what
+    another thread's backward does. `cell` is a list so a graph can keep a reference to the cell
+    of the thread that built it: a CUDA backward runs on autograd's device thread, not on the
+    thread inside the block, and reads the builder's cell."""
+
+    def __init__(self):
+        self.cell = [False]
 
 
-def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype):
-    """The precomputed `grad` times the upstream gradient `g`, in `dtype`."""
+_second_backward = _SecondBackward()
+
+
+def second_backward_cell() -> list:
+    """This thread's allow_second_backward cell ([bool])."""
+    return _second_backward.cell
+
+
+def second_backward_allowed(builder_cell=None) -> bool:
+    """Inside allow_second_backward() in this thread, or in the thread that built the graph."""
+    return _second_backward.cell[0] or (builder_cell is not None and builder_cell[0])
+
+
+SECOND_BACKWARD_ERROR = (
+    "fusedce: second backward through the same {fn} loss. The gradients were computed in the "
+    "forward and used up by the first backward; run the forward again, use reduction='none', or "
+    "run the backward passes inside `with fusedce.allow_second_backward():`."
+)
+
+
+def check_not_create_graph(fn: str):
+    """A backward called with create_graph=True (grad mode is on inside backward only then) asks
+    for gradients that are themselves differentiable: a double backward or a gradient penalty.
+    The fused ops compute their gradients without an autograd graph, so refuse it by name rather
+    than return a gradient silently detached from the graph (or a zero second derivative)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"fusedce: {fn} does not support create_graph=True (double backward, gradient "
+            "penalties, torch.func.hessian): its gradients are not differentiable. Compute that "
+            "loss with torch.nn.functional.cross_entropy on materialized logits."
+        )
+
+
+def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype,
+           allowed: bool = False):
+    """The precomputed `grad` times the upstream gradient `g`, in `dtype`; out of place when a
+    second backward is `allowed`."""
     if not needed:
         return None
     if grad.dtype != dtype:
@@ -165,7 +209,7 @@ def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype
     # In eager the precomputed gradient is scaled in place: no second [V, H] buffer. Anything
     # traced (dynamo, AOTAutograd's fake/functional tensors) or a tensor subclass gets the
     # out-of-place product, which tracing handles without mutating a forward output.
-    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not _second_backward_allowed:
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not allowed:
         if grad.device.type in _SCALE_DEVICES:
             _ops.scale_(grad, g.to(grad.device))
             return grad
@@ -179,6 +223,7 @@ def _add(a, b):
 
 def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entropy,
                    grad_logprob, _g_gh, _g_gw, _g_gb, _g_mean_logit=None, _g_log_sum_sq=None):
+    check_not_create_graph("the fused head loss (fusedce::loss)")
     saved = ctx.saved_tensors
     hidden, weight, target, bias, class_weight, grad_scale, lse = saved[:7]
     terms = dict(zip(_TERM_TENSORS, saved[7:7 + len(_TERM_TENSORS)]))
@@ -197,14 +242,11 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     recompute = any(x is not None for x in (grad_token_loss, grad_lse, grad_entropy, grad_logprob))
     if ctx.precomputed and grad_loss is not None:
         if ctx.consumed:
-            raise RuntimeError(
-                "fusedce: second backward through the same linear_cross_entropy loss. The "
-                "gradients were computed in the forward and scaled in place by the first "
-                "backward; run the forward again, use reduction='none', or build the graph "
-                "inside `with fusedce.allow_second_backward():`."
-            )
-        ctx.consumed = not _second_backward_allowed
-        grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss, p.dtype if recompute else dtypes[i])
+            raise RuntimeError(SECOND_BACKWARD_ERROR.format(fn="linear_cross_entropy"))
+        allowed = second_backward_allowed(ctx.allow_cell)
+        ctx.consumed = not allowed
+        grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss,
+                        p.dtype if recompute else dtypes[i], allowed)
                  for i, p in enumerate(precomputed)]
         grad_loss = None  # fully accounted for
 
@@ -278,6 +320,7 @@ def _cross_entropy_setup_context(ctx, inputs, output):
 
 
 def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
+    check_not_create_graph("cross_entropy (fusedce::cross_entropy)")
     logits, target, class_weight, lse = ctx.saved_tensors
     if grad_token_loss is None and grad_lse is None:
         return (None,) * 9

@@ -12,16 +12,26 @@ from typing import NamedTuple
 
 import torch
 
-from .functional import (
-    _check_head,
-    _sharded,
+from ._checks import (
+    _check_autodiff,
     _check_chunk,
     _check_device,
     _check_finite,
     _check_float,
+    _check_head,
+    _check_ignore_index,
+    _check_label_smoothing,
+    _not_ignored,
+    _check_nonnegative,
+    _check_positive,
+    _check_reduction,
+    _check_softcap,
     _check_target,
     _check_tensor,
+    check_global_targets,
+    host_target_check,
 )
+from .functional import _sharded
 
 _ops = torch.ops.fusedce
 _DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -33,20 +43,11 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 
 
-
-def _check_positive(value, name):
-    _check_finite(value, name)
-    if not value > 0:
-        raise ValueError(f"fusedce: {name} must be > 0, got {value!r}")
-    return float(value)
-
-
 def _head_knobs(softcap, logit_scale, temperature=1.0):
     """The op's (softcap, logit_scale) for final logits softcap * tanh(logit_scale * a / softcap)
     divided by a temperature T: (softcap / T) * tanh((logit_scale / T) * a / (softcap / T)) is
     the same function, so T folds into both."""
-    if softcap is not None:
-        _check_positive(softcap, "softcap")
+    _check_softcap(softcap)
     _check_finite(logit_scale, "logit_scale")
     return dict(softcap=0.0 if softcap is None else float(softcap) / temperature,
                 logit_scale=float(logit_scale) / temperature)
@@ -80,24 +81,30 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     -100 (HF's padding label) get log-probability 0. Exact gradients for any upstream gradient
     of either output (a recomputing backward pass). ``process_group``: vocab-parallel, as
     :func:`fusedce.linear_cross_entropy`."""
+    _check_autodiff("token_logprobs", input, linear_weight, linear_bias)
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
+    _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
+    temperature = _check_positive(temperature, "temperature")
+    _check_chunk(chunk_size, "chunk_size")
+    knobs = _head_knobs(softcap, logit_scale, temperature)
     if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
         from . import distributed
 
-        return distributed.token_logprobs(
+        return distributed._token_logprobs(
             input, linear_weight, tokens, process_group=process_group, vocab_start=vocab_start,
             linear_bias=linear_bias, temperature=temperature, return_entropy=return_entropy,
             softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
             reduce_grad_input=reduce_grad_input)
-    V, H = _check_head(input, linear_weight, linear_bias)
-    _check_target(tokens, input.shape[:-1], input, "input")
-    temperature = _check_positive(temperature, "temperature")
-    _check_chunk(chunk_size, "chunk_size")
     shape = tokens.shape
+    if host_target_check(tokens.device):
+        # The op's own check would name `target`; this one names the argument (free on the CPU,
+        # on CUDA only where a host read is allowed: see _checks.host_target_check).
+        flat = tokens.reshape(-1)
+        check_global_targets(flat, V, flat != -100, 0, "tokens", " and is not -100")
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, tokens.reshape(-1), linear_bias,
         ignore_index=-100, chunk_size=chunk_size or 0, ce_weight=0.0,
-        want_entropy=bool(return_entropy), want_logprob=True,
-        **_head_knobs(softcap, logit_scale, temperature),
+        want_entropy=bool(return_entropy), want_logprob=True, **knobs,
     )
     logprobs = out[5].reshape(shape)
     if return_entropy:
@@ -190,38 +197,31 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     non-ignored tokens (nan when there are none, as torch's cross entropy). ``process_group``:
     vocab-parallel, the teacher's weight / logits sharded like the student's.
     """
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
-                teacher_weight=teacher_weight):
-        if entropy_coef != 0.0:
-            raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
-        from . import distributed
-
-        return distributed.distillation_loss(
-            input, linear_weight, target, teacher_input=teacher_input,
-            teacher_weight=teacher_weight, teacher_logits=teacher_logits, kind=kind, beta=beta,
-            temperature=temperature, distill_weight=distill_weight, ce_weight=ce_weight,
-            ignore_index=ignore_index, reduction=reduction, linear_bias=linear_bias,
-            teacher_bias=teacher_bias, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, logit_scale=logit_scale, process_group=process_group,
-            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
-    V, H = _check_head(input, linear_weight, linear_bias)
+    _check_autodiff("distillation_loss", input, linear_weight, linear_bias)
+    # Every argument is checked before the call is routed: both paths refuse the same input.
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
     if kind not in _DISTILL_KINDS:
         raise ValueError(f"fusedce: kind must be one of {tuple(_DISTILL_KINDS)}, got {kind!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"fusedce: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_reduction(reduction)
     temperature = _check_positive(temperature, "temperature")
     _check_finite(beta, "beta")
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"fusedce: beta must be in (0, 1) for kind='jsd' (the limits are 'forward_kl' and 'reverse_kl'), got {beta!r}")
-    _check_finite(distill_weight, "distill_weight")
-    _check_finite(ce_weight, "ce_weight")
-    _check_finite(label_smoothing, "label_smoothing")
-    _check_finite(z_loss, "z_loss")
+    # The same limits as linear_cross_entropy's: a negative weight would turn the loss into a
+    # quantity to maximize, which no distillation recipe means.
+    _check_nonnegative(distill_weight, "distill_weight")
+    _check_nonnegative(ce_weight, "ce_weight")
+    _check_label_smoothing(label_smoothing)
+    _check_nonnegative(z_loss, "z_loss")
     _check_finite(entropy_coef, "entropy_coef")
     _check_chunk(chunk_size, "chunk_size")
+    ignore_index = _check_ignore_index(ignore_index)
+    knobs = _head_knobs(softcap, logit_scale)
+    if teacher_logits is None and teacher_weight is not None and teacher_input is None:
+        teacher_input = input  # self-distillation from the same hidden states (a second head)
     if (teacher_logits is None) == (teacher_input is None):
-        raise ValueError("fusedce: give the teacher as teacher_logits, or as teacher_input + teacher_weight (exactly one)")
+        raise ValueError("fusedce: give the teacher as teacher_logits, or as teacher_weight (+ teacher_input, default input) (exactly one)")
     lead = input.shape[:-1]
     if teacher_logits is not None:
         _check_tensor(teacher_logits, "teacher_logits")
@@ -235,7 +235,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     else:
         if teacher_weight is None:
             raise ValueError("fusedce: teacher_input needs teacher_weight [V, Ht]")
-        Vt, Ht = _check_head(teacher_input, teacher_weight, teacher_bias, "teacher_input", "teacher_weight")
+        Vt, Ht = _check_head(teacher_input, teacher_weight, teacher_bias, "teacher_input",
+                             "teacher_weight", vocab_shard=process_group is not None)
         if Vt != V:
             raise ValueError(f"fusedce: teacher_weight has {Vt} classes but linear_weight has {V}")
         if teacher_input.shape[:-1] != lead:
@@ -245,13 +246,27 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             teacher_weight=teacher_weight.detach(),
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
         )
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
+                teacher_weight=teacher_weight):
+        if entropy_coef != 0.0:
+            raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
+        from . import distributed
+
+        return distributed._distillation_loss(
+            input, linear_weight, target, teacher_input=teacher_input,
+            teacher_weight=teacher_weight, teacher_logits=teacher_logits, kind=kind, beta=beta,
+            temperature=temperature, distill_weight=distill_weight, ce_weight=ce_weight,
+            ignore_index=ignore_index, reduction=reduction, linear_bias=linear_bias,
+            teacher_bias=teacher_bias, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, logit_scale=logit_scale, process_group=process_group,
+            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
 
     shape = target.shape
     flat_target = target.reshape(-1)
     acc = _acc(input)
     grad_scale = denom = None
     if reduction == "mean":
-        denom = (flat_target != ignore_index).sum().to(acc)
+        denom = _not_ignored(flat_target, ignore_index).sum().to(acc)
         grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
     grad_mask = _grad_mask(input, linear_weight, linear_bias) if reduction != "none" else [False] * 3
     out = _ops.loss(
@@ -259,8 +274,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, ce_weight=float(ce_weight),
         entropy_coef=float(entropy_coef), distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
-        distill_beta=float(beta), distill_temperature=temperature,
-        **_head_knobs(softcap, logit_scale), **teacher,
+        distill_beta=float(beta), distill_temperature=temperature, **knobs, **teacher,
     )
     if reduction == "none":
         return out[1].reshape(shape)
@@ -307,22 +321,13 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     ratio/max, kl (when beta != 0), entropy, logprob/mean, advantages/mean, advantages/std.
     ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
     """
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
-        from . import distributed
-
-        return distributed.policy_loss(
-            input, linear_weight, tokens, old_logprobs, advantages, mask=mask,
-            ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high, temperature=temperature, loss_type=loss_type,
-            entropy_coef=entropy_coef, max_completion_length=max_completion_length,
-            linear_bias=linear_bias, softcap=softcap, logit_scale=logit_scale,
-            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
-            reduce_grad_input=reduce_grad_input)
-    V, H = _check_head(input, linear_weight, linear_bias)
+    _check_autodiff("policy_loss", input, linear_weight, linear_bias)
+    # Every argument is checked before the call is routed: both paths refuse the same input.
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     if input.dim() != 3:
         raise ValueError(f"fusedce: input must have shape [B, T, H], got {tuple(input.shape)}")
     lead = input.shape[:-1]
-    _check_target(tokens, lead, input, "input")
+    _check_target(tokens, lead, input, "input", name="tokens")
     if loss_type not in _LOSS_TYPES:
         raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
     temperature = _check_positive(temperature, "temperature")
@@ -334,8 +339,10 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     if max_completion_length is not None and (isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1):
         raise ValueError(f"fusedce: max_completion_length must be a positive int or None, got {max_completion_length!r}")
     _check_chunk(chunk_size, "chunk_size")
+    knobs = _head_knobs(softcap, logit_scale, temperature)
     B, T = lead
     acc = _acc(input)
+    advantages_arg = advantages
     old = None if old_logprobs is None else _per_token(old_logprobs, "old_logprobs", lead, input, "tokens").detach()
     _check_tensor(advantages, "advantages")
     _check_float(advantages, "advantages")
@@ -353,20 +360,36 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
             raise ValueError(f"fusedce: mask must have shape {tuple(lead)} (like tokens), got {tuple(mask.shape)}")
         _check_device(mask, "mask", input, "input")
         m = mask.to(acc)
+    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
+        from . import distributed
+
+        return distributed._policy_loss(
+            input, linear_weight, tokens, old_logprobs, advantages_arg, mask=mask,
+            ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, temperature=temperature, loss_type=loss_type,
+            entropy_coef=entropy_coef, max_completion_length=max_completion_length,
+            linear_bias=linear_bias, softcap=softcap, logit_scale=logit_scale,
+            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
+            reduce_grad_input=reduce_grad_input)
     weights = _policy_weights(m, loss_type, max_completion_length).reshape(-1)
+    kept = m.reshape(-1) != 0
+    flat_tokens = tokens.reshape(-1).long()
+    if host_target_check(flat_tokens.device):
+        # Every kept token must be a class id; the error names policy_loss's own arguments (where
+        # no host read is allowed, the op's kernels make such a token's loss NaN instead).
+        check_global_targets(flat_tokens, V, kept, 0, "tokens (flattened)", " where mask != 0")
     # Masked tokens are ignored rows: no loss, no gradient, no work beyond the shared statistics.
-    # The one int64 that is no token id anyone writes: a -1 token must stay out of range (a NaN
-    # loss, or the validation error), not be taken for a masked position.
+    # The marker is the one int64 no vocabulary reaches, so a kept token of any other value
+    # (-1, -100, ...) is a class id to check, never taken for a masked position.
     ignore = torch.iinfo(torch.int64).min
-    target = torch.where(m.reshape(-1) != 0, tokens.reshape(-1), torch.full_like(tokens.reshape(-1), ignore))
+    target = torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, target, linear_bias, None, weights,
         ignore_index=ignore, grad_mask=_grad_mask(input, linear_weight, linear_bias),
         chunk_size=chunk_size or 0, ce_weight=0.0, want_entropy=True, want_logprob=True,
         entropy_coef=-float(entropy_coef), old_logprobs=old, advantages=adv,
         ref_logprobs=ref if beta != 0.0 else None, epsilon_low=float(epsilon_low),
-        epsilon_high=float(epsilon_high), kl_beta=float(beta),
-        **_head_knobs(softcap, logit_scale, temperature),
+        epsilon_high=float(epsilon_high), kl_beta=float(beta), **knobs,
     )
     loss = out[0]
     with torch.no_grad():

@@ -22,6 +22,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -598,6 +599,186 @@ def collective_count(c):
         assert len(cnt.take()) == n_chunks
         loss.backward()
         assert cnt.take() == ["all_reduce"]
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        return e
+    return None
+
+
+def same_error(single, sharded, what):
+    """Both paths refuse the call with the same exception type and message (first line: a C++
+    error may carry more context below it)."""
+    a, b = _error_of(single), _error_of(sharded)
+    assert a is not None, f"{what}: the single-process call did not raise"
+    assert b is not None, f"{what}: the sharded call did not raise (single-process: {a!r})"
+    assert type(a) is type(b), f"{what}: {type(a).__name__}({a}) vs sharded {type(b).__name__}({b})"
+    assert str(a).splitlines()[0] == str(b).splitlines()[0], f"{what}: {a} vs sharded {b}"
+
+
+@check
+def sharded_same_argument_checks(c):
+    """Both paths run the one argument check (fusedce/_checks.py) before routing: softcap=0.0,
+    a negative z_loss, float targets, token_logprobs(softcap=0), distillation limits, a bad
+    ignore_index give the single-process error on the sharded path too."""
+    V, N, H = 11, 6, 4
+    x = c.randn(N, H, seed=300)
+    W = c.randn(V, H, seed=301)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(302)).to(c.dev)
+    lo, hi = c.layout(V)
+    g = dist.group.WORLD
+    Ws = W[lo:hi]
+    z = x @ W.T
+    cases = {
+        "softcap=0": dict(softcap=0.0),
+        "z_loss<0": dict(z_loss=-1e-3),
+        "label_smoothing>1": dict(label_smoothing=1.5),
+        "ignore_index=2**64": dict(ignore_index=2**64),
+        "nan logit_scale": dict(logit_scale=math.nan),
+        "chunk_size=0": dict(chunk_size=0),
+    }
+    for what, kw in cases.items():
+        same_error(lambda: fusedce.linear_cross_entropy(x, W, t, **kw),
+                   lambda: fusedce.linear_cross_entropy(x, Ws, t, process_group=g, **kw), f"lce {what}")
+        same_error(lambda: fusedce.cross_entropy(z, t, **kw),
+                   lambda: fusedce.cross_entropy(z[:, lo:hi], t, process_group=g, **kw), f"ce {what}")
+    same_error(lambda: fusedce.linear_cross_entropy(x, W, t.double()),
+               lambda: fd.linear_cross_entropy(x, Ws, t.double()), "float target")
+    same_error(lambda: fusedce.token_logprobs(x, W, t, softcap=0),
+               lambda: fd.token_logprobs(x, Ws, t, softcap=0), "token_logprobs softcap=0")
+    same_error(lambda: fusedce.token_logprobs(x, W, t.float()),
+               lambda: fd.token_logprobs(x, Ws, t.float()), "token_logprobs float tokens")
+    for kw in (dict(z_loss=-1.0), dict(label_smoothing=2.0), dict(distill_weight=-1.0), dict(ce_weight=-1.0),
+               dict(kind="jsd", beta=1.0), dict(temperature=0.0)):
+        same_error(lambda: fusedce.distillation_loss(x, W, t, teacher_logits=z, **kw),
+                   lambda: fd.distillation_loss(x, Ws, t, teacher_logits=z[:, lo:hi], **kw), f"distillation {kw}")
+    xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)
+    adv = c.randn(2, seed=303)
+    for kw in (dict(loss_type="ppo"), dict(epsilon_low=2.0), dict(beta=0.1), dict(temperature=-1.0)):
+        same_error(lambda: fusedce.policy_loss(xb, W, tb, None, adv, **kw),
+                   lambda: fd.policy_loss(xb, Ws, tb, None, adv, **kw), f"policy {kw}")
+
+
+@check
+def sharded_target_out_of_range(c):
+    """Each rank sees only its shard, so the range is checked against the GLOBAL vocabulary (the
+    shards' sizes travel with the chunk's partials): the single-process error, on every rank at
+    once (no collective left unmatched). A target past a rank's own shard but inside the
+    vocabulary is fine (every other check)."""
+    V, N, H = 11, 6, 4
+    x = c.randn(N, H, seed=310)
+    W = c.randn(V, H, seed=311)
+    lo, hi = c.layout(V)
+    g = dist.group.WORLD
+    Ws, z = W[lo:hi], x @ W.T
+    for bad in (V, -1, -100 + 1, 10**9):
+        t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(312)).to(c.dev)
+        t[3] = bad
+        for cs in (None, 2):  # the bad row in the first chunk or in a later one
+            same_error(lambda: fusedce.linear_cross_entropy(x, W, t),
+                       lambda: fusedce.linear_cross_entropy(x, Ws, t, process_group=g, chunk_size=cs), f"lce {bad}")
+            same_error(lambda: fusedce.cross_entropy(z, t),
+                       lambda: fusedce.cross_entropy(z[:, lo:hi], t, process_group=g, chunk_size=cs), f"ce {bad}")
+            same_error(lambda: fusedce.token_logprobs(x, W, t),
+                       lambda: fd.token_logprobs(x, Ws, t, chunk_size=cs), f"token_logprobs {bad}")
+            same_error(lambda: fusedce.distillation_loss(x, W, t, teacher_logits=z),
+                       lambda: fd.distillation_loss(x, Ws, t, teacher_logits=z[:, lo:hi], chunk_size=cs),
+                       f"distillation {bad}")
+            xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)
+            adv = c.randn(2, seed=313)
+            same_error(lambda: fusedce.policy_loss(xb, W, tb, None, adv),
+                       lambda: fd.policy_loss(xb, Ws, tb, None, adv, chunk_size=cs), f"policy {bad}")
+            err = _error_of(lambda: fd.policy_loss(xb, Ws, tb, None, adv, chunk_size=cs))
+            assert "tokens" in str(err) and "ignore_index" not in str(err), err
+    # Where no host read is allowed (a default CUDA call; forced here on any device): no error,
+    # but the NaN of the single-process CUDA kernels: loss, the bad token's values, every gradient.
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(312)).to(c.dev)
+    t[3] = V
+    saved = fd.host_target_check
+    fd.host_target_check = lambda device: False
+    try:
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        loss = fd.linear_cross_entropy(xs, Ws, t, chunk_size=2)
+        loss.backward()
+        assert loss.isnan() and xs.grad.isnan().all() and Ws.grad.isnan().all(), (loss, xs.grad)
+        tok = fd.linear_cross_entropy(x, W[lo:hi], t, reduction="none")
+        assert tok[3].isnan() and not tok[[0, 1, 2, 4, 5]].isnan().any(), tok
+        assert fd.token_logprobs(x, W[lo:hi], t)[3].isnan()
+    finally:
+        fd.host_target_check = saved
+    # masked-out policy tokens may hold anything (padding), on both paths alike
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(314)).to(c.dev)
+    xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)
+    mask = torch.ones(2, N // 2, dtype=x.dtype, device=c.dev)
+    mask[0, 1] = mask[1, 2] = 0
+    padded = tb.clone()
+    padded[0, 1], padded[1, 2] = -1, V + 5
+    adv, old = c.randn(2, seed=315), c.randn(2, N // 2, seed=316) - 2
+    close(fd.policy_loss(xb, Ws, padded, old, adv, mask=mask, chunk_size=2)[0],
+          ref.policy_loss(xb @ W.T, tb, old, adv, mask=mask)[0], F64, "policy with masked padding")
+
+
+@check
+def sharded_empty_shard(c):
+    """Rank 0 holds an empty shard (the other ranks split the vocabulary). The argument check (run
+    before routing, on every rank) accepts the empty shard, so no rank is left waiting in a
+    collective, and the results equal the reference."""
+    V, N, H = 5, 5, 3
+    x = c.randn(N, H, seed=330)
+    W = c.randn(V, H, seed=331)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(332)).to(c.dev)
+    bounds = [0] + [round(V * r / (c.world - 1)) for r in range(c.world)]
+    lo, hi = bounds[c.rank], bounds[c.rank + 1]
+    g = dist.group.WORLD
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    loss = fusedce.linear_cross_entropy(xs, Ws, t, process_group=g, label_smoothing=0.1)
+    loss.backward()
+    xr, Wr = leaf(x), leaf(W)
+    r = ref.linear_cross_entropy(xr, Wr, t, label_smoothing=0.1).loss
+    r.backward()
+    close(loss, r, F64, "loss")
+    close(xs.grad, xr.grad, F64, "grad input")
+    close(Ws.grad, Wr.grad[lo:hi], F64, "grad weight shard")
+    close(fusedce.cross_entropy(x @ W[lo:hi].T, t, process_group=g), F.cross_entropy(x @ W.T, t), F64, "cross_entropy")
+    close(fusedce.token_logprobs(x, W[lo:hi], t, process_group=g), ref.token_logprobs(x @ W.T, t)[0], F64, "token_logprobs")
+
+
+@check
+def sharded_second_backward(c):
+    """A second backward through a retained graph raised on the single-process path and silently
+    added nothing on the sharded one: now the same error; inside allow_second_backward() both
+    backward passes give the exact gradients. create_graph=True is refused by name."""
+    V, N, H = 11, 7, 4
+    x = c.randn(N, H, seed=320)
+    W = c.randn(V, H, seed=321)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(322)).to(c.dev)
+    lo, hi = c.layout(V)
+    for reduction in ("mean", "sum"):
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        loss = fd.linear_cross_entropy(xs, Ws, t, reduction=reduction, chunk_size=3)
+        loss.backward(retain_graph=True)
+        err = _error_of(lambda: loss.backward())
+        assert isinstance(err, RuntimeError) and "second backward" in str(err), repr(err)
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        loss = fd.linear_cross_entropy(xs, Ws, t, reduction=reduction, chunk_size=3)
+        with fusedce.allow_second_backward():
+            first = torch.autograd.grad(loss * 2.0, (xs, Ws), retain_graph=True)
+            second = torch.autograd.grad(loss * 3.0, (xs, Ws), retain_graph=True)
+        xr, Wr = leaf(x), leaf(W)
+        r = ref.linear_cross_entropy(xr, Wr, t, reduction=reduction).loss
+        rx, rW = torch.autograd.grad(r * 2.0, (xr, Wr))
+        close(first[0], rx, F64, "grad input (first)")
+        close(first[1], rW[lo:hi], F64, "grad weight (first)")
+        close(second[0], 1.5 * rx, F64, "grad input (second)")
+        close(second[1], 1.5 * rW[lo:hi], F64, "grad weight (second)")
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    for loss in (fd.linear_cross_entropy(xs, Ws, t), fd.linear_cross_entropy(xs, Ws, t, reduction="none").sum(),
+                 fd.token_logprobs(xs, Ws, t).sum()):
+        err = _error_of(lambda: torch.autograd.grad(loss, (xs, Ws), create_graph=True))
+        assert isinstance(err, RuntimeError) and "create_graph" in str(err), repr(err)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""The edges of issue 12 section 3, single process: each gives the right answer (against
+torch.nn.functional / fusedce.reference in float64) or a clear error naming the argument.
+The vocab-parallel side of the same edges is in tests/test_distributed.py (sharded_* checks)."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedce
+from fusedce import reference
+
+N, H, V = 6, 4, 7
+
+
+def _head(device, dtype=torch.float64, requires_grad=True):
+    x = torch.randn(N, H, dtype=dtype, device=device, requires_grad=requires_grad)
+    w = torch.randn(V, H, dtype=dtype, device=device, requires_grad=requires_grad)
+    t = torch.randint(0, V, (N,), device=device)
+    return x, w, t
+
+
+# --------------------------------------------------------------------------------------------
+# create_graph (double backward), forward-mode AD, torch.func
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_create_graph_raises(device, reduction):
+    """A gradient penalty needs a differentiable gradient; the fused op's is not: an error naming
+    create_graph, never a gradient silently detached from the graph."""
+    x, w, t = _head(device)
+    loss = fusedce.linear_cross_entropy(x, w, t, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, (x, w), create_graph=True)
+
+
+def test_cross_entropy_create_graph_raises(device):
+    """Never an all-zero (or absent) second derivative."""
+    z = torch.randn(N, V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+    loss = fusedce.cross_entropy(z, t)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_backward_without_create_graph_still_exact(device):
+    """The create_graph check does not touch ordinary backward passes."""
+    x, w, t = _head(device)
+    fusedce.linear_cross_entropy(x, w, t).backward()
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(xr @ wr.T, t).backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+
+
+def _public_calls(device):
+    """Each public function as f(first tensor argument) -> a scalar."""
+    x, w, t = _head(device, requires_grad=False)
+    z = x @ w.T
+    xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)
+    adv = torch.randn(2, dtype=torch.float64, device=device)
+    return {
+        "linear_cross_entropy": (lambda a: fusedce.linear_cross_entropy(a, w, t), x),
+        "cross_entropy": (lambda a: fusedce.cross_entropy(a, t), z),
+        "token_logprobs": (lambda a: fusedce.token_logprobs(a, w, t).sum(), x),
+        "distillation_loss": (lambda a: fusedce.distillation_loss(a, w, t, teacher_logits=z), x),
+        "policy_loss": (lambda a: fusedce.policy_loss(a, w, tb, None, adv)[0], xb),
+    }
+
+
+FUNCTIONS = ["linear_cross_entropy", "cross_entropy", "token_logprobs", "distillation_loss", "policy_loss"]
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_forward_mode_ad_raises(device, name):
+    """torch.func.jvp and torch.autograd.forward_ad gave a zero tangent: now an error by name."""
+    fn, a = _public_calls(device)[name]
+    with pytest.raises(NotImplementedError, match=f"{name} does not support forward-mode AD"):
+        torch.func.jvp(fn, (a,), (torch.ones_like(a),))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(a, torch.ones_like(a))
+        with pytest.raises(NotImplementedError, match=f"{name} does not support forward-mode AD"):
+            fn(dual)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_func_grad_raises(device, name):
+    fn, a = _public_calls(device)[name]
+    with pytest.raises(NotImplementedError, match=f"{name} does not support torch.func.grad"):
+        torch.func.grad(fn)(a)
+
+
+def test_vmap_is_correct(device):
+    """torch.vmap batches through the ops (a per-sample loop): allowed, and exact."""
+    x = torch.randn(3, 5, H, dtype=torch.float64, device=device)
+    w = torch.randn(V, H, dtype=torch.float64, device=device)
+    t = torch.randint(0, V, (3, 5), device=device)
+    got = torch.func.vmap(lambda a, b: fusedce.linear_cross_entropy(a, w, b))(x, t)
+    want = torch.stack([F.cross_entropy(x[i] @ w.T, t[i]) for i in range(3)])
+    torch.testing.assert_close(got, want)
+    z = x @ w.T
+    got = torch.func.vmap(lambda a, b: fusedce.cross_entropy(a, b))(z, t)
+    torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# ignore_index against the target dtype, ignore_index range, H = 0
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_int32_target_with_ignore_index_outside_int32(device, shift):
+    """An int32 target cannot hold 2**40: nothing is ignored, and the mean divides by every
+    token (it divided by a count taken from a wrapped comparison)."""
+    x, w, t = _head(device, requires_grad=False)
+    big = 2**40
+    got = fusedce.linear_cross_entropy(x, w, t.to(torch.int32), ignore_index=big, shift=shift,
+                                       return_stats=True)
+    want = reference.linear_cross_entropy(x, w, t, ignore_index=big, shift=shift)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.accuracy, want.accuracy)
+    torch.testing.assert_close(got.loss, want.loss)
+    z = x @ w.T
+    got_ce = fusedce.cross_entropy(z, t.to(torch.int32), ignore_index=big)
+    torch.testing.assert_close(got_ce, F.cross_entropy(z, t, ignore_index=-(2**62)))
+    got_d = fusedce.distillation_loss(x, w, t.to(torch.int32), teacher_logits=z * 0.5, ignore_index=big)
+    torch.testing.assert_close(got_d, fusedce.distillation_loss(x, w, t, teacher_logits=z * 0.5, ignore_index=big))
+
+
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy", "distillation_loss"])
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 1.5, "x"])
+def test_ignore_index_not_int64(device, which, value):
+    x, w, t = _head(device, requires_grad=False)
+    call = {
+        "linear_cross_entropy": lambda: fusedce.linear_cross_entropy(x, w, t, ignore_index=value),
+        "cross_entropy": lambda: fusedce.cross_entropy(x @ w.T, t, ignore_index=value),
+        "distillation_loss": lambda: fusedce.distillation_loss(x, w, t, teacher_logits=x @ w.T, ignore_index=value),
+    }[which]
+    with pytest.raises((ValueError, TypeError), match="ignore_index"):
+        call()
+
+
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "token_logprobs", "distillation_loss", "policy_loss"])
+def test_hidden_size_zero(device, which):
+    x = torch.randn(2, 3, 0, dtype=torch.float64, device=device)
+    w = torch.randn(V, 0, dtype=torch.float64, device=device)
+    t = torch.randint(0, V, (2, 3), device=device)
+    call = {
+        "linear_cross_entropy": lambda: fusedce.linear_cross_entropy(x, w, t),
+        "token_logprobs": lambda: fusedce.token_logprobs(x, w, t),
+        "distillation_loss": lambda: fusedce.distillation_loss(x, w, t, teacher_logits=torch.zeros(2, 3, V, dtype=x.dtype, device=device)),
+        "policy_loss": lambda: fusedce.policy_loss(x, w, t, None, torch.ones(2, dtype=x.dtype, device=device)),
+    }[which]
+    with pytest.raises(ValueError, match="H = 0"):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# Negative class weights
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["negative_sum", "zero_sum"])
+def test_negative_class_weights_equal_torch(device, case):
+    """Class weights summing below zero over the targets were nan in linear_cross_entropy (a
+    `denominator > 0` guard); now F.cross_entropy's value and gradients. Summing to exactly 0:
+    F's sum / 0 (here -inf), like fusedce.cross_entropy."""
+    x, w, t = _head(device)
+    if case == "negative_sum":
+        cw = -torch.rand(V, dtype=torch.float64, device=device) - 0.1
+    else:
+        t = torch.tensor([2, 0, -100, -100, -100, -100], device=device)
+        cw = torch.zeros(V, dtype=torch.float64, device=device)
+        cw[2], cw[0] = 1.0, -1.0
+    loss = fusedce.linear_cross_entropy(x, w, t, weight=cw)
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    want = F.cross_entropy(xr @ wr.T, t, weight=cw)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(fusedce.cross_entropy((x @ w.T).detach(), t, weight=cw), want.detach())
+    if case == "negative_sum":
+        loss.backward()
+        want.backward()
+        torch.testing.assert_close(x.grad, xr.grad)
+        torch.testing.assert_close(w.grad, wr.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# policy_loss tokens, distillation_loss argument limits
+# --------------------------------------------------------------------------------------------
+
+
+def _policy(device):
+    x = torch.randn(2, 3, H, dtype=torch.float64, device=device)
+    w = torch.randn(V, H, dtype=torch.float64, device=device)
+    tok = torch.randint(0, V, (2, 3), device=device)
+    old = torch.randn(2, 3, dtype=torch.float64, device=device) - 2
+    adv = torch.randn(2, dtype=torch.float64, device=device)
+    return x, w, tok, old, adv
+
+
+@pytest.mark.parametrize("bad", [-1, -100, V, 10**12])
+def test_policy_loss_kept_token_out_of_range(bad):
+    """A kept (mask != 0) token of -1 was taken for a masked one; any kept token outside [0, V)
+    is an error naming policy_loss's own arguments (tokens, mask), not target / ignore_index.
+    On the CPU, which always checks (a CUDA call checks on the host only where allowed:
+    fusedce._checks.host_target_check)."""
+    x, w, tok, old, adv = _policy("cpu")
+    tok[0, 1] = bad
+    with pytest.raises(RuntimeError, match=r"tokens.*outside \[0, 7\).*mask") as err:
+        fusedce.policy_loss(x, w, tok, old, adv)
+    assert "ignore_index" not in str(err.value) and "target" not in str(err.value)
+
+
+def test_policy_loss_masked_tokens_may_be_anything(device):
+    """Padding outside the mask (-1, -100, V) is not read: the loss equals the reference's with
+    those positions holding a valid id."""
+    x, w, tok, old, adv = _policy(device)
+    mask = torch.ones(2, 3, dtype=torch.float64, device=device)
+    mask[0, 2] = mask[1, 0] = mask[1, 1] = 0
+    padded = tok.clone()
+    padded[0, 2], padded[1, 0], padded[1, 1] = -1, -100, V
+    got, _ = fusedce.policy_loss(x, w, padded, old, adv, mask=mask)
+    want = reference.policy_loss(x @ w.T, tok, old, adv, mask=mask)[0]
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name,value", [("z_loss", -1.0), ("label_smoothing", 1.5), ("label_smoothing", -0.1),
+                                        ("distill_weight", -1.0), ("ce_weight", -0.5)])
+def test_distillation_loss_limits_as_linear_cross_entropy(device, name, value):
+    x, w, t = _head(device, requires_grad=False)
+    with pytest.raises(ValueError, match=name):
+        fusedce.distillation_loss(x, w, t, teacher_logits=x @ w.T, **{name: value})
+    if name in ("z_loss", "label_smoothing"):  # the very same error as linear_cross_entropy's
+        with pytest.raises(ValueError) as lce:
+            fusedce.linear_cross_entropy(x, w, t, **{name: value})
+        with pytest.raises(ValueError) as dl:
+            fusedce.distillation_loss(x, w, t, teacher_logits=x @ w.T, **{name: value})
+        assert str(lce.value) == str(dl.value)
+
+
+def test_token_logprobs_softcap_zero_and_float_tokens(device):
+    x, w, t = _head(device, requires_grad=False)
+    with pytest.raises(ValueError, match="softcap"):
+        fusedce.token_logprobs(x, w, t, softcap=0.0)
+    with pytest.raises(TypeError, match="tokens"):
+        fusedce.token_logprobs(x, w, t.double())
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile with an int num_items_in_batch that changes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy"])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_changing_int_num_items_in_batch(which, dynamic):
+    """math.isfinite on the traced int failed ("torch.* op returned non-Tensor") under
+    fullgraph=True, on the second value (None) or on every call (dynamic=True)."""
+    torch._dynamo.reset()
+    x, w, t = _head("cpu")
+
+    def f(x, w, n):
+        if which == "linear_cross_entropy":
+            return fusedce.linear_cross_entropy(x, w, t, num_items_in_batch=n, return_stats=True)
+        return fusedce.cross_entropy(x @ w.T, t, num_items_in_batch=n, return_stats=True)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for n in (3, 5, 11):
+        got = compiled(x, w, n)
+        gx, gw = torch.autograd.grad(got.loss, (x, w))
+        want = reference.linear_cross_entropy(x, w, t, num_items_in_batch=n)
+        rx, rw = torch.autograd.grad(want.loss, (x, w))
+        torch.testing.assert_close(got.loss, want.loss)
+        torch.testing.assert_close(got.z_loss, want.z_loss)
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gw, rw)
+
+
+# --------------------------------------------------------------------------------------------
+# allow_second_backward is per thread
+# --------------------------------------------------------------------------------------------
+
+
+def test_allow_second_backward_is_per_thread(device):
+    """One thread inside allow_second_backward() does not let another thread's second backward
+    through (it silently reused in-place-scaled gradients before), and its own still works."""
+    entered, leave = threading.Event(), threading.Event()
+    errors = []
+
+    def other():
+        try:
+            x, w, t = _head(device)
+            loss = fusedce.linear_cross_entropy(x, w, t)
+            with fusedce.allow_second_backward():
+                entered.set()
+                first = torch.autograd.grad(loss * 2.0, (x, w), retain_graph=True)
+                second = torch.autograd.grad(loss * 3.0, (x, w), retain_graph=True)
+                for a, b in zip(first, second):
+                    torch.testing.assert_close(b, 1.5 * a)
+                leave.wait(timeout=60)
+        except Exception as e:  # noqa: BLE001 - reported to the main thread
+            errors.append(e)
+            entered.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert entered.wait(timeout=60)
+        x, w, t = _head(device)
+        loss = fusedce.linear_cross_entropy(x, w, t)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward"):
+            loss.backward()
+    finally:
+        leave.set()
+        thread.join()
+    assert not errors, errors
