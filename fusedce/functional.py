@@ -220,6 +220,9 @@ def linear_cross_entropy(
     ``reduce_grad_input=False`` leaves the input gradient as this rank's partial sum.
     """
     _check_autodiff("linear_cross_entropy", input, linear_weight, linear_bias)
+    # First: a DTensor without process_group is refused by name before any shape check reads
+    # its global shape.
+    sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
     # Every argument is checked before the call is routed: both paths refuse the same input.
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
@@ -230,7 +233,7 @@ def linear_cross_entropy(
     _check_chunk(chunk_size, "chunk_size")
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
     ignore_index = _check_ignore_index(ignore_index)
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
+    if sharded:
         if entropy_coef != 0.0 or return_entropy:
             raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
                                       "(process_group); use token_logprobs(..., return_entropy=True)")
@@ -323,6 +326,7 @@ def cross_entropy(
     ``chunk_size`` rows at a time (the single-process op reads each row once and takes no chunk).
     """
     _check_autodiff("cross_entropy", input)
+    sharded = _sharded(process_group, input=input)  # first: see linear_cross_entropy
     _check_tensor(input, "input")
     _check_float(input, "input")
     if input.dim() < 1:
@@ -336,7 +340,7 @@ def cross_entropy(
     _check_num_items(num_items_in_batch)
     _check_chunk(chunk_size, "chunk_size")
     ignore_index = _check_ignore_index(ignore_index)
-    if _sharded(process_group, input=input):
+    if sharded:
         from . import distributed
 
         return distributed._cross_entropy(

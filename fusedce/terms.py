@@ -82,12 +82,13 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     of either output (a recomputing backward pass). ``process_group``: vocab-parallel, as
     :func:`fusedce.linear_cross_entropy`."""
     _check_autodiff("token_logprobs", input, linear_weight, linear_bias)
+    sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
     temperature = _check_positive(temperature, "temperature")
     _check_chunk(chunk_size, "chunk_size")
     knobs = _head_knobs(softcap, logit_scale, temperature)
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
+    if sharded:
         from . import distributed
 
         return distributed._token_logprobs(
@@ -198,6 +199,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     vocab-parallel, the teacher's weight / logits sharded like the student's.
     """
     _check_autodiff("distillation_loss", input, linear_weight, linear_bias)
+    sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
+                       teacher_weight=teacher_weight)
     # Every argument is checked before the call is routed: both paths refuse the same input.
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
@@ -246,8 +249,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             teacher_weight=teacher_weight.detach(),
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
         )
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
-                teacher_weight=teacher_weight):
+    if sharded:
         if entropy_coef != 0.0:
             raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
         from . import distributed
@@ -322,6 +324,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
     """
     _check_autodiff("policy_loss", input, linear_weight, linear_bias)
+    sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
     # Every argument is checked before the call is routed: both paths refuse the same input.
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     if input.dim() != 3:
@@ -360,7 +363,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
             raise ValueError(f"fusedce: mask must have shape {tuple(lead)} (like tokens), got {tuple(mask.shape)}")
         _check_device(mask, "mask", input, "input")
         m = mask.to(acc)
-    if _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias):
+    if sharded:
         from . import distributed
 
         return distributed._policy_loss(
