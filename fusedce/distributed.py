@@ -592,9 +592,11 @@ class _ShardedHead(torch.autograd.Function):
             div = None
             loss = torch.zeros((), dtype=P.acc, device=P.device)
         if fused:
+            # A mean over no token is nan (as torch) with zero gradients, not 0 / 0.
+            gdiv = torch.where(div != 0, div, torch.ones_like(div)) if torch.is_tensor(div) else div
             for key, g in grads.items():
                 if g is not None:
-                    g.div_(div)
+                    g.div_(gdiv)
         ctx.P, ctx.need, ctx.grads = P, need, grads if fused else None
         ctx.save_for_backward(hidden, W, b, logits)
         P.res = res
@@ -802,7 +804,7 @@ def cross_entropy(
     ignore_index = -100 if ignore_index is None else ignore_index
     shape = target.shape
     Vl = input.shape[-1]
-    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(-1, Vl),
+    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(input.shape[:-1].numel(), Vl),
                  target=target.reshape(-1).long(), w=weight, ignore_index=ignore_index,
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
                  logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
@@ -903,7 +905,8 @@ def distillation_loss(
         ti = input if teacher_input is None else teacher_input
         t_hidden = ti.detach().reshape(-1, ti.shape[-1])
         teacher_weight = teacher_weight.detach()
-    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(-1, Vl)
+    # (the row count spelled out: -1 is ambiguous for an empty shard, V_local = 0)
+    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(teacher_logits.shape[:-1].numel(), Vl)
     flat = target.reshape(-1).long()
     acc = _acc_dtype(input)
     valid = (flat != ignore_index).to(acc)

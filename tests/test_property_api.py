@@ -857,3 +857,55 @@ def test_invalid_both_paths(pool, fn, mutation, data):
         if not _names(res[2], name):
             problems.append(f"rank {r}: the {res[1]} does not name {name!r}: {res[2]}")
     assert not problems, f"case {c} (invalid {mutation}: {name})\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed cases: what this suite found, kept as plain regression tests (each is a reproducer).
+# ---------------------------------------------------------------------------------------------
+
+_BASE = dict(seed=7, invalid=None, V=5, H=3, split=2, vocab_start=False, chunk_size=None,
+             softcap=None, logit_scale=1.0, bias=False, N=6, batched=False)
+DEFAULTS = {
+    "cross_entropy": dict(_BASE, fn="cross_entropy", reduction="mean", ignore_index=-100,
+                          label_smoothing=0.0, z_loss=0.0, class_weight=None, target_dtype="int64",
+                          ignore_fraction=0.0, return_stats=True, lse_grad=False, num_items=None,
+                          inplace_backward=False),
+    "distillation_loss": dict(_BASE, fn="distillation_loss", kind="forward_kl", beta=0.5,
+                              temperature=1.0, distill_weight=1.0, ce_weight=0.3, ignore_index=-100,
+                              reduction="mean", teacher="logits", Ht=2, label_smoothing=0.0,
+                              z_loss=0.0, ignore_fraction=0.0, entropy_coef=0.0),
+}
+
+
+def fixed_case(fn, **overrides):
+    c = dict(DEFAULTS[fn])
+    c.update(overrides)
+    return c
+
+
+def test_reference_negative_class_weights_match_torch():
+    """reference.cross_entropy's mean divides by the class-weighted count also when it is
+    negative (torch does); it is nan only when no token counts (it was nan for any sum <= 0)."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 5, generator=g, dtype=F64)
+    t = torch.tensor([0, 1, 2, 3, 4, -100])
+    for w in (-(torch.rand(5, generator=g, dtype=F64) + 0.1), torch.rand(5, generator=g, dtype=F64) + 0.1):
+        r = ref.cross_entropy(z, t, weight=w)
+        assert_close(r.loss, torch.nn.functional.cross_entropy(z, t, weight=w), F64, what="mean loss")
+    assert torch.isnan(ref.cross_entropy(z, torch.full_like(t, -100), weight=-w).loss)
+
+
+@pytest.mark.parametrize("fn,teacher", [("cross_entropy", None), ("distillation_loss", "logits")])
+@pytest.mark.parametrize("split", [0, 5])
+def test_empty_vocabulary_shard(pool, fn, teacher, split):
+    """A rank holding no vocabulary: the sharded logits (and teacher logits) were reshaped with
+    -1 over a zero-size last dimension ("cannot reshape tensor of 0 elements")."""
+    _check_valid(pool, fixed_case(fn, split=split, **({"teacher": teacher} if teacher else {})))
+
+
+@pytest.mark.parametrize("N,ignore_fraction", [(0, 0.0), (6, 1.0)])
+@pytest.mark.parametrize("teacher", ["logits", "weight"])
+def test_sharded_distillation_mean_over_no_token(pool, N, ignore_fraction, teacher):
+    """The sharded distillation_loss's mean over no token (empty or all ignored): nan loss as
+    single-process and torch, and zero gradients (they were 0 / 0 = nan)."""
+    _check_valid(pool, fixed_case("distillation_loss", N=N, ignore_fraction=ignore_fraction, teacher=teacher))
