@@ -204,7 +204,9 @@ def _token_weights(target: torch.Tensor, ignore_index: int, weight, dtype) -> to
     valid = target != ignore_index
     if weight is None:
         return valid.to(dtype)
-    safe = torch.where(valid, target, torch.zeros_like(target))
+    # Clamped: an out-of-range target must reach the op's range check (which names `target`),
+    # not fail here as an IndexError of this lookup.
+    safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, weight.shape[0] - 1)
     return weight.to(dtype)[safe] * valid.to(dtype)
 
 

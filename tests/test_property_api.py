@@ -710,7 +710,7 @@ def _healthy(world):
 def _worker(rank, world, init_file, qin, qout):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=5))
+                            timeout=datetime.timedelta(seconds=15))
     try:
         while True:
             c = qin.get()
@@ -909,3 +909,20 @@ def test_sharded_distillation_mean_over_no_token(pool, N, ignore_fraction, teach
     """The sharded distillation_loss's mean over no token (empty or all ignored): nan loss as
     single-process and torch, and zero gradients (they were 0 / 0 = nan)."""
     _check_valid(pool, fixed_case("distillation_loss", N=N, ignore_fraction=ignore_fraction, teacher=teacher))
+
+
+@pytest.mark.parametrize("bad", [5, 7, -3])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_out_of_range_target_with_class_weights_names_target(bad, reduction):
+    """linear_cross_entropy with class weights looked w[target] up for the mean's denominator (and
+    the statistics) before the op's range check: an IndexError that does not name `target`."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, generator=g, dtype=F64)
+    W = torch.randn(5, 4, generator=g, dtype=F64)
+    cw = torch.rand(5, generator=g, dtype=F64) + 0.1
+    t = torch.tensor([0, 1, bad])
+    for kw in (dict(), dict(return_stats=True)):
+        with pytest.raises(RuntimeError, match=r"\btarget\b"):
+            fusedce.linear_cross_entropy(x, W, t, weight=cw, reduction=reduction, **kw)
+        with pytest.raises(RuntimeError, match=r"\btarget\b"):
+            fusedce.cross_entropy(x @ W.T, t, weight=cw, reduction=reduction, **kw)
