@@ -635,9 +635,11 @@ class _ShardedHead(torch.autograd.Function):
             div = None
             loss = torch.zeros((), dtype=P.acc, device=P.device)
         if fused:
+            # A mean over no token is nan (as torch) with zero gradients, not 0 / 0.
+            gdiv = torch.where(div != 0, div, torch.ones_like(div)) if torch.is_tensor(div) else div
             for key, g in grads.items():
                 if g is not None:
-                    g.div_(div)
+                    g.div_(gdiv)
         poison = _poison(P)
         if poison is not None:
             loss = loss + poison

@@ -92,10 +92,13 @@ def cross_entropy(
         denom = 1.0 if num_items_in_batch is None else num_items_in_batch
         loss, zl = token_loss.sum() / denom, z_tok.sum() / denom
     elif reduction == "mean":
-        # As torch: an all-ignored (or empty) batch gives a nan loss and zero gradients.
+        # As torch: an all-ignored (or empty) batch gives a nan loss and zero gradients. "No
+        # token" is not "denom <= 0": class weights may be negative (torch then divides by a
+        # negative sum and returns a value).
         denom = wt.sum()
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        nan = torch.where(denom > 0, torch.zeros_like(denom), torch.full_like(denom, float("nan")))
+        some = valid.any()
+        safe = torch.where(some, denom, torch.ones_like(denom))
+        nan = torch.where(some, torch.zeros_like(denom), torch.full_like(denom, float("nan")))
         loss, zl = token_loss.sum() / safe + nan, z_tok.sum() / safe + nan
     else:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
