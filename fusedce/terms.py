@@ -234,7 +234,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
         _check_device(teacher_logits, "teacher_logits", input, "input")
         if teacher_weight is not None or teacher_bias is not None:
             raise ValueError("fusedce: teacher_weight/teacher_bias go with teacher_input, not with teacher_logits")
-        teacher = dict(teacher_logits=teacher_logits.detach().reshape(-1, V))
+        teacher = dict(teacher_logits=teacher_logits.detach().reshape(teacher_logits.shape[:-1].numel(), V))
     else:
         if teacher_weight is None:
             raise ValueError("fusedce: teacher_input needs teacher_weight [V, Ht]")
