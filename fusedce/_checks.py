@@ -221,16 +221,16 @@ def _check_chunk(value, name: str):
 
 def host_target_check(device: torch.device) -> bool:
     """Whether a target range check may read the device on the host: always on the CPU (free
-    there). On CUDA only in the opt-in validation mode where fusedce has one
-    (fusedce.validation: validate_targets() / FUSEDCE_VALIDATE=1), so that a default CUDA call
-    makes no host sync; without that module, as the single-process op of this tree does (one
-    host read per call)."""
+    there). On CUDA only in the opt-in validation mode (fusedce.validation: validate_targets() /
+    FUSEDCE_VALIDATE=1), so that a default CUDA call makes no host sync; never inside a compiled
+    graph (a host read there is a graph break; the C++ op still checks in validation mode, at run
+    time)."""
     if device.type == "cpu":
         return True
-    try:
-        from .validation import validation_enabled
-    except ImportError:
-        return True
+    if torch.compiler.is_compiling():
+        return False
+    from .validation import validation_enabled
+
     return validation_enabled()
 
 
