@@ -271,3 +271,47 @@ def test_bad_input_names_the_argument(over, exc, needle):
 
 def test_exported():
     assert "preference_loss" in fusedce.__all__ and fusedce.preference_loss is not None
+
+
+@pytest.mark.parametrize("loss_type", WITH_REF)
+def test_trl_dpo_compute_loss(loss_type):
+    """TRL's DPOTrainer._compute_loss, called unbound with a stand-in trainer and a stand-in model
+    that returns TRL's fused-head outputs (float64 reference log-probs and mean logits of the same
+    head): its loss and every logged metric that fusedce returns agree."""
+    pytest.importorskip("trl")
+    from collections import defaultdict
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    x, w, b, y, xr, wr = _batch(seed=7)
+    logits = x @ w.T + b
+    keep = y != -100
+    lp = reference.token_logprobs(logits, torch.where(keep, y, 0))[0] * keep
+    ref_given = (reference.token_logprobs(xr @ wr.T, torch.where(keep, y, 0))[0] * keep).sum(-1)
+    two_b, T = y.shape
+    # TRL's batch: input_ids [2B, T + 1] whose position t + 1 is scored by the hidden state t
+    input_ids = torch.zeros(two_b, T + 1, dtype=torch.long)
+    input_ids[:, 1:] = torch.where(keep, y, 0)
+    completion_mask = torch.zeros(two_b, T + 1, dtype=torch.long)
+    completion_mask[:, 1:] = keep.long()
+    fused = types.SimpleNamespace(
+        log_probs=lp, entropy=torch.zeros_like(lp), mean_logits=logits.mean(-1),
+        is_top1=logits.argmax(-1) == y, log_sum_sq_probs=torch.zeros_like(lp), aux_loss=None)
+    model = lambda **kw: fused  # noqa: E731
+    identity = lambda t: t  # noqa: E731
+    B = two_b // 2
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
+        loss_weights=[1.0], beta=0.3, label_smoothing=0.0, use_weighting=False, _tp_size=1,
+        _total_train_tokens=0, _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity))
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), completion_mask=completion_mask,
+                  ref_chosen_logps=ref_given[:B], ref_rejected_logps=ref_given[B:])
+    trl_loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    ours, m = fusedce.preference_loss(x, w, y, linear_bias=b, loss_type=loss_type, beta=0.3, ref_logps=ref_given)
+    torch.testing.assert_close(ours, trl_loss)
+    logged = trainer._metrics["train"]
+    for k, v in m.items():
+        assert k in logged, k
+        torch.testing.assert_close(v.item(), logged[k][-1], rtol=1e-9, atol=1e-12, msg=k)
