@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (
+    _check_autodiff,
     _check_device,
     _check_finite,
     _check_float,
@@ -87,6 +88,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     log_odds_ratio (the mean of log sigmoid(log_odds)) and log_odds_chosen (the mean of log_odds)
     for orpo. ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
     """
+    _check_autodiff("preference_loss", input, linear_weight, linear_bias)
     _check_tensor(input, "input")
     if input.dim() != 3:
         raise ValueError(f"fusedce: input must have shape [2B, T, H] (B chosen rows, then B rejected), got {tuple(input.shape)}")
