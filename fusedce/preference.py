@@ -74,7 +74,10 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     - "simpo": as "cpo" with a_c - a_r - simpo_gamma / beta in place of s_c - s_r (TRL's
       CPOTrainer, loss_type="simpo"; cpo_alpha=0 is the SimPO paper's loss).
 
-    The chosen NLL is the mean token cross entropy over the non-ignored chosen tokens. The three
+    The chosen NLL is the mean token cross entropy over the non-ignored chosen tokens (nan when
+    there are none, as torch's cross entropy). A row without completion tokens has a log-prob sum
+    of 0 and a count clamped to 1 (TRL's clamp); under "orpo" its log(1 - exp(0)) is -inf, as in
+    TRL. KTO (unpaired data, a KL estimate from mismatched pairs) is not offered here. The three
     DPO types need the reference: ``ref_input`` [2B, T, Hr] + ``ref_weight`` [V, Hr] (+
     ``ref_bias``), run under no_grad, or the precomputed sums ``ref_logps`` [2B] (same order);
     the others take none. ``temperature``, ``softcap``, ``logit_scale`` apply to both heads.
@@ -83,7 +86,8 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     rewards/chosen, rewards/rejected (beta * d_* for the DPO types, beta * the policy log-probs
     (averages for orpo and simpo) otherwise), rewards/accuracies, rewards/margins, logps/chosen,
     logps/rejected (sums; averages for orpo and simpo), logits/chosen, logits/rejected (mean over
-    the non-ignored tokens of the mean logit over the vocabulary, as TRL's DPOTrainer; left out
+    the non-ignored tokens of the mean logit over the vocabulary, as TRL's DPOTrainer (its
+    CPO/ORPO trainers average over every position, prompt and padding too); left out
     under ``process_group``, whose pass has no mean-logit statistic), nll_loss (orpo, cpo, simpo),
     log_odds_ratio (the mean of log sigmoid(log_odds)) and log_odds_chosen (the mean of log_odds)
     for orpo. ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
