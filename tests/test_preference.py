@@ -9,10 +9,11 @@ import torch
 import fusedce
 from fusedce import reference
 
+from accuracy import assert_close
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "orpo", "cpo", "simpo")
 WITH_REF = ("sigmoid", "hinge", "ipo")
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 
 def _batch(B=3, T=7, H=5, V=11, dtype=torch.float64, device="cpu", seed=0, ignore_index=-100,
@@ -64,16 +65,15 @@ def _check(loss_type, dtype, device, ref_mode="hidden", empty_row=None, ignore_i
                                             ignore_index=ignore_index, **fref_kw, **knobs, **kw)
     want, want_metrics = reference.preference_loss(rx @ rw.T + rb, y, loss_type=loss_type,
                                                    ignore_index=ignore_index, **ref_kw, **knobs, **kw)
-    tol = TOL[dtype]
-    torch.testing.assert_close(loss.double(), want, **tol)
+    assert_close(loss, want, dtype, what="loss")
     assert set(metrics) == set(want_metrics), (sorted(metrics), sorted(want_metrics))
     for k, v in metrics.items():
         assert v.dim() == 0 and not v.requires_grad, k
-        torch.testing.assert_close(v.double(), want_metrics[k].detach(), **tol, msg=k)
+        assert_close(v, want_metrics[k], dtype, what=k)
     loss.backward()
     want.backward()
     for got, exp, name in ((fx, rx, "input"), (fw, rw, "linear_weight"), (fb, rb, "bias")):
-        torch.testing.assert_close(got.grad.double(), exp.grad, **tol, msg=name)
+        assert_close(got.grad, exp.grad, dtype, what=f"grad {name}")
     return loss, metrics
 
 
@@ -217,8 +217,11 @@ def test_half_input(device):
     loss, m = fusedce.preference_loss(x, w, y, ref_input=xr, ref_weight=wr, linear_bias=b)
     want, _ = reference.preference_loss((x.double() @ w.double().T + b.double()), y,
                                         ref_logits=xr.double() @ wr.double().T)
+    # the eager path: bf16 logits from F.linear, the rest in float32 (as TRL upcasts)
+    eager, _ = reference.preference_loss(torch.nn.functional.linear(x, w, b), y,
+                                         ref_logits=torch.nn.functional.linear(xr, wr), dtype=torch.float32)
     assert loss.dtype == torch.float32 and m["logps/chosen"].dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want, rtol=3e-2, atol=3e-2)
+    assert_close(loss, want, torch.bfloat16, eager=eager, what="loss")
 
 
 def _bad(**over):
