@@ -38,13 +38,14 @@ def _log1mexp(x):
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def _sequence_logps(input, weight, bias, tokens, knobs, stats, process_group, vocab_start):
+def _sequence_logps(input, weight, bias, tokens, knobs, stats, process_group, vocab_start,
+                    reduce_grad_input=True):
     """Per-token log-probs (0 at -100) and, when ``stats``, the per-token mean logits, one pass."""
     if stats:
         out = token_statistics(input, weight, tokens, linear_bias=bias, outputs=("mean_logits",), **knobs)
         return out.logprobs, out.mean_logits
     lp = token_logprobs(input, weight, tokens, linear_bias=bias, process_group=process_group,
-                        vocab_start=vocab_start, **knobs)
+                        vocab_start=vocab_start, reduce_grad_input=reduce_grad_input, **knobs)
     return lp, None
 
 
@@ -52,7 +53,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
                     ref_input=None, ref_weight=None, ref_logps=None, linear_bias=None,
                     ref_bias=None, ignore_index=-100, label_smoothing=0.0, cpo_alpha=1.0,
                     simpo_gamma=0.5, shift=False, temperature=1.0, softcap=None, logit_scale=1.0,
-                    chunk_size=None, process_group=None, vocab_start=None):
+                    chunk_size=None, process_group=None, vocab_start=None, reduce_grad_input=True):
     """A pairwise preference loss on the head ``input @ linear_weight.T`` (+ ``linear_bias``).
 
     ``input`` [2B, T, H]: the B chosen sequences first, then their B rejected counterparts (TRL's
@@ -90,7 +91,8 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     CPO/ORPO trainers average over every position, prompt and padding too); left out
     under ``process_group``, whose pass has no mean-logit statistic), nll_loss (orpo, cpo, simpo),
     log_odds_ratio (the mean of log sigmoid(log_odds)) and log_odds_chosen (the mean of log_odds)
-    for orpo. ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
+    for orpo. ``process_group`` (with ``vocab_start``, ``reduce_grad_input``): vocab-parallel, as
+    :func:`fusedce.token_logprobs`; both heads sharded alike.
     """
     _check_autodiff("preference_loss", input, linear_weight, linear_bias)
     _check_tensor(input, "input")
@@ -154,7 +156,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
     stats = process_group is None
     lp, mean_logits = _sequence_logps(input, linear_weight, linear_bias, tokens, knobs, stats,
-                                      process_group, vocab_start)
+                                      process_group, vocab_start, reduce_grad_input)
     acc = lp.dtype
     m = keep.to(acc)
     sums = lp.sum(-1)  # ignored tokens already carry log-prob 0
