@@ -100,6 +100,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
         raise ValueError(f"fusedce: input must have shape [2B, T, H] (B chosen rows, then B rejected), got {tuple(input.shape)}")
     if input.shape[0] % 2 != 0:
         raise ValueError(f"fusedce: input must hold 2B rows (B chosen, then B rejected), got an odd batch of {input.shape[0]}")
+    _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"fusedce: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     beta = _check_positive(beta, "beta")

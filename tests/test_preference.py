@@ -241,6 +241,8 @@ _DROP = object()
     (dict(target=torch.zeros(6, 6, dtype=torch.long)), ValueError, "target must have shape"),
     (dict(linear_weight=torch.zeros(11, 4, dtype=torch.float64)), ValueError, "linear_weight"),
     (dict(loss_type="dpo"), ValueError, "loss_type"),
+    (dict(linear_weight=[[0.0]]), TypeError, "linear_weight"),
+    (dict(linear_bias=torch.zeros(10, dtype=torch.float64)), ValueError, "linear_bias"),
     (dict(beta=0.0), ValueError, "beta"),
     (dict(beta=-1.0), ValueError, "beta"),
     (dict(beta=float("nan")), ValueError, "beta"),
