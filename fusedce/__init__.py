@@ -19,6 +19,7 @@ from .terms import (  # noqa: E402
     token_logprobs,
     token_statistics,
 )
+from .preference import preference_loss  # noqa: E402
 from .validation import validate_targets  # noqa: E402
 from . import nn  # noqa: E402
 
@@ -32,6 +33,7 @@ __all__ = [
     "linear_cross_entropy",
     "nn",
     "policy_loss",
+    "preference_loss",
     "token_logprobs",
     "token_statistics",
     "TokenStatistics",

@@ -270,3 +270,73 @@ def policy_loss(logits, tokens, old_logprobs, advantages, *, mask=None, ref_logp
     else:
         raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
     return loss, per_token, lp, ent
+
+
+def preference_loss(logits, target, *, loss_type="sigmoid", beta=0.1, ref_logits=None,
+                    ref_logps=None, ignore_index=-100, label_smoothing=0.0, cpo_alpha=1.0,
+                    simpo_gamma=0.5, temperature=1.0, logit_scale=1.0, softcap=None,
+                    dtype=torch.float64):
+    """Pairwise preference losses of TRL 1.16 (DPOTrainer sigmoid / hinge / ipo, ORPOTrainer,
+    CPOTrainer sigmoid and simpo) on materialized logits [2B, T, V] (B chosen rows, then B
+    rejected), target [2B, T] aligned with the logits. Returns (loss, metrics) as
+    fusedce.preference_loss (the NLL is the mean CE over the non-ignored chosen tokens)."""
+    def seq(lg):
+        z = final_logits(lg.to(dtype), logit_scale, softcap) / temperature
+        logp = torch.log_softmax(z, dim=-1)
+        keep = target != ignore_index
+        safe = torch.where(keep, target, torch.zeros_like(target)).long()
+        tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * keep
+        mean_logit = (z.mean(-1) * keep)
+        return tok.sum(-1), keep.sum(-1).to(dtype), mean_logit
+
+    s, n, mean_logit = seq(logits)
+    B = s.shape[0] // 2
+    c, r = slice(0, B), slice(B, 2 * B)
+    a = s / n.clamp(min=1)
+    nll = -s[c].sum() / n[c].sum()
+    logsig = torch.nn.functional.logsigmoid
+    metrics = {}
+
+    def cdpo(x):
+        return -(1 - label_smoothing) * logsig(beta * x) - label_smoothing * logsig(-beta * x)
+
+    if loss_type in ("sigmoid", "hinge", "ipo"):
+        ref = seq(ref_logits)[0] if ref_logps is None else ref_logps.to(dtype)
+        d = s - ref
+        if loss_type == "sigmoid":
+            per = cdpo(d[c] - d[r])
+        elif loss_type == "hinge":
+            per = torch.clamp(1 - beta * (d[c] - d[r]), min=0)
+        else:
+            dn = d / n.clamp(min=1)
+            per = (dn[c] - dn[r] - 1 / (2 * beta)) ** 2
+        loss = per.mean()
+        rewards, logps = beta * d, s
+    elif loss_type == "orpo":
+        # log odds(y) = log p - log(1 - p) with p = exp(mean token log-prob)
+        odds = lambda x: x - torch.log(1 - torch.exp(x))  # noqa: E731
+        log_odds = odds(a[c]) - odds(a[r])
+        loss = nll - beta * logsig(log_odds).mean()
+        rewards, logps = beta * a, a
+        metrics = {"log_odds_ratio": logsig(log_odds).mean(), "log_odds_chosen": log_odds.mean()}
+    elif loss_type in ("cpo", "simpo"):
+        x = s if loss_type == "cpo" else a
+        margin = x[c] - x[r] - (simpo_gamma / beta if loss_type == "simpo" else 0.0)
+        loss = cdpo(margin).mean() + cpo_alpha * nll
+        rewards, logps = beta * x, x
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    keep = (target != ignore_index).to(dtype)
+    metrics.update({
+        "rewards/chosen": rewards[c].mean(),
+        "rewards/rejected": rewards[r].mean(),
+        "rewards/accuracies": (rewards[c] > rewards[r]).to(dtype).mean(),
+        "rewards/margins": (rewards[c] - rewards[r]).mean(),
+        "logps/chosen": logps[c].mean(),
+        "logps/rejected": logps[r].mean(),
+        "logits/chosen": mean_logit[c].sum() / keep[c].sum(),
+        "logits/rejected": mean_logit[r].sum() / keep[r].sum(),
+    })
+    if loss_type in ("orpo", "cpo", "simpo"):
+        metrics["nll_loss"] = nll
+    return loss, metrics

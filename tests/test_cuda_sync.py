@@ -218,6 +218,30 @@ def _policy(dev):
     return Case([x, w], step, feeds)
 
 
+def _preference(dev, loss_type):
+    x, w, b = _head(dev, lead=(B, T), bias=True)  # B = 4 rows: 2 chosen, then 2 rejected
+    prompt = torch.arange(T, device=dev) < 3
+
+    def labels():
+        y = torch.randint(0, V, (B, T), device=dev)
+        return y.masked_fill(prompt | (torch.rand(B, T, device=dev) < 0.2), -100)
+
+    y = labels()
+    ref = {}
+    feeds = [(x, _randn_like(x)), (y, labels)]
+    if loss_type == "sigmoid":
+        xr = torch.randn(B, T, H, device=dev)
+        ref = dict(ref_input=xr, ref_weight=w.detach() * 0.9)
+        feeds.append((xr, _randn_like(xr)))
+
+    def step():
+        loss, metrics = fusedce.preference_loss(x, w, y, loss_type=loss_type, linear_bias=b, **ref)
+        loss.backward()
+        return (loss.detach(),) + tuple(metrics[k] for k in sorted(metrics))
+
+    return Case([x, w, b], step, feeds)
+
+
 def _module(dev):
     mod = fusedce.nn.LinearCrossEntropyLoss(H, V, bias=True, device=dev, z_loss=1e-4)
     x = torch.randn(N, H, device=dev).requires_grad_()
@@ -266,6 +290,8 @@ CASES = {
     "distill_teacher_logits": lambda d: _distill(d, teacher_logits=True, kind="forward_kl"),
     "distill_teacher_head_jsd": lambda d: _distill(d, teacher_logits=False, kind="jsd"),
     "policy_loss": _policy,
+    "preference_dpo_ref_head": lambda d: _preference(d, "sigmoid"),
+    "preference_orpo": lambda d: _preference(d, "orpo"),
     "module_linear_ce": _module,
     "module_head_loss": _head_module,
 }

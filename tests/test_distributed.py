@@ -356,6 +356,41 @@ def distillation_every_kind(c):
 
 
 @check
+def preference_every_loss_type(c):
+    """fusedce.preference_loss over a vocabulary-sharded head (and reference head): every loss
+    type, its metrics (no logits/* there) and the gradients of input, weight shard and bias shard."""
+    V, B, T, H = 23, 2, 5, 4
+    x = c.randn(2 * B, T, H, seed=90)
+    W = c.randn(V, H, seed=91, scale=0.6)
+    b = c.randn(V, seed=92, scale=0.2)
+    xr = c.randn(2 * B, T, H + 1, seed=93)
+    Wr = c.randn(V, H + 1, seed=94, scale=0.6)
+    y = torch.randint(0, V, (2 * B, T), generator=torch.Generator().manual_seed(95)).to(c.dev)
+    y[:, :2] = -100
+    y[1, 4] = -100
+    lo, hi = c.layout(V)
+    group = dist.group.WORLD
+    for lt in ("sigmoid", "hinge", "ipo", "orpo", "cpo", "simpo"):
+        with_ref = lt in ("sigmoid", "hinge", "ipo")
+        xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(b[lo:hi])
+        kw = dict(ref_input=xr, ref_weight=Wr[lo:hi]) if with_ref else {}
+        loss, m = fusedce.preference_loss(xs, Ws, y, loss_type=lt, beta=0.4, linear_bias=bs,
+                                          temperature=0.8, chunk_size=3, process_group=group, **kw)
+        xf, Wf, bf = leaf(x), leaf(W), leaf(b)
+        rl, rm = ref.preference_loss(xf @ Wf.T + bf, y, loss_type=lt, beta=0.4, temperature=0.8,
+                                     **(dict(ref_logits=xr @ Wr.T) if with_ref else {}))
+        close(loss, rl, F64, f"{lt} loss")
+        assert set(m) == set(rm) - {"logits/chosen", "logits/rejected"}, f"{lt} metrics {sorted(m)}"
+        for k, v in m.items():
+            close(v, rm[k], F64, f"{lt} {k}")
+        g = grads_of(loss, xs, Ws, bs)
+        gr = grads_of(rl, xf, Wf, bf)
+        close(g[0], gr[0], F64, f"{lt} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{lt} grad weight shard")
+        close(g[2], gr[2][lo:hi], F64, f"{lt} grad bias shard")
+
+
+@check
 def policy_every_loss_type(c):
     """GRPO / BNPO / Dr. GRPO / DAPO, clipping active on both sides, beta > 0, entropy bonus, mask."""
     V, B, T, H = 37, 3, 6, 5

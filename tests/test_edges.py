@@ -67,10 +67,12 @@ def _public_calls(device):
         "token_logprobs": (lambda a: fusedce.token_logprobs(a, w, t).sum(), x),
         "distillation_loss": (lambda a: fusedce.distillation_loss(a, w, t, teacher_logits=z), x),
         "policy_loss": (lambda a: fusedce.policy_loss(a, w, tb, None, adv)[0], xb),
+        "preference_loss": (lambda a: fusedce.preference_loss(a, w, tb, loss_type="cpo")[0], xb),
     }
 
 
-FUNCTIONS = ["linear_cross_entropy", "cross_entropy", "token_logprobs", "distillation_loss", "policy_loss"]
+FUNCTIONS = ["linear_cross_entropy", "cross_entropy", "token_logprobs", "distillation_loss", "policy_loss",
+             "preference_loss"]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
