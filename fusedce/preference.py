@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (
+    check_global_targets,
+    host_target_check,
     _check_autodiff,
     _check_device,
     _check_finite,
@@ -152,8 +154,16 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     if shift:
         keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
         target = torch.cat([target[:, 1:], target[:, :1]], dim=1)
-    # token_logprobs ignores -100; any other ignore_index is mapped onto it.
-    tokens = torch.where(keep, target, torch.full_like(target, -100))
+    # token_logprobs ignores -100; any other ignore_index is mapped onto it. A kept -100 (when
+    # ignore_index is something else) is a bad class id like any other, never an ignored position:
+    # checked here where a host read is allowed, else mapped to -101, which token_logprobs refuses
+    # (or, on CUDA outside validation mode, turns into a NaN loss).
+    if process_group is None and host_target_check(target.device):
+        check_global_targets(target.reshape(-1), linear_weight.shape[0], keep.reshape(-1), 0,
+                             "target (shifted)" if shift else "target",
+                             f" and is not ignore_index ({ignore_index})")
+    kept_ids = torch.where(target == -100, torch.full_like(target, -101), target)
+    tokens = torch.where(keep, kept_ids, torch.full_like(target, -100))
     knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
     stats = process_group is None
     lp, mean_logits = _sequence_logps(input, linear_weight, linear_bias, tokens, knobs, stats,

@@ -351,3 +351,20 @@ def test_reference_bias(device):
     torch.testing.assert_close(m["rewards/chosen"], wm["rewards/chosen"])
     without, _ = fusedce.preference_loss(x, w, y, loss_type="hinge", beta=0.7, linear_bias=b, ref_input=xr, ref_weight=wr)
     assert not torch.allclose(loss, without)
+
+
+def test_kept_minus_100_is_not_ignored_with_another_ignore_index():
+    """With ignore_index=-1, a target of -100 at a kept position is an out-of-range class id (an
+    error naming target), not a silently ignored token."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 8, generator=g)
+    w = torch.randn(11, 8, generator=g)
+    t = torch.randint(0, 11, (4, 5), generator=g)
+    t[:, 0] = -1
+    t[1, 3] = -100
+    ref_logps = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"target\[8\] = -100 is outside \[0, 11\)"):
+        fusedce.preference_loss(x, w, t, ignore_index=-1, ref_logps=ref_logps)
+    t[1, 3] = -1
+    loss, _ = fusedce.preference_loss(x, w, t, ignore_index=-1, ref_logps=ref_logps)
+    assert torch.isfinite(loss)
