@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import fusedce
+
+from ._timing import bench, transient_mib
 from fusedce import reference
 
 SCALES = (1.0, 2.0**8, 2.0**16)
@@ -79,31 +80,6 @@ def fused_grads(x, w, t, S, **kw):
     xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss = fusedce.linear_cross_entropy(xf, wf, t, **kw)
     return torch.autograd.grad(loss * S, (xf, wf))
-
-
-def bench(fn, iters):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def transient_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv=None):

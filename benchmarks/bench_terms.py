@@ -18,39 +18,15 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 import fusedce
 
+from ._timing import bench, transient_mib
+
 DEFAULT_SHAPE = (8192, 4096, 128256)
-
-
-def bench(fn, iters):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def transient_mib(fn):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv=None):

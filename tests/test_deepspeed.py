@@ -21,13 +21,12 @@ import importlib.util
 import os
 import socket
 import sys
-import tempfile
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import run_checks  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -188,7 +187,7 @@ def placeholder_refused(c):
         assert f"{arg} is a DeepSpeed ZeRO-3 partitioned parameter" in msg and "head_loss" in msg, (name, msg)
 
 
-def _worker(rank, world, port, result_dir):
+def _worker(rank, world, port, _init_file, result_dir):  # DeepSpeed rendezvous by env, not file
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -231,19 +230,7 @@ def group_results(request):
         pytest.skip("deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
     pytest.importorskip("transformers")
     world = request.param
-    with tempfile.TemporaryDirectory() as tmp:
-        crash = None
-        try:
-            mp.spawn(_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
-        except Exception as e:  # noqa: BLE001 - a rank died
-            crash = f"the process group crashed before this check ran: {e}"
-        results = {}
-        for name in CHECKS:
-            results[name] = {}
-            for r in range(world):
-                path = os.path.join(tmp, f"{name}.{r}")
-                results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
-    return results
+    return run_checks(_worker, (world, _free_port()), world, CHECKS)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

@@ -16,20 +16,19 @@ import datetime
 import math
 import os
 import sys
-import tempfile
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
+from ranks import run_checks  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 F32 = dict(rtol=2e-5, atol=2e-6)
@@ -862,20 +861,7 @@ def group_results(request):
         pytest.skip("gloo is not available")
     if backend == "nccl" and not dist.is_nccl_available():
         pytest.skip("NCCL is not available")
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        crash = None
-        try:
-            mp.spawn(_worker, args=(world, backend, init_file, tmp), nprocs=world, join=True)
-        except Exception as e:  # noqa: BLE001 - a rank died (e.g. a collective mismatch after a failure)
-            crash = f"the process group crashed before this check ran: {e}"
-        results = {}
-        for name in CHECKS:
-            results[name] = {}
-            for r in range(world):
-                path = os.path.join(tmp, f"{name}.{r}")
-                results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
-    return results
+    return run_checks(_worker, (world, backend), world, CHECKS)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

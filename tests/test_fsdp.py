@@ -20,14 +20,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import tempfile
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import run_checks  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -504,20 +503,7 @@ def group_results():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("gloo is not available")
     pytest.importorskip("transformers")
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        crash = None
-        try:
-            mp.spawn(_worker, args=(WORLD, init_file, tmp), nprocs=WORLD, join=True)
-        except Exception as e:  # noqa: BLE001 - a rank died (e.g. a collective mismatch after a failure)
-            crash = f"the process group crashed before this check ran: {e}"
-        results = {}
-        for name in CHECKS:
-            results[name] = {}
-            for r in range(WORLD):
-                path = os.path.join(tmp, f"{name}.{r}")
-                results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
-    return results
+    return run_checks(_worker, (WORLD,), WORLD, CHECKS)
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

@@ -1,0 +1,32 @@
+"""Running a module's checks on several processes and collecting what each rank said.
+
+The convention of the multi-process test files: `worker(rank, *args, result_dir)` runs every
+check of the module's CHECKS on its rank and writes "ok" or the failure into
+`result_dir/<check>.<rank>`. A rank that died leaves no file; its checks then report why.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch.multiprocessing as mp
+
+
+def run_checks(worker, args: tuple, world: int, checks) -> dict:
+    """{check: {rank: "ok" or the failure}} of worker(rank, *args, init_file, result_dir) run on
+    `world` processes (init_file: a file:// rendezvous path in the same temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        crash = None
+        try:
+            mp.spawn(worker, args=(*args, init_file, tmp), nprocs=world, join=True)
+        except Exception as e:  # noqa: BLE001 - a rank died (e.g. a collective mismatch after a failure)
+            crash = f"the process group crashed before this check ran: {e}"
+        results = {}
+        for name in checks:
+            results[name] = {}
+            for r in range(world):
+                path = os.path.join(tmp, f"{name}.{r}")
+                results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
+    return results
