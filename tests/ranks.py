@@ -30,3 +30,25 @@ def run_checks(worker, args: tuple, world: int, checks) -> dict:
                 path = os.path.join(tmp, f"{name}.{r}")
                 results[name][r] = open(path).read() if os.path.exists(path) else crash or "did not run"
     return results
+
+
+def run_rank(checks, ctx, rank: int, result_dir: str):
+    """On one rank: every check of `checks` ({name: fn(ctx)}) in order, each one's "ok" or its
+    traceback written for run_checks, with a barrier after each so that the ranks stay in step;
+    the process group is destroyed at the end."""
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        for name, fn in checks.items():
+            try:
+                fn(ctx)
+                msg = "ok"
+            except Exception:  # noqa: BLE001 - reported per check
+                msg = traceback.format_exc()
+            with open(os.path.join(result_dir, f"{name}.{rank}"), "w") as f:
+                f.write(msg)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -21,12 +21,11 @@ import importlib.util
 import os
 import socket
 import sys
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import run_checks  # noqa: E402
+from ranks import run_checks, run_rank  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -204,18 +203,7 @@ def _worker(rank, world, port, _init_file, result_dir):  # DeepSpeed rendezvous 
 
     c = Ctx()
     c.rank, c.world = rank, world
-    try:
-        for name, fn in CHECKS.items():
-            try:
-                fn(c)
-                msg = "ok"
-            except Exception:  # noqa: BLE001 - reported per check
-                msg = traceback.format_exc()
-            with open(os.path.join(result_dir, f"{name}.{rank}"), "w") as f:
-                f.write(msg)
-            torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
+    run_rank(CHECKS, c, rank, result_dir)
 
 
 def _free_port():

@@ -16,7 +16,6 @@ import datetime
 import math
 import os
 import sys
-import traceback
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
-from ranks import run_checks  # noqa: E402
+from ranks import run_checks, run_rank  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-11)
 F32 = dict(rtol=2e-5, atol=2e-6)
@@ -829,19 +828,7 @@ def _worker(rank, world, backend, init_file, result_dir):
         torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    c = Ctx(rank, world, dev)
-    try:
-        for name, fn in CHECKS.items():
-            try:
-                fn(c)
-                msg = "ok"
-            except Exception:  # noqa: BLE001 - reported per check
-                msg = traceback.format_exc()
-            with open(os.path.join(result_dir, f"{name}.{rank}"), "w") as f:
-                f.write(msg)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_rank(CHECKS, Ctx(rank, world, dev), rank, result_dir)
 
 
 GROUPS = [

@@ -20,13 +20,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ranks import run_checks  # noqa: E402
+from ranks import run_checks, run_rank  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -483,19 +482,7 @@ def _worker(rank, world, init_file, result_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    try:
-        c = Ctx(rank, world)
-        for name, fn in CHECKS.items():
-            try:
-                fn(c)
-                msg = "ok"
-            except Exception:  # noqa: BLE001 - reported per check
-                msg = traceback.format_exc()
-            with open(os.path.join(result_dir, f"{name}.{rank}"), "w") as f:
-                f.write(msg)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    run_rank(CHECKS, Ctx(rank, world), rank, result_dir)
 
 
 @pytest.fixture(scope="module")
