@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import torch
+
 import torch.multiprocessing as mp
 
 
@@ -52,3 +54,13 @@ def run_rank(checks, ctx, rank: int, result_dir: str):
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def close(a, b, tol, what):
+    """max |a - b| <= atol + rtol * max(|b|, 1), compared in float64 (tol: {"rtol", "atol"})."""
+    a = a.detach().to(torch.float64)
+    b = b.detach().to(torch.float64)
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
+    err = (a - b).abs().max().item() if b.numel() else 0.0
+    assert err <= tol["atol"] + tol["rtol"] * scale, f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ranks import run_checks, run_rank  # noqa: E402
+from ranks import close, run_checks, run_rank  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,15 +39,6 @@ CHECKS = {}
 def check(fn):
     CHECKS[fn.__name__] = fn
     return fn
-
-
-def close(a, b, tol, what):
-    a = a.detach().to(torch.float64)
-    b = b.detach().to(torch.float64)
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
-    err = (a - b).abs().max().item() if b.numel() else 0.0
-    assert err <= tol["atol"] + tol["rtol"] * scale, f"{what}: max |diff| {err:.3g} (scale {scale:.3g})"
 
 
 def full(g):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.abc
 import importlib.util
 import sys
 import threading
@@ -47,6 +46,7 @@ from contextlib import nullcontext
 import torch
 
 from ._head import _cast_like_linear, call_head
+from ._import_hook import PostImportHook
 
 __all__ = ["install", "uninstall", "installed", "add_fused_lm_head", "is_trl_fused_forward"]
 
@@ -302,37 +302,16 @@ def _patch(utils) -> None:
                 setattr(module, "add_fused_lm_head", add_fused_lm_head)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Patches trl.trainer.utils when it is imported (install(lazy=True))."""
-
-    def __init__(self):
-        self._busy = False
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _UTILS or self._busy:
-            return None
-        self._busy = True
+def _after_import(module):
+    if _INSTALLED:
         try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            self._busy = False
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            loader_exec(module)
-            if _INSTALLED:
-                try:
-                    _patch(module)
-                except RuntimeError as e:  # a TRL without the fused head: leave it stock, say so
-                    warnings.warn(str(e), stacklevel=2)
-
-        spec.loader.exec_module = exec_module
-        return spec
+            _patch(module)
+        except RuntimeError as e:  # a TRL without the fused head: leave it stock, say so
+            warnings.warn(str(e), stacklevel=2)
 
 
-_FINDER = _Finder()
+# Patches trl.trainer.utils when it is imported (install(lazy=True)).
+_FINDER = PostImportHook(lambda name: name == _UTILS, _after_import)
 
 
 def install(lazy: bool = False) -> None:

@@ -30,16 +30,14 @@ The stock path runs, unchanged, when labels are None, in eval (unless ``skip_log
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
-import importlib.abc
-import importlib.util
 import inspect
 import sys
 import threading
 import types
 
+from .._import_hook import PostImportHook
 from . import _analysis
 from ._analysis import FusedState, Refused
 
@@ -178,36 +176,15 @@ def _is_modeling_module(name: str) -> bool:
         and parts[3].startswith("modeling_")
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Patches transformers' modeling modules when they are imported."""
-
-    def __init__(self):
-        self._busy = set()
-
-    def find_spec(self, name, path=None, target=None):
-        if not _is_modeling_module(name) or name in self._busy:
-            return None
-        self._busy.add(name)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            self._busy.discard(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        loader_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            loader_exec(module)
-            if _INSTALLED:
-                _patch_module(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
+def _after_import(module):
+    if _INSTALLED:
+        _patch_module(module)
 
 
 _INSTALLED = False
 _VERIFIED_ONLY = False
-_FINDER = _Finder()
+# Patches transformers' modeling modules when they are imported.
+_FINDER = PostImportHook(_is_modeling_module, _after_import)
 
 
 def install(verified_only: bool = False) -> dict:
