@@ -2,8 +2,8 @@
 
 One process group per (backend, world size) is spawned once (a module-scoped fixture); every rank
 runs every check in it and reports per check, so each check is its own pytest item without paying
-a spawn each. gloo on the CPU always (world sizes 2 and 3, uneven shards); NCCL on CUDA when at
-least 2 GPUs (world 2) or 4 GPUs (world 4) are present.
+a spawn each. gloo on the CPU always (world sizes 2 and 3, uneven shards); NCCL on CUDA: world 1 on
+any GPU, world 2 / world 4 when that many GPUs are present.
 
 The full weight is drawn from the same seed on every rank and each rank takes its contiguous slice;
 the reference runs on the full weight in float64 and its gradient slice is the expected gradient of
@@ -82,11 +82,15 @@ GATHERS = ("all_gather_single", "all_gather_into_tensor", "all_gather")
 # ---------------------------------------------------------------------------------------------
 
 CHECKS = {}
+MIN_WORLD = {}  # checks whose layout needs several ranks (a sub-group, an empty shard beside others)
 
 
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
+def check(fn=None, *, min_world=1):
+    def register(fn):
+        CHECKS[fn.__name__] = fn
+        MIN_WORLD[fn.__name__] = min_world
+        return fn
+    return register if fn is None else register(fn)
 
 
 def _ce_setup(c, V=11, N=23, H=6, dtype=torch.float64, seed=0):
@@ -203,7 +207,7 @@ def ce_argmax_ties_across_ranks(c):
     x = torch.randint(1, 4, (N, H), generator=g).double().to(c.dev)
     W = torch.randint(-3, 2, (V, H), generator=g).double().to(c.dev)
     lo, hi = c.layout(V)
-    lo1 = V // c.world  # rank 1's first id in this layout
+    lo1 = V // c.world if c.world > 1 else 5  # rank 1's first id in this layout (one rank: mid-vocab)
     for j in (2, lo1, V - 1):
         W[j] = 5.0  # the same, largest row on three ranks (rank 0, rank 1, the last)
     t = torch.arange(N, device=c.dev) % V
@@ -541,7 +545,7 @@ def public_entry_points(c):
           ref.policy_loss(xb @ W.T, tb, old, adv)[0], F64, "policy_loss")
 
 
-@check
+@check(min_world=2)
 def process_group_subgroup(c):
     """process_group= a subgroup (the last two ranks): ranks, offsets and collectives are the
     group's; ranks outside it do nothing."""
@@ -754,7 +758,7 @@ def sharded_target_out_of_range(c):
           ref.policy_loss(xb @ W.T, tb, old, adv, mask=mask)[0], F64, "policy with masked padding")
 
 
-@check
+@check(min_world=2)
 def sharded_empty_shard(c):
     """Rank 0 holds an empty shard (the other ranks split the vocabulary). The argument check (run
     before routing, on every rank) accepts the empty shard, so no rank is left waiting in a
@@ -828,12 +832,20 @@ def _worker(rank, world, backend, init_file, result_dir):
         torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    run_rank(CHECKS, Ctx(rank, world, dev), rank, result_dir)
+    run_rank(_checks_for(world), Ctx(rank, world, dev), rank, result_dir)
+
+
+def _checks_for(world):
+    return {name: fn for name, fn in CHECKS.items() if MIN_WORLD[name] <= world}
 
 
 GROUPS = [
     pytest.param(("gloo", 2), id="gloo-2"),
     pytest.param(("gloo", 3), id="gloo-3"),
+    # One GPU: a 1-rank NCCL group still runs every collective and the CUDA shard kernels (the
+    # whole vocabulary is the one shard), the most a single-GPU machine can check of NCCL.
+    pytest.param(("nccl", 1), id="nccl-1", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a GPU")),
     pytest.param(("nccl", 2), id="nccl-2", marks=pytest.mark.skipif(
         not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")),
     pytest.param(("nccl", 4), id="nccl-4", marks=pytest.mark.skipif(
@@ -848,10 +860,13 @@ def group_results(request):
         pytest.skip("gloo is not available")
     if backend == "nccl" and not dist.is_nccl_available():
         pytest.skip("NCCL is not available")
-    return run_checks(_worker, (world, backend), world, CHECKS)
+    return world, run_checks(_worker, (world, backend), world, _checks_for(world))
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_sharded_equals_single_process(group_results, name):
+    world, group_results = group_results
+    if MIN_WORLD[name] > world:
+        pytest.skip(f"{name} needs at least {MIN_WORLD[name]} ranks (this group has {world})")
     failures = {r: m for r, m in group_results[name].items() if m != "ok"}
     assert not failures, "\n".join(f"rank {r}:\n{m}" for r, m in failures.items())
