@@ -27,14 +27,17 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+# The collective counter is a test tool (tests/collectives.py): one definition, shared.
+sys.path.insert(0, os.path.join(_REPO, "tests"))
 
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
+from collectives import CollectiveCounter as CountCollectives  # noqa: E402
 
 SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 3584, 152064)]
 TINY_SHAPES = [(256, 64, 1001), (512, 32, 2003)]
-CountCollectives = fd.CollectiveCounter
 
 
 class Timer:

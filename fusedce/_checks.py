@@ -15,6 +15,8 @@ import numbers
 
 import torch
 
+from .validation import validation_enabled
+
 _REDUCTIONS = ("mean", "sum", "none")
 _INT64 = torch.iinfo(torch.int64)
 
@@ -229,8 +231,6 @@ def host_target_check(device: torch.device) -> bool:
         return True
     if torch.compiler.is_compiling():
         return False
-    from .validation import validation_enabled
-
     return validation_enabled()
 
 
