@@ -1,8 +1,9 @@
 """Vocab-parallel head loss (fusedce.distributed.linear_cross_entropy) on K GPUs against the
 single-GPU fusedce.linear_cross_entropy.
 
-    torchrun --nproc_per_node=K benchmarks/bench_distributed.py --out DIR      # CUDA + NCCL
-    torchrun --nproc_per_node=2 benchmarks/bench_distributed.py --tiny --out DIR   # CPU + gloo
+    python -m benchmarks distributed --nproc K --out DIR      # CUDA + NCCL (starts torchrun)
+    python -m benchmarks distributed --tiny --out DIR         # CPU + gloo, 2 ranks
+    torchrun --nproc_per_node=K -m benchmarks.bench_distributed --out DIR   # the same, by hand
 
 Per shape (N x H x V, bf16; the weight sharded over the K ranks, torch.chunk layout, input and
 targets the same on every rank): fwd+bwd time of one step (CUDA events, median of --steps after
