@@ -130,7 +130,7 @@ def test_scale_op(device, case):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bounds", [(0, 9, 23), (0, 0, 23), (0, 23, 23)])  # uneven; an empty shard
 def test_shard_ops(device, dtype, bounds):
-    """shard_stats on each shard, combined as the vocab-parallel layer (fusedce/_parallel.py) does, gives the reference lse,
+    """shard_stats on each shard, combined as fusedce/_parallel.py does, gives the reference lse,
     target logit and argmax; shard_grad_ with a smoothed, class-weighted mean CE's coefficients
     gives the reference gradient of the logits, shard by shard."""
     N, V, eps, zl = 11, bounds[-1], 0.1, 1e-2
