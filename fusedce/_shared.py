@@ -1,7 +1,7 @@
 """What the single-process functions (functional.py, terms.py) and the vocab-parallel layer
 (_parallel.py) both use: the LossOutput type, the causal label shift, the routing rule (is this a
-vocab-parallel call?) and the policy-loss metrics. A leaf: it imports no other fusedce module but
-_checks, so every module above can import it without a circle."""
+vocab-parallel call?) and the policy-loss metrics. It sits below both (it imports only _checks), so
+neither path imports the other for them."""
 
 from __future__ import annotations
 
