@@ -10,8 +10,6 @@ import ast
 import os
 import textwrap
 
-import pytest
-
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fusedce")
 # The compiled extension (setup.py's fusedce._C): `from . import _C` names a module even where no
 # build has made the file yet.
