@@ -1,1 +1,2 @@
-"""fusedce's benchmark suite (run with `python -m benchmarks RESULTS_DIR` on a GPU machine)."""
+"""fusedce's benchmark suite: `python -m benchmarks <command> [args]` (benchmarks/__main__.py lists
+the commands; `python -m benchmarks --help`), on a GPU machine unless a command says otherwise."""

@@ -1,8 +1,9 @@
 """Vocab-parallel head loss (fusedce.distributed.linear_cross_entropy) on K GPUs against the
 single-GPU fusedce.linear_cross_entropy.
 
-    torchrun --nproc_per_node=K benchmarks/bench_distributed.py --out DIR      # CUDA + NCCL
-    torchrun --nproc_per_node=2 benchmarks/bench_distributed.py --tiny --out DIR   # CPU + gloo
+    python -m benchmarks distributed --nproc K --out DIR      # CUDA + NCCL (starts torchrun)
+    python -m benchmarks distributed --tiny --out DIR         # CPU + gloo, 2 ranks
+    torchrun --nproc_per_node=K -m benchmarks.bench_distributed --out DIR   # the same, by hand
 
 Per shape (N x H x V, bf16; the weight sharded over the K ranks, torch.chunk layout, input and
 targets the same on every rank): fwd+bwd time of one step (CUDA events, median of --steps after
@@ -27,14 +28,17 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+# The collective counter is a test tool (tests/collectives.py): one definition, shared.
+sys.path.insert(0, os.path.join(_REPO, "tests"))
 
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
+from collectives import CollectiveCounter as CountCollectives  # noqa: E402
 
 SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 3584, 152064)]
 TINY_SHAPES = [(256, 64, 1001), (512, 32, 2003)]
-CountCollectives = fd.CollectiveCounter
 
 
 class Timer:

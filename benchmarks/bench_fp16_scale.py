@@ -11,7 +11,7 @@ the non-ignored tokens):
 - the fwd+bwd time and transient peak memory of fusedce.linear_cross_entropy in fp16 vs bf16 (same
   values rounded to each dtype), at S = 1 and S = 2^16.
 
-    python -m benchmarks.bench_fp16_scale --out RESULT.json [--shape N H V] [--iters K]
+    python -m benchmarks fp16 --out RESULT.json [--shape N H V] [--iters K]
 
 (--device cpu: the accuracy part only, a smoke run at a small --shape.)
 """

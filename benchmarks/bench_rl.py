@@ -22,8 +22,8 @@ equal the eager one within a bf16 tolerance: a mismatch is printed, recorded und
 makes the exit status 1 (after the JSON is written). A peer that cannot be imported is skipped
 with its reason; a method that raises is recorded as failed with its error.
 
-    python -m benchmarks.bench_rl --out DIR            # CUDA, the shapes above
-    python -m benchmarks.bench_rl --out DIR --tiny     # CPU, tiny shapes, no peers: a smoke run
+    python -m benchmarks rl --out DIR                  # CUDA, the shapes above
+    python -m benchmarks rl --out DIR --tiny           # CPU, tiny shapes, no peers: a smoke run
 
 Writes DIR/rl.json (device, torch version, date) and prints a table.
 """

@@ -7,7 +7,7 @@
 each with its transient memory (peak beyond inputs and gradients) and the GEMM floor of the step
 (the three full-size GEMMs, timed in the same run).
 
-    python -m benchmarks.bench_terms OUT_DIR [--shape N H V] [--iters K]
+    python -m benchmarks terms OUT_DIR [--shape N H V] [--iters K]
 
 Writes OUT_DIR/terms.json (device, torch version, date) and prints a table.
 """

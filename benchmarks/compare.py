@@ -1,6 +1,6 @@
 """fusedce against every peer, side by side, on one GPU: time, memory, accuracy, time / floor.
 
-    python -m benchmarks RESULTS_DIR [--quick] [--only shapes|sweeps|ce] [--methods a,b,...]
+    python -m benchmarks compare RESULTS_DIR [--quick] [--only shapes|sweeps|ce] [--methods a,b,...]
 
 Writes RESULTS_DIR/results.json (every measurement, with device, versions and date),
 RESULTS_DIR/results.md (tables) and, where matplotlib is installed, the PNG plots
@@ -445,7 +445,7 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
 
         plots.draw_all(path, out_dir)
     except ImportError as e:
-        _progress(f"no plots here ({e}); run python -m benchmarks.plots {path} on a machine with matplotlib")
+        _progress(f"no plots here ({e}); run python -m benchmarks plots {path} on a machine with matplotlib")
     return {"meta": meta, "records": records}
 
 

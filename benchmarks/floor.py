@@ -6,7 +6,7 @@ CE on given logits (bf16, fwd + in-place bwd): floor = 6 bytes/element at the me
 device-to-device copy bandwidth (read + write bytes).
 Transient memory = peak allocated during the call - allocated before - the bytes of its outputs.
 
-    python benchmarks/floor.py --out results_dir [--quick] [--sweep]
+    python -m benchmarks floor --out results_dir [--quick] [--sweep]
 
 Writes floor.json (device, torch version, date, every number) into --out.
 """

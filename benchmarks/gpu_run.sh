@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build fusedce with CUDA, run the GPU tests, run the floor benchmark; results into one folder.
 #
-#   benchmarks/gpu_run.sh RESULTS_DIR [floor.py options, e.g. --quick --sweep]
+#   benchmarks/gpu_run.sh RESULTS_DIR [floor options, e.g. --quick --sweep]
 #
 # Environment: FUSEDCE_GPU_TESTS (pytest targets, default tests/test_cuda_ops.py; "none" skips),
 # FUSEDCE_GPU_BENCH=0 skips the benchmark. Exit status: non-zero if the build or a test failed.
 set -o pipefail
-OUT_DIR=${1:?usage: benchmarks/gpu_run.sh RESULTS_DIR [floor.py options]}
+OUT_DIR=${1:?usage: benchmarks/gpu_run.sh RESULTS_DIR [floor options (python -m benchmarks floor --help)]}
 shift
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -45,7 +45,7 @@ if [ "$TESTS" != "none" ]; then
 fi
 
 if [ "${FUSEDCE_GPU_BENCH:-1}" != "0" ]; then
-  python3 benchmarks/floor.py --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/bench.log"
+  python3 -m benchmarks floor --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

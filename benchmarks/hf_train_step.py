@@ -5,8 +5,8 @@ the step time (forward + backward + AdamW step; median of --steps timed steps af
 steps), the peak memory of a step, and the largest batch that fits (1, 2, 4, ... until an
 out-of-memory error), for the stock forward and for fusedce.integrations.transformers.apply().
 
-    python benchmarks/hf_train_step.py results.json            # CUDA, the real shapes
-    python benchmarks/hf_train_step.py --tiny /tmp/tiny.json   # anywhere (CPU), tiny shapes: a smoke run
+    python -m benchmarks hf results.json            # CUDA, the real shapes
+    python -m benchmarks hf --tiny /tmp/tiny.json   # anywhere (CPU), tiny shapes: a smoke run
 
 Writes JSON (device, torch and transformers versions, date, one row per model x method) and prints
 a Markdown table.

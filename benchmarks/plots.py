@@ -1,6 +1,6 @@
 """PNG plots from a results.json of benchmarks/compare.py (needs matplotlib; no GPU).
 
-    python -m benchmarks.plots RESULTS_DIR/results.json [OUT_DIR]
+    python -m benchmarks plots RESULTS_DIR/results.json [OUT_DIR]
 
 (1) per shape, the time-memory plane: each method a point, fusedce's chunk sweep a curve;
 (2) fwd+bwd time vs N; (3) transient memory vs N; (4) CE-on-logits achieved bandwidth vs V.

@@ -1,7 +1,7 @@
 """Where the time of a terms call goes: CUDA kernel totals (torch.profiler) of CE alone vs the
 CE + z-loss + entropy + forward-KL call of bench_terms, same shape. Prints two tables.
 
-    python -m benchmarks.profile_terms [--shape N H V]
+    python -m benchmarks profile [--shape N H V]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """The small-call regime: host time per call, GPU time per step, host syncs, per-kernel profile.
 
-    python -m benchmarks.small_n --out RESULTS.json [--shapes 128x1024x32000,512x2048x128256]
+    python -m benchmarks small_n --out RESULTS.json [--shapes 128x1024x32000,512x2048x128256]
 
 For each shape (N x H x V, bf16, fwd+bwd of a mean CE with the head weight's gradient):
 - host_ms: wall time of issuing one fwd+bwd on the host, the GPU kept busy beforehand by a long

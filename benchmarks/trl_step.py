@@ -11,8 +11,8 @@ Per step: the median time of the timed steps after warm-up (synchronized), and f
 time spent outside generation (the part the head changes), and the peak memory of the timed steps;
 the first logged loss of both runs (they must agree).
 
-    python benchmarks/trl_step.py --out trl.json           # CUDA, the real shapes (< 3 min on an H200)
-    python benchmarks/trl_step.py --tiny --out /tmp/t.json  # anywhere (CPU), tiny shapes: a smoke run
+    python -m benchmarks trl --out trl.json           # CUDA, the real shapes (< 3 min on an H200)
+    python -m benchmarks trl --tiny --out /tmp/t.json  # anywhere (CPU), tiny shapes: a smoke run
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ TORCH_LIBRARY(fusedce, m) {
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0) "
       "-> ()");
 
-  // Vocab-parallel building blocks (fusedce/distributed.py): the row math on this rank's shard of
+  // Vocab-parallel building blocks (fusedce/_parallel.py): the row math on this rank's shard of
   // the logits [N, V_local], columns [vocab_start, vocab_start + V_local) of the vocabulary;
   // target holds global ids (ignore_index or any id outside the shard owns nothing here).
   // shard_stats -> [N, 6] in the accumulation dtype, per row over the shard's final logits z:

@@ -1,7 +1,7 @@
 """The argument checks of every public function, in one place.
 
 Each public function (fusedce/functional.py, fusedce/terms.py) runs its checks here BEFORE it
-routes a call to the single-process op or to the vocab-parallel layer (fusedce/distributed.py),
+routes a call to the single-process op or to the vocab-parallel layer (fusedce/_parallel.py),
 so both paths accept and refuse the same arguments with the same errors. The one check that
 needs the whole vocabulary, the range of the targets, is made by the C++ ops on the single-process
 path and by `check_global_targets` on the sharded path, where the global vocabulary size is only
@@ -14,6 +14,8 @@ import math
 import numbers
 
 import torch
+
+from .validation import validation_enabled
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INT64 = torch.iinfo(torch.int64)
@@ -229,8 +231,6 @@ def host_target_check(device: torch.device) -> bool:
         return True
     if torch.compiler.is_compiling():
         return False
-    from .validation import validation_enabled
-
     return validation_enabled()
 
 

@@ -8,38 +8,18 @@ torch.nn.functional.cross_entropy where they overlap, so fusedce is a drop-in re
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 
+from . import _parallel
 from . import ops as _ops_py
+from ._shared import LossOutput, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
 
 _ops = torch.ops.fusedce
 
 # The vocabulary tile of the low-memory mode (low_memory=True): with the token chunk the backend
 # derives from its 64 MiB budget, the logits tile and its gradient stay within that budget.
 LOW_MEMORY_VOCAB_TILE = 8192
-
-
-class LossOutput(NamedTuple):
-    """What `return_stats=True` returns.
-
-    loss: the loss as `reduction` asks. lse: per-token logsumexp of the final logits, shaped like
-    the target. predicted: per-token argmax of the final logits, -1 at ignored positions.
-    accuracy: fraction of non-ignored tokens whose argmax equals the target (nan when none).
-    z_loss: the z-loss part of `loss`, reduced the same way.
-    entropy: per-token entropy of softmax(final logits), shaped like the target (differentiable);
-    None unless asked for (``return_entropy=True``), since it takes the general row kernel.
-    `loss` and `lse` are differentiable for every reduction (a gradient through lse is exact,
-    computed by a recomputing pass only when one flows).
-    """
-
-    loss: torch.Tensor
-    lse: torch.Tensor
-    predicted: torch.Tensor
-    accuracy: torch.Tensor
-    z_loss: torch.Tensor
-    entropy: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -80,16 +60,6 @@ from ._checks import (  # noqa: E402,F401  (re-exported: older imports name them
 # ---------------------------------------------------------------------------------------------
 # Reductions, shared by both functions.
 # ---------------------------------------------------------------------------------------------
-
-
-def _shift(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """HF causal shift on the labels: position t predicts t+1, the last position is ignored."""
-    if target.dim() == 0 or target.shape[-1] == 0:
-        return target
-    if not _fits(target.dtype, ignore_index):
-        target = target.long()  # an int32 target padded with an ignore_index it cannot hold
-    pad = torch.full_like(target[..., :1], ignore_index)
-    return torch.cat([target[..., 1:], pad], dim=-1)
 
 
 def _token_weights(target: torch.Tensor, ignore_index: int, weight, dtype) -> torch.Tensor:
@@ -136,30 +106,6 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
         z_part = z_tok.sum() / denom
     return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part,
                       None if entropy is None else entropy.reshape(shape))
-
-
-def _sharded(process_group, **tensors) -> bool:
-    """Vocab-parallel call: only when the caller gives a process group. A DTensor without one is
-    refused rather than guessed at: FSDP2 shards a weight on dim 0 for data parallelism (each rank
-    holds different tokens), which looks like a vocabulary shard but is not one."""
-    if process_group is not None:
-        return True
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    for name, t in tensors.items():
-        if isinstance(t, DTensor):
-            raise ValueError(
-                f"fusedce: {name} is a DTensor (placements {tuple(t.placements)}) and process_group "
-                "is None. fusedce takes a DTensor as a vocabulary shard (tensor parallelism) only when "
-                "process_group= names that group. A weight sharded for data parallelism (FSDP2's "
-                "fully_shard) must be gathered by its wrapper: compute the loss through the head "
-                "module with fusedce.integrations.head_loss(head, input, target, ...) (the "
-                f"transformers integration does so), or pass {name}.full_tensor() yourself (its "
-                "gradient then follows DTensor's rules: each rank keeps its slice of its own "
-                "gradient, with no data-parallel reduction).")
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +158,7 @@ def linear_cross_entropy(
     also returns the per-token entropy (``LossOutput.entropy``), from the same pass; plain
     ``return_stats`` keeps the CE's own row kernel.
 
-    Vocab-parallel (fusedce/distributed.py): with ``process_group`` (and only then: a DTensor
+    Vocab-parallel (fusedce/_parallel.py): with ``process_group`` (and only then: a DTensor
     weight without it is refused) ``linear_weight`` / ``linear_bias`` / ``weight`` are this rank's
     vocabulary shard (or a Shard(0) DTensor over that group's mesh) starting at global id
     ``vocab_start`` (None: derived from the shards), ``input`` and ``target`` (global ids) are the
@@ -237,9 +183,7 @@ def linear_cross_entropy(
         if entropy_coef != 0.0 or return_entropy:
             raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
                                       "(process_group); use token_logprobs(..., return_entropy=True)")
-        from . import distributed
-
-        return distributed._linear_cross_entropy(
+        return _parallel._linear_cross_entropy(
             input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,
             linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -322,7 +266,7 @@ def cross_entropy(
     One online-softmax pass per row in forward; the backward reads each logit once and writes its
     gradient once. ``inplace_backward=True`` writes that gradient into ``input``'s storage (the
     logits are garbage after backward; no [N, V] allocation). With ``process_group``, ``input`` is
-    this rank's vocabulary shard of the logits [..., V_local] (fusedce/distributed.py), processed
+    this rank's vocabulary shard of the logits [..., V_local] (fusedce/_parallel.py), processed
     ``chunk_size`` rows at a time (the single-process op reads each row once and takes no chunk).
     """
     _check_autodiff("cross_entropy", input)
@@ -341,9 +285,7 @@ def cross_entropy(
     _check_chunk(chunk_size, "chunk_size")
     ignore_index = _check_ignore_index(ignore_index)
     if sharded:
-        from . import distributed
-
-        return distributed._cross_entropy(
+        return _parallel._cross_entropy(
             input, target, process_group=process_group, vocab_start=vocab_start, weight=weight,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,

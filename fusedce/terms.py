@@ -31,7 +31,8 @@ from ._checks import (
     check_global_targets,
     host_target_check,
 )
-from .functional import _sharded
+from . import _parallel
+from ._shared import _policy_metrics, _sharded
 
 _ops = torch.ops.fusedce
 _DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -89,9 +90,7 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     _check_chunk(chunk_size, "chunk_size")
     knobs = _head_knobs(softcap, logit_scale, temperature)
     if sharded:
-        from . import distributed
-
-        return distributed._token_logprobs(
+        return _parallel._token_logprobs(
             input, linear_weight, tokens, process_group=process_group, vocab_start=vocab_start,
             linear_bias=linear_bias, temperature=temperature, return_entropy=return_entropy,
             softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
@@ -252,9 +251,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     if sharded:
         if entropy_coef != 0.0:
             raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
-        from . import distributed
-
-        return distributed._distillation_loss(
+        return _parallel._distillation_loss(
             input, linear_weight, target, teacher_input=teacher_input,
             teacher_weight=teacher_weight, teacher_logits=teacher_logits, kind=kind, beta=beta,
             temperature=temperature, distill_weight=distill_weight, ce_weight=ce_weight,
@@ -364,9 +361,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         _check_device(mask, "mask", input, "input")
         m = mask.to(acc)
     if sharded:
-        from . import distributed
-
-        return distributed._policy_loss(
+        return _parallel._policy_loss(
             input, linear_weight, tokens, old_logprobs, advantages_arg, mask=mask,
             ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
             epsilon_high=epsilon_high, temperature=temperature, loss_type=loss_type,
@@ -399,34 +394,3 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         metrics = _policy_metrics(out[5].reshape(lead), out[4].reshape(lead), old, adv, ref, m,
                                   advantages, beta, epsilon_low, epsilon_high)
     return loss, metrics
-
-
-def _policy_metrics(lp, ent, old, adv, ref, m, advantages, beta, eps_low, eps_high):
-    lead = lp.shape
-    ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old.reshape(lead).to(lp))
-    a = adv.reshape(lead).to(lp)
-    count = m.sum().clamp(min=1)
-
-    def mean(x):
-        return (x * m).sum() / count
-
-    valid = m != 0
-    big = torch.finfo(lp.dtype).max
-    low = (ratio < 1 - eps_low) & (a < 0)
-    high = (ratio > 1 + eps_high) & (a > 0)
-    metrics = {
-        "clip_ratio/low_mean": mean(low.to(lp)),
-        "clip_ratio/high_mean": mean(high.to(lp)),
-        "clip_ratio/region_mean": mean((low | high).to(lp)),
-        "ratio/mean": mean(ratio),
-        "ratio/min": torch.where(valid, ratio, torch.full_like(ratio, big)).min(),
-        "ratio/max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max(),
-        "entropy": mean(ent),
-        "logprob/mean": mean(lp),
-        "advantages/mean": advantages.to(lp).mean(),
-        "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
-    }
-    if beta != 0.0:
-        d = ref.reshape(lead).to(lp) - lp
-        metrics["kl"] = mean(torch.exp(d) - d - 1)
-    return metrics

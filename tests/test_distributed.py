@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
+from collectives import CollectiveCounter as Counter  # noqa: E402
 from ranks import run_checks, run_rank  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-11)
@@ -69,9 +70,6 @@ def leaf(x):
 def grads_of(loss, *xs):
     gs = torch.autograd.grad(loss, xs, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
-
-
-Counter = fd.CollectiveCounter
 
 
 GATHERS = ("all_gather_single", "all_gather_into_tensor", "all_gather")
@@ -737,8 +735,9 @@ def sharded_target_out_of_range(c):
     # but the NaN of the single-process CUDA kernels: loss, the bad token's values, every gradient.
     t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(312)).to(c.dev)
     t[3] = V
-    saved = fd.host_target_check
-    fd.host_target_check = lambda device: False
+    layer = fusedce._parallel  # the vocab-parallel layer's own check (fusedce/_parallel.py)
+    saved = layer.host_target_check
+    layer.host_target_check = lambda device: False
     try:
         xs, Ws = leaf(x), leaf(W[lo:hi])
         loss = fd.linear_cross_entropy(xs, Ws, t, chunk_size=2)
@@ -748,7 +747,7 @@ def sharded_target_out_of_range(c):
         assert tok[3].isnan() and not tok[[0, 1, 2, 4, 5]].isnan().any(), tok
         assert fd.token_logprobs(x, W[lo:hi], t)[3].isnan()
     finally:
-        fd.host_target_check = saved
+        layer.host_target_check = saved
     # masked-out policy tokens may hold anything (padding), on both paths alike
     t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(314)).to(c.dev)
     xb, tb = x.reshape(2, N // 2, H), t.reshape(2, N // 2)

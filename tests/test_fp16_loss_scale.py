@@ -327,7 +327,7 @@ def test_compile_fp16_loss_scale(device, dynamic):
 
 
 def test_vocab_parallel_fp16_loss_scale(tmp_path):
-    """The vocab-parallel path (fusedce/distributed.py) divides its forward-computed weight gradient
+    """The vocab-parallel path (fusedce/_parallel.py) divides its forward-computed weight gradient
     by the mean's denominator too: float32 for float16 weights (one gloo rank; the chunk loop and
     the accumulation are those of every rank)."""
     import torch.distributed as dist

@@ -268,7 +268,7 @@ def public_head_loss_fsdp2(c):
     with reshard_after_forward=True the head is resharded after the forward and gathered again
     before its recomputing backward."""
     import fusedce
-    from fusedce.distributed import CollectiveCounter
+    from collectives import CollectiveCounter
     from fusedce.integrations import head_loss
     from torch.distributed.tensor import DTensor
 

@@ -130,7 +130,7 @@ def test_scale_op(device, case):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bounds", [(0, 9, 23), (0, 0, 23), (0, 23, 23)])  # uneven; an empty shard
 def test_shard_ops(device, dtype, bounds):
-    """shard_stats on each shard, combined as fusedce.distributed does, gives the reference lse,
+    """shard_stats on each shard, combined as fusedce/_parallel.py does, gives the reference lse,
     target logit and argmax; shard_grad_ with a smoothed, class-weighted mean CE's coefficients
     gives the reference gradient of the logits, shard by shard."""
     N, V, eps, zl = 11, bounds[-1], 0.1, 1e-2
@@ -156,7 +156,7 @@ def test_shard_ops(device, dtype, bounds):
     assert_close(zt[valid], z[valid, t[valid]], tight, what="target logit")
     best = torch.where(G[..., 0] == M, G[..., 5], torch.full_like(G[..., 5], float("inf"))).amin(0)
     assert torch.equal(best.long().cpu(), z.argmax(-1).cpu())
-    # the mean CE's per-row coefficients (as fusedce.distributed forms them)
+    # the mean CE's per-row coefficients (as fusedce/_parallel.py forms them)
     wt = G[..., 4].sum(0) * valid
     a = valid / wt.sum()
     coef_p = a * (wt * (1 - eps + 2 * zl * lse) + eps / V * cw.sum())

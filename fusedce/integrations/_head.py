@@ -24,6 +24,8 @@ import threading
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .. import functional
+
 _LINEAR = torch._C._nn.linear
 
 
@@ -130,7 +132,7 @@ def head_loss(head: torch.nn.Module, input: torch.Tensor, target: torch.Tensor, 
     casts them.
     """
     if function is None:
-        from ..functional import linear_cross_entropy as function
+        function = functional.linear_cross_entropy
     if not isinstance(head, torch.nn.Module):
         raise TypeError(f"fusedce: head must be a torch.nn.Module (the head layer), got {type(head).__name__}")
     if "linear_bias" in kwargs:

@@ -45,6 +45,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..terms import token_statistics
 from ._head import _cast_like_linear, call_head
 from ._import_hook import PostImportHook
 
@@ -133,8 +134,6 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     """fusedce's drop-in for ``trl.trainer.utils.add_fused_lm_head`` (same arguments, same
     ``FusedCausalLMOutput``); install() puts it in TRL's place."""
     from trl.trainer.utils import FusedCausalLMOutput
-
-    from ..terms import token_statistics
 
     names = {"log_probs": "logprobs", "entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs",
              "mean_logits": "mean_logits", "is_top1": "is_top1"}

@@ -1,5 +1,5 @@
 // The vocab-parallel building blocks: the row statistics of one rank's shard of the logits, and the
-// in-place gradient from the statistics gathered over all ranks (fusedce/distributed.py combines
+// in-place gradient from the statistics gathered over all ranks (fusedce/_parallel.py combines
 // them). One 256-thread block per row, 16-byte vector accesses. Plain CUDA C++ (no torch headers).
 
 #include "common.cuh"

@@ -38,6 +38,7 @@ import threading
 import types
 
 from .._import_hook import PostImportHook
+from ..trl import is_trl_fused_forward
 from . import _analysis
 from ._analysis import FusedState, Refused
 
@@ -239,8 +240,6 @@ def apply(model, verified_only: bool = False):
     ValueError naming the reason when the class is refused (with verified_only, also when it is not
     on the verified list). Returns the model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    from ..trl import is_trl_fused_forward
-
     if is_trl_fused_forward(base.__dict__.get("forward")):
         # Replacing it would drop TRL's fused head: the trainer's fused_lm_head=True calls would
         # then return plain logits ('CausalLMOutputWithPast' object has no attribute 'log_probs').

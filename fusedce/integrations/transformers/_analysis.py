@@ -29,6 +29,7 @@ import warnings
 import torch
 from torch import nn
 
+from ... import functional as F_
 from .._head import call_head
 
 _DOC_DECORATORS = {
@@ -146,8 +147,6 @@ def _fce_loss(state, loss_function, *args, **kwargs):
     if not _active(state):
         return loss_function(*args, **kwargs)
     from transformers.loss.loss_utils import ForCausalLMLoss
-
-    from ... import functional as F_
 
     bound = inspect.signature(ForCausalLMLoss).bind(*args, **kwargs)
     bound.apply_defaults()

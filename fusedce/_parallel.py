@@ -1,0 +1,900 @@
+"""The vocab-parallel layer behind the public functions (fusedce.functional, fusedce.terms, and
+fusedce.distributed, whose functions default the group to the whole world): the LM head's weight is
+sharded over the vocabulary. It imports neither functional nor terms: they check the arguments and
+call the entry points at the end of this file.
+
+Every rank holds a contiguous slice [vocab_start, vocab_start + V_local) of the vocabulary
+(``linear_weight`` [V_local, H], ``linear_bias`` / class weights [V_local], teacher weight the same
+way, or a logits shard [..., V_local]); ``input`` and the targets are the same on every rank and
+targets are global vocabulary ids. Shards may be uneven. A DTensor weight sharded on dim 0
+(``Shard(0)`` on a 1-D mesh) is accepted: its local shard and the mesh's group are used and the
+gradient flows back to the DTensor.
+
+Communication (torch.distributed: gloo on CPU, NCCL on GPU)
+-----------------------------------------------------------
+Forward: tokens are processed in chunks. Per chunk each rank computes its local logits
+(``hidden_chunk @ W_local.T + b_local`` in float32, float64 for float64 inputs), applies the final
+transform, and packs the per-row partials of *every* requested term into ONE [C, K] tensor: local
+max, local sum-exp, target logit (0 where another rank owns the target), class weight of the
+target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z,
+teacher max / sum-exp and cross sums for distillation, ... Those are gathered with ONE
+``all_gather_single`` (``all_gather_into_tensor``) per chunk and combined locally.
+
+Why a gather rather than all-reduces: the max and the sums combine differently (the sums must be
+rescaled by exp(m_rank - m_global)), so an all-reduce formulation needs a MAX all-reduce before the
+SUM all-reduce(s) can start (Megatron: 3 all-reduces, max / sum-exp / target logit; Cut
+Cross-Entropy 3 + 1; Liger 3). Gathering the raw partials costs one latency for K * C * world
+numbers, and K is a handful, so for the chunk sizes used (thousands of rows) it is a few hundred KB:
+the collective is latency-bound and one beats three. Every rank then does the same tiny combine.
+
+Exception, stated plainly: the generalized JSD (``distillation_loss(kind="jsd")``) needs
+sum_j m_j log m_j with m = beta r + (1 - beta) q, which depends on both *global* log-sum-exps
+element by element and cannot be written from first-pass partials; it takes a second small
+collective per chunk (an all-reduce of [C, 2]). Forward and reverse KL need only one.
+
+Gradients (reduction "mean"/"sum", and the policy loss): the gradient of the final scalar is known
+during the forward, so each chunk's d(loss)/d(logits) is formed right away from the global
+statistics: grad_weight_local += dlogits.T @ hidden_chunk and grad_bias_local are local (no
+collective), the partial grad_input = dlogits @ W_local is summed over ranks by ONE all-reduce in
+backward, after being scaled by the upstream gradient (``reduce_grad_input=False`` returns the
+partial instead, for a sequence-parallel layout that reduces it itself). Per-token outputs that
+carry a gradient (reduction="none", token log-probabilities, the per-token lse) are differentiated
+by a recomputing pass in backward: one collective per chunk again, plus the one for grad_input.
+
+Vocabulary offsets: ``vocab_start`` is this rank's first global id. Given, nothing is exchanged
+for it (the global V that label smoothing needs travels with the partials). A DTensor weight's
+offset follows from its global shape (torch.chunk's layout) without communication. Otherwise the
+local sizes are all-gathered once per call: one small setup collective per call, not per chunk.
+It is not cached, on purpose: any cache key is rank-local (the local size, a tensor's identity), so
+a cache could hit on one rank and miss on another (uneven shards: rank 0's V_local of one layout is
+rank 1's of another), and the ranks' collectives would stop matching - a hang or a crash.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import ops as _ops_py
+from ._checks import check_global_targets, host_target_check
+from ._shared import LossOutput, _policy_metrics, _shift
+
+# Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
+_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups, layout, collectives
+# ---------------------------------------------------------------------------------------------
+
+def _unwrap(x, group):
+    """(local tensor, group, vocab_start or None): a DTensor sharded on dim 0 of a 1-D mesh gives
+    its local shard, the mesh's group and its offset (torch.chunk's layout, known locally); a plain
+    tensor passes through."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover
+        return x, group, None
+    if isinstance(x, DTensor):
+        mesh = x.device_mesh
+        if mesh.ndim != 1 or tuple(x.placements) != (Shard(0),):
+            raise ValueError(
+                "fusedce.distributed: a DTensor weight must be sharded on the vocabulary dimension "
+                f"(placements (Shard(0),) on a 1-D mesh), got {tuple(x.placements)} on a {mesh.ndim}-D mesh"
+            )
+        local = x.to_local()
+        V, world, coord = x.shape[0], mesh.size(), mesh.get_local_rank()
+        step = -(-V // world)  # DTensor's Shard(0) splits like torch.chunk
+        start = min(coord * step, V)
+        if local.shape[0] != min(step, V - start):
+            raise ValueError(f"fusedce.distributed: unexpected DTensor shard layout (local {tuple(local.shape)} of {tuple(x.shape)})")
+        return local, (mesh.get_group() if group is None else group), start
+    return x, group, None
+
+
+def _unwrap_all(w, group, vocab_start):
+    w, group, start = _unwrap(w, group)
+    return w, group, (start if vocab_start is None else vocab_start)
+
+
+def _group_info(group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("fusedce.distributed: torch.distributed is not initialized")
+    group = dist.group.WORLD if group is None else group
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _vocab_start(group, rank, world, v_local, device, vocab_start):
+    """This rank's first global vocabulary id: given, or from all ranks' local sizes (one small
+    all_gather per call: a cache keyed by anything rank-local could hit on one rank and miss on
+    another, and the ranks' collectives would then no longer match)."""
+    if vocab_start is not None:
+        return int(vocab_start)
+    sizes = _gather(torch.tensor([v_local], dtype=torch.int64, device=device), group, world)
+    return int(sizes[:rank].sum().item())
+
+
+def _gather(x, group, world):
+    """ONE collective: the [C, K] partials of every rank, as [world, C, K]."""
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)  # the concatenated form (gloo does not take the stacked one)
+    return out.view((world,) + tuple(x.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax partials and their combination
+# ---------------------------------------------------------------------------------------------
+
+
+def _local_softmax(z):
+    """Local max (-inf for an empty / all -inf row), e = exp(z - max), local sum-exp."""
+    if z.shape[-1] == 0:
+        m = torch.full(z.shape[:-1], -math.inf, dtype=z.dtype, device=z.device)
+    else:
+        m = z.amax(-1)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(z - m_safe[:, None])
+    return m, e, e.sum(-1)
+
+
+def _wsum(e, y):
+    """sum_j e_j y_j with 0 * (-inf) = 0 (a masked logit has e = 0)."""
+    return torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
+
+
+def _combine(m_all, s_all, *sums_all):
+    """Global lse from per-rank (max, sum-exp); per-rank e-weighted sums rescaled and summed."""
+    M = m_all.amax(0)
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    f = torch.exp(m_all - M_safe)  # 0 for a rank whose row is all -inf
+    S = (s_all * f).sum(0)
+    lse = M_safe + torch.log(S)
+    return (M, lse, S) + tuple((x * f).sum(0) for x in sums_all)
+
+
+def _xlogx_safe(p, logp):
+    return torch.where(p > 0, p * logp, torch.zeros_like(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem description and the chunk loop
+# ---------------------------------------------------------------------------------------------
+
+
+class _Problem:
+    """Everything the chunk loop needs; `kind` is "ce", "lp", "distill" or "policy"."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _default_chunk(P, n_rows):
+    if P.chunk_size:
+        return max(1, min(P.chunk_size, max(n_rows, 1)))
+    if P.kind == "ce":
+        # The row kernels work on the one [C, V_local] logits chunk in the input dtype (as the
+        # single-GPU op, which fills the same budget): large chunks, few collectives.
+        src = P.logits if P.logits is not None else P.W
+        per_row = max(P.v_local, 1) * src.element_size()
+    else:
+        per_row = 4 * max(P.v_local, 1) * (8 if P.acc == torch.float64 else 4)
+        if P.kind == "distill":
+            per_row *= 2
+    budget = _BUDGET_BYTES.get(P.device.type, _BUDGET_BYTES["cpu"])
+    return max(1, min(max(n_rows, 1), budget // per_row))
+
+
+_OUT_DTYPE_MM = [True]
+
+
+def _mm_acc(a, b, acc):
+    """a @ b in the accumulation dtype: a half-precision GEMM with float32 output on CUDA
+    (torch.mm(..., out_dtype=), where the installed torch has it), else the GEMM then a cast."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _OUT_DTYPE_MM[0]:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_MM[0] = False
+    return torch.mm(a, b).to(acc)
+
+
+def _raw(P, lo, hi, teacher=False):
+    """Local raw logits of rows [lo, hi) in the accumulation dtype."""
+    if teacher:
+        if P.t_logits is not None:
+            return P.t_logits[lo:hi].to(P.acc)
+        h, W = P.t_hidden[lo:hi], P.t_W
+        r = _mm_acc(h.to(W.dtype), W.t(), P.acc)
+        return r if P.t_b is None else r + P.t_b.to(P.acc)
+    if P.logits is not None:
+        return P.logits[lo:hi].to(P.acc)
+    r = _mm_acc(P.hidden[lo:hi], P.W.t(), P.acc)
+    if P.b is not None:
+        r = r + P.b.to(P.acc)
+    return r
+
+
+def _raw_native(P, lo, hi, writable):
+    """Local raw logits of rows [lo, hi) in the input dtype (contiguous); a private copy when the
+    gradient will overwrite them and they are the caller's logits."""
+    if P.logits is not None:
+        x = P.logits[lo:hi]
+        return x.clone(memory_format=torch.contiguous_format) if writable else x.contiguous()
+    h = P.hidden[lo:hi]
+    W = P.W
+    if h.dtype != W.dtype:
+        h = h.to(W.dtype)
+    if P.b is not None:
+        return torch.addmm(P.b.to(W.dtype), h, W.t())
+    return torch.mm(h, W.t())
+
+
+def _final(P, raw):
+    """The head transforms on raw logits: logit_scale, then softcap (the single-process order)."""
+    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
+    z = raw * scale if scale != 1.0 else raw
+    return cap * torch.tanh(z / cap) if cap is not None else z
+
+
+def _dfinal(P, z):
+    """d(final)/d(raw) at the final value z (None when the transform is the identity)."""
+    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
+    if cap is not None:
+        return scale * (1 - (z / cap) ** 2)
+    return None if scale == 1.0 else scale
+
+
+def _chain(P, dz, zb):
+    d = _dfinal(P, zb)
+    return dz if d is None else dz * d
+
+
+def _target_local(P, tgt):
+    """(owned mask, local index safe for gather) of global targets `tgt` on this rank."""
+    li = tgt - P.v0
+    owned = (li >= 0) & (li < P.v_local)
+    if P.ignore_index is not None:
+        owned = owned & (tgt != P.ignore_index)
+    return owned, torch.where(owned, li, torch.zeros_like(li))
+
+
+def _pick(z, owned, li):
+    if z.shape[-1] == 0:
+        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    return torch.where(owned, z.gather(1, li[:, None])[:, 0], torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+def _sub_onehot(dz, owned, li, coef):
+    """dz[i, li_i] -= coef_i on the rows whose target this rank owns."""
+    if dz.shape[-1] == 0:
+        return dz
+    return dz.scatter_add_(1, li[:, None], torch.where(owned, -coef, torch.zeros_like(coef))[:, None])
+
+
+def _gather_checked(P, cols):
+    """The chunk's ONE gather of the [C, K] partials, with this rank's vocabulary size as a last
+    column: their sum is the global vocabulary (kept in P.v_global), which no rank knows alone and
+    against which `_check_targets` checks the targets once the loop is done."""
+    cols = cols + [torch.full_like(cols[0], float(P.v_local))]
+    G = _gather(torch.stack(cols, -1), P.group, P.world)
+    P.v_global = G[:, :1, -1].sum(0).to(torch.int64)
+    return G[..., :-1]
+
+
+def _check_targets(P):
+    """The single-process op's target range check on the sharded path, against the GLOBAL
+    vocabulary, once per call (after the forward's chunk loop: an out-of-range target is owned by
+    no rank, so the loop read nothing out of bounds meanwhile). Every rank holds the same targets
+    and sizes, so every rank raises the same error and no collective is left unmatched. Where no
+    host read is allowed (a default CUDA call, see _checks.host_target_check) the bad rows are
+    kept in P.bad instead and `_poison` makes the results NaN, as the single-process kernels do."""
+    tgt = P.target
+    if P.kind == "policy":
+        valid, name, desc = P.kept, "tokens (flattened)", " where mask != 0"
+    elif P.kind == "lp":
+        valid, name, desc = tgt != -100, "tokens", " and is not -100"
+    else:
+        valid, name, desc = tgt != P.ignore_index, "target", f" and is not ignore_index ({P.ignore_index})"
+    if host_target_check(tgt.device):
+        check_global_targets(tgt, P.v_global, valid, 0, name, desc)
+    else:
+        P.bad = valid & ((tgt < 0) | (tgt >= P.v_global))
+
+
+def _poison(P):
+    """NaN where a target was out of range (no host check made), else 0: added to the loss and
+    to every gradient, so a reduced loss is NaN and a GradScaler skips the step."""
+    bad = getattr(P, "bad", None)
+    if bad is None:
+        return None
+    zero = torch.zeros((), dtype=P.acc, device=bad.device)
+    return torch.where(bad.any(), torch.full_like(zero, math.nan), zero)
+
+
+def _chunk(P, lo, hi, coefs, grads):
+    """One chunk: local partials, ONE gather (two for JSD), combine, per-row outputs, and, when
+    `grads` is given, the local gradient contributions with per-row coefficients `coefs`."""
+    k = P.kind
+    raw = None if k == "ce" else _raw(P, lo, hi)
+    tgt = P.target[lo:hi]
+    owned, li = _target_local(P, tgt)
+    cols = []
+    out = {}
+
+    if k == "ce":
+        # The row math runs in the fused row kernels (fusedce::shard_stats / shard_grad_) on the
+        # shard's logits in the input dtype: one read for the partials, one in-place gradient.
+        lg = _raw_native(P, lo, hi, writable=grads is not None)
+        st = torch.ops.fusedce.shard_stats(
+            lg, tgt, P.v0, P.w, ignore_index=P.ignore_index if P.ignore_index is not None else -100,
+            softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+        m = st[:, 0]
+        cols += [m, st[:, 1], st[:, 3]]
+        if P.w is not None:
+            cols.append(st[:, 4])
+        if P.label_smoothing > 0:
+            wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=m.dtype, device=m.device))
+            cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
+        if P.need_argmax:
+            cols.append(st[:, 5])
+        z = m  # only its dtype and device are used below
+        G = _gather_checked(P, cols)
+        M, lse, S = _combine(G[..., 0], G[..., 1])
+        valid = tgt != P.ignore_index
+        vf = valid.to(z.dtype)
+        zt = G[..., 2].sum(0)
+        c = 3
+        if P.w is not None:
+            wt = G[..., c].sum(0) * vf
+            c += 1
+        else:
+            wt = vf
+        eps = P.label_smoothing
+        tok = wt * ((1 - eps) * (lse - zt) + P.z_loss * lse * lse)
+        if eps > 0:
+            wz, wsum, V = G[..., c].sum(0), G[..., c + 1].sum(0), G[..., c + 2].sum(0)
+            c += 3
+            tok = tok + vf * (eps / V) * (lse * wsum - wz)
+        else:
+            V = wsum = None
+        tok = torch.where(valid, tok, torch.zeros_like(tok))
+        out.update(token_loss=tok, lse=lse, wt=wt)
+        if P.need_argmax:
+            idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
+            out["predicted"] = torch.where(valid, idx.to(torch.long), torch.full_like(tgt, -1))
+        if grads is None:
+            return out
+        a_loss, a_lse = coefs
+        row = torch.zeros_like(lse)
+        coef_t = torch.zeros_like(lse)
+        coef_w = None
+        if a_loss is not None:
+            a = a_loss * vf
+            row = a * wt * ((1 - eps) + 2 * P.z_loss * lse)
+            coef_t = a * wt * (1 - eps)
+            if eps > 0:
+                row = row + a * (eps / V) * wsum
+                coef_w = a * (eps / V)
+        if a_lse is not None:
+            row = row + a_lse
+        torch.ops.fusedce.shard_grad_(
+            lg, tgt, P.v0, P.w, lse, row, coef_t, coef_w,
+            ignore_index=P.ignore_index if P.ignore_index is not None else -100,
+            softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+        draw = lg
+        _accumulate(P, lo, hi, draw, grads)
+        return out
+
+    if k in ("lp", "policy"):
+        T = P.temperature
+        zb = _final(P, raw)
+        z = zb / T
+        m, e, se = _local_softmax(z)
+        cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
+        del e
+        G = _gather_checked(P, cols)
+        M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
+        lp = G[..., 2].sum(0) - lse
+        ent = lse - ez / S
+        if k == "lp":  # HF's padding label: log-probability 0, no gradient
+            lp_valid = tgt != P.ignore_index
+            lp = torch.where(lp_valid, lp, torch.zeros_like(lp))
+        out.update(lp=lp, ent=ent)
+        if k == "policy":
+            pt, dpt = _policy_token(P, lo, hi, lp, ent)
+            out.update(per_token=pt, **P.extra)
+        if grads is None:
+            return out
+        if k == "lp":
+            a_lp, a_ent = coefs
+            if a_lp is not None:
+                a_lp = a_lp * lp_valid.to(a_lp.dtype)
+        else:
+            a = coefs[0]
+            a_lp = None if a is None else a * dpt
+            a_ent = None if (a is None or P.entropy_coef == 0.0) else -P.entropy_coef * a
+        p = torch.exp(z - lse[:, None])
+        dz = torch.zeros_like(z)
+        if a_lp is not None:
+            dz = dz - a_lp[:, None] * p
+            dz = _sub_onehot(dz, owned, li, -a_lp)
+        if a_ent is not None:
+            logp = z - lse[:, None]
+            dz = dz - a_ent[:, None] * torch.where(p > 0, p * (logp + ent[:, None]), torch.zeros_like(p))
+        _accumulate(P, lo, hi, _chain(P, dz / T, zb), grads)
+        return out
+
+    # distillation
+    T = P.temperature
+    raw = _final(P, raw)  # the student's final logits (the CE part reads them at T = 1)
+    zs = raw / T
+    zt_ = _raw(P, lo, hi, teacher=True) / T
+    ms, es, ss = _local_softmax(zs)
+    mt, et, st = _local_softmax(zt_)
+    # student group: [ms, ss, sum es zs, sum es zt]; teacher group: [mt, st, sum et zt, sum et zs]
+    cols += [ms, ss, _wsum(es, zs), _wsum(es, zt_), mt, st, _wsum(et, zt_), _wsum(et, zs)]
+    eps, zl = P.label_smoothing, P.z_loss
+    need_ce = P.ce_weight != 0.0 or zl != 0.0
+    if need_ce:  # the CE part (with smoothing) and the z-loss read the T = 1 softmax
+        m1, e1, s1 = _local_softmax(raw)
+        cols += [m1, s1, _pick(raw, owned, li)]
+        if eps > 0:
+            cols += [raw.sum(-1), torch.full_like(m1, float(P.v_local))]
+    G = _gather_checked(P, cols)
+    _, lseq, Sq, q_zs, q_zt = _combine(G[..., 0], G[..., 1], G[..., 2], G[..., 3])
+    _, lser, Sr, r_zt, r_zs = _combine(G[..., 4], G[..., 5], G[..., 6], G[..., 7])
+    sum_q_lq = q_zs / Sq - lseq
+    sum_r_lr = r_zt / Sr - lser
+    lq = zs - lseq[:, None]
+    lr = zt_ - lser[:, None]
+    q = torch.exp(lq)
+    beta = P.beta
+    if P.dkind == "forward_kl":
+        div = sum_r_lr - (r_zs / Sr - lseq)
+    elif P.dkind == "reverse_kl":
+        div = sum_q_lq - (q_zt / Sq - lser)
+    else:
+        lm = torch.logaddexp(lr + (math.log(beta) if beta > 0 else -math.inf),
+                             lq + (math.log1p(-beta) if beta < 1 else -math.inf))
+        mm = torch.exp(lm)
+        loc = torch.stack([_xlogx_safe(mm, lm).sum(-1), torch.where(q > 0, q * lm, torch.zeros_like(q)).sum(-1)], -1)
+        dist.all_reduce(loc, group=P.group)  # the JSD's second collective (see the module doc)
+        sum_m_lm, sum_q_lm = loc[:, 0], loc[:, 1]
+        div = beta * sum_r_lr + (1 - beta) * sum_q_lq - sum_m_lm
+    valid = tgt != P.ignore_index
+    tok = P.distill_weight * div
+    if need_ce:
+        _, lse1, _ = _combine(G[..., 8], G[..., 9])
+        ce = (1 - eps) * (lse1 - G[..., 10].sum(0))
+        if eps > 0:
+            zsum, Vg = G[..., 11].sum(0), G[..., 12].sum(0)
+            ce = ce + eps / Vg * (Vg * lse1 - zsum)
+        tok = tok + P.ce_weight * ce + zl * lse1 * lse1
+    tok = torch.where(valid, tok, torch.zeros_like(tok))
+    out["token_loss"] = tok
+    if grads is None:
+        return out
+    a = coefs[0] * valid.to(zs.dtype)
+    ad = a * P.distill_weight
+    if P.dkind == "forward_kl":
+        r = torch.exp(lr)
+        dzs = ad[:, None] * (q - r)
+    elif P.dkind == "reverse_kl":
+        kl = sum_q_lq - (q_zt / Sq - lser)
+        diff = torch.where(q > 0, lq - lr, torch.zeros_like(q))
+        dzs = ad[:, None] * q * (diff - kl[:, None])
+    else:
+        klqm = sum_q_lq - sum_q_lm
+        diff = torch.where(q > 0, lq - lm, torch.zeros_like(q))
+        dzs = (ad * (1 - beta))[:, None] * q * (diff - klqm[:, None])
+    draw = dzs / T
+    if need_ce:
+        ac = a * P.ce_weight
+        coef_p = ac + 2 * zl * a * lse1  # (1 - eps) + eps of the smoothing's sum of p
+        draw = draw + coef_p[:, None] * torch.exp(raw - lse1[:, None])
+        draw = _sub_onehot(draw, owned, li, ac * (1 - eps))
+        if eps > 0:
+            draw = draw - (ac * eps / Vg)[:, None]
+    _accumulate(P, lo, hi, _chain(P, draw, raw), grads)
+    return out
+
+
+def _policy_token(P, lo, hi, lp, ent):
+    """Per-token GRPO loss and its derivative with respect to the log-probability."""
+    old = P.old[lo:hi] if P.old is not None else lp.detach()
+    adv = P.adv[lo:hi]
+    ratio = torch.exp(lp - old)
+    clipped = torch.clamp(ratio, 1 - P.eps_low, 1 + P.eps_high)
+    unc = ratio * adv <= clipped * adv
+    pt = -torch.minimum(ratio * adv, clipped * adv)
+    dpt = torch.where(unc, -adv * ratio, torch.zeros_like(ratio))
+    if P.beta != 0.0:
+        d = P.ref[lo:hi] - lp
+        ed = torch.exp(d)
+        pt = pt + P.beta * (ed - d - 1)
+        dpt = dpt + P.beta * (1 - ed)
+    if P.entropy_coef != 0.0:
+        pt = pt - P.entropy_coef * ent
+    P.extra = {
+        "ratio": ratio,
+        "is_low_clipped": ((ratio < 1 - P.eps_low) & (adv < 0)).to(lp.dtype),
+        "is_high_clipped": ((ratio > 1 + P.eps_high) & (adv > 0)).to(lp.dtype),
+    }
+    if P.beta != 0.0:
+        P.extra["kl"] = torch.exp(P.ref[lo:hi] - lp) - (P.ref[lo:hi] - lp) - 1
+    return pt, dpt
+
+
+def _accumulate(P, lo, hi, draw, grads):
+    """Local gradient contributions of one chunk from d(loss)/d(raw local logits)."""
+    if P.logits is not None:
+        if grads.get("logits") is not None:
+            grads["logits"][lo:hi] += draw.to(grads["logits"].dtype)
+        return
+    if grads.get("hidden") is not None:
+        grads["hidden"][lo:hi] += torch.matmul(draw.to(P.W.dtype), P.W).to(grads["hidden"].dtype)
+    if grads.get("W") is not None:
+        gW = grads["W"]
+        gW.addmm_(draw.t().to(P.hidden.dtype), P.hidden[lo:hi]) if gW.dtype == P.hidden.dtype else \
+            gW.add_(torch.matmul(draw.t().to(P.hidden.dtype), P.hidden[lo:hi]).to(gW.dtype))
+    if grads.get("b") is not None:
+        grads["b"] += draw.sum(0, dtype=grads["b"].dtype)
+
+
+def _run(P, coefs=None, need=None):
+    """The chunk loop. Returns (per-row outputs over all N rows, local gradient buffers)."""
+    N = P.target.shape[0]
+    grads = None
+    if need is not None:
+        grads = {}
+        if P.logits is not None:
+            grads["logits"] = torch.zeros(P.logits.shape, dtype=P.acc, device=P.device) if need[3] else None
+        else:
+            grads["hidden"] = torch.zeros(P.hidden.shape, dtype=P.acc, device=P.device) if need[0] else None
+            # float16: float32 always (as the single-process op): the forward's weight gradient is
+            # divided by the mean's denominator before a loss scale exists (tests/test_fp16_loss_scale.py)
+            wacc = P.acc if (P.fp32_grad_accum or P.W.dtype != torch.bfloat16) else P.W.dtype
+            grads["W"] = torch.zeros(P.W.shape, dtype=wacc, device=P.device) if need[1] else None
+            grads["b"] = torch.zeros(P.W.shape[0], dtype=P.acc, device=P.device) if (need[2] and P.b is not None) else None
+    C = _default_chunk(P, N)
+    outs = []
+    for lo in range(0, N, C):
+        hi = min(N, lo + C)
+        cc = None if coefs is None else [None if c is None else c[lo:hi] for c in coefs]
+        outs.append(_chunk(P, lo, hi, cc, grads))
+    if not outs:  # no tokens: run nothing (every rank sees the same N)
+        return {}, grads
+    if not getattr(P, "targets_checked", False):  # the forward's loop; a recomputing one is not
+        _check_targets(P)
+        P.targets_checked = True
+    res = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
+    return res, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd function
+# ---------------------------------------------------------------------------------------------
+
+_ROW_DIFF = {"ce": ("token_loss", "lse"), "lp": ("lp", "ent"), "distill": ("token_loss",), "policy": ()}
+
+
+class _ShardedHead(torch.autograd.Function):
+    """Outputs: (loss scalar, *differentiable per-row outputs of the kind). `P.agg` are the per-row
+    coefficients of the scalar loss (None: no scalar), scaled after the loop by 1 / P.divisor(out)
+    (the mean's denominator may need the gathered class weight of the targets)."""
+
+    @staticmethod
+    def forward(ctx, P, hidden, W, b, logits):
+        ctx.set_materialize_grads(False)
+        need = [hidden is not None and ctx.needs_input_grad[1], W is not None and ctx.needs_input_grad[2],
+                b is not None and ctx.needs_input_grad[3], logits is not None and ctx.needs_input_grad[4]]
+        fused = P.agg is not None and any(need)
+        with torch.no_grad():
+            res, grads = _run(P, [P.agg] + [None] * (len(_ROW_DIFF[P.kind]) - 1) if fused else None,
+                              need if fused else None)
+        N = P.target.shape[0]
+        if P.agg is not None:
+            tok = res["per_token" if P.kind == "policy" else "token_loss"] if N else torch.zeros(0, dtype=P.acc, device=P.device)
+            div = P.divisor(res)
+            loss = (P.agg * tok).sum() / div
+        else:
+            div = None
+            loss = torch.zeros((), dtype=P.acc, device=P.device)
+        if fused:
+            # A mean over no token is nan (as torch) with zero gradients, not 0 / 0.
+            gdiv = torch.where(div != 0, div, torch.ones_like(div)) if torch.is_tensor(div) else div
+            for key, g in grads.items():
+                if g is not None:
+                    g.div_(gdiv)
+        poison = _poison(P)
+        if poison is not None:
+            loss = loss + poison
+            for key in ("token_loss", "per_token", "lp"):
+                if key in res:
+                    res[key] = torch.where(P.bad, torch.full_like(res[key], math.nan), res[key])
+            for g in (grads or {}).values() if fused else ():
+                if g is not None:
+                    g.add_(poison.to(g.dtype))
+        ctx.P, ctx.need, ctx.grads, ctx.fused = P, need, grads if fused else None, fused
+        ctx.allow_cell = _ops_py.second_backward_cell()
+        ctx.save_for_backward(hidden, W, b, logits)
+        P.res = res
+        rows = tuple(res[name] if N else torch.zeros(0, dtype=P.acc, device=P.device) for name in _ROW_DIFF[P.kind])
+        return (loss,) + rows
+
+    @staticmethod
+    def backward(ctx, g_loss, *g_rows):
+        _ops_py.check_not_create_graph("the sharded head loss (fusedce.distributed)")
+        P, need = ctx.P, ctx.need
+        total = {}
+        if g_loss is not None and ctx.fused:
+            if ctx.grads is None:  # as the single-process op: never a silent zero gradient
+                raise RuntimeError(_ops_py.SECOND_BACKWARD_ERROR.format(fn="vocab-parallel"))
+            for key, g in ctx.grads.items():
+                if g is not None:
+                    total[key] = g * g_loss
+        if any(g is not None for g in g_rows):
+            coefs = [None if g is None else g.to(P.acc) for g in g_rows]
+            with torch.no_grad():
+                _, grads = _run(P, coefs, need)
+            for key, g in grads.items():
+                if g is not None:
+                    total[key] = total[key] + g if key in total else g
+        if not _ops_py.second_backward_allowed(ctx.allow_cell):
+            ctx.grads = None  # the weight-sized buffers go now, not with the graph
+        poison = _poison(P)
+        if poison is not None and any(g is not None for g in g_rows):
+            for key in total:
+                total[key] = total[key] + poison.to(total[key].dtype)
+        gh = total.get("hidden")
+        if gh is not None and P.reduce_grad_input:
+            dist.all_reduce(gh, group=P.group)  # the ONE collective of the backward
+        hidden, W, b, logits = ctx.saved_tensors
+
+        def cast(key, ref, i):
+            if not need[i] or key not in total:
+                return None
+            return total[key].to(ref.dtype)
+
+        return (None, cast("hidden", hidden, 0), cast("W", W, 1), cast("b", b, 2), cast("logits", logits, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Common setup
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _base(process_group, vocab_start, device, v_local):
+    group, rank, world = _group_info(process_group)
+    v0 = _vocab_start(group, rank, world, v_local, device, vocab_start)
+    return dict(group=group, rank=rank, world=world, v0=v0, v_local=v_local, device=device)
+
+
+def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape):
+    """Runs the CE kind and builds the single-process-shaped result."""
+    acc = P.acc
+    N = P.target.shape[0]
+    if reduction == "none":
+        P.agg = None
+        P.divisor = None
+    else:
+        P.agg = torch.ones(N, dtype=acc, device=P.device)
+        if num_items_in_batch is not None:
+            ni = torch.as_tensor(num_items_in_batch, dtype=acc, device=P.device).reshape(())
+            P.divisor = lambda res: ni
+        elif reduction == "sum":
+            P.divisor = lambda res: torch.ones((), dtype=acc, device=P.device)
+        else:
+            def _mean_div(res):
+                d = res["wt"].sum() if N else torch.zeros((), dtype=acc, device=P.device)
+                P.denom = d
+                # != 0: negative class weights may sum below zero (divided by, as in torch).
+                return torch.where(d != 0, d, torch.ones_like(d))
+            P.divisor = _mean_div
+    loss, tok, lse = _ShardedHead.apply(P, P.hidden, P.W, P.b, P.logits)
+    res = P.res
+    if reduction == "none":
+        loss = tok.reshape(shape)
+    elif reduction == "mean" and num_items_in_batch is None:
+        d = P.denom
+        # A zero denominator: F.cross_entropy's sum / 0 (nan for an all-ignored batch), no gradient.
+        tok_sum = tok.detach().sum() if N else torch.zeros((), dtype=acc, device=P.device)
+        loss = torch.where(d != 0, loss, tok_sum / d)
+    if not return_stats:
+        return loss
+    flat_t = P.target
+    valid = flat_t != ignore_index
+    predicted = res["predicted"] if N else torch.zeros(0, dtype=torch.long, device=P.device)
+    wt = res["wt"] if N else torch.zeros(0, dtype=acc, device=P.device)
+    accuracy = ((predicted == flat_t) & valid).sum().to(acc) / valid.sum().to(acc)
+    z_tok = wt * (z_loss * lse.detach() ** 2)
+    if reduction == "none":
+        z_part = z_tok.reshape(shape)
+    elif num_items_in_batch is not None:
+        z_part = z_tok.sum() / torch.as_tensor(num_items_in_batch, dtype=acc, device=P.device)
+    elif reduction == "sum":
+        z_part = z_tok.sum()
+    else:
+        z_part = z_tok.sum() / P.denom
+    return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points (called by the public functions once they have checked every argument)
+# ---------------------------------------------------------------------------------------------
+
+
+# fusedce.functional / fusedce.terms run the one argument check of fusedce/_checks.py and route a
+# call with a process_group here; these check nothing but the global target range (only known once
+# the shards' sizes are combined). fusedce.distributed holds the public functions whose group
+# defaults to the whole world (WORLD).
+
+
+class _World:
+    """process_group for "the default group": routes a plain-tensor call to the sharded path."""
+
+    def __repr__(self):
+        return "fusedce.distributed.WORLD"
+
+
+WORLD = _World()
+
+
+def _group(process_group):
+    return None if process_group is WORLD else process_group
+
+
+def _linear_cross_entropy(
+    input, linear_weight, target, *, process_group, vocab_start, linear_bias, weight, reduction,
+    ignore_index, label_smoothing, z_loss, softcap, logit_scale, num_items_in_batch, shift,
+    return_stats, chunk_size, fp32_grad_accum, reduce_grad_input,
+):
+    process_group = _group(process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    if weight is not None:
+        weight, process_group, _ = _unwrap(weight, process_group)
+    if shift:
+        target = _shift(target, ignore_index)
+    shape = target.shape
+    Vl, H = linear_weight.shape
+    P = _Problem(kind="ce", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 target=target.reshape(-1).long(), w=weight, ignore_index=ignore_index,
+                 label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
+                 logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
+                 chunk_size=chunk_size, fp32_grad_accum=fp32_grad_accum, reduce_grad_input=reduce_grad_input,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
+
+
+def _cross_entropy(input, target, *, process_group, vocab_start, weight, reduction, ignore_index,
+                   label_smoothing, z_loss, softcap, logit_scale, num_items_in_batch, return_stats,
+                   chunk_size):
+    process_group = _group(process_group)
+    if weight is not None:
+        weight, process_group, _ = _unwrap(weight, process_group)
+    shape = target.shape
+    Vl = input.shape[-1]
+    P = _Problem(kind="ce", hidden=None, W=None, b=None, logits=input.reshape(target.numel(), Vl),
+                 target=target.reshape(-1).long(), w=weight, ignore_index=ignore_index,
+                 label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
+                 logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
+                 chunk_size=chunk_size, fp32_grad_accum=True, reduce_grad_input=True,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
+
+
+def _token_logprobs(input, linear_weight, tokens, *, process_group, vocab_start, linear_bias,
+                    temperature, return_entropy, softcap, logit_scale, chunk_size, reduce_grad_input):
+    """Tokens equal to -100 get log-probability 0 (the single-process convention)."""
+    process_group = _group(process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    Vl, H = linear_weight.shape
+    P = _Problem(kind="lp", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 target=tokens.reshape(-1).long(), ignore_index=-100, temperature=float(temperature),
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                 acc=_acc_dtype(input), chunk_size=chunk_size, fp32_grad_accum=False,
+                 reduce_grad_input=reduce_grad_input, agg=None, divisor=None,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    _, lp, ent = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
+    lp, ent = lp.reshape(tokens.shape), ent.reshape(tokens.shape)
+    return (lp, ent) if return_entropy else lp
+
+
+def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_weight, teacher_logits,
+                       kind, beta, temperature, distill_weight, ce_weight, ignore_index, reduction,
+                       linear_bias, teacher_bias, label_smoothing, z_loss, softcap, logit_scale,
+                       process_group, vocab_start, chunk_size, reduce_grad_input):
+    process_group = _group(process_group)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    if teacher_bias is not None:
+        teacher_bias, process_group, _ = _unwrap(teacher_bias, process_group)
+        teacher_bias = teacher_bias.detach()
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if teacher_weight is not None:
+        teacher_weight, process_group, _ = _unwrap(teacher_weight, process_group)
+    Vl, H = linear_weight.shape
+    shape = target.shape
+    t_hidden = None
+    if teacher_weight is not None:
+        ti = input if teacher_input is None else teacher_input
+        t_hidden = ti.detach().reshape(-1, ti.shape[-1])
+        teacher_weight = teacher_weight.detach()
+    t_logits = None if teacher_logits is None else teacher_logits.detach().reshape(target.numel(), Vl)
+    flat = target.reshape(-1).long()
+    acc = _acc_dtype(input)
+    valid = (flat != ignore_index).to(acc)  # int64 here: an int32 target was widened above
+    P = _Problem(kind="distill", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 t_hidden=t_hidden, t_W=teacher_weight, t_b=teacher_bias, t_logits=t_logits, target=flat,
+                 ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                 label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                 distill_weight=float(distill_weight), ce_weight=float(ce_weight), acc=acc,
+                 chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    if reduction == "none":
+        P.agg, P.divisor = None, None
+    else:
+        P.agg = torch.ones_like(valid)
+        d = valid.sum() if reduction == "mean" else torch.ones((), dtype=acc, device=input.device)
+        P.divisor = lambda res: d
+    loss, tok = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
+    return tok.reshape(shape) if reduction == "none" else loss
+
+
+def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask, ref_logprobs, beta,
+                 epsilon_low, epsilon_high, temperature, loss_type, entropy_coef,
+                 max_completion_length, linear_bias, softcap, logit_scale, process_group,
+                 vocab_start, chunk_size, reduce_grad_input):
+    """Masked tokens still go through the shared statistics (no row skipping); kept tokens must be
+    class ids (checked against the global vocabulary in the chunk loop)."""
+    process_group = _group(process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    Vl, H = linear_weight.shape
+    B, T = tokens.shape
+    acc = _acc_dtype(input)
+    adv = advantages.to(acc)
+    if adv.dim() == 1:
+        adv = adv[:, None].expand(B, T)
+    m = torch.ones(B, T, dtype=acc, device=input.device) if mask is None else mask.to(acc)
+    if loss_type == "grpo":
+        agg = m / m.sum(-1, keepdim=True).clamp(min=1) / B
+        div = torch.ones((), dtype=acc, device=input.device)
+    elif loss_type in ("bnpo", "dapo"):
+        agg, div = m, m.sum().clamp(min=1)
+    else:
+        agg = m
+        div = torch.tensor(float(B * (T if max_completion_length is None else max_completion_length)), dtype=acc, device=input.device)
+    P = _Problem(kind="policy", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                 old=None if old_logprobs is None else old_logprobs.reshape(-1).to(acc).detach(),
+                 adv=adv.reshape(-1), ref=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).detach(),
+                 beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),
+                 entropy_coef=float(entropy_coef), agg=agg.reshape(-1), divisor=lambda res: div, extra={},
+                 kept=m.reshape(-1) != 0,
+                 acc=acc, chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    (loss,) = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
+    res = P.res
+    with torch.no_grad():  # the keys and definitions of the single-process policy_loss
+        metrics = _policy_metrics(
+            res["lp"].reshape(B, T), res["ent"].reshape(B, T),
+            None if old_logprobs is None else old_logprobs.reshape(-1), adv.reshape(-1),
+            None if ref_logprobs is None else ref_logprobs.reshape(-1), m, advantages, beta,
+            epsilon_low, epsilon_high)
+    return loss, metrics
