@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops as _ops_py
+from ._op_args import TermOptions
 
 _ops = torch.ops.fusedce
 
@@ -282,8 +283,9 @@ def linear_cross_entropy(
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, vocab_chunk_size=vocab_chunk_size or 0,
-        fp32_grad_accum=bool(fp32_grad_accum), entropy_coef=float(entropy_coef),
-        want_entropy=bool(return_stats and return_entropy),
+        fp32_grad_accum=bool(fp32_grad_accum),
+        **TermOptions(entropy_coef=float(entropy_coef),
+                      want_entropy=bool(return_stats and return_entropy)).pack(),
     )
     loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
