@@ -1,5 +1,5 @@
-// The arguments of the terms beyond the CE (FUSEDCE_TERM_ARGS in fusedce.cpp), gathered and
-// checked once for both backends. Every message names the op argument.
+// The arguments of the terms beyond the CE (FUSEDCE_TERM_ARGS, the tail of the `loss` and
+// `loss_backward` schemas in fusedce.cpp), gathered and checked once for both backends. Every message names the op argument.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,9 +16,10 @@ namespace fusedce {
 // The term arguments of `loss` and `loss_backward`, defined once: the op schema (fusedce.cpp), the
 // C++ parameters and TermArgs' fields below, and the layout that fusedce/_op_args.py checks at
 // import (_C.term_layout()) all come from these three lists. The scalars travel packed in two list
-// arguments, `float[] term_floats` and `int[] term_ints`, in the order written here: with 35
-// separate arguments `loss` cost ~0.35 ms of host time per call in torch's register_autograd
-// wrapper alone (torch._library.utils.fill_defaults is quadratic in the argument count).
+// arguments, `float[] term_floats` and `int[] term_ints`, in the order written here: every op
+// argument costs host time on every call (Python argument parsing, boxing, autograd.Function's
+// scan of its inputs), and torch.library.register_autograd's wrapper even costs time quadratic in
+// their number (fusedce/ops.py: ~0.35 ms per call of `loss` when it had 35 arguments).
 // Adding a scalar: one line at the end of its list here, one field in _op_args.TermOptions (same
 // name, default and place); the import check refuses any other difference.
 //   X(C++ type, name, default)
