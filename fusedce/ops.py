@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+
 import torch
 from torch.library import Library, register_fake
 
@@ -109,8 +110,6 @@ _LOSS_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "grad_scale"
 _LOSS_BACKWARD_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "lse",
                        "grad_token_loss", "grad_lse", "grad_entropy", "grad_logprob", *_CE_KNOBS,
                        "grad_mask", *_CHUNK_KNOBS, *_TERM_ARGS)
-
-
 _CROSS_ENTROPY_ARGS = ("logits", "target", "class_weight", *_CE_KNOBS, "inplace_backward")
 _CROSS_ENTROPY_BACKWARD_ARGS = ("logits", "target", "class_weight", "lse", "grad_token_loss",
                                 "grad_lse", *_CE_KNOBS)
@@ -172,7 +171,7 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
 
 
 def _loss_setup_context(ctx, inputs, output):
-    # inputs: every argument of `loss`, in _LOSS_ARGS order (torch fills in the defaults).
+    # inputs: every argument of `loss`, in _LOSS_ARGS order (defaults filled in).
     hidden, weight, target, bias, class_weight, grad_scale = inputs[:6]
     grad_mask = inputs[11]
     term_tensors = inputs[15:15 + len(_op_args.TENSOR_NAMES)]
