@@ -45,11 +45,15 @@ def test_layout_mismatch_is_refused_at_import():
 def test_pack_defaults_are_empty():
     assert TermOptions().pack() == {}
     kw = TermOptions(want_logprob=True).pack()
-    assert kw == {"term_ints": [0, 1, 0, 0, 0]}
+    want = [int(d) for d in _op_args.INT_DEFAULTS]
+    want[_op_args.WANT_LOGPROB] = 1
+    assert kw == {"term_ints": want}
     t = torch.zeros(3)
     kw = TermOptions(advantages=t, kl_beta=0.1).pack()
     assert kw["advantages"] is t and "term_ints" not in kw
-    assert kw["term_floats"] == [1.0, 0.0, 1.0, 0.5, 1.0, 0.2, 0.2, 0.1]
+    want = list(_op_args.FLOAT_DEFAULTS)
+    want[_op_args.FLOAT_NAMES.index("kl_beta")] = 0.1
+    assert kw["term_floats"] == want
     assert TermOptions.unpack(kw["term_floats"], [], [None] * 5 + [t, None]) == TermOptions(
         advantages=t, kl_beta=0.1)
 
