@@ -5,64 +5,12 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch.library import Library, register_fake
+from torch.library import register_autograd, register_fake
 
 from . import _op_args
 from ._extension import load_extension
 
 _ops = torch.ops.fusedce
-
-
-# The autograd kernels of `loss` and `cross_entropy`. torch.library.register_autograd would be the
-# public way, but its wrapper calls torch._library.utils.fill_defaults on every call, which reads
-# the schema's argument list once per argument: ~0.15 ms of host time per call of `loss` (24
-# arguments), more than all the rest of a small call's host work. This is the same construction
-# (an autograd.Function whose forward redispatches below autograd, registered for the Autograd key
-# with the dispatch key set) with the schema's defaults read once, at registration.
-_autograd_lib = Library("fusedce", "IMPL")
-
-
-def _register_autograd(name: str, backward, setup_context):
-    op = getattr(_ops, name).default
-    schema_args = op._schema.arguments
-    if any(a.kwarg_only for a in schema_args):
-        raise AssertionError(f"fusedce: {op} has keyword-only arguments; _register_autograd "
-                             "passes every argument by position")
-    defaults = tuple(a.default_value if a.has_default_value() else None for a in schema_args)
-    below_autograd = torch._C._after_autograd_keyset
-
-    def redispatch(keyset, args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below_autograd, *args)
-
-    class Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args_and_keyset):
-            args, keyset = args_and_keyset[:-1], args_and_keyset[-1]
-            output = redispatch(keyset, args)
-            # The dispatcher drops trailing arguments equal to their defaults: put them back so
-            # that setup_context sees every argument at its schema position.
-            setup_context(ctx, args + defaults[len(args):], output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            # needs_input_grad as the op's arguments (without the trailing keyset).
-            full = ctx.needs_input_grad
-            try:
-                ctx.needs_input_grad = full[:-1]
-                return (*backward(ctx, *grads), None)
-            finally:
-                ctx.needs_input_grad = full
-
-    Function.__name__ = Function.__qualname__ = f"FusedceBackward_{name}"
-
-    def kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-            return Function.apply(*args, keyset)
-        return redispatch(keyset, args)
-
-    _autograd_lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -350,7 +298,7 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     return (gh, gw, None, gb) + (None,) * (_N_LOSS_ARGS - 4)
 
 
-_register_autograd("loss", _loss_backward, _loss_setup_context)
+register_autograd("fusedce::loss", _loss_backward, setup_context=_loss_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,4 +364,5 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
     return (grad,) + (None,) * 8
 
 
-_register_autograd("cross_entropy", _cross_entropy_backward, _cross_entropy_setup_context)
+register_autograd("fusedce::cross_entropy", _cross_entropy_backward,
+                  setup_context=_cross_entropy_setup_context)
