@@ -26,6 +26,7 @@
 
 #include <string>
 
+#include "terms_args.h"
 #include "validate.h"
 
 #ifdef FUSEDCE_WITH_CUDA
@@ -53,13 +54,9 @@ TORCH_LIBRARY(fusedce, m) {
   //                    + kl_beta * k3(ref_logprobs), ratio = exp(logprob - old_logprobs)
   // Every term is 0 at ignored rows (target == ignore_index); the outputs lse and entropy are
   // defined (and differentiable) at every row.
-#define FUSEDCE_TERM_ARGS                                                                       \
-  "float ce_weight=1.0, bool want_entropy=False, bool want_logprob=False, "                    \
-  "float entropy_coef=0.0, Tensor? teacher_logits=None, Tensor? teacher_hidden=None, "         \
-  "Tensor? teacher_weight=None, Tensor? teacher_bias=None, int distill=0, "                     \
-  "float distill_weight=1.0, float distill_beta=0.5, float distill_temperature=1.0, "         \
-  "Tensor? old_logprobs=None, Tensor? advantages=None, Tensor? ref_logprobs=None, "            \
-  "float epsilon_low=0.2, float epsilon_high=0.2, float kl_beta=0.0"
+  // These arguments are FUSEDCE_TERM_ARGS (csrc/terms_args.h): the seven optional tensors by name,
+  // the scalars packed in `term_floats` / `term_ints` in the layout defined there (empty lists:
+  // every default). Python builds them with fusedce._op_args.TermOptions(...).pack().
 
   // Fused linear head loss. `loss` is sum_i grad_scale[i] * token_loss[i] (grad_scale: one value
   // or one per token, default 1): the caller passes 1/denominator for a mean (or per-token
@@ -70,15 +67,14 @@ TORCH_LIBRARY(fusedce, m) {
   // vocabulary (low-memory mode, logits recomputed per tile).
   // Per-token statistics of softmax(z) from the same pass, defined at every row, not
   // differentiable (metrics: TRL's mean_logits and log_sum_sq_probs), empty when not requested:
-  //   want_mean_logit  mean_logit      = sum_c z_c / V
-  //   want_log_sum_sq  log_sum_sq_prob = log sum_c p_c^2
+  //   want_mean_logit  mean_logit      = sum_c z_c / V             (in term_ints)
+  //   want_log_sum_sq  log_sum_sq_prob = log sum_c p_c^2           (in term_ints)
   m.def(
       "loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, "
       "Tensor? class_weight=None, Tensor? grad_scale=None, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0, "
       "bool[3] grad_mask=[False, False, False], int chunk_size=0, int vocab_chunk_size=0, "
-      "bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ", "
-      "bool want_mean_logit=False, bool want_log_sum_sq=False) "
+      "bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ") "
       "-> (Tensor loss, Tensor token_loss, Tensor lse, Tensor predicted, Tensor entropy, "
       "Tensor logprob, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, "
       "Tensor mean_logit, Tensor log_sum_sq_prob)");
@@ -167,6 +163,28 @@ py::dict build_info() {
   return info;
 }
 
+// The layout of term_floats / term_ints and the names of the term tensors (csrc/terms_args.h), for
+// fusedce/_op_args.py to compare with its own table at import: (name, C++ type, default) each.
+py::dict term_layout() {
+  py::list floats, ints, tensors;
+#define FUSEDCE_ENTRY_(type, name, default_value) \
+  floats.append(py::make_tuple(#name, #type, static_cast<double>(default_value)));
+  FUSEDCE_TERM_FLOATS(FUSEDCE_ENTRY_)
+#undef FUSEDCE_ENTRY_
+#define FUSEDCE_ENTRY_(type, name, default_value) \
+  ints.append(py::make_tuple(#name, #type, static_cast<int64_t>(default_value)));
+  FUSEDCE_TERM_INTS(FUSEDCE_ENTRY_)
+#undef FUSEDCE_ENTRY_
+#define FUSEDCE_ENTRY_(name) tensors.append(#name);
+  FUSEDCE_TERM_TENSORS(FUSEDCE_ENTRY_)
+#undef FUSEDCE_ENTRY_
+  py::dict layout;
+  layout["term_floats"] = floats;
+  layout["term_ints"] = ints;
+  layout["tensors"] = tensors;
+  return layout;
+}
+
 }  // namespace
 
 // A bare extension module: the ops come from the static TORCH_LIBRARY registration above when the
@@ -174,6 +192,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "fusedce build information; the ops live in torch.ops.fusedce";
   mod.def("build_info", &build_info, "How this fusedce._C was built (CPU/CUDA, versions, archs).");
+  mod.def("term_layout", &term_layout,
+          "The layout of the packed term arguments of fusedce::loss (csrc/terms_args.h).");
   mod.def(
       "_validate_targets",
       [](int delta) { return fusedce::validate_depth().fetch_add(delta) + delta; },

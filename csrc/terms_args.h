@@ -1,28 +1,122 @@
-// The arguments of the terms beyond the CE (FUSEDCE_TERM_ARGS in fusedce.cpp), gathered and
-// checked once for both backends. Every message names the op argument.
+// The arguments of the terms beyond the CE (FUSEDCE_TERM_ARGS, the tail of the `loss` and
+// `loss_backward` schemas in fusedce.cpp), gathered and checked once for both backends. Every message names the op argument.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "checks.h"
 
 namespace fusedce {
 
+// The term arguments of `loss` and `loss_backward`, defined once: the op schema (fusedce.cpp), the
+// C++ parameters and TermArgs' fields below, and the layout that fusedce/_op_args.py checks at
+// import (_C.term_layout()) all come from these three lists. The scalars travel packed in two list
+// arguments, `float[] term_floats` and `int[] term_ints`, in the order written here: every op
+// argument costs host time on every call (Python argument parsing, boxing, autograd.Function's
+// scan of its inputs), and torch.library.register_autograd's wrapper even costs time quadratic in
+// their number (fusedce/ops.py: ~0.35 ms per call of `loss` when it had 35 arguments).
+// Adding a scalar: one line at the end of its list here, one field in _op_args.TermOptions (same
+// name, default and place); the import check refuses any other difference.
+//   X(C++ type, name, default)
+#define FUSEDCE_TERM_FLOATS(X)          \
+  X(double, ce_weight, 1.0)             \
+  X(double, entropy_coef, 0.0)          \
+  X(double, distill_weight, 1.0)        \
+  X(double, distill_beta, 0.5)          \
+  X(double, distill_temperature, 1.0)   \
+  X(double, epsilon_low, 0.2)           \
+  X(double, epsilon_high, 0.2)          \
+  X(double, kl_beta, 0.0)
+// bool entries must be 0 or 1 (checked); want_mean_logit / want_log_sum_sq are statistics of
+// `loss` only (no gradient): loss_backward ignores them.
+#define FUSEDCE_TERM_INTS(X)            \
+  X(bool, want_entropy, false)          \
+  X(bool, want_logprob, false)          \
+  X(int64_t, distill, 0)                \
+  X(bool, want_mean_logit, false)       \
+  X(bool, want_log_sum_sq, false)
+// Optional tensors stay separate `Tensor? name=None` arguments (a Tensor?[] list would make
+// register_autograd flatten every call's arguments with pytree: slower than what it saves).
+#define FUSEDCE_TERM_TENSORS(X)         \
+  X(teacher_logits)                     \
+  X(teacher_hidden)                     \
+  X(teacher_weight)                     \
+  X(teacher_bias)                       \
+  X(old_logprobs)                       \
+  X(advantages)                         \
+  X(ref_logprobs)
+
+#define FUSEDCE_COUNT_ONE_(...) +1
+constexpr size_t kTermFloats = 0 FUSEDCE_TERM_FLOATS(FUSEDCE_COUNT_ONE_);
+constexpr size_t kTermInts = 0 FUSEDCE_TERM_INTS(FUSEDCE_COUNT_ONE_);
+constexpr size_t kTermTensors = 0 FUSEDCE_TERM_TENSORS(FUSEDCE_COUNT_ONE_);
+#undef FUSEDCE_COUNT_ONE_
+
+namespace detail {
+template <typename T>
+inline T term_int(int64_t v, const char* name) {
+  return static_cast<T>(v);
+}
+template <>
+inline bool term_int<bool>(int64_t v, const char* name) {
+  TORCH_CHECK(v == 0 || v == 1, "fusedce: term_ints entry ", name, " is a flag (0 or 1), got ", v);
+  return v != 0;
+}
+}  // namespace detail
+
 struct TermArgs {
-  double ce_weight = 1.0;
-  bool want_entropy = false;
-  bool want_logprob = false;
-  double entropy_coef = 0.0;
-  std::optional<at::Tensor> teacher_logits, teacher_hidden, teacher_weight, teacher_bias;
-  int64_t distill = 0;
-  double distill_weight = 1.0, distill_beta = 0.5, distill_temperature = 1.0;
-  std::optional<at::Tensor> old_logprobs, advantages, ref_logprobs;
-  double epsilon_low = 0.2, epsilon_high = 0.2, kl_beta = 0.0;
-  // Statistics of `loss` only (not in FUSEDCE_TERM_ARGS: no gradient, so loss_backward has none).
-  bool want_mean_logit = false, want_log_sum_sq = false;
+#define FUSEDCE_FIELD_(type, name, default_value) type name = default_value;
+  FUSEDCE_TERM_FLOATS(FUSEDCE_FIELD_)
+  FUSEDCE_TERM_INTS(FUSEDCE_FIELD_)
+#undef FUSEDCE_FIELD_
+#define FUSEDCE_FIELD_(name) std::optional<at::Tensor> name;
+  FUSEDCE_TERM_TENSORS(FUSEDCE_FIELD_)
+#undef FUSEDCE_FIELD_
+
+  // From the op's arguments: each list empty (all defaults) or exactly as long as its layout; a
+  // list of another length is refused, never read partly (a shifted layout would be a silently
+  // wrong loss).
+  static TermArgs unpack(c10::ArrayRef<double> floats, c10::ArrayRef<int64_t> ints,
+                         std::array<std::optional<at::Tensor>, kTermTensors> tensors) {
+#define FUSEDCE_NAME_(type, name, default_value) " " #name
+    TORCH_CHECK(floats.empty() || floats.size() == kTermFloats,
+                "fusedce: term_floats must be empty (all defaults) or hold ", kTermFloats,
+                " values in this order:" FUSEDCE_TERM_FLOATS(FUSEDCE_NAME_) "; got ",
+                floats.size(), " values (build it with fusedce._op_args.TermOptions.pack())");
+    TORCH_CHECK(ints.empty() || ints.size() == kTermInts,
+                "fusedce: term_ints must be empty (all defaults) or hold ", kTermInts,
+                " values in this order:" FUSEDCE_TERM_INTS(FUSEDCE_NAME_) "; got ", ints.size(),
+                " values (build it with fusedce._op_args.TermOptions.pack())");
+#undef FUSEDCE_NAME_
+    TermArgs ta;
+    size_t i = 0;
+    if (!floats.empty()) {
+#define FUSEDCE_READ_(type, name, default_value) ta.name = floats[i++];
+      FUSEDCE_TERM_FLOATS(FUSEDCE_READ_)
+#undef FUSEDCE_READ_
+    }
+    i = 0;
+    if (!ints.empty()) {
+#define FUSEDCE_READ_(type, name, default_value) \
+  ta.name = detail::term_int<type>(ints[i++], #name);
+      FUSEDCE_TERM_INTS(FUSEDCE_READ_)
+#undef FUSEDCE_READ_
+    }
+    i = 0;
+#define FUSEDCE_READ_(name) ta.name = std::move(tensors[i++]);
+    FUSEDCE_TERM_TENSORS(FUSEDCE_READ_)
+#undef FUSEDCE_READ_
+    return ta;
+  }
+
+  // loss_backward: the statistics have no gradient, so their flags must not pull a plain CE
+  // backward off its tuned kernels.
+  void without_statistics() { want_mean_logit = want_log_sum_sq = false; }
 
   bool entropy_needed() const { return want_entropy || entropy_coef != 0.0; }
   bool policy() const { return advantages.has_value(); }
@@ -108,21 +202,18 @@ struct TermArgs {
 
 }  // namespace fusedce
 
-// The C++ parameters of FUSEDCE_TERM_ARGS (same order), and the TermArgs built from them: one
-// definition for the CPU and CUDA implementations of `loss` and `loss_backward`.
-#define FUSEDCE_TERM_PARAMS                                                                       \
-  double ce_weight, bool want_entropy, bool want_logprob, double entropy_coef,                    \
-      const std::optional<at::Tensor>&teacher_logits,                                             \
-      const std::optional<at::Tensor>&teacher_hidden,                                             \
-      const std::optional<at::Tensor>&teacher_weight, const std::optional<at::Tensor>&teacher_bias, \
-      int64_t distill, double distill_weight, double distill_beta, double distill_temperature,    \
-      const std::optional<at::Tensor>&old_logprobs, const std::optional<at::Tensor>&advantages,   \
-      const std::optional<at::Tensor>&ref_logprobs, double epsilon_low, double epsilon_high,      \
-      double kl_beta
+// The op schema text of the term arguments (the tail of `loss` and `loss_backward`), the matching
+// C++ parameters, and the TermArgs built from them: one definition for the CPU and CUDA drivers.
+#define FUSEDCE_TENSOR_SCHEMA_(name) "Tensor? " #name "=None, "
+#define FUSEDCE_TERM_ARGS \
+  FUSEDCE_TERM_TENSORS(FUSEDCE_TENSOR_SCHEMA_) "float[] term_floats=[], int[] term_ints=[]"
 
-#define FUSEDCE_TERM_ARGS_STRUCT                                                                 \
-  ::fusedce::TermArgs {                                                                          \
-    ce_weight, want_entropy, want_logprob, entropy_coef, teacher_logits, teacher_hidden,         \
-        teacher_weight, teacher_bias, distill, distill_weight, distill_beta, distill_temperature, \
-        old_logprobs, advantages, ref_logprobs, epsilon_low, epsilon_high, kl_beta               \
-  }
+#define FUSEDCE_TENSOR_PARAM_(name) const std::optional<at::Tensor>&name,
+#define FUSEDCE_TERM_PARAMS                           \
+  FUSEDCE_TERM_TENSORS(FUSEDCE_TENSOR_PARAM_)         \
+  c10::ArrayRef<double> term_floats, c10::ArrayRef<int64_t> term_ints
+
+#define FUSEDCE_TENSOR_NAME_(name) name,
+#define FUSEDCE_TERM_ARGS_STRUCT          \
+  ::fusedce::TermArgs::unpack(term_floats, term_ints, \
+                              {FUSEDCE_TERM_TENSORS(FUSEDCE_TENSOR_NAME_)})

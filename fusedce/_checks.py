@@ -37,6 +37,10 @@ def _check_device(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
 
 
 def _check_finite(value, name: str) -> float:
+    # The common case first: a Python float or int (not bool: type() is exact), without the
+    # slower isinstance checks against the numbers ABCs.
+    if (type(value) is float or type(value) is int) and -math.inf < value < math.inf:
+        return value
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise ValueError(f"fusedce: {name} must be a finite number, got {value!r}")
     # A chained comparison rather than math.isfinite: it also traces under
@@ -90,6 +94,8 @@ def _check_ignore_index(ignore_index, name: str = "ignore_index") -> int:
     """None means HF's -100. The ops take an int64: anything else is refused here by name."""
     if ignore_index is None:
         return -100
+    if type(ignore_index) is int and _INT64.min <= ignore_index <= _INT64.max:
+        return ignore_index  # the common case, before the slower isinstance checks below
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"fusedce: {name} must be an int (or None for -100), got {ignore_index!r}")
     if isinstance(ignore_index, numbers.Integral) and not _INT64.min <= ignore_index <= _INT64.max:

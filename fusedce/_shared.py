@@ -80,15 +80,18 @@ def _policy_metrics(lp, ent, old, adv, ref, m, advantages, beta, eps_low, eps_hi
     big = torch.finfo(lp.dtype).max
     low = (ratio < 1 - eps_low) & (a < 0)
     high = (ratio > 1 + eps_high) & (a > 0)
+    # The six masked means in one reduction (a handful of small ops per call instead of ~20).
+    means = ((torch.stack([low.to(lp), high.to(lp), (low | high).to(lp), ratio, ent, lp])
+              * m).flatten(1).sum(1) / count).unbind()
     metrics = {
-        "clip_ratio/low_mean": mean(low.to(lp)),
-        "clip_ratio/high_mean": mean(high.to(lp)),
-        "clip_ratio/region_mean": mean((low | high).to(lp)),
-        "ratio/mean": mean(ratio),
-        "ratio/min": torch.where(valid, ratio, torch.full_like(ratio, big)).min(),
-        "ratio/max": torch.where(valid, ratio, torch.full_like(ratio, -big)).max(),
-        "entropy": mean(ent),
-        "logprob/mean": mean(lp),
+        "clip_ratio/low_mean": means[0],
+        "clip_ratio/high_mean": means[1],
+        "clip_ratio/region_mean": means[2],
+        "ratio/mean": means[3],
+        "ratio/min": torch.where(valid, ratio, big).min(),
+        "ratio/max": torch.where(valid, ratio, -big).max(),
+        "entropy": means[4],
+        "logprob/mean": means[5],
         "advantages/mean": advantages.to(lp).mean(),
         "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
     }

@@ -14,6 +14,7 @@ import torch
 from . import _parallel
 from . import ops as _ops_py
 from ._shared import LossOutput, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
+from ._op_args import TermOptions
 
 _ops = torch.ops.fusedce
 
@@ -73,6 +74,14 @@ def _token_weights(target: torch.Tensor, ignore_index: int, weight, dtype) -> to
     usable = valid & (target >= 0) & (target < weight.shape[0])
     safe = torch.where(usable, target, torch.zeros_like(target))
     return weight.to(dtype)[safe] * valid.to(dtype)
+
+
+def _denominator(target: torch.Tensor, ignore_index: int, weight, dtype) -> torch.Tensor:
+    """The mean's denominator: the sum of _token_weights; unweighted, the same float sum of the
+    0/1 mask in one op instead of a cast and a sum."""
+    if weight is None:
+        return _not_ignored(target, ignore_index).sum(dtype=dtype)
+    return _token_weights(target, ignore_index, weight, dtype).sum()
 
 
 def _divisor(num_items_in_batch, device: torch.device, dtype: torch.dtype):
@@ -211,10 +220,11 @@ def linear_cross_entropy(
             # a fill, not torch.as_tensor(number, device=...): that is a synchronizing copy
             grad_scale = 1.0 / d if isinstance(d, torch.Tensor) else torch.full((), 1.0 / d, dtype=acc, device=input.device)
         elif reduction == "mean":
-            denom = _token_weights(flat_target, ignore_index, weight, acc).sum()
+            denom = _denominator(flat_target, ignore_index, weight, acc)
             # denom != 0, not > 0: negative class weights may sum to a negative denominator,
             # which F.cross_entropy divides by like any other.
-            grad_scale = torch.where(denom != 0, 1.0 / denom, torch.zeros_like(denom))
+            nonzero = denom != 0
+            grad_scale = torch.where(nonzero, denom.reciprocal(), 0.0)
     track = torch.is_grad_enabled() and reduction != "none"
     grad_mask = [
         track and input.requires_grad,
@@ -226,8 +236,9 @@ def linear_cross_entropy(
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, vocab_chunk_size=vocab_chunk_size or 0,
-        fp32_grad_accum=bool(fp32_grad_accum), entropy_coef=float(entropy_coef),
-        want_entropy=bool(return_stats and return_entropy),
+        fp32_grad_accum=bool(fp32_grad_accum),
+        **TermOptions(entropy_coef=float(entropy_coef),
+                      want_entropy=bool(return_stats and return_entropy)).pack(),
     )
     loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
@@ -236,7 +247,7 @@ def linear_cross_entropy(
         # A zero denominator (an all-ignored or empty batch, or class weights summing to 0):
         # F.cross_entropy's sum / 0 (nan, or +-inf), with zero gradients. The op's loss is 0
         # there; the detached sum adds the value without a gradient into the token losses.
-        loss = loss + torch.where(denom != 0, torch.zeros_like(denom), token_loss.detach().sum() / denom)
+        loss = loss + torch.where(nonzero, 0.0, token_loss.detach().sum() / denom)
     if not return_stats:
         return loss
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
@@ -310,7 +321,7 @@ def cross_entropy(
     elif reduction == "sum":
         loss = token_loss.sum()
     else:
-        denom = _token_weights(flat_target, ignore_index, weight, token_loss.dtype).sum()
+        denom = _denominator(flat_target, ignore_index, weight, token_loss.dtype)
         loss = token_loss.sum() / denom
     if not return_stats:
         return loss

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
 import torch
 from torch.library import register_autograd, register_fake
+
+from . import _op_args
+from ._extension import load_extension
 
 _ops = torch.ops.fusedce
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _by_name(op, inputs) -> SimpleNamespace:
-    """setup_context receives the inputs positionally; read them by their schema names."""
-    names = [a.name for a in op.default._schema.arguments]
-    return SimpleNamespace(**dict(zip(names, inputs)))
 
 
 def _empty_grad(like: torch.Tensor) -> torch.Tensor:
@@ -51,16 +47,50 @@ def _precomputed_dtype(dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 
 
+# The argument names of `loss` and `loss_backward` in schema order. setup_context and the backward
+# read and pass the arguments by position (no per-call name lookup); the import-time check below
+# makes a schema change fail loudly here instead of shifting an argument.
+_CE_KNOBS = ("ignore_index", "label_smoothing", "z_loss", "softcap", "logit_scale")
+_CHUNK_KNOBS = ("chunk_size", "vocab_chunk_size", "fp32_grad_accum")
+_TERM_ARGS = (*_op_args.TENSOR_NAMES, "term_floats", "term_ints")
+_LOSS_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "grad_scale", *_CE_KNOBS,
+              "grad_mask", *_CHUNK_KNOBS, *_TERM_ARGS)
+_LOSS_BACKWARD_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "lse",
+                       "grad_token_loss", "grad_lse", "grad_entropy", "grad_logprob", *_CE_KNOBS,
+                       "grad_mask", *_CHUNK_KNOBS, *_TERM_ARGS)
+_CROSS_ENTROPY_ARGS = ("logits", "target", "class_weight", *_CE_KNOBS, "inplace_backward")
+_CROSS_ENTROPY_BACKWARD_ARGS = ("logits", "target", "class_weight", "lse", "grad_token_loss",
+                                "grad_lse", *_CE_KNOBS)
+
+
+def _check_schemas():
+    _op_args.check_layout(load_extension().term_layout())
+    for op, names in ((_ops.loss, _LOSS_ARGS), (_ops.loss_backward, _LOSS_BACKWARD_ARGS),
+                      (_ops.cross_entropy, _CROSS_ENTROPY_ARGS),
+                      (_ops.cross_entropy_backward, _CROSS_ENTROPY_BACKWARD_ARGS),
+                      (_ops.cross_entropy_backward_, _CROSS_ENTROPY_BACKWARD_ARGS)):
+        schema_names = tuple(a.name for a in op.default._schema.arguments)
+        if schema_names != names:
+            raise ImportError(f"fusedce: fusedce/ops.py expects {op} to take {names}, the compiled "
+                              f"schema has {schema_names}; rebuild fusedce._C")
+
+
+_check_schemas()
+_N_LOSS_ARGS = len(_LOSS_ARGS)
+
+
+def _flag(term_ints, index: int) -> bool:
+    return bool(term_ints[index]) if term_ints else bool(_op_args.INT_DEFAULTS[index])
+
+
 @register_fake("fusedce::loss")
 def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=None,
                ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
                grad_mask=(False, False, False), chunk_size=0, vocab_chunk_size=0,
-               fp32_grad_accum=False, ce_weight=1.0, want_entropy=False, want_logprob=False,
-               entropy_coef=0.0, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
-               teacher_bias=None, distill=0, distill_weight=1.0, distill_beta=0.5,
-               distill_temperature=1.0, old_logprobs=None, advantages=None, ref_logprobs=None,
-               epsilon_low=0.2, epsilon_high=0.2, kl_beta=0.0, want_mean_logit=False,
-               want_log_sum_sq=False):
+               fp32_grad_accum=False, teacher_logits=None, teacher_hidden=None,
+               teacher_weight=None, teacher_bias=None, old_logprobs=None, advantages=None,
+               ref_logprobs=None, term_floats=(), term_ints=()):
+    opts = _op_args.TermOptions.unpack(term_floats, term_ints)  # checks the lengths, as the op
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     return (
@@ -68,11 +98,11 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
         hidden.new_empty((n,), dtype=acc),
         hidden.new_empty((n,), dtype=acc),
         hidden.new_empty((n,), dtype=torch.long),
-        hidden.new_empty((n if want_entropy else 0,), dtype=acc),
-        hidden.new_empty((n if want_logprob else 0,), dtype=acc),
+        hidden.new_empty((n if opts.want_entropy else 0,), dtype=acc),
+        hidden.new_empty((n if opts.want_logprob else 0,), dtype=acc),
         *_fake_grads(hidden, weight, bias, grad_mask, _precomputed_dtype(hidden.dtype)),
-        hidden.new_empty((n if want_mean_logit else 0,), dtype=acc),
-        hidden.new_empty((n if want_log_sum_sq else 0,), dtype=acc),
+        hidden.new_empty((n if opts.want_mean_logit else 0,), dtype=acc),
+        hidden.new_empty((n if opts.want_log_sum_sq else 0,), dtype=acc),
     )
 
 
@@ -81,26 +111,19 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
                         grad_lse=None, grad_entropy=None, grad_logprob=None, ignore_index=-100,
                         label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
                         grad_mask=(True, True, True), chunk_size=0, vocab_chunk_size=0,
-                        fp32_grad_accum=False, ce_weight=1.0, want_entropy=False,
-                        want_logprob=False, entropy_coef=0.0, teacher_logits=None,
-                        teacher_hidden=None, teacher_weight=None, teacher_bias=None, distill=0,
-                        distill_weight=1.0, distill_beta=0.5, distill_temperature=1.0,
-                        old_logprobs=None, advantages=None, ref_logprobs=None, epsilon_low=0.2,
-                        epsilon_high=0.2, kl_beta=0.0):
+                        fp32_grad_accum=False, teacher_logits=None, teacher_hidden=None,
+                        teacher_weight=None, teacher_bias=None, old_logprobs=None,
+                        advantages=None, ref_logprobs=None, term_floats=(), term_ints=()):
+    _op_args.TermOptions.unpack(term_floats, term_ints)  # checks the lengths, as the op
     return _fake_grads(hidden, weight, bias, grad_mask)
 
 
-# The scalar and tensor arguments of the terms beyond the CE (FUSEDCE_TERM_ARGS), passed through
-# unchanged from `loss` to the recomputing `loss_backward`.
-_TERM_SCALARS = ("ce_weight", "want_entropy", "want_logprob", "entropy_coef", "distill",
-                 "distill_weight", "distill_beta", "distill_temperature", "epsilon_low",
-                 "epsilon_high", "kl_beta")
-_TERM_TENSORS = ("teacher_logits", "teacher_hidden", "teacher_weight", "teacher_bias",
-                 "old_logprobs", "advantages", "ref_logprobs")
-
-
 def _loss_setup_context(ctx, inputs, output):
-    a = _by_name(_ops.loss, inputs)
+    # inputs: every argument of `loss`, in _LOSS_ARGS order (defaults filled in).
+    hidden, weight, target, bias, class_weight, grad_scale = inputs[:6]
+    grad_mask = inputs[11]
+    term_tensors = inputs[15:15 + len(_op_args.TENSOR_NAMES)]
+    term_ints = inputs[-1]
     (loss, token_loss, lse, predicted, entropy, logprob,
      grad_hidden, grad_weight, grad_bias, mean_logit, log_sum_sq_prob) = output
     ctx.set_materialize_grads(False)
@@ -109,20 +132,20 @@ def _loss_setup_context(ctx, inputs, output):
     # With gradients computed in the forward (grad_mask), the backward of `loss` only scales them;
     # gradients flowing into token_loss, lse, entropy or logprob (statistics used in a further
     # loss term) are still exact, through the recomputing loss_backward.
-    ctx.precomputed = any(a.grad_mask)
-    ctx.grad_mask = tuple(a.grad_mask)
-    ctx.has_bias = a.bias is not None
-    ctx.knobs = dict(
-        ignore_index=a.ignore_index, label_smoothing=a.label_smoothing, z_loss=a.z_loss,
-        softcap=a.softcap, logit_scale=a.logit_scale, chunk_size=a.chunk_size,
-        vocab_chunk_size=a.vocab_chunk_size, fp32_grad_accum=a.fp32_grad_accum,
-        **{name: getattr(a, name) for name in _TERM_SCALARS},
-    )
+    ctx.grad_mask = tuple(grad_mask)
+    ctx.precomputed = any(ctx.grad_mask)
+    ctx.has_bias = bias is not None
+    # loss_backward's arguments after the gradients, except grad_mask and the term tensors:
+    # (ignore_index .. logit_scale), (chunk_size .. fp32_grad_accum), term_floats, term_ints.
+    ctx.ce_knobs = inputs[6:11]
+    ctx.chunk_knobs = inputs[12:15]
+    ctx.term_lists = inputs[-2:]
+    ctx.want_entropy = _flag(term_ints, _op_args.WANT_ENTROPY)
+    ctx.want_logprob = _flag(term_ints, _op_args.WANT_LOGPROB)
     ctx.consumed = False
     ctx.allow_cell = second_backward_cell()
-    ctx.save_for_backward(a.hidden, a.weight, a.target, a.bias, a.class_weight, a.grad_scale, lse,
-                          *(getattr(a, name) for name in _TERM_TENSORS),
-                          grad_hidden, grad_weight, grad_bias)
+    ctx.save_for_backward(hidden, weight, target, bias, class_weight, grad_scale, lse,
+                          *term_tensors, grad_hidden, grad_weight, grad_bias)
 
 
 # Devices whose backend implements fusedce::scale_ (skips the multiply when the upstream gradient
@@ -226,14 +249,15 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     check_not_create_graph("the fused head loss (fusedce::loss)")
     saved = ctx.saved_tensors
     hidden, weight, target, bias, class_weight, grad_scale, lse = saved[:7]
-    terms = dict(zip(_TERM_TENSORS, saved[7:7 + len(_TERM_TENSORS)]))
-    precomputed = saved[7 + len(_TERM_TENSORS):]
+    n_terms = len(_op_args.TENSOR_NAMES)
+    term_tensors = saved[7:7 + n_terms]
+    precomputed = saved[7 + n_terms:]
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.has_bias and ctx.needs_input_grad[3]]
     # entropy / logprob not requested are empty outputs: a gradient for them carries nothing.
-    if not ctx.knobs["want_entropy"]:
+    if not ctx.want_entropy:
         grad_entropy = None
-    if not ctx.knobs["want_logprob"]:
+    if not ctx.want_logprob:
         grad_logprob = None
     grads = [None, None, None]
     # The gradients' dtypes (the inputs'); a float16 forward's precomputed ones are float32 and
@@ -264,13 +288,14 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
 
         recomputed = _ops.loss_backward(
             hidden, weight, target, bias, class_weight, lse, g, acc(grad_lse),
-            acc(grad_entropy), acc(grad_logprob), grad_mask=need, **ctx.knobs, **terms,
+            acc(grad_entropy), acc(grad_logprob), *ctx.ce_knobs, need, *ctx.chunk_knobs,
+            *term_tensors, *ctx.term_lists,
         )
         grads = [_add(a, b) if n else a for a, b, n in zip(grads, recomputed, need)]
         grads = [None if x is None else x.to(dt) for x, dt in zip(grads, dtypes)]
     gh, gw, gb = grads
     # Gradients flow to the student's hidden, weight and bias only (never to the teacher).
-    return (gh, gw, None, gb) + (None,) * (len(_ops.loss.default._schema.arguments) - 4)
+    return (gh, gw, None, gb) + (None,) * (_N_LOSS_ARGS - 4)
 
 
 register_autograd("fusedce::loss", _loss_backward, setup_context=_loss_setup_context)
@@ -308,15 +333,13 @@ def _cross_entropy_backward_inplace_fake(logits, target, class_weight, lse, grad
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):
-    a = _by_name(_ops.cross_entropy, inputs)
+    # inputs: every argument of `cross_entropy`, in _CROSS_ENTROPY_ARGS order.
+    logits, target, class_weight = inputs[:3]
     token_loss, lse, predicted = output
     ctx.set_materialize_grads(False)
-    ctx.inplace = a.inplace_backward
-    ctx.knobs = dict(
-        ignore_index=a.ignore_index, label_smoothing=a.label_smoothing, z_loss=a.z_loss,
-        softcap=a.softcap, logit_scale=a.logit_scale,
-    )
-    ctx.save_for_backward(a.logits, a.target, a.class_weight, lse)
+    ctx.inplace = inputs[8]
+    ctx.knobs = inputs[3:8]  # the tail of cross_entropy_backward(_)'s arguments, in order
+    ctx.save_for_backward(logits, target, class_weight, lse)
 
 
 def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
@@ -329,7 +352,7 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
     if ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling():
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
-        _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, **ctx.knobs)
+        _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, *ctx.knobs)
         # A C++ op's in-place write does not bump the version counter by itself; bumping it makes
         # a second backward (or any other saved use of these logits) fail loudly in autograd's
         # saved-tensor check instead of reading gradients as if they were logits.
@@ -337,7 +360,7 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
         grad = logits
     else:
         grad = _ops.cross_entropy_backward(logits, target, class_weight, lse, g, g_lse,
-                                           **ctx.knobs)
+                                           *ctx.knobs)
     return (grad,) + (None,) * 8
 
 

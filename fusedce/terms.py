@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._op_args import TermOptions
 from ._checks import (
     _check_autodiff,
     _check_chunk,
@@ -103,8 +104,8 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
         check_global_targets(flat, V, flat != -100, 0, "tokens", " and is not -100")
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, tokens.reshape(-1), linear_bias,
-        ignore_index=-100, chunk_size=chunk_size or 0, ce_weight=0.0,
-        want_entropy=bool(return_entropy), want_logprob=True, **knobs,
+        ignore_index=-100, chunk_size=chunk_size or 0, **knobs,
+        **TermOptions(ce_weight=0.0, want_entropy=bool(return_entropy), want_logprob=True).pack(),
     )
     logprobs = out[5].reshape(shape)
     if return_entropy:
@@ -153,10 +154,11 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     flat = tokens.reshape(-1)
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, flat, linear_bias,
-        ignore_index=-100, chunk_size=chunk_size or 0, ce_weight=0.0,
-        want_entropy="entropy" in want, want_logprob=True,
-        want_mean_logit="mean_logits" in want, want_log_sum_sq="log_sum_sq_probs" in want,
+        ignore_index=-100, chunk_size=chunk_size or 0,
         **_head_knobs(softcap, logit_scale, temperature),
+        **TermOptions(ce_weight=0.0, want_entropy="entropy" in want, want_logprob=True,
+                      want_mean_logit="mean_logits" in want,
+                      want_log_sum_sq="log_sum_sq_probs" in want).pack(),
     )
     # predicted is -1 at ignored rows, so an ignored token is never the top-1.
     is_top1 = (out[3] == flat).reshape(shape) if "is_top1" in want else None
@@ -271,9 +273,11 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, flat_target, linear_bias, None, grad_scale,
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-        grad_mask=grad_mask, chunk_size=chunk_size or 0, ce_weight=float(ce_weight),
-        entropy_coef=float(entropy_coef), distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
-        distill_beta=float(beta), distill_temperature=temperature, **knobs, **teacher,
+        grad_mask=grad_mask, chunk_size=chunk_size or 0, **knobs,
+        **TermOptions(ce_weight=float(ce_weight), entropy_coef=float(entropy_coef),
+                      distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
+                      distill_beta=float(beta), distill_temperature=temperature,
+                      **teacher).pack(),
     )
     if reduction == "none":
         return out[1].reshape(shape)
@@ -384,10 +388,11 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, target, linear_bias, None, weights,
         ignore_index=ignore, grad_mask=_grad_mask(input, linear_weight, linear_bias),
-        chunk_size=chunk_size or 0, ce_weight=0.0, want_entropy=True, want_logprob=True,
-        entropy_coef=-float(entropy_coef), old_logprobs=old, advantages=adv,
-        ref_logprobs=ref if beta != 0.0 else None, epsilon_low=float(epsilon_low),
-        epsilon_high=float(epsilon_high), kl_beta=float(beta), **knobs,
+        chunk_size=chunk_size or 0, **knobs,
+        **TermOptions(ce_weight=0.0, want_entropy=True, want_logprob=True,
+                      entropy_coef=-float(entropy_coef), old_logprobs=old, advantages=adv,
+                      ref_logprobs=ref if beta != 0.0 else None, epsilon_low=float(epsilon_low),
+                      epsilon_high=float(epsilon_high), kl_beta=float(beta)).pack(),
     )
     loss = out[0]
     with torch.no_grad():

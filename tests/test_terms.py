@@ -13,6 +13,7 @@ import torch
 import fusedce
 from accuracy import HALF_DTYPES, assert_close
 from fusedce import reference
+from fusedce._op_args import op_kwargs
 
 DTYPES = [
     torch.float64,  # exactness of every formula (1e-9)
@@ -178,8 +179,9 @@ def test_distillation_vocab_tiles_and_composition(device, kind):
     distill = {"forward_kl": 1, "jsd": 3}[kind]
     out = torch.ops.fusedce.loss(
         x, w, t, None, cw, None, grad_mask=[True, True, False], vocab_chunk_size=7,
-        ce_weight=0.7, teacher_logits=tl, distill=distill, distill_beta=0.4, distill_weight=0.6,
-        distill_temperature=1.5, want_entropy=True, entropy_coef=0.2, **kw)
+        **op_kwargs(ce_weight=0.7, teacher_logits=tl, distill=distill, distill_beta=0.4,
+                    distill_weight=0.6, distill_temperature=1.5, want_entropy=True,
+                    entropy_coef=0.2, **kw))
     loss, gh, gw = out[0], out[6], out[7]
     x64, w64 = x.detach().requires_grad_(), w.detach().requires_grad_()
     z = reference.final_logits(x64 @ w64.T, kw["logit_scale"], kw["softcap"])
@@ -364,14 +366,14 @@ def term_samples(device, dtype, requires_grad):
     x, w = r(N, H).requires_grad_(requires_grad), r(V, H).requires_grad_(requires_grad)
     t = torch.tensor([0, 3, -100, 6, 2], device=device)
     base = dict(grad_mask=[False, False, False])
-    yield (x, w, t), dict(base, want_entropy=True, want_logprob=True, entropy_coef=0.2)
-    yield (x, w, t), dict(base, ce_weight=0.5, distill=3, teacher_logits=r(N, V),
-                          distill_temperature=2.0)
-    yield (x, w, t), dict(base, ce_weight=0.0, distill=2, teacher_hidden=r(N, 4),
-                          teacher_weight=r(V, 4), teacher_bias=r(V))
-    yield (x, w, t), dict(base, ce_weight=0.0, want_logprob=True, want_entropy=True,
-                          advantages=r(N), old_logprobs=r(N) - 2, ref_logprobs=r(N) - 2,
-                          kl_beta=0.1, entropy_coef=-0.01)
+    yield (x, w, t), op_kwargs(**base, want_entropy=True, want_logprob=True, entropy_coef=0.2)
+    yield (x, w, t), op_kwargs(**base, ce_weight=0.5, distill=3, teacher_logits=r(N, V),
+                               distill_temperature=2.0)
+    yield (x, w, t), op_kwargs(**base, ce_weight=0.0, distill=2, teacher_hidden=r(N, 4),
+                               teacher_weight=r(V, 4), teacher_bias=r(V))
+    yield (x, w, t), op_kwargs(**base, ce_weight=0.0, want_logprob=True, want_entropy=True,
+                               advantages=r(N), old_logprobs=r(N) - 2, ref_logprobs=r(N) - 2,
+                               kl_beta=0.1, entropy_coef=-0.01)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -444,8 +446,8 @@ def test_bad_input_terms(device):
     # the op itself names its arguments too
     x2, w2, t2 = x.reshape(-1, 4), w, tok.reshape(-1)
     with pytest.raises(RuntimeError, match="distill_temperature"):
-        torch.ops.fusedce.loss(x2, w2, t2, distill=1, teacher_logits=torch.zeros(6, 9, device=device),
-                               distill_temperature=-2.0)
+        torch.ops.fusedce.loss(x2, w2, t2, **op_kwargs(
+            distill=1, teacher_logits=torch.zeros(6, 9, device=device), distill_temperature=-2.0))
     with pytest.raises(RuntimeError, match="advantages"):
         torch.ops.fusedce.loss(x2, w2, t2, advantages=torch.zeros(5, device=device))
     with pytest.raises(RuntimeError, match="a teacher was given but distill = 0"):

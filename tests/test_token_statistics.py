@@ -11,6 +11,7 @@ import torch
 import fusedce
 from accuracy import HALF_DTYPES, assert_close
 from fusedce import reference
+from fusedce._op_args import op_kwargs
 from test_terms import DTYPES, _check, _leaves
 
 _ops = torch.ops.fusedce
@@ -132,10 +133,10 @@ def test_op_statistics_beside_other_terms(device, dtype, vocab_chunk_size):
              advantages=torch.randn(N, dtype=dtype, device=device)),
     ]
     for extra in others:
-        out = _ops.loss(x, w, t, want_mean_logit=True, want_log_sum_sq=True, **kw, **extra)
+        out = _ops.loss(x, w, t, **op_kwargs(want_mean_logit=True, want_log_sum_sq=True, **kw, **extra))
         assert_close(out[9], truth["mean_logits"], dtype, what=f"mean_logit {extra}")
         assert_close(out[10], truth["log_sum_sq_probs"], dtype, what=f"log_sum_sq {extra}")
-        plain = _ops.loss(x, w, t, **kw, **extra)
+        plain = _ops.loss(x, w, t, **op_kwargs(**kw, **extra))
         assert plain[9].numel() == 0 and plain[10].numel() == 0
         for i in (0, 1, 2, 3):
             assert_close(out[i], plain[i], dtype, what=f"output {i} with the statistics on")
@@ -149,7 +150,7 @@ def test_opcheck_statistics(device, dtype):
     for kwargs in (dict(want_mean_logit=True, want_log_sum_sq=True, want_logprob=True, ce_weight=0.0),
                    dict(want_mean_logit=True, want_entropy=True),
                    dict(want_log_sum_sq=True, grad_mask=[True, True, False])):
-        torch.library.opcheck(_ops.loss.default, (x, w, t), kwargs)
+        torch.library.opcheck(_ops.loss.default, (x, w, t), op_kwargs(**kwargs))
 
 
 def test_gradcheck_with_statistics(device):

@@ -399,13 +399,10 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
                      const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
                      double label_smoothing, double z_loss, double softcap, double logit_scale,
                      std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-                     bool fp32_grad_accum, FUSEDCE_TERM_PARAMS, bool want_mean_logit,
-                     bool want_log_sum_sq) {
+                     bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   (void)fp32_grad_accum;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
-  TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
-  ta.want_mean_logit = want_mean_logit;
-  ta.want_log_sum_sq = want_log_sum_sq;
+  const TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
   ta.check(P.n, P.v, hidden);
@@ -416,8 +413,8 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
   at::Tensor predicted = at::empty({P.n}, hidden.options().dtype(at::kLong));
   at::Tensor entropy = at::empty({ta.want_entropy ? P.n : 0}, accopts);
   at::Tensor logprob = at::empty({ta.want_logprob ? P.n : 0}, accopts);
-  at::Tensor mean_logit = at::empty({want_mean_logit ? P.n : 0}, accopts);
-  at::Tensor log_sum_sq = at::empty({want_log_sum_sq ? P.n : 0}, accopts);
+  at::Tensor mean_logit = at::empty({ta.want_mean_logit ? P.n : 0}, accopts);
+  at::Tensor log_sum_sq = at::empty({ta.want_log_sum_sq ? P.n : 0}, accopts);
   GradOutputs grads;
   const bool f32_out = f32_outputs(hidden);
   GradAccumulators acc = make_accumulators(P, hidden, weight, bias, grad_mask, grads, f32_out);
@@ -428,7 +425,7 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
     using acc_t = scalar_t;
     auto ep = make_epilogue<acc_t>(P.class_weight, P.v, ignore_index, label_smoothing, z_loss,
                                    softcap, logit_scale);
-    ep.ce_weight = static_cast<acc_t>(ce_weight);
+    ep.ce_weight = static_cast<acc_t>(ta.ce_weight);
     std::vector<at::Tensor> keep;
     const Terms<acc_t> tm = make_terms<acc_t>(ta, P.acc, keep);
     RowIO<acc_t> io;
@@ -437,8 +434,8 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
     io.predicted = predicted.data_ptr<int64_t>();
     io.entropy = ta.want_entropy ? entropy.data_ptr<acc_t>() : nullptr;
     io.logprob = ta.want_logprob ? logprob.data_ptr<acc_t>() : nullptr;
-    io.mean_logit = want_mean_logit ? mean_logit.data_ptr<acc_t>() : nullptr;
-    io.log_sum_sq = want_log_sum_sq ? log_sum_sq.data_ptr<acc_t>() : nullptr;
+    io.mean_logit = ta.want_mean_logit ? mean_logit.data_ptr<acc_t>() : nullptr;
+    io.log_sum_sq = ta.want_log_sum_sq ? log_sum_sq.data_ptr<acc_t>() : nullptr;
     if (scale.dim() == 0) {
       io.uniform_g = scale.item<acc_t>();
     } else {
@@ -463,7 +460,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
     int64_t chunk_size, int64_t vocab_chunk_size, bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   (void)fp32_grad_accum;
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
-  const TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
+  TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
+  ta.without_statistics();
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
   ta.check(P.n, P.v, hidden);
@@ -491,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_backward_cpu(
     using acc_t = scalar_t;
     auto ep = make_epilogue<acc_t>(P.class_weight, P.v, ignore_index, label_smoothing, z_loss,
                                    softcap, logit_scale);
-    ep.ce_weight = static_cast<acc_t>(ce_weight);
+    ep.ce_weight = static_cast<acc_t>(ta.ce_weight);
     std::vector<at::Tensor> keep;
     const Terms<acc_t> tm = make_terms<acc_t>(ta, P.acc, keep);
     auto ptr = [](const at::Tensor& t) -> const acc_t* {

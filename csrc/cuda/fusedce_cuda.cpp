@@ -609,12 +609,10 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
                 const std::optional<Tensor>& grad_scale, int64_t ignore_index,
                 double label_smoothing, double z_loss, double softcap, double logit_scale,
                 std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-                bool fp32_grad_accum, FUSEDCE_TERM_PARAMS, bool want_mean_logit,
-                bool want_log_sum_sq) {
+                bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   c10::cuda::CUDAGuard guard(hidden.device());
   TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
-  targs.want_mean_logit = want_mean_logit;
-  targs.want_log_sum_sq = want_log_sum_sq;
+  targs.without_statistics();
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);
@@ -639,8 +637,8 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
     io.predicted = at::empty({P.N}, opt.dtype(at::kLong));
     io.entropy = at::empty({targs.want_entropy ? P.N : 0}, opt.dtype(P.acc));
     io.logprob = at::empty({targs.want_logprob ? P.N : 0}, opt.dtype(P.acc));
-    io.mean_logit = at::empty({want_mean_logit ? P.N : 0}, opt.dtype(P.acc));
-    io.log_sum_sq = at::empty({want_log_sum_sq ? P.N : 0}, opt.dtype(P.acc));
+    io.mean_logit = at::empty({targs.want_mean_logit ? P.N : 0}, opt.dtype(P.acc));
+    io.log_sum_sq = at::empty({targs.want_log_sum_sq ? P.N : 0}, opt.dtype(P.acc));
     Grads G;
     init_grads(P, G, grad_mask, fp32_grad_accum, scalars);
     run_terms(P, T, G, io);
@@ -732,7 +730,8 @@ Out3 loss_backward_cuda(const Tensor& hidden, const Tensor& weight, const Tensor
                         std::array<bool, 3> grad_mask, int64_t chunk_size,
                         int64_t vocab_chunk_size, bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   c10::cuda::CUDAGuard guard(hidden.device());
-  const TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
+  TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
+  targs.without_statistics();
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);

@@ -88,8 +88,8 @@ cudaError_t launch_row_grad(DType dtype, const GradArgs& args, const EpiParams& 
                             cudaStream_t stream);
 
 // The terms beyond the CE (entropy, log-prob, distillation, policy gradient; csrc/cpu/terms.h is
-// the CPU twin, fusedce.cpp's FUSEDCE_TERM_ARGS the definitions), on whole rows: one block per row
-// reads the row for its maxima, its sums (and the JSD's sums), then writes d/d(logits) in place.
+// the CPU twin, fusedce.cpp's comments on the term arguments the definitions), on whole rows: one
+// block per row reads the row for its maxima, its sums (and the JSD's sums), then writes d/d(logits) in place.
 struct TermsParams {
   double ce_weight = 1.0;
   double entropy_coef = 0.0;
