@@ -51,6 +51,13 @@ TORCH_LIBRARY(fusedce, m) {
   //                    token_loss += distill_weight * divergence
   //   advantages       policy gradient on (TRL GRPO): token_loss += -min(ratio A, clip(ratio) A)
   //                    + kl_beta * k3(ref_logprobs), ratio = exp(logprob - old_logprobs)
+  //   policy_kind      the policy part: 0 the clipped form above, 1 CISPO
+  //                    -min(ratio, epsilon_high) A logprob (the ratio a constant), 2 SAPO
+  //                    -4/tau sigmoid(tau (ratio - 1)) A, tau = sapo_temperature_pos (A > 0) or _neg
+  //   policy_delta     > 0: the clipped form's unclipped ratio is min(ratio, policy_delta)
+  //   policy_weights   [N] multiplies the policy part only (a vLLM importance-sampling ratio)
+  //   kl_bias_correction  the KL term is k3 * ratio (ratio differentiable; TRL's default)
+  //   entropy_weights  [N] the entropy term is entropy_coef * entropy_weights[i] * H
   // Every term is 0 at ignored rows (target == ignore_index); the outputs lse and entropy are
   // defined (and differentiable) at every row.
 #define FUSEDCE_TERM_ARGS                                                                       \
@@ -59,7 +66,10 @@ TORCH_LIBRARY(fusedce, m) {
   "Tensor? teacher_weight=None, Tensor? teacher_bias=None, int distill=0, "                     \
   "float distill_weight=1.0, float distill_beta=0.5, float distill_temperature=1.0, "         \
   "Tensor? old_logprobs=None, Tensor? advantages=None, Tensor? ref_logprobs=None, "            \
-  "float epsilon_low=0.2, float epsilon_high=0.2, float kl_beta=0.0"
+  "float epsilon_low=0.2, float epsilon_high=0.2, float kl_beta=0.0, "                          \
+  "Tensor? policy_weights=None, Tensor? entropy_weights=None, int policy_kind=0, "             \
+  "float policy_delta=0.0, bool kl_bias_correction=False, float sapo_temperature_pos=1.0, "    \
+  "float sapo_temperature_neg=1.05"
 
   // Fused linear head loss. `loss` is sum_i grad_scale[i] * token_loss[i] (grad_scale: one value
   // or one per token, default 1): the caller passes 1/denominator for a mean (or per-token

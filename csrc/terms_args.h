@@ -21,6 +21,14 @@ struct TermArgs {
   double distill_weight = 1.0, distill_beta = 0.5, distill_temperature = 1.0;
   std::optional<at::Tensor> old_logprobs, advantages, ref_logprobs;
   double epsilon_low = 0.2, epsilon_high = 0.2, kl_beta = 0.0;
+  // TRL 1.16 GRPO options (policy loss): per-token multipliers of the policy part (vLLM
+  // importance-sampling ratio) and of entropy_coef, the policy form, two-sided clipping, the
+  // ratio-weighted KL, SAPO's temperatures.
+  std::optional<at::Tensor> policy_weights, entropy_weights;
+  int64_t policy_kind = 0;  // 0 clipped (grpo/bnpo/dr_grpo/dapo/luspo), 1 cispo, 2 sapo
+  double policy_delta = 0.0;  // > 0: the unclipped ratio is min(ratio, delta); 0: off
+  bool kl_bias_correction = false;
+  double sapo_temperature_pos = 1.0, sapo_temperature_neg = 1.05;
   // Statistics of `loss` only (not in FUSEDCE_TERM_ARGS: no gradient, so loss_backward has none).
   bool want_mean_logit = false, want_log_sum_sq = false;
 
@@ -99,10 +107,25 @@ struct TermArgs {
       TORCH_CHECK(std::isfinite(kl_beta), "fusedce: kl_beta must be finite, got ", kl_beta);
       TORCH_CHECK(kl_beta == 0.0 || ref_logprobs.has_value(),
                   "fusedce: kl_beta != 0 needs ref_logprobs");
+      check_per_token(policy_weights, n, ref, "policy_weights");
+      TORCH_CHECK(policy_kind >= 0 && policy_kind <= 2,
+                  "fusedce: policy_kind must be 0 (clipped), 1 (cispo) or 2 (sapo), got ",
+                  policy_kind);
+      TORCH_CHECK(std::isfinite(policy_delta) && policy_delta >= 0,
+                  "fusedce: policy_delta must be finite and >= 0 (0: off), got ", policy_delta);
+      TORCH_CHECK(std::isfinite(sapo_temperature_pos) && sapo_temperature_pos > 0,
+                  "fusedce: sapo_temperature_pos must be finite and > 0, got ",
+                  sapo_temperature_pos);
+      TORCH_CHECK(std::isfinite(sapo_temperature_neg) && sapo_temperature_neg > 0,
+                  "fusedce: sapo_temperature_neg must be finite and > 0, got ",
+                  sapo_temperature_neg);
     } else {
-      TORCH_CHECK(!old_logprobs.has_value() && !ref_logprobs.has_value(),
-                  "fusedce: old_logprobs/ref_logprobs are policy-loss inputs and need advantages");
+      TORCH_CHECK(!old_logprobs.has_value() && !ref_logprobs.has_value() &&
+                      !policy_weights.has_value(),
+                  "fusedce: old_logprobs/ref_logprobs/policy_weights are policy-loss inputs and "
+                  "need advantages");
     }
+    check_per_token(entropy_weights, n, ref, "entropy_weights");
   }
 };
 
@@ -118,11 +141,15 @@ struct TermArgs {
       int64_t distill, double distill_weight, double distill_beta, double distill_temperature,    \
       const std::optional<at::Tensor>&old_logprobs, const std::optional<at::Tensor>&advantages,   \
       const std::optional<at::Tensor>&ref_logprobs, double epsilon_low, double epsilon_high,      \
-      double kl_beta
+      double kl_beta, const std::optional<at::Tensor>&policy_weights,                           \
+      const std::optional<at::Tensor>&entropy_weights, int64_t policy_kind, double policy_delta,  \
+      bool kl_bias_correction, double sapo_temperature_pos, double sapo_temperature_neg
 
 #define FUSEDCE_TERM_ARGS_STRUCT                                                                 \
   ::fusedce::TermArgs {                                                                          \
     ce_weight, want_entropy, want_logprob, entropy_coef, teacher_logits, teacher_hidden,         \
         teacher_weight, teacher_bias, distill, distill_weight, distill_beta, distill_temperature, \
-        old_logprobs, advantages, ref_logprobs, epsilon_low, epsilon_high, kl_beta               \
+        old_logprobs, advantages, ref_logprobs, epsilon_low, epsilon_high, kl_beta,              \
+        policy_weights, entropy_weights, policy_kind, policy_delta, kl_bias_correction,          \
+        sapo_temperature_pos, sapo_temperature_neg                                               \
   }

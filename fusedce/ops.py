@@ -59,7 +59,9 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
                entropy_coef=0.0, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
                teacher_bias=None, distill=0, distill_weight=1.0, distill_beta=0.5,
                distill_temperature=1.0, old_logprobs=None, advantages=None, ref_logprobs=None,
-               epsilon_low=0.2, epsilon_high=0.2, kl_beta=0.0, want_mean_logit=False,
+               epsilon_low=0.2, epsilon_high=0.2, kl_beta=0.0, policy_weights=None,
+               entropy_weights=None, policy_kind=0, policy_delta=0.0, kl_bias_correction=False,
+               sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, want_mean_logit=False,
                want_log_sum_sq=False):
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -86,7 +88,9 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
                         teacher_hidden=None, teacher_weight=None, teacher_bias=None, distill=0,
                         distill_weight=1.0, distill_beta=0.5, distill_temperature=1.0,
                         old_logprobs=None, advantages=None, ref_logprobs=None, epsilon_low=0.2,
-                        epsilon_high=0.2, kl_beta=0.0):
+                        epsilon_high=0.2, kl_beta=0.0, policy_weights=None, entropy_weights=None,
+                        policy_kind=0, policy_delta=0.0, kl_bias_correction=False,
+                        sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
     return _fake_grads(hidden, weight, bias, grad_mask)
 
 
@@ -94,9 +98,14 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
 # unchanged from `loss` to the recomputing `loss_backward`.
 _TERM_SCALARS = ("ce_weight", "want_entropy", "want_logprob", "entropy_coef", "distill",
                  "distill_weight", "distill_beta", "distill_temperature", "epsilon_low",
-                 "epsilon_high", "kl_beta")
+                 "epsilon_high", "kl_beta",
+                 # TRL 1.16 GRPO options (issue 14)
+                 "policy_kind", "policy_delta", "kl_bias_correction", "sapo_temperature_pos",
+                 "sapo_temperature_neg")
 _TERM_TENSORS = ("teacher_logits", "teacher_hidden", "teacher_weight", "teacher_bias",
-                 "old_logprobs", "advantages", "ref_logprobs")
+                 "old_logprobs", "advantages", "ref_logprobs",
+                 # TRL 1.16 GRPO options (issue 14)
+                 "policy_weights", "entropy_weights")
 
 
 def _loss_setup_context(ctx, inputs, output):

@@ -265,14 +265,18 @@ def test_policy_metrics(device):
     r = torch.exp(lp - old)
     low, high = (r < 0.8) & (adv < 0), (r > 1.2) & (adv > 0)
     d = ref_lp - lp
+    # TRL 1.16's definitions: the KL metric carries the bias correction (times the ratio, the
+    # default), low_min / high_max are the extremes over sequences of per-sequence means.
     want = {
         "clip_ratio/low_mean": (low * m).sum() / m.sum(),
         "clip_ratio/high_mean": (high * m).sum() / m.sum(),
+        "clip_ratio/low_min": ((low * m).sum(-1) / m.sum(-1)).min(),
+        "clip_ratio/high_max": ((high * m).sum(-1) / m.sum(-1)).max(),
         "clip_ratio/region_mean": ((low | high) * m).sum() / m.sum(),
         "ratio/mean": (r * m).sum() / m.sum(),
         "ratio/min": r[mask.bool()].min(),
         "ratio/max": r[mask.bool()].max(),
-        "kl": ((torch.exp(d) - d - 1) * m).sum() / m.sum(),
+        "kl": ((torch.exp(d) - d - 1) * r * m).sum() / m.sum(),
         "entropy": (ent * m).sum() / m.sum(),
         "logprob/mean": (lp * m).sum() / m.sum(),
         "advantages/mean": adv.mean(),
