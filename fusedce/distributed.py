@@ -544,7 +544,7 @@ def _policy_token(P, lo, hi, lp, ent):
         w = torch.clamp(ratio, max=P.eps_high)
         pt, dpt = -w * adv * lp, -w * adv
     elif P.loss_type == "sapo":
-        tau = torch.where(adv > 0, P.sapo[0], P.sapo[1]).to(ratio.dtype)
+        tau = torch.where(adv > 0, torch.full_like(ratio, P.sapo[0]), torch.full_like(ratio, P.sapo[1]))
         sg = torch.sigmoid(tau * (ratio - 1))
         pt, dpt = -sg * 4 / tau * adv, -4 * adv * sg * (1 - sg) * ratio
     else:

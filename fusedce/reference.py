@@ -249,8 +249,8 @@ def vespo_gamma_weights(advantages, log_ratio, mask, importance_sampling_ratio=N
         log_w = torch.clamp(seq, lower, 20.0)
         w = torch.exp(log_w)
         nonneg = advantages >= 0
-        k = torch.where(nonneg, k_pos, k_neg)
-        lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+        k = torch.where(nonneg, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
+        lam = torch.where(nonneg, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg)).clamp(min=1e-4)
         return torch.exp(lam + k * log_w - lam * w).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -312,7 +312,9 @@ def policy_loss(logits, tokens, old_logprobs, advantages, *, mask=None, ref_logp
             coef_1 = torch.clamp(coef_1, max=delta)
         per_token = -torch.min(coef_1 * adv, coef_2 * adv)
     elif loss_type == "sapo":
-        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        # (TRL's torch.where of two Python floats makes them float32, the default dtype: 1.05
+        # becomes 1.0499999523. The definition keeps the value given.)
+        tau = torch.where(adv > 0, torch.full_like(adv, sapo_temperature_pos), torch.full_like(adv, sapo_temperature_neg))
         per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
     elif loss_type == "vespo":
         phi = vespo_gamma_weights(adv, log_ratio, m, isr, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos,

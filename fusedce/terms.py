@@ -352,7 +352,8 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     - "cispo": -min(coef_1, epsilon_high) A logp, the capped ratio without gradient (TRL uses
       epsilon_high itself as the cap: pass e.g. epsilon_high=5.0, as ScaleRL recommends);
     - "sapo": -4 / tau sigmoid(tau (coef_1 - 1)) A, tau = ``sapo_temperature_pos`` where A > 0,
-      else ``sapo_temperature_neg``;
+      else ``sapo_temperature_neg`` (the value given; TRL's ``torch.where`` of two floats rounds
+      them to float32, so its 1.05 is float32(1.05): a relative difference near 1e-7);
     - "vespo": -phi A logp, phi = e^lam w^k e^(-lam w) per sequence without gradient, w the
       sequence's ratio exp(sum_t m (logp - old)) (log clamped to [log 1e-8, 20] as TRL), (k, lam)
       = (``vespo_k_pos``, ``vespo_lambda_pos``) where A >= 0 else the ``_neg`` pair.
@@ -555,16 +556,15 @@ def _policy_parts(lp, old, adv, ref, m, isr, level, opts):
         parts["kl"] = kl * coef if opts["use_bias_correction_kl"] else kl
     if opts["loss_type"] == "vespo":
         with torch.no_grad():
-            a1 = adv[:, :1] if adv.dim() == 2 else adv[:, None]
             kp, lpos, kn, lneg = opts["vespo"]
             lower = math.log(1e-8)
             seq = (torch.clamp(log_ratio.detach(), -20.0, 20.0) * m).sum(-1, keepdim=True)
             if isr is not None:
                 seq = seq + torch.clamp(torch.log(isr), lower, 20.0).sum(-1, keepdim=True)
             log_w = torch.clamp(seq, lower, 20.0)
-            nonneg = a1 >= 0
-            k = torch.where(nonneg, kp, kn)
-            lam = torch.where(nonneg, lpos, lneg).clamp(min=1e-4)
+            nonneg = adv >= 0  # [B, T] advantages give per-token weights, as TRL's broadcast
+            k = torch.where(nonneg, torch.full_like(log_w, kp), torch.full_like(log_w, kn))
+            lam = torch.where(nonneg, torch.full_like(log_w, lpos), torch.full_like(log_w, lneg)).clamp(min=1e-4)
             parts["phi"] = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     if opts["loss_type"] in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and opts["delta"] is not None:
         parts["coef_1_clamped"] = torch.clamp(coef, max=opts["delta"])
@@ -580,7 +580,8 @@ def _policy_torch(lp, ent, old, adv, ref, m, isr, level, **opts):
     if lt == "cispo":
         per_token = -torch.clamp(coef, max=opts["epsilon_high"]).detach() * adv * lp
     elif lt == "sapo":
-        tau = torch.where(adv > 0, opts["sapo_temperature_pos"], opts["sapo_temperature_neg"])
+        tau = torch.where(adv > 0, torch.full_like(adv, opts["sapo_temperature_pos"]),
+                          torch.full_like(adv, opts["sapo_temperature_neg"]))
         per_token = -torch.sigmoid(tau * (coef - 1)) * 4 / tau * adv
     elif lt == "vespo":
         per_token = -parts["phi"] * adv * lp
@@ -658,7 +659,9 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
         cc = ((coef > opts["epsilon_high"]) & (a > 0)).to(lp)
         metrics["cispo_clip_ratio"] = gmean(cc)
     if lt == "vespo":
-        metrics["vespo/phi_seq_mean"] = gmean(parts["phi"])
+        phi = parts["phi"]
+        # TRL's phi has the advantages' shape: one per sequence for [B] advantages.
+        metrics["vespo/phi_seq_mean"] = gmean(phi[:, :1] if advantages.dim() == 1 else phi)
     if opts["beta"] != 0.0:
         metrics["kl"] = gmean(parts["kl"])
     return metrics
