@@ -156,6 +156,9 @@ def _trl_stub(GRPOTrainer, *, loss_type, level, bias_kl, beta, epsilon, epsilon_
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("variant", ["defaults", "options"])
 def test_policy_matches_trl(loss_type, level, variant):
+    """"defaults": GRPOConfig's defaults (use_bias_correction_kl=True, epsilon_high=None, no
+    entropy bonus). "options": the plain KL, delta, vLLM IS ratios, the entropy bonus, gradient
+    accumulation 2 with steps_per_generation 4 and a global token count."""
     trl = pytest.importorskip("trl")
     from trl import GRPOTrainer
 
@@ -185,7 +188,7 @@ def test_policy_matches_trl(loss_type, level, variant):
         logp = torch.log_softmax(logits, -1)
         return logp.gather(-1, tok[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
 
-    stub = _trl_stub(GRPOTrainer, loss_type=loss_type, level=level, bias_kl=True, beta=beta,
+    stub = _trl_stub(GRPOTrainer, loss_type=loss_type, level=level, bias_kl=not opt, beta=beta,
                      epsilon=epsilon, epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
                      delta=delta, entropy_coef=entropy_coef, gas=gas, spg=spg, use_vllm=opt,
                      lp_fn=lp_fn, max_completion_length=Tt + 2)
@@ -209,6 +212,7 @@ def test_policy_matches_trl(loss_type, level, variant):
         epsilon_high=epsilon_high, temperature=temperature, loss_type=loss_type,
         entropy_coef=entropy_coef, max_completion_length=Tt + 2, importance_sampling_level=level,
         delta=delta, importance_sampling_ratio=isr if opt else None, num_items_in_batch=normalizer,
+        **({"use_bias_correction_kl": False} if opt else {}),
         gradient_accumulation_steps=gas, **sapo)
     grads = torch.autograd.grad(loss, (x, w))
     torch.testing.assert_close(loss, trl_loss, rtol=1e-10, atol=1e-12)

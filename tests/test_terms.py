@@ -376,6 +376,15 @@ def term_samples(device, dtype, requires_grad):
     yield (x, w, t), dict(base, ce_weight=0.0, want_logprob=True, want_entropy=True,
                           advantages=r(N), old_logprobs=r(N) - 2, ref_logprobs=r(N) - 2,
                           kl_beta=0.1, entropy_coef=-0.01)
+    # TRL 1.16's options: SAPO with per-token policy and entropy weights and the ratio-weighted KL;
+    # the clipped form with two-sided clipping; CISPO, its ratio capped everywhere (old log-probs
+    # far below) so that the capped weight, a constant by definition, is one for gradcheck too.
+    pol = dict(base, ce_weight=0.0, want_logprob=True, want_entropy=True, advantages=r(N),
+               ref_logprobs=r(N) - 2, kl_beta=0.1, entropy_coef=-0.01, kl_bias_correction=True,
+               policy_weights=r(N).abs(), entropy_weights=r(N).abs())
+    yield (x, w, t), dict(pol, old_logprobs=r(N) - 2, policy_kind=2, sapo_temperature_neg=1.3)
+    yield (x, w, t), dict(pol, old_logprobs=r(N) - 2, policy_delta=1.1)
+    yield (x, w, t), dict(pol, old_logprobs=r(N) - 40, policy_kind=1, epsilon_high=3.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
