@@ -468,8 +468,11 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         if sharded:
             from . import distributed
 
-            # Masked positions carry HF's padding label there (log-probability 0, no gradient).
-            masked_tokens = torch.where(kept, flat_tokens, torch.full_like(flat_tokens, -100)).reshape(lead)
+            # Masked positions carry HF's padding label there (log-probability 0, no gradient); a
+            # kept -100 is no class id: -101 makes token_logprobs refuse it (NaN where no host
+            # check is allowed), never a silent log-probability 0.
+            kept_tokens = torch.where(flat_tokens == -100, torch.full_like(flat_tokens, -101), flat_tokens)
+            masked_tokens = torch.where(kept, kept_tokens, torch.full_like(flat_tokens, -100)).reshape(lead)
             lp, ent = distributed._token_logprobs(
                 input, linear_weight, masked_tokens, process_group=process_group,
                 vocab_start=vocab_start, linear_bias=linear_bias, temperature=temperature,
