@@ -292,8 +292,6 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
 
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")
 _POLICY_KIND = {"cispo": 1, "sapo": 2}  # the op's policy_kind; every other type: 0 (clipped)
-# Normalized by the caller's global token count (num_items_in_batch), not by the local batch.
-_GLOBAL_NORM = ("cispo", "dapo", "vespo")
 
 
 def _policy_weights(m, loss_type, max_completion_length, num_items, gas):
@@ -312,13 +310,14 @@ def _policy_weights(m, loss_type, max_completion_length, num_items, gas):
 
 
 def _check_number_or_scalar(x, name, ref, acc):
-    """A positive number, or a one-element tensor on ref's device (read on the device only: its
-    value is never brought to the host). Returns it as a float or a 0-d acc tensor."""
+    """A positive number, or a one-element tensor (on ref's device, or a CPU scalar copied there):
+    a tensor's value is never brought to the host. Returns a float or a 0-d acc tensor."""
     if torch.is_tensor(x):
         if x.numel() != 1:
             raise ValueError(f"fusedce: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
-        _check_device(x, name, ref, "input")
-        return x.detach().reshape(()).to(acc)
+        if x.device.type != "cpu":
+            _check_device(x, name, ref, "input")
+        return x.detach().reshape(()).to(device=ref.device, dtype=acc)
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"fusedce: {name} must be a positive finite number or a one-element tensor, got {x!r}")
     return float(x)
@@ -370,6 +369,8 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     ``num_items_in_batch``: the caller's global normalizer (a number or a one-element tensor,
     never read on the host). TRL's is ``max(num_items_in_batch, 1) / num_processes *
     gradient_accumulation_steps / steps_per_generation``; default max(sum(m), 1), the local count.
+    The other types ignore ``num_items_in_batch``, and these three ignore
+    ``gradient_accumulation_steps`` in their policy term (TRL's normalizer carries it), as in TRL.
     The entropy bonus is TRL's: - ``entropy_coef`` * sum(H m) / max(sum(m), 1) /
     ``gradient_accumulation_steps``, H the entropy of softmax(logits / temperature), whatever the
     loss type. TRL's ``top_entropy_quantile`` and ``off_policy_mask_threshold`` are not offered
@@ -424,9 +425,9 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     knobs = _head_knobs(softcap, logit_scale, temperature)
     B, T = lead
     acc = _acc(input)
-    gas = _check_number_or_scalar(gradient_accumulation_steps, "gradient_accumulation_steps", input, acc)
-    if torch.is_tensor(gas):
-        raise ValueError("fusedce: gradient_accumulation_steps must be a positive number (not a tensor)")
+    gas = gradient_accumulation_steps
+    if isinstance(gas, bool) or not isinstance(gas, (int, float)) or not math.isfinite(gas) or gas <= 0:
+        raise ValueError(f"fusedce: gradient_accumulation_steps must be a positive number, got {gas!r}")
     num_items = None if num_items_in_batch is None else _check_number_or_scalar(
         num_items_in_batch, "num_items_in_batch", input, acc)
     old = None if old_logprobs is None else _per_token(old_logprobs, "old_logprobs", lead, input, "tokens").detach()
@@ -487,8 +488,8 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                             ignore_index=ignore, chunk_size=chunk_size or 0, ce_weight=0.0,
                             want_entropy=True, want_logprob=True, **knobs)
             lp, ent = out[5].reshape(lead), out[4].reshape(lead)
-        old2 = None if old is None else old.reshape(lead)
-        ref2 = None if ref is None else ref.reshape(lead)
+        old2 = None if old is None else old.reshape(lead).to(lp.dtype)
+        ref2 = None if ref is None else ref.reshape(lead).to(lp.dtype)
         loss, parts = _policy_torch(lp, ent, old2, adv.reshape(lead).to(lp.dtype), ref2, m.to(lp.dtype), isr,
                                     importance_sampling_level, **opts)
         with torch.no_grad():
