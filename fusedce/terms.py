@@ -461,7 +461,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                 sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
                 vespo=(float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg), float(vespo_lambda_neg)),
                 entropy_coef=float(entropy_coef), max_completion_length=max_completion_length,
-                num_items=num_items, gas=gas)
+                num_items=num_items, gas=gas, level=importance_sampling_level)
     kept = m.reshape(-1) != 0
     flat_tokens = tokens.reshape(-1).long()
     two_pass = importance_sampling_level == "sequence" or loss_type == "vespo"
@@ -491,7 +491,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         old2 = None if old is None else old.reshape(lead).to(lp.dtype)
         ref2 = None if ref is None else ref.reshape(lead).to(lp.dtype)
         loss, parts = _policy_torch(lp, ent, old2, adv.reshape(lead).to(lp.dtype), ref2, m.to(lp.dtype), isr,
-                                    importance_sampling_level, **opts)
+                                    opts)
         with torch.no_grad():
             metrics = _policy_metrics(lp.detach(), ent.detach(), m.to(lp.dtype), advantages_arg, parts, opts)
         return loss, metrics
@@ -575,11 +575,11 @@ def _policy_parts(lp, old, adv, ref, m, isr, level, opts):
     return parts
 
 
-def _policy_torch(lp, ent, old, adv, ref, m, isr, level, **opts):
+def _policy_torch(lp, ent, old, adv, ref, m, isr, opts):
     """The two-pass path: TRL's objective on [B, T] log-probabilities and entropies that carry
     their gradient (the op's recomputing backward takes it to the head)."""
     lt = opts["loss_type"]
-    parts = _policy_parts(lp, old, adv, ref, m, isr, level, opts)
+    parts = _policy_parts(lp, old, adv, ref, m, isr, opts["level"], opts)
     coef = parts["coef_1"]
     if lt == "cispo":
         per_token = -torch.clamp(coef, max=opts["epsilon_high"]).detach() * adv * lp
@@ -623,15 +623,17 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
     a = a[:, None] if a.dim() == 1 else a
     count = m.sum().clamp(min=1)
     coef = parts["coef_1"]
-    seq = coef.shape[1] == 1
+    # TRL tells a per-sequence value by its shape [B, 1]; with T = 1 a per-token value has that
+    # shape too (and TRL would drop its mask): the level decides here.
+    seq = opts["level"] == "sequence"
 
     def gmean(x):  # TRL's global_masked_mean (one value per sequence at the sequence level)
-        if x.shape[1] == 1:
+        if seq and x.shape[1] == 1:
             return x.sum() / max(x.shape[0], 1)
-        return (x * m).sum() / count
+        return (x.expand_as(m) * m).sum() / count
 
     def seq_mean(x):  # TRL's masked_seq_mean (nan for a sequence without tokens, as TRL)
-        return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+        return x.squeeze(1) if seq and x.shape[1] == 1 else (x.expand_as(m) * m).sum(-1) / m.sum(-1)
 
     def nan_ext(x, fn, fill):
         bad = torch.isnan(x)
@@ -665,7 +667,7 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
     if lt == "vespo":
         phi = parts["phi"]
         # TRL's phi has the advantages' shape: one per sequence for [B] advantages.
-        metrics["vespo/phi_seq_mean"] = gmean(phi[:, :1] if advantages.dim() == 1 else phi)
+        metrics["vespo/phi_seq_mean"] = phi[:, 0].sum() / max(phi.shape[0], 1) if advantages.dim() == 1 else gmean(phi)
     if opts["beta"] != 0.0:
         metrics["kl"] = gmean(parts["kl"])
     return metrics
