@@ -96,7 +96,7 @@ def main(argv=None):
     mask = torch.ones(B, T, device=dev, dtype=torch.long)
     run("fusedce grpo (beta 0.04)", lambda: fusedce.policy_loss(
         x.reshape(B, T, H), w, tok, old, adv, mask=mask, ref_logprobs=ref_lp, beta=0.04,
-        loss_type="dapo")[0])
+        loss_type="dapo", use_bias_correction_kl=False)[0])  # Liger's KL: no ratio weighting
 
     if not args.no_peers:
         try:

@@ -52,6 +52,20 @@ TORCH_LIBRARY(fusedce, m) {
   //                    token_loss += distill_weight * divergence
   //   advantages       policy gradient on (TRL GRPO): token_loss += -min(ratio A, clip(ratio) A)
   //                    + kl_beta * k3(ref_logprobs), ratio = exp(logprob - old_logprobs)
+  //   policy_kind      the policy part: 0 the clipped form above, 1 CISPO
+  //                    -min(ratio, epsilon_high) A logprob (the ratio a constant), 2 SAPO
+  //                    -4/tau sigmoid(tau (ratio - 1)) A, tau = sapo_temperature_pos (A > 0) or _neg
+  //   policy_delta     > 0: the clipped form's unclipped ratio is min(ratio, policy_delta)
+  //   policy_weights   [N] multiplies the policy part only (a vLLM importance-sampling ratio)
+  //   kl_bias_correction  the KL term is k3 * ratio (ratio differentiable; TRL's default)
+  //   entropy_weights  [N] the entropy term is entropy_coef * entropy_weights[i] * H
+  //   policy_kind      the policy part: 0 the clipped form above, 1 CISPO
+  //                    -min(ratio, epsilon_high) A logprob (the ratio a constant), 2 SAPO
+  //                    -4/tau sigmoid(tau (ratio - 1)) A, tau = sapo_temperature_pos (A > 0) or _neg
+  //   policy_delta     > 0: the clipped form's unclipped ratio is min(ratio, policy_delta)
+  //   policy_weights   [N] multiplies the policy part only (a vLLM importance-sampling ratio)
+  //   kl_bias_correction  the KL term is k3 * ratio (ratio differentiable; TRL's default)
+  //   entropy_weights  [N] the entropy term is entropy_coef * entropy_weights[i] * H
   // Every term is 0 at ignored rows (target == ignore_index); the outputs lse and entropy are
   // defined (and differentiable) at every row.
   // These arguments are FUSEDCE_TERM_ARGS (csrc/terms_args.h): the seven optional tensors by name,

@@ -23,6 +23,11 @@ namespace fusedce {
 // Adding a scalar: one line at the end of its list here, one field in _op_args.TermOptions (same
 // name, default and place); the import check refuses any other difference.
 //   X(C++ type, name, default)
+// The TRL 1.16 GRPO options of the policy term: policy_weights / entropy_weights are per-token
+// multipliers of the policy part (vLLM importance-sampling ratio) and of entropy_coef;
+// policy_kind 0 clipped (grpo/bnpo/dr_grpo/dapo/luspo), 1 cispo, 2 sapo; policy_delta > 0: the
+// unclipped ratio is min(ratio, delta) (0: off); kl_bias_correction: the KL times the ratio;
+// sapo_temperature_pos / _neg: SAPO's temperatures.
 #define FUSEDCE_TERM_FLOATS(X)          \
   X(double, ce_weight, 1.0)             \
   X(double, entropy_coef, 0.0)          \
@@ -31,7 +36,10 @@ namespace fusedce {
   X(double, distill_temperature, 1.0)   \
   X(double, epsilon_low, 0.2)           \
   X(double, epsilon_high, 0.2)          \
-  X(double, kl_beta, 0.0)
+  X(double, kl_beta, 0.0)               \
+  X(double, policy_delta, 0.0)          \
+  X(double, sapo_temperature_pos, 1.0)  \
+  X(double, sapo_temperature_neg, 1.05)
 // bool entries must be 0 or 1 (checked); want_mean_logit / want_log_sum_sq are statistics of
 // `loss` only (no gradient): loss_backward ignores them.
 #define FUSEDCE_TERM_INTS(X)            \
@@ -39,7 +47,9 @@ namespace fusedce {
   X(bool, want_logprob, false)          \
   X(int64_t, distill, 0)                \
   X(bool, want_mean_logit, false)       \
-  X(bool, want_log_sum_sq, false)
+  X(bool, want_log_sum_sq, false)       \
+  X(int64_t, policy_kind, 0)            \
+  X(bool, kl_bias_correction, false)
 // Optional tensors stay separate `Tensor? name=None` arguments (a Tensor?[] list would make
 // register_autograd flatten every call's arguments with pytree: slower than what it saves).
 #define FUSEDCE_TERM_TENSORS(X)         \
@@ -49,7 +59,9 @@ namespace fusedce {
   X(teacher_bias)                       \
   X(old_logprobs)                       \
   X(advantages)                         \
-  X(ref_logprobs)
+  X(ref_logprobs)                       \
+  X(policy_weights)                     \
+  X(entropy_weights)
 
 #define FUSEDCE_COUNT_ONE_(...) +1
 constexpr size_t kTermFloats = 0 FUSEDCE_TERM_FLOATS(FUSEDCE_COUNT_ONE_);
@@ -193,10 +205,25 @@ struct TermArgs {
       TORCH_CHECK(std::isfinite(kl_beta), "fusedce: kl_beta must be finite, got ", kl_beta);
       TORCH_CHECK(kl_beta == 0.0 || ref_logprobs.has_value(),
                   "fusedce: kl_beta != 0 needs ref_logprobs");
+      check_per_token(policy_weights, n, ref, "policy_weights");
+      TORCH_CHECK(policy_kind >= 0 && policy_kind <= 2,
+                  "fusedce: policy_kind must be 0 (clipped), 1 (cispo) or 2 (sapo), got ",
+                  policy_kind);
+      TORCH_CHECK(std::isfinite(policy_delta) && policy_delta >= 0,
+                  "fusedce: policy_delta must be finite and >= 0 (0: off), got ", policy_delta);
+      TORCH_CHECK(std::isfinite(sapo_temperature_pos) && sapo_temperature_pos > 0,
+                  "fusedce: sapo_temperature_pos must be finite and > 0, got ",
+                  sapo_temperature_pos);
+      TORCH_CHECK(std::isfinite(sapo_temperature_neg) && sapo_temperature_neg > 0,
+                  "fusedce: sapo_temperature_neg must be finite and > 0, got ",
+                  sapo_temperature_neg);
     } else {
-      TORCH_CHECK(!old_logprobs.has_value() && !ref_logprobs.has_value(),
-                  "fusedce: old_logprobs/ref_logprobs are policy-loss inputs and need advantages");
+      TORCH_CHECK(!old_logprobs.has_value() && !ref_logprobs.has_value() &&
+                      !policy_weights.has_value(),
+                  "fusedce: old_logprobs/ref_logprobs/policy_weights are policy-loss inputs and "
+                  "need advantages");
     }
+    check_per_token(entropy_weights, n, ref, "entropy_weights");
   }
 };
 

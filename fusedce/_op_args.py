@@ -34,12 +34,17 @@ class TermOptions(NamedTuple):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     kl_beta: float = 0.0
+    policy_delta: float = 0.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
     # term_ints, in the order of FUSEDCE_TERM_INTS (bool: a 0/1 flag)
     want_entropy: bool = False
     want_logprob: bool = False
     distill: int = 0
     want_mean_logit: bool = False
     want_log_sum_sq: bool = False
+    policy_kind: int = 0
+    kl_bias_correction: bool = False
     # the `Tensor? name=None` arguments (FUSEDCE_TERM_TENSORS)
     teacher_logits: Optional[torch.Tensor] = None
     teacher_hidden: Optional[torch.Tensor] = None
@@ -48,6 +53,8 @@ class TermOptions(NamedTuple):
     old_logprobs: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    policy_weights: Optional[torch.Tensor] = None
+    entropy_weights: Optional[torch.Tensor] = None
 
     def pack(self) -> dict:
         """The op's keyword arguments: the tensors given, and each list only when some entry

@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 from . import ops as _ops_py
 from ._checks import check_global_targets, host_target_check
-from ._shared import LossOutput, _policy_metrics, _shift
+from ._shared import LossOutput, _policy_metrics, _policy_parts, _shift
 
 # Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
 _BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -416,7 +416,7 @@ def _chunk(P, lo, hi, coefs, grads):
         else:
             a = coefs[0]
             a_lp = None if a is None else a * dpt
-            a_ent = None if (a is None or P.entropy_coef == 0.0) else -P.entropy_coef * a
+            a_ent = None if (a is None or P.entropy_coef == 0.0) else -P.entropy_coef * _ent_w(P, lo, hi, a) * a
         p = torch.exp(z - lse[:, None])
         dz = torch.zeros_like(z)
         if a_lp is not None:
@@ -504,29 +504,48 @@ def _chunk(P, lo, hi, coefs, grads):
 
 
 def _policy_token(P, lo, hi, lp, ent):
-    """Per-token GRPO loss and its derivative with respect to the log-probability."""
+    """Per-token policy loss (TRL 1.16, token level; csrc/cpu/terms.h is the same math) and its
+    derivative with respect to the log-probability."""
     old = P.old[lo:hi] if P.old is not None else lp.detach()
     adv = P.adv[lo:hi]
     ratio = torch.exp(lp - old)
-    clipped = torch.clamp(ratio, 1 - P.eps_low, 1 + P.eps_high)
-    unc = ratio * adv <= clipped * adv
-    pt = -torch.minimum(ratio * adv, clipped * adv)
-    dpt = torch.where(unc, -adv * ratio, torch.zeros_like(ratio))
+    zero = torch.zeros_like(ratio)
+    if P.loss_type == "cispo":
+        w = torch.clamp(ratio, max=P.eps_high)
+        pt, dpt = -w * adv * lp, -w * adv
+    elif P.loss_type == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(ratio, P.sapo[0]), torch.full_like(ratio, P.sapo[1]))
+        sg = torch.sigmoid(tau * (ratio - 1))
+        pt, dpt = -sg * 4 / tau * adv, -4 * adv * sg * (1 - sg) * ratio
+    else:
+        c1 = ratio if P.delta is None else torch.clamp(ratio, max=P.delta)
+        d1 = ratio if P.delta is None else torch.where(ratio > P.delta, zero, ratio)
+        c2 = torch.clamp(ratio, 1 - P.eps_low, 1 + P.eps_high)
+        d2 = torch.where((ratio >= 1 - P.eps_low) & (ratio <= 1 + P.eps_high), ratio, zero)
+        un, cl = c1 * adv, c2 * adv
+        pt = -torch.minimum(un, cl)
+        # torch.minimum splits the gradient evenly at a tie.
+        dpt = torch.where(un < cl, -adv * d1, torch.where(un > cl, -adv * d2, -0.5 * adv * (d1 + d2)))
+    if P.pw is not None:
+        pt, dpt = pt * P.pw[lo:hi], dpt * P.pw[lo:hi]
     if P.beta != 0.0:
         d = P.ref[lo:hi] - lp
         ed = torch.exp(d)
-        pt = pt + P.beta * (ed - d - 1)
-        dpt = dpt + P.beta * (1 - ed)
+        k3 = ed - d - 1
+        if P.bias_kl:
+            pt = pt + P.beta * k3 * ratio
+            dpt = dpt + P.beta * (1 - ed + k3) * ratio
+        else:
+            pt = pt + P.beta * k3
+            dpt = dpt + P.beta * (1 - ed)
     if P.entropy_coef != 0.0:
-        pt = pt - P.entropy_coef * ent
-    P.extra = {
-        "ratio": ratio,
-        "is_low_clipped": ((ratio < 1 - P.eps_low) & (adv < 0)).to(lp.dtype),
-        "is_high_clipped": ((ratio > 1 + P.eps_high) & (adv > 0)).to(lp.dtype),
-    }
-    if P.beta != 0.0:
-        P.extra["kl"] = torch.exp(P.ref[lo:hi] - lp) - (P.ref[lo:hi] - lp) - 1
+        pt = pt - P.entropy_coef * _ent_w(P, lo, hi, ent) * ent
+    P.extra = {}
     return pt, dpt
+
+
+def _ent_w(P, lo, hi, like):
+    return P.ent_w[lo:hi] if P.ent_w is not None else torch.ones_like(like)
 
 
 def _accumulate(P, lo, hi, draw, grads):
@@ -854,12 +873,14 @@ def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_w
     return tok.reshape(shape) if reduction == "none" else loss
 
 
-def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask, ref_logprobs, beta,
-                 epsilon_low, epsilon_high, temperature, loss_type, entropy_coef,
-                 max_completion_length, linear_bias, softcap, logit_scale, process_group,
-                 vocab_start, chunk_size, reduce_grad_input):
-    """Masked tokens still go through the shared statistics (no row skipping); kept tokens must be
-    class ids (checked against the global vocabulary in the chunk loop)."""
+def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask, m, ref_logprobs,
+                 temperature, weights, ent_w, pw, linear_bias, softcap, logit_scale, process_group,
+                 vocab_start, chunk_size, reduce_grad_input, opts):
+    """The one-pass (token-level) policy loss; `weights` are the loss type's per-token weights,
+    `ent_w` the entropy term's per-token multipliers of -entropy_coef and `pw` the policy part's
+    (importance-sampling ratio), as policy_loss hands them to the op. Masked tokens still go
+    through the shared statistics (no row skipping); kept tokens must be class ids (checked
+    against the global vocabulary in the chunk loop)."""
     process_group = _group(process_group)
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
     if linear_bias is not None:
@@ -870,31 +891,25 @@ def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask
     adv = advantages.to(acc)
     if adv.dim() == 1:
         adv = adv[:, None].expand(B, T)
-    m = torch.ones(B, T, dtype=acc, device=input.device) if mask is None else mask.to(acc)
-    if loss_type == "grpo":
-        agg = m / m.sum(-1, keepdim=True).clamp(min=1) / B
-        div = torch.ones((), dtype=acc, device=input.device)
-    elif loss_type in ("bnpo", "dapo"):
-        agg, div = m, m.sum().clamp(min=1)
-    else:
-        agg = m
-        div = torch.tensor(float(B * (T if max_completion_length is None else max_completion_length)), dtype=acc, device=input.device)
+    one = torch.ones((), dtype=acc, device=input.device)
     P = _Problem(kind="policy", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
                  target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
                  softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
                  old=None if old_logprobs is None else old_logprobs.reshape(-1).to(acc).detach(),
                  adv=adv.reshape(-1), ref=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).detach(),
-                 beta=float(beta), eps_low=float(epsilon_low), eps_high=float(epsilon_high),
-                 entropy_coef=float(entropy_coef), agg=agg.reshape(-1), divisor=lambda res: div, extra={},
-                 kept=m.reshape(-1) != 0,
+                 beta=opts["beta"], eps_low=opts["epsilon_low"], eps_high=opts["epsilon_high"],
+                 entropy_coef=opts["entropy_coef"], agg=weights.reshape(-1).to(acc), divisor=lambda res: one,
+                 extra={}, kept=m.reshape(-1) != 0, loss_type=opts["loss_type"], delta=opts["delta"],
+                 bias_kl=opts["use_bias_correction_kl"], sapo=(opts["sapo_temperature_pos"], opts["sapo_temperature_neg"]),
+                 ent_w=None if ent_w is None else ent_w.to(acc), pw=None if pw is None else pw.to(acc),
                  acc=acc, chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))
     (loss,) = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     res = P.res
     with torch.no_grad():  # the keys and definitions of the single-process policy_loss
-        metrics = _policy_metrics(
-            res["lp"].reshape(B, T), res["ent"].reshape(B, T),
-            None if old_logprobs is None else old_logprobs.reshape(-1), adv.reshape(-1),
-            None if ref_logprobs is None else ref_logprobs.reshape(-1), m, advantages, beta,
-            epsilon_low, epsilon_high)
+        lp = res["lp"].reshape(B, T)
+        parts = _policy_parts(lp, None if P.old is None else P.old.reshape(B, T), adv.to(lp.dtype),
+                              None if P.ref is None else P.ref.reshape(B, T), m.to(lp.dtype),
+                              None if pw is None else pw.reshape(B, T).to(lp.dtype), "token", opts)
+        metrics = _policy_metrics(lp, res["ent"].reshape(B, T), m.to(lp.dtype), advantages, parts, opts)
     return loss, metrics

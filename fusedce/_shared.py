@@ -5,6 +5,7 @@ neither path imports the other for them."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -67,35 +68,89 @@ def _sharded(process_group, **tensors) -> bool:
     return False
 
 
-def _policy_metrics(lp, ent, old, adv, ref, m, advantages, beta, eps_low, eps_high):
-    lead = lp.shape
-    ratio = torch.ones_like(lp) if old is None else torch.exp(lp - old.reshape(lead).to(lp))
-    a = adv.reshape(lead).to(lp)
+def _policy_parts(lp, old, adv, ref, m, isr, level, opts):
+    """TRL's coef_1 (after two-sided clipping for the clipped types: TRL's clip metrics read that
+    one), per-token KL and VESPO's phi, from log-probabilities lp [B, T] (with or without grad)."""
+    old = lp.detach() if old is None else old
+    log_ratio = lp - old
+    if level == "token":
+        coef = torch.exp(log_ratio)
+    else:
+        coef = torch.exp((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    parts = {"coef_1": coef, "log_ratio": log_ratio}
+    if opts["beta"] != 0.0:
+        d = ref - lp
+        kl = torch.exp(d) - d - 1
+        parts["kl"] = kl * coef if opts["use_bias_correction_kl"] else kl
+    if opts["loss_type"] == "vespo":
+        with torch.no_grad():
+            kp, lpos, kn, lneg = opts["vespo"]
+            lower = math.log(1e-8)
+            seq = (torch.clamp(log_ratio.detach(), -20.0, 20.0) * m).sum(-1, keepdim=True)
+            if isr is not None:
+                seq = seq + torch.clamp(torch.log(isr), lower, 20.0).sum(-1, keepdim=True)
+            log_w = torch.clamp(seq, lower, 20.0)
+            nonneg = adv >= 0  # [B, T] advantages give per-token weights, as TRL's broadcast
+            k = torch.where(nonneg, torch.full_like(log_w, kp), torch.full_like(log_w, kn))
+            lam = torch.where(nonneg, torch.full_like(log_w, lpos), torch.full_like(log_w, lneg)).clamp(min=1e-4)
+            parts["phi"] = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    if opts["loss_type"] in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and opts["delta"] is not None:
+        parts["coef_1_clamped"] = torch.clamp(coef, max=opts["delta"])
+    return parts
+
+
+def _policy_metrics(lp, ent, m, advantages, parts, opts):
+    """The metric dict, with TRL 1.16's definitions where TRL logs the same name (local values:
+    TRL also reduces them over processes)."""
+    a = advantages.to(lp)
+    a = a[:, None] if a.dim() == 1 else a
     count = m.sum().clamp(min=1)
+    coef = parts["coef_1"]
+    # TRL tells a per-sequence value by its shape [B, 1]; with T = 1 a per-token value has that
+    # shape too (and TRL would drop its mask): the level decides here.
+    seq = opts["level"] == "sequence"
 
-    def mean(x):
-        return (x * m).sum() / count
+    def gmean(x):  # TRL's global_masked_mean (one value per sequence at the sequence level)
+        if seq and x.shape[1] == 1:
+            return x.sum() / max(x.shape[0], 1)
+        return (x.expand_as(m) * m).sum() / count
 
-    valid = m != 0
+    def seq_mean(x):  # TRL's masked_seq_mean (nan for a sequence without tokens, as TRL)
+        return x.squeeze(1) if seq and x.shape[1] == 1 else (x.expand_as(m) * m).sum(-1) / m.sum(-1)
+
+    def nan_ext(x, fn, fill):
+        bad = torch.isnan(x)
+        r = fn(torch.where(bad, torch.full_like(x, fill), x))
+        return torch.where(bad.all(), torch.full_like(r, math.nan), r)
+
+    lt = opts["loss_type"]
+    c = parts.get("coef_1_clamped", coef)
+    low = ((c < 1 - opts["epsilon_low"]) & (a < 0)).to(lp)
+    high = ((c > 1 + opts["epsilon_high"]) & (a > 0)).to(lp)
     big = torch.finfo(lp.dtype).max
-    low = (ratio < 1 - eps_low) & (a < 0)
-    high = (ratio > 1 + eps_high) & (a > 0)
-    # The six masked means in one reduction (a handful of small ops per call instead of ~20).
-    means = ((torch.stack([low.to(lp), high.to(lp), (low | high).to(lp), ratio, ent, lp])
-              * m).flatten(1).sum(1) / count).unbind()
+    valid = (m != 0) if not seq else torch.ones_like(coef, dtype=torch.bool)
+    cb = coef.expand_as(valid) if not seq else coef
     metrics = {
-        "clip_ratio/low_mean": means[0],
-        "clip_ratio/high_mean": means[1],
-        "clip_ratio/region_mean": means[2],
-        "ratio/mean": means[3],
-        "ratio/min": torch.where(valid, ratio, big).min(),
-        "ratio/max": torch.where(valid, ratio, -big).max(),
-        "entropy": means[4],
-        "logprob/mean": means[5],
+        "clip_ratio/low_mean": gmean(low),
+        "clip_ratio/high_mean": gmean(high),
+        "clip_ratio/region_mean": gmean(torch.maximum(low, high)),
+        "clip_ratio/low_min": nan_ext(seq_mean(low), torch.min, math.inf),
+        "clip_ratio/high_max": nan_ext(seq_mean(high), torch.max, -math.inf),
+        "ratio/mean": gmean(coef),
+        "ratio/min": torch.where(valid, cb, torch.full_like(cb, big)).min(),
+        "ratio/max": torch.where(valid, cb, torch.full_like(cb, -big)).max(),
+        "entropy": (ent * m).sum() / count,
+        "logprob/mean": (lp * m).sum() / count,
         "advantages/mean": advantages.to(lp).mean(),
         "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
     }
-    if beta != 0.0:
-        d = ref.reshape(lead).to(lp) - lp
-        metrics["kl"] = mean(torch.exp(d) - d - 1)
+    if lt == "cispo":
+        cc = ((coef > opts["epsilon_high"]) & (a > 0)).to(lp)
+        metrics["cispo_clip_ratio"] = gmean(cc)
+    if lt == "vespo":
+        phi = parts["phi"]
+        # TRL's phi has the advantages' shape: one per sequence for [B] advantages.
+        metrics["vespo/phi_seq_mean"] = phi[:, 0].sum() / max(phi.shape[0], 1) if advantages.dim() == 1 else gmean(phi)
+    if opts["beta"] != 0.0:
+        metrics["kl"] = gmean(parts["kl"])
     return metrics

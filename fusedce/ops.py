@@ -89,7 +89,8 @@ def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=
                grad_mask=(False, False, False), chunk_size=0, vocab_chunk_size=0,
                fp32_grad_accum=False, teacher_logits=None, teacher_hidden=None,
                teacher_weight=None, teacher_bias=None, old_logprobs=None, advantages=None,
-               ref_logprobs=None, term_floats=(), term_ints=()):
+               ref_logprobs=None, policy_weights=None, entropy_weights=None, term_floats=(),
+               term_ints=()):
     opts = _op_args.TermOptions.unpack(term_floats, term_ints)  # checks the lengths, as the op
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -113,7 +114,8 @@ def _loss_backward_fake(hidden, weight, target, bias, class_weight, lse, grad_to
                         grad_mask=(True, True, True), chunk_size=0, vocab_chunk_size=0,
                         fp32_grad_accum=False, teacher_logits=None, teacher_hidden=None,
                         teacher_weight=None, teacher_bias=None, old_logprobs=None,
-                        advantages=None, ref_logprobs=None, term_floats=(), term_ints=()):
+                        advantages=None, ref_logprobs=None, policy_weights=None,
+                        entropy_weights=None, term_floats=(), term_ints=()):
     _op_args.TermOptions.unpack(term_floats, term_ints)  # checks the lengths, as the op
     return _fake_grads(hidden, weight, bias, grad_mask)
 

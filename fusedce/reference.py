@@ -232,43 +232,115 @@ def distillation_loss(student_logits, teacher_logits, target, *, kind="forward_k
     return tok.sum() / valid.sum()
 
 
-_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")
+
+
+def vespo_gamma_weights(advantages, log_ratio, mask, importance_sampling_ratio=None, *, k_pos=2.0,
+                        lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0):
+    """VESPO's per-sequence weight phi(w) = e^lambda w^k e^(-lambda w) (phi(1) = 1), w the
+    sequence's importance ratio exp(sum_t m (logp - old)) (times the product of the caller's
+    per-token importance-sampling ratios), each log clamped as TRL 1.16 does; no gradient.
+    advantages [B, 1], log_ratio and mask [B, T] -> [B, 1]."""
+    with torch.no_grad():
+        lower = math.log(1e-8)
+        seq = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+        if importance_sampling_ratio is not None:
+            seq = seq + torch.clamp(torch.log(importance_sampling_ratio), lower, 20.0).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, lower, 20.0)
+        w = torch.exp(log_w)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, torch.full_like(log_w, k_pos), torch.full_like(log_w, k_neg))
+        lam = torch.where(nonneg, torch.full_like(log_w, lambda_pos), torch.full_like(log_w, lambda_neg)).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * w).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def policy_loss(logits, tokens, old_logprobs, advantages, *, mask=None, ref_logprobs=None,
-                beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0, loss_type="grpo",
-                entropy_coef=0.0, max_completion_length=None, dtype=torch.float64):
-    """TRL GRPOTrainer's clipped objective on logits [B, T, V], tokens/old/adv/mask [B, T]
-    (advantages may be [B]). Returns (loss, per_token_loss, logprobs, entropy).
+                beta=0.0, epsilon_low=0.2, epsilon_high=None, temperature=1.0, loss_type="dapo",
+                entropy_coef=0.0, max_completion_length=None, importance_sampling_level="token",
+                use_bias_correction_kl=True, delta=None, sapo_temperature_pos=1.0,
+                sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                vespo_lambda_neg=2.0, importance_sampling_ratio=None, num_items_in_batch=None,
+                gradient_accumulation_steps=1, dtype=torch.float64):
+    """TRL 1.16 GRPOTrainer._compute_loss on logits [B, T, V], tokens/old/mask [B, T],
+    advantages [B, T] or [B], importance_sampling_ratio [B, T] or [B] (the vLLM correction: it
+    multiplies the policy part; vespo takes it into its gamma weights instead). Returns
+    (loss, per_token_loss, logprobs, entropy); per_token_loss has TRL's shape and excludes the
+    entropy bonus.
 
-    per_token = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3 - entropy_coef * H,
-    r = exp(logp - old), k3 = exp(ref - logp) - (ref - logp) - 1. Aggregation (mask m):
-      grpo: mean over sequences of (sum_t m l / sum_t m); bnpo and dapo: sum m l / sum m;
-      dr_grpo: sum m l / (B * max_completion_length (default T)).
+    coef_1 = exp(logp - old) per token ("token") or exp(masked mean over the sequence of
+    (logp - old)) ("sequence"); KL k3 = exp(ref - logp) - (ref - logp) - 1, times coef_1 when
+    use_bias_correction_kl. Policy part: clipped (grpo, bnpo, dr_grpo, dapo, luspo)
+    -min(min(coef_1, delta) A, clip(coef_1, 1 - eps_low, 1 + eps_high) A); cispo
+    -min(coef_1, eps_high).detach() A logp; sapo -4/tau sigmoid(tau (coef_1 - 1)) A; vespo
+    -phi A logp. Aggregation (mask m): grpo/sapo mean over sequences of per-sequence means; bnpo
+    sum m l / sum m; dr_grpo sum m l / (B * max_completion_length (default T)); luspo mean over
+    sequences of sum_t m l; those divided by gradient_accumulation_steps; cispo/dapo/vespo
+    sum m l / num_items_in_batch (default max(sum m, 1)). Entropy bonus:
+    - entropy_coef * sum(H m) / max(sum m, 1) / gradient_accumulation_steps.
     """
     lp, ent = token_logprobs(logits, tokens, temperature=temperature, dtype=dtype)
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     old = lp.detach() if old_logprobs is None else old_logprobs.to(lp.dtype)
     adv = advantages.to(lp.dtype)
     if adv.dim() == 1:
         adv = adv[:, None]
-    ratio = torch.exp(lp - old)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    m = torch.ones_like(lp) if mask is None else mask.to(lp.dtype)
+    isr = None
+    if importance_sampling_ratio is not None:
+        isr = importance_sampling_ratio.to(lp.dtype)
+        if isr.dim() == 1:
+            isr = isr[:, None]
+    B, T = lp.shape
+    log_ratio = lp - old
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    elif importance_sampling_level == "sequence":
+        log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    coef_1 = torch.exp(log_w)
     if beta != 0.0:
         d = ref_logprobs.to(lp.dtype) - lp
-        per_token = per_token + beta * (torch.exp(d) - d - 1)
-    if entropy_coef != 0.0:
-        per_token = per_token - entropy_coef * ent
-    m = torch.ones_like(lp) if mask is None else mask.to(lp.dtype)
-    B, T = lp.shape
-    if loss_type == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif loss_type in ("bnpo", "dapo"):
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = (per_token * m).sum() / (B * (T if max_completion_length is None else max_completion_length))
+        kl = torch.exp(d) - d - 1
+        if use_bias_correction_kl:
+            kl = kl * coef_1
+    if loss_type == "cispo":
+        per_token = -torch.clamp(coef_1, max=epsilon_high).detach() * adv * lp
+    elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    elif loss_type == "sapo":
+        # (TRL's torch.where of two Python floats makes them float32, the default dtype: 1.05
+        # becomes 1.0499999523. The definition keeps the value given.)
+        tau = torch.where(adv > 0, torch.full_like(adv, sapo_temperature_pos), torch.full_like(adv, sapo_temperature_neg))
+        per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+    elif loss_type == "vespo":
+        phi = vespo_gamma_weights(adv, log_ratio, m, isr, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos,
+                                  k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg)
+        per_token = -phi * adv * lp
     else:
         raise ValueError(f"loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    if isr is not None and loss_type != "vespo":
+        per_token = per_token * isr
+    if beta != 0.0:
+        per_token = per_token + beta * kl
+    gas = gradient_accumulation_steps
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / gas
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0) / gas
+    elif loss_type == "dr_grpo":
+        L = T if max_completion_length is None else max_completion_length
+        loss = (per_token * m).sum() / (per_token.size(0) * L) / gas
+    elif loss_type == "luspo":
+        loss = (per_token * m).sum(-1).mean() / gas
+    else:
+        n = m.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
+        loss = (per_token * m).sum() / n
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * ((ent * m).sum() / m.sum().clamp(min=1.0) / gas)
     return loss, per_token, lp, ent
 
 

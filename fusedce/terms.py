@@ -33,11 +33,10 @@ from ._checks import (
     host_target_check,
 )
 from . import _parallel
-from ._shared import _policy_metrics, _sharded
+from ._shared import _policy_metrics, _policy_parts, _sharded
 
 _ops = torch.ops.fusedce
 _DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
-_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -292,37 +291,106 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
 # ---------------------------------------------------------------------------------------------
 
 
-def _policy_weights(mask, loss_type, max_completion_length):
-    """Per-token weights of the aggregation TRL's GRPOTrainer applies for `loss_type`."""
-    B, T = mask.shape
-    if loss_type == "grpo":
-        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * B)
-    if loss_type in ("bnpo", "dapo"):
-        return mask / mask.sum().clamp(min=1)
-    length = T if max_completion_length is None else max_completion_length
-    return mask / (B * length)
+_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")
+_POLICY_KIND = {"cispo": 1, "sapo": 2}  # the op's policy_kind; every other type: 0 (clipped)
+
+
+def _policy_weights(m, loss_type, max_completion_length, num_items, gas):
+    """Per-token weights of the aggregation TRL 1.16's GRPOTrainer applies for `loss_type`
+    (including its division by the gradient-accumulation steps for the locally normalized types)."""
+    B, T = m.shape
+    if loss_type in ("grpo", "sapo"):
+        return m / (m.sum(-1, keepdim=True).clamp(min=1) * B) / gas
+    if loss_type == "bnpo":
+        return m / m.sum().clamp(min=1) / gas
+    if loss_type == "dr_grpo":
+        return m / (B * (T if max_completion_length is None else max_completion_length)) / gas
+    if loss_type == "luspo":
+        return m / B / gas
+    return m / (m.sum().clamp(min=1) if num_items is None else num_items)
+
+
+def _check_number_or_scalar(x, name, ref, acc):
+    """A positive number, or a one-element tensor (on ref's device, or a CPU scalar copied there):
+    a tensor's value is never brought to the host. Returns a float or a 0-d acc tensor."""
+    if torch.is_tensor(x):
+        if x.numel() != 1:
+            raise ValueError(f"fusedce: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            _check_device(x, name, ref, "input")
+        return x.detach().reshape(()).to(device=ref.device, dtype=acc)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+        raise ValueError(f"fusedce: {name} must be a positive finite number or a one-element tensor, got {x!r}")
+    return float(x)
 
 
 def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=None,
-                ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, temperature=1.0,
-                loss_type="grpo", entropy_coef=0.0, max_completion_length=None, linear_bias=None,
+                ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=None, temperature=1.0,
+                loss_type="dapo", entropy_coef=0.0, max_completion_length=None, linear_bias=None,
                 softcap=None, logit_scale=1.0, chunk_size=None, process_group=None,
-                vocab_start=None, reduce_grad_input=True):
-    """The clipped policy-gradient objective of TRL's GRPOTrainer on the head
-    ``input @ linear_weight.T``, in one pass over the vocabulary.
+                vocab_start=None, reduce_grad_input=True, importance_sampling_level="token",
+                use_bias_correction_kl=True, delta=None, sapo_temperature_pos=1.0,
+                sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                vespo_k_neg=3.0, vespo_lambda_neg=2.0, importance_sampling_ratio=None,
+                num_items_in_batch=None, gradient_accumulation_steps=1):
+    """The policy objective of TRL 1.16's ``GRPOTrainer`` on the head ``input @ linear_weight.T``
+    (``_compute_loss``; the names and defaults are ``GRPOConfig``'s: ``epsilon_low`` is its
+    ``epsilon``, ``epsilon_high=None`` means ``epsilon_low``, ``max_completion_length`` None
+    means T). fusedce/reference.py holds the float64 definition.
 
-    input [B, T, H], tokens / old_logprobs / mask / ref_logprobs [B, T], advantages [B, T] or [B].
-    Per token: -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A) + beta * k3 - entropy_coef * H
-    with r = exp(logp - old_logprobs) (old_logprobs None: r = 1 with the gradient of logp),
-    logp = log softmax(logits / temperature)[token], k3 = exp(ref - logp) - (ref - logp) - 1,
-    H the entropy of that softmax. Aggregated over ``mask`` as ``loss_type`` says: "grpo" mean over
-    sequences of per-sequence means, "bnpo" / "dapo" sum over all tokens / number of tokens,
-    "dr_grpo" sum / (B * max_completion_length (default T)).
+    input [B, T, H], tokens / old_logprobs / mask / ref_logprobs [B, T], advantages [B, T] or
+    [B]. logp = log softmax(logits / temperature)[token]; old_logprobs None: logp detached
+    (ratio 1, TRL's on-policy case). coef_1 = exp(logp - old) per token
+    (``importance_sampling_level="token"``) or exp of the masked mean over the sequence of
+    (logp - old) (``"sequence"``, GSPO; its gradient reaches every token of the sequence).
 
-    Returns (loss, metrics): metrics holds 0-d tensors computed from the same pass (no host sync):
-    clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean, ratio/mean, ratio/min,
-    ratio/max, kl (when beta != 0), entropy, logprob/mean, advantages/mean, advantages/std.
-    ``process_group``: vocab-parallel, as :func:`fusedce.linear_cross_entropy`.
+    Per token, by ``loss_type``:
+
+    - "grpo", "bnpo", "dr_grpo", "dapo", "luspo": -min(c1 A, clip(coef_1, 1 - epsilon_low,
+      1 + epsilon_high) A), c1 = min(coef_1, ``delta``) when ``delta`` is given (two-sided
+      clipping), else coef_1;
+    - "cispo": -min(coef_1, epsilon_high) A logp, the capped ratio without gradient (TRL uses
+      epsilon_high itself as the cap: pass e.g. epsilon_high=5.0, as ScaleRL recommends);
+    - "sapo": -4 / tau sigmoid(tau (coef_1 - 1)) A, tau = ``sapo_temperature_pos`` where A > 0,
+      else ``sapo_temperature_neg`` (the value given; TRL's ``torch.where`` of two floats rounds
+      them to float32, so its 1.05 is float32(1.05): a relative difference near 1e-7);
+    - "vespo": -phi A logp, phi = e^lam w^k e^(-lam w) per sequence without gradient, w the
+      sequence's ratio exp(sum_t m (logp - old)) (log clamped to [log 1e-8, 20] as TRL), (k, lam)
+      = (``vespo_k_pos``, ``vespo_lambda_pos``) where A >= 0 else the ``_neg`` pair.
+
+    ``importance_sampling_ratio`` ([B, T] or [B], no gradient): TRL's vLLM correction; it
+    multiplies the policy part (not the KL); for "vespo" it enters w instead (times its product).
+    Plus ``beta`` * k3, k3 = exp(ref - logp) - (ref - logp) - 1, times coef_1 (which keeps its
+    gradient) when ``use_bias_correction_kl`` (TRL's default).
+
+    Aggregation over ``mask`` m: "grpo" and "sapo" mean over sequences of per-sequence means,
+    "bnpo" sum / sum(m), "dr_grpo" sum / (B * max_completion_length), "luspo" mean over
+    sequences of per-sequence sums, each divided by ``gradient_accumulation_steps`` (as TRL
+    divides them by its current accumulation steps); "cispo", "dapo", "vespo" sum /
+    ``num_items_in_batch``: the caller's global normalizer (a number or a one-element tensor,
+    never read on the host). TRL's is ``max(num_items_in_batch, 1) / num_processes *
+    gradient_accumulation_steps / steps_per_generation``; default max(sum(m), 1), the local count.
+    The other types ignore ``num_items_in_batch``, and these three ignore
+    ``gradient_accumulation_steps`` in their policy term (TRL's normalizer carries it), as in TRL.
+    The entropy bonus is TRL's: - ``entropy_coef`` * sum(H m) / max(sum(m), 1) /
+    ``gradient_accumulation_steps``, H the entropy of softmax(logits / temperature), whatever the
+    loss type. TRL's ``top_entropy_quantile`` and ``off_policy_mask_threshold`` are not offered
+    (a quantile over the gathered entropies); fold such a mask into ``mask`` and
+    ``importance_sampling_ratio`` yourself.
+
+    Paths: token-level "grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo" run in one pass
+    over the vocabulary with the gradient computed in it. ``importance_sampling_level="sequence"``
+    and "vespo" need the whole sequence's log-probabilities before any token's gradient is known:
+    they take the log-probabilities and entropies from one pass (with a recomputing backward, as
+    :func:`token_logprobs`) and do the rest on [B, T] tensors in PyTorch.
+
+    Returns (loss, metrics): 0-d tensors, no host sync: clip_ratio/low_mean, clip_ratio/high_mean,
+    clip_ratio/region_mean, clip_ratio/low_min, clip_ratio/high_max (TRL's, for the clipped types;
+    over sequences at the sequence level), cispo_clip_ratio ("cispo"), vespo/phi_seq_mean
+    ("vespo"), ratio/mean, ratio/min, ratio/max (of coef_1), kl (when beta != 0; TRL's, with the
+    bias correction), entropy, logprob/mean, advantages/mean, advantages/std. TRL's are the
+    local values (TRL also reduces over processes). ``process_group``: vocab-parallel, as
+    :func:`fusedce.linear_cross_entropy`.
     """
     _check_autodiff("policy_loss", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
@@ -334,28 +402,53 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     _check_target(tokens, lead, input, "input", name="tokens")
     if loss_type not in _LOSS_TYPES:
         raise ValueError(f"fusedce: loss_type must be one of {_LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"fusedce: importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
     temperature = _check_positive(temperature, "temperature")
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
     for name, value in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high),
-                        ("entropy_coef", entropy_coef)):
+                        ("entropy_coef", entropy_coef), ("vespo_k_pos", vespo_k_pos),
+                        ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_k_neg", vespo_k_neg),
+                        ("vespo_lambda_neg", vespo_lambda_neg)):
         _check_finite(value, name)
     if not 0.0 <= epsilon_low <= 1.0 or epsilon_high < 0:
         raise ValueError(f"fusedce: epsilon_low must be in [0, 1] and epsilon_high >= 0, got {epsilon_low!r}, {epsilon_high!r}")
+    if delta is not None:
+        delta = _check_positive(delta, "delta")
+    sapo_temperature_pos = _check_positive(sapo_temperature_pos, "sapo_temperature_pos")
+    sapo_temperature_neg = _check_positive(sapo_temperature_neg, "sapo_temperature_neg")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise ValueError(f"fusedce: use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
     if max_completion_length is not None and (isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1):
         raise ValueError(f"fusedce: max_completion_length must be a positive int or None, got {max_completion_length!r}")
     _check_chunk(chunk_size, "chunk_size")
     knobs = _head_knobs(softcap, logit_scale, temperature)
     B, T = lead
     acc = _acc(input)
-    advantages_arg = advantages
+    gas = gradient_accumulation_steps
+    if isinstance(gas, bool) or not isinstance(gas, (int, float)) or not math.isfinite(gas) or gas <= 0:
+        raise ValueError(f"fusedce: gradient_accumulation_steps must be a positive number, got {gas!r}")
+    num_items = None if num_items_in_batch is None else _check_number_or_scalar(
+        num_items_in_batch, "num_items_in_batch", input, acc)
     old = None if old_logprobs is None else _per_token(old_logprobs, "old_logprobs", lead, input, "tokens").detach()
     _check_tensor(advantages, "advantages")
     _check_float(advantages, "advantages")
+    advantages_arg = advantages
     if advantages.shape == (B,):
         advantages = advantages[:, None].expand(B, T)
     adv = _per_token(advantages, "advantages", lead, input, "tokens").detach()
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError("fusedce: beta != 0 needs ref_logprobs")
     ref = None if ref_logprobs is None else _per_token(ref_logprobs, "ref_logprobs", lead, input, "tokens").detach()
+    isr = None
+    if importance_sampling_ratio is not None:
+        _check_tensor(importance_sampling_ratio, "importance_sampling_ratio")
+        _check_float(importance_sampling_ratio, "importance_sampling_ratio")
+        if importance_sampling_ratio.shape not in (lead, (B,), (B, 1)):
+            raise ValueError(f"fusedce: importance_sampling_ratio must have shape {tuple(lead)} or ({B},), got {tuple(importance_sampling_ratio.shape)}")
+        _check_device(importance_sampling_ratio, "importance_sampling_ratio", input, "input")
+        isr = importance_sampling_ratio.detach().to(acc).reshape(B, -1)  # [B, T] or [B, 1]
     if mask is None:
         m = torch.ones(lead, dtype=acc, device=input.device)
     else:
@@ -364,18 +457,59 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
             raise ValueError(f"fusedce: mask must have shape {tuple(lead)} (like tokens), got {tuple(mask.shape)}")
         _check_device(mask, "mask", input, "input")
         m = mask.to(acc)
-    if sharded:
-        return _parallel._policy_loss(
-            input, linear_weight, tokens, old_logprobs, advantages_arg, mask=mask,
-            ref_logprobs=ref_logprobs, beta=beta, epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high, temperature=temperature, loss_type=loss_type,
-            entropy_coef=entropy_coef, max_completion_length=max_completion_length,
-            linear_bias=linear_bias, softcap=softcap, logit_scale=logit_scale,
-            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
-            reduce_grad_input=reduce_grad_input)
-    weights = _policy_weights(m, loss_type, max_completion_length).reshape(-1)
+    opts = dict(loss_type=loss_type, beta=float(beta), epsilon_low=float(epsilon_low),
+                epsilon_high=float(epsilon_high), delta=delta, use_bias_correction_kl=use_bias_correction_kl,
+                sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                vespo=(float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg), float(vespo_lambda_neg)),
+                entropy_coef=float(entropy_coef), max_completion_length=max_completion_length,
+                num_items=num_items, gas=gas, level=importance_sampling_level)
     kept = m.reshape(-1) != 0
     flat_tokens = tokens.reshape(-1).long()
+    two_pass = importance_sampling_level == "sequence" or loss_type == "vespo"
+    if two_pass:
+        if sharded:
+            # Masked positions carry HF's padding label there (log-probability 0, no gradient); a
+            # kept -100 is no class id: -101 makes token_logprobs refuse it (NaN where no host
+            # check is allowed), never a silent log-probability 0.
+            kept_tokens = torch.where(flat_tokens == -100, torch.full_like(flat_tokens, -101), flat_tokens)
+            masked_tokens = torch.where(kept, kept_tokens, torch.full_like(flat_tokens, -100)).reshape(lead)
+            lp, ent = _parallel._token_logprobs(
+                input, linear_weight, masked_tokens, process_group=process_group,
+                vocab_start=vocab_start, linear_bias=linear_bias, temperature=temperature,
+                return_entropy=True, softcap=softcap, logit_scale=logit_scale,
+                chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
+        else:
+            if host_target_check(flat_tokens.device):
+                check_global_targets(flat_tokens, V, kept, 0, "tokens (flattened)", " where mask != 0")
+            ignore = torch.iinfo(torch.int64).min
+            target = torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
+            out = _ops.loss(input.reshape(-1, H), linear_weight, target, linear_bias,
+                            ignore_index=ignore, chunk_size=chunk_size or 0, **knobs,
+                            **TermOptions(ce_weight=0.0, want_entropy=True, want_logprob=True).pack())
+            lp, ent = out[5].reshape(lead), out[4].reshape(lead)
+        old2 = None if old is None else old.reshape(lead).to(lp.dtype)
+        ref2 = None if ref is None else ref.reshape(lead).to(lp.dtype)
+        loss, parts = _policy_torch(lp, ent, old2, adv.reshape(lead).to(lp.dtype), ref2, m.to(lp.dtype), isr,
+                                    opts)
+        with torch.no_grad():
+            metrics = _policy_metrics(lp.detach(), ent.detach(), m.to(lp.dtype), advantages_arg, parts, opts)
+        return loss, metrics
+    weights = _policy_weights(m, loss_type, max_completion_length, num_items, gas)
+    ent_w = None
+    if entropy_coef != 0.0:
+        # The op multiplies each token's loss (entropy term included) by `weights`; TRL's bonus is
+        # a plain masked mean, so the entropy term gets weight (its weight) / (the loss type's).
+        want = m / m.sum().clamp(min=1) / gas
+        ent_w = torch.where(weights != 0, want / torch.where(weights != 0, weights, torch.ones_like(weights)),
+                            torch.zeros_like(weights)).reshape(-1)
+    pw = None if isr is None else isr.expand(B, T).reshape(-1)
+    if sharded:
+        return _parallel._policy_loss(
+            input, linear_weight, tokens, old_logprobs, advantages_arg, mask=mask, m=m,
+            ref_logprobs=ref_logprobs, temperature=temperature, weights=weights, ent_w=ent_w, pw=pw,
+            linear_bias=linear_bias, softcap=softcap, logit_scale=logit_scale,
+            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
+            reduce_grad_input=reduce_grad_input, opts=opts)
     if host_target_check(flat_tokens.device):
         # Every kept token must be a class id; the error names policy_loss's own arguments (where
         # no host read is allowed, the op's kernels make such a token's loss NaN instead).
@@ -386,16 +520,65 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     ignore = torch.iinfo(torch.int64).min
     target = torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
     out = _ops.loss(
-        input.reshape(-1, H), linear_weight, target, linear_bias, None, weights,
+        input.reshape(-1, H), linear_weight, target, linear_bias, None, weights.reshape(-1),
         ignore_index=ignore, grad_mask=_grad_mask(input, linear_weight, linear_bias),
         chunk_size=chunk_size or 0, **knobs,
         **TermOptions(ce_weight=0.0, want_entropy=True, want_logprob=True,
                       entropy_coef=-float(entropy_coef), old_logprobs=old, advantages=adv,
                       ref_logprobs=ref if beta != 0.0 else None, epsilon_low=float(epsilon_low),
-                      epsilon_high=float(epsilon_high), kl_beta=float(beta)).pack(),
+                      epsilon_high=float(epsilon_high), kl_beta=float(beta), policy_weights=pw,
+                      entropy_weights=ent_w, policy_kind=_POLICY_KIND.get(loss_type, 0),
+                      policy_delta=0.0 if delta is None else float(delta),
+                      kl_bias_correction=bool(use_bias_correction_kl),
+                      sapo_temperature_pos=float(sapo_temperature_pos),
+                      sapo_temperature_neg=float(sapo_temperature_neg)).pack(),
     )
     loss = out[0]
     with torch.no_grad():
-        metrics = _policy_metrics(out[5].reshape(lead), out[4].reshape(lead), old, adv, ref, m,
-                                  advantages, beta, epsilon_low, epsilon_high)
+        lp = out[5].reshape(lead)
+        parts = _policy_parts(lp, None if old is None else old.reshape(lead).to(lp.dtype),
+                              adv.reshape(lead).to(lp.dtype), None if ref is None else ref.reshape(lead).to(lp.dtype),
+                              m.to(lp.dtype), isr, "token", opts)
+        metrics = _policy_metrics(lp, out[4].reshape(lead), m.to(lp.dtype), advantages_arg, parts, opts)
     return loss, metrics
+
+
+def _policy_torch(lp, ent, old, adv, ref, m, isr, opts):
+    """The two-pass path: TRL's objective on [B, T] log-probabilities and entropies that carry
+    their gradient (the op's recomputing backward takes it to the head)."""
+    lt = opts["loss_type"]
+    parts = _policy_parts(lp, old, adv, ref, m, isr, opts["level"], opts)
+    coef = parts["coef_1"]
+    if lt == "cispo":
+        per_token = -torch.clamp(coef, max=opts["epsilon_high"]).detach() * adv * lp
+    elif lt == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, opts["sapo_temperature_pos"]),
+                          torch.full_like(adv, opts["sapo_temperature_neg"]))
+        per_token = -torch.sigmoid(tau * (coef - 1)) * 4 / tau * adv
+    elif lt == "vespo":
+        per_token = -parts["phi"] * adv * lp
+    else:
+        c2 = torch.clamp(coef, 1 - opts["epsilon_low"], 1 + opts["epsilon_high"])
+        c1 = parts.get("coef_1_clamped", coef)
+        per_token = -torch.minimum(c1 * adv, c2 * adv)
+    if isr is not None and lt != "vespo":
+        per_token = per_token * isr
+    if opts["beta"] != 0.0:
+        per_token = per_token + opts["beta"] * parts["kl"]
+    B = lp.shape[0]
+    gas, num_items = opts["gas"], opts["num_items"]
+    pm = per_token * m
+    if lt in ("grpo", "sapo"):
+        loss = (pm.sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / gas
+    elif lt == "bnpo":
+        loss = pm.sum() / m.sum().clamp(min=1.0) / gas
+    elif lt == "dr_grpo":
+        L = lp.shape[1] if opts["max_completion_length"] is None else opts["max_completion_length"]
+        loss = pm.sum() / (B * L) / gas
+    elif lt == "luspo":
+        loss = pm.sum(-1).mean() / gas
+    else:
+        loss = pm.sum() / (m.sum().clamp(min=1.0) if num_items is None else num_items)
+    if opts["entropy_coef"] != 0.0:
+        loss = loss - opts["entropy_coef"] * ((ent * m).sum() / m.sum().clamp(min=1.0) / gas)
+    return loss, {k: v.detach() for k, v in parts.items()}

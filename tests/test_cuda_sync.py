@@ -199,17 +199,22 @@ def _distill(dev, *, teacher_logits, kind):
     return Case([x, w], step, feeds)
 
 
-def _policy(dev):
+def _policy(dev, **options):
     x, w, _ = _head(dev, lead=(B, T))
     tok = torch.randint(0, V, (B, T), device=dev)
     old = -torch.rand(B, T, device=dev) * 5 - 4
     ref = old + torch.randn(B, T, device=dev) * 0.1
     adv = torch.randn(B, device=dev)
     mask = (torch.rand(B, T, device=dev) < 0.8).to(torch.float32)
+    if options.pop("trl_options", False):
+        # TRL 1.16's options: vLLM IS ratios, the global normalizer as a device tensor, delta
+        options.update(importance_sampling_ratio=torch.rand(B, T, device=dev),
+                       num_items_in_batch=torch.tensor(30.0, device=dev), delta=1.5,
+                       gradient_accumulation_steps=2)
+    kw = dict(dict(beta=0.04, entropy_coef=0.01, loss_type="grpo"), **options)
 
     def step():
-        loss, metrics = fusedce.policy_loss(x, w, tok, old, adv, mask=mask, ref_logprobs=ref,
-                                            beta=0.04, entropy_coef=0.01, loss_type="grpo")
+        loss, metrics = fusedce.policy_loss(x, w, tok, old, adv, mask=mask, ref_logprobs=ref, **kw)
         loss.backward()
         return (loss.detach(),) + tuple(metrics[k] for k in sorted(metrics))
 
@@ -290,6 +295,10 @@ CASES = {
     "distill_teacher_logits": lambda d: _distill(d, teacher_logits=True, kind="forward_kl"),
     "distill_teacher_head_jsd": lambda d: _distill(d, teacher_logits=False, kind="jsd"),
     "policy_loss": _policy,
+    "policy_loss_trl_options": lambda d: _policy(d, loss_type="dapo", trl_options=True),
+    "policy_loss_sapo": lambda d: _policy(d, loss_type="sapo", trl_options=True),
+    "policy_loss_sequence": lambda d: _policy(d, importance_sampling_level="sequence", trl_options=True),
+    "policy_loss_vespo": lambda d: _policy(d, loss_type="vespo", trl_options=True),
     "preference_dpo_ref_head": lambda d: _preference(d, "sigmoid"),
     "preference_orpo": lambda d: _preference(d, "orpo"),
     "module_linear_ce": _module,

@@ -392,7 +392,8 @@ def preference_every_loss_type(c):
 
 @check
 def policy_every_loss_type(c):
-    """GRPO / BNPO / Dr. GRPO / DAPO, clipping active on both sides, beta > 0, entropy bonus, mask."""
+    """Every TRL 1.16 loss type at token and sequence level, clipping active on both sides, beta > 0,
+    entropy bonus, mask, and the TRL options (delta, IS ratios, num_items_in_batch, ...)."""
     V, B, T, H = 37, 3, 6, 5
     x = c.randn(B, T, H, seed=70)
     W = c.randn(V, H, seed=71)
@@ -407,10 +408,22 @@ def policy_every_loss_type(c):
     lo, hi = c.layout(V)
     ratio = torch.exp(lpr0 - old)
     assert ((ratio > 1.2) & (adv > 0)).any() and ((ratio < 0.8) & (adv < 0)).any(), "clipping not exercised"
-    for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        for kw in (dict(beta=0.04, ref_logprobs=refl, entropy_coef=0.01, mask=mask),
-                   dict(epsilon_high=0.28, max_completion_length=8, advantages_1d=True)):
-            kw = dict(kw)
+    isr = torch.rand(B, T, generator=torch.Generator().manual_seed(76), dtype=x.dtype).to(c.dev) * 1.5
+    configs = [
+        ("token", dict(beta=0.04, ref_logprobs=refl, entropy_coef=0.01, mask=mask)),
+        ("token", dict(epsilon_high=0.28, max_completion_length=8, advantages_1d=True)),
+        # every TRL 1.16 option at once (vLLM IS ratios, two-sided clipping, the plain KL, a
+        # global normalizer as a tensor, gradient accumulation)
+        ("token", dict(beta=0.04, ref_logprobs=refl, use_bias_correction_kl=False, delta=1.3,
+                       importance_sampling_ratio=isr, entropy_coef=0.02, gradient_accumulation_steps=2,
+                       num_items_in_batch=torch.tensor(9.0, device=c.dev), mask=mask)),
+        # the two-pass path (sharded token log-probabilities, then the [B, T] math)
+        ("sequence", dict(beta=0.04, ref_logprobs=refl, entropy_coef=0.01, mask=mask,
+                          importance_sampling_ratio=isr)),
+    ]
+    for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"):
+        for level, kw in configs:
+            kw = dict(kw, importance_sampling_level=level)
             a = adv[:, 0] if kw.pop("advantages_1d", False) else adv
             tag = f"{lt} {sorted(kw)}"
             xs, Ws = leaf(x), leaf(W[lo:hi])
@@ -424,10 +437,13 @@ def policy_every_loss_type(c):
             mean = lambda v: (v * mm).sum() / mm.sum()  # noqa: E731
             close(metrics["logprob/mean"], mean(rlp), F64, f"{tag} logprob/mean")
             close(metrics["entropy"], mean(rent), F64, f"{tag} entropy")
-            close(metrics["ratio/mean"], mean(torch.exp(rlp - old)), F64, f"{tag} ratio/mean")
-            if "ref_logprobs" in kw:
-                d = refl - rlp
-                close(metrics["kl"], mean(torch.exp(d) - d - 1), F64, f"{tag} kl")
+            r = torch.exp(rlp - old)
+            if level == "token":
+                close(metrics["ratio/mean"], mean(r), F64, f"{tag} ratio/mean")
+                if "ref_logprobs" in kw:
+                    d = refl - rlp
+                    k3 = torch.exp(d) - d - 1
+                    close(metrics["kl"], mean(k3 * r if kw.get("use_bias_correction_kl", True) else k3), F64, f"{tag} kl")
             close(g[0], gr[0], F64, f"{tag} grad input")
             close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
 

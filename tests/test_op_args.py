@@ -20,10 +20,10 @@ def test_python_layout_equals_compiled_layout():
     assert _op_args.layout() == {k: [tuple(e) if isinstance(e, tuple) else e for e in v]
                                  for k, v in compiled.items()}
     # the schema's tensor arguments are the layout's, followed by the two lists
-    names = [a.name for a in _ops.loss.default._schema.arguments]
-    assert names[-9:] == [*compiled["tensors"], "term_floats", "term_ints"]
-    names = [a.name for a in _ops.loss_backward.default._schema.arguments]
-    assert names[-9:] == [*compiled["tensors"], "term_floats", "term_ints"]
+    tail = [*compiled["tensors"], "term_floats", "term_ints"]
+    for op in (_ops.loss, _ops.loss_backward):
+        names = [a.name for a in op.default._schema.arguments]
+        assert names[-len(tail):] == tail, op
 
 
 def test_layout_mismatch_is_refused_at_import():

@@ -207,7 +207,8 @@ def cases(draw, fn, invalid=None, empty_shard=False):
                  epsilon_low=draw(st.sampled_from([0.2, 0.1])),
                  epsilon_high=draw(st.sampled_from([0.2, 0.28])),
                  temperature=draw(st.sampled_from([1.0, 0.7])),
-                 loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo"])),
+                 loss_type=draw(st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo",
+                                                  "vespo", "luspo"])),
                  entropy_coef=draw(st.sampled_from([0.0, 0.01])),
                  max_completion_length=draw(st.sampled_from([None, 8])))
     return c
@@ -476,7 +477,8 @@ def build(c):
                "clip_ratio/region_mean": ((low | high).to(F64) * m).sum() / count}
         if c["beta"]:
             d = R["ref_logprobs"] - lp
-            out["kl"] = ((torch.exp(d) - d - 1) * m).sum() / count
+            # TRL 1.16's default use_bias_correction_kl: the KL weighted by the ratio
+            out["kl"] = ((torch.exp(d) - d - 1) * ratio * m).sum() / count
         return {k: v.detach() if k != "loss" else v for k, v in out.items()}
 
     grad = ["input", "linear_weight"] + (["linear_bias"] if c["bias"] else [])

@@ -267,14 +267,18 @@ def test_policy_metrics(device):
     r = torch.exp(lp - old)
     low, high = (r < 0.8) & (adv < 0), (r > 1.2) & (adv > 0)
     d = ref_lp - lp
+    # TRL 1.16's definitions: the KL metric carries the bias correction (times the ratio, the
+    # default), low_min / high_max are the extremes over sequences of per-sequence means.
     want = {
         "clip_ratio/low_mean": (low * m).sum() / m.sum(),
         "clip_ratio/high_mean": (high * m).sum() / m.sum(),
+        "clip_ratio/low_min": ((low * m).sum(-1) / m.sum(-1)).min(),
+        "clip_ratio/high_max": ((high * m).sum(-1) / m.sum(-1)).max(),
         "clip_ratio/region_mean": ((low | high) * m).sum() / m.sum(),
         "ratio/mean": (r * m).sum() / m.sum(),
         "ratio/min": r[mask.bool()].min(),
         "ratio/max": r[mask.bool()].max(),
-        "kl": ((torch.exp(d) - d - 1) * m).sum() / m.sum(),
+        "kl": ((torch.exp(d) - d - 1) * r * m).sum() / m.sum(),
         "entropy": (ent * m).sum() / m.sum(),
         "logprob/mean": (lp * m).sum() / m.sum(),
         "advantages/mean": adv.mean(),
@@ -374,6 +378,15 @@ def term_samples(device, dtype, requires_grad):
     yield (x, w, t), op_kwargs(**base, ce_weight=0.0, want_logprob=True, want_entropy=True,
                                advantages=r(N), old_logprobs=r(N) - 2, ref_logprobs=r(N) - 2,
                                kl_beta=0.1, entropy_coef=-0.01)
+    # TRL 1.16's options: SAPO with per-token policy and entropy weights and the ratio-weighted KL;
+    # the clipped form with two-sided clipping; CISPO, its ratio capped everywhere (old log-probs
+    # far below) so that the capped weight, a constant by definition, is one for gradcheck too.
+    pol = dict(base, ce_weight=0.0, want_logprob=True, want_entropy=True, advantages=r(N),
+               ref_logprobs=r(N) - 2, kl_beta=0.1, entropy_coef=-0.01, kl_bias_correction=True,
+               policy_weights=r(N).abs(), entropy_weights=r(N).abs())
+    yield (x, w, t), op_kwargs(**dict(pol, old_logprobs=r(N) - 2, policy_kind=2, sapo_temperature_neg=1.3))
+    yield (x, w, t), op_kwargs(**dict(pol, old_logprobs=r(N) - 2, policy_delta=1.1))
+    yield (x, w, t), op_kwargs(**dict(pol, old_logprobs=r(N) - 40, policy_kind=1, epsilon_high=3.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -323,6 +323,13 @@ Terms<acc_t> make_terms(const TermArgs& ta, at::ScalarType acc, std::vector<at::
   tm.eps_low = static_cast<acc_t>(ta.epsilon_low);
   tm.eps_high = static_cast<acc_t>(ta.epsilon_high);
   tm.kl_beta = static_cast<acc_t>(ta.kl_beta);
+  tm.policy_weights = tm.policy ? rowvec(ta.policy_weights) : nullptr;
+  tm.entropy_weights = ta.entropy_coef != 0.0 ? rowvec(ta.entropy_weights) : nullptr;
+  tm.policy_kind = ta.policy_kind;
+  tm.delta = static_cast<acc_t>(ta.policy_delta);
+  tm.kl_bias_correction = ta.kl_bias_correction;
+  tm.sapo_tau_pos = static_cast<acc_t>(ta.sapo_temperature_pos);
+  tm.sapo_tau_neg = static_cast<acc_t>(ta.sapo_temperature_neg);
   tm.moments = ta.want_mean_logit || ta.want_log_sum_sq;
   return tm;
 }

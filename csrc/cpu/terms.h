@@ -33,6 +33,12 @@ struct Terms {
   const acc_t* advantages = nullptr;
   const acc_t* ref_logprobs = nullptr;  // nullptr: no KL term
   acc_t eps_low = 0.2, eps_high = 0.2, kl_beta = 0;
+  const acc_t* policy_weights = nullptr;   // nullptr: 1 (multiplies the policy part only)
+  const acc_t* entropy_weights = nullptr;  // nullptr: 1 (multiplies entropy_coef)
+  int64_t policy_kind = 0;                 // 0 clipped, 1 cispo, 2 sapo
+  acc_t delta = 0;                         // > 0: two-sided clipping of the unclipped ratio
+  bool kl_bias_correction = false;         // KL term k3 * ratio
+  acc_t sapo_tau_pos = 1, sapo_tau_neg = 1.05;
   bool moments = false;     // sum z and sum p^2 (mean_logit, log_sum_sq_prob outputs)
 };
 
@@ -192,8 +198,10 @@ inline ExtRow<acc_t> finish_ext(const Terms<acc_t>& tm, const ExtSums& st,
     const double lp = static_cast<double>(base.target_logit) - lse;
     out.logprob = lp;
     if (tm.entropy_coef != 0) {
-      out.loss += tm.entropy_coef * H;
-      g_h_total += g * tm.entropy_coef;
+      const double ec = static_cast<double>(tm.entropy_coef) *
+                        (tm.entropy_weights ? static_cast<double>(tm.entropy_weights[row]) : 1.0);
+      out.loss += ec * H;
+      g_h_total += g * ec;
     }
     if (tm.distill != kNoDistill) {
       const double lse_u = st.m * tm.inv_T + std::log(st.su);
@@ -217,15 +225,47 @@ inline ExtRow<acc_t> finish_ext(const Terms<acc_t>& tm, const ExtSums& st,
       const double old = tm.old_logprobs ? static_cast<double>(tm.old_logprobs[row]) : lp;
       const double adv = tm.advantages[row];
       const double ratio = std::exp(lp - old);
-      const double clipped = std::min(std::max(ratio, 1.0 - tm.eps_low), 1.0 + tm.eps_high);
-      const double un = ratio * adv, cl = clipped * adv;
-      out.loss += -std::min(un, cl);
-      // The unclipped branch is the minimum (ties: both branches have this gradient).
-      double dlp = un <= cl ? -adv * ratio : 0.0;
+      double pol = 0, dpol = 0;  // the policy part and its derivative in lp
+      if (tm.policy_kind == 1) {
+        // CISPO: the capped ratio is a constant weight of the log-probability.
+        const double w = std::min(ratio, static_cast<double>(tm.eps_high));
+        pol = -w * adv * lp;
+        dpol = -w * adv;
+      } else if (tm.policy_kind == 2) {
+        const double tau = adv > 0 ? tm.sapo_tau_pos : tm.sapo_tau_neg;
+        const double sg = 1.0 / (1.0 + std::exp(-tau * (ratio - 1.0)));
+        pol = -sg * 4.0 / tau * adv;
+        dpol = -4.0 * adv * sg * (1.0 - sg) * ratio;
+      } else {
+        // c1 = min(ratio, delta) (delta > 0), c2 = clip(ratio); -min(c1 A, c2 A). At a tie
+        // torch.minimum splits the gradient evenly, and clamp passes it at the bounds.
+        const double lo = 1.0 - tm.eps_low, hi = 1.0 + tm.eps_high, dl = tm.delta;
+        const double c1 = dl > 0 ? std::min(ratio, dl) : ratio;
+        const double d1 = dl > 0 && ratio > dl ? 0.0 : ratio;
+        const double c2 = std::min(std::max(ratio, lo), hi);
+        const double d2 = ratio >= lo && ratio <= hi ? ratio : 0.0;
+        const double un = c1 * adv, cl = c2 * adv;
+        pol = -std::min(un, cl);
+        dpol = un < cl ? -adv * d1 : (un > cl ? -adv * d2 : -0.5 * adv * (d1 + d2));
+      }
+      if (tm.policy_weights) {
+        const double w = tm.policy_weights[row];
+        pol *= w;
+        dpol *= w;
+      }
+      out.loss += pol;
+      double dlp = dpol;
       if (tm.ref_logprobs) {
         const double dref = static_cast<double>(tm.ref_logprobs[row]) - lp;
-        out.loss += tm.kl_beta * (std::exp(dref) - dref - 1.0);
-        dlp += tm.kl_beta * (1.0 - std::exp(dref));
+        const double k3 = std::exp(dref) - dref - 1.0, dk3 = 1.0 - std::exp(dref);
+        if (tm.kl_bias_correction) {
+          // d(k3 r)/dlp = k3' r + k3 r (the ratio keeps its gradient, as in TRL)
+          out.loss += tm.kl_beta * k3 * ratio;
+          dlp += tm.kl_beta * (dk3 + k3) * ratio;
+        } else {
+          out.loss += tm.kl_beta * k3;
+          dlp += tm.kl_beta * dk3;
+        }
       }
       g_lp_total += g * dlp;
     }

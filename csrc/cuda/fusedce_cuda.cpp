@@ -446,6 +446,7 @@ struct TermsRun {
   Tensor tl;              // teacher logits [N, V] in the student's dtype, or undefined
   Tensor th, tw, tb;      // teacher hidden / weight / bias in the student's dtype, or undefined
   Tensor adv, old, ref;   // policy inputs [N] in acc dtype, or undefined
+  Tensor pw, ew;          // policy_weights / entropy_weights [N] in acc dtype, or undefined
   gpu::TermsParams tp;
 };
 
@@ -460,6 +461,14 @@ TermsRun prepare_terms(const Linear& P, const TermArgs& ta) {
   T.tp.eps_low = ta.epsilon_low;
   T.tp.eps_high = ta.epsilon_high;
   T.tp.kl_beta = ta.kl_beta;
+  T.tp.policy_kind = static_cast<int>(ta.policy_kind);
+  T.tp.delta = ta.policy_delta;
+  T.tp.kl_bias_correction = ta.kl_bias_correction;
+  T.tp.sapo_tau_pos = ta.sapo_temperature_pos;
+  T.tp.sapo_tau_neg = ta.sapo_temperature_neg;
+  if (ta.entropy_coef != 0.0 && ta.entropy_weights.has_value()) {
+    T.ew = ta.entropy_weights->to(P.acc).contiguous();
+  }
   if (ta.distill != 0) {
     if (ta.teacher_logits.has_value()) {
       T.tl = ta.teacher_logits->to(P.dt).contiguous();
@@ -473,6 +482,7 @@ TermsRun prepare_terms(const Linear& P, const TermArgs& ta) {
     T.adv = ta.advantages->to(P.acc).contiguous();
     if (ta.old_logprobs.has_value()) T.old = ta.old_logprobs->to(P.acc).contiguous();
     if (ta.kl_beta != 0.0) T.ref = ta.ref_logprobs->to(P.acc).contiguous();
+    if (ta.policy_weights.has_value()) T.pw = ta.policy_weights->to(P.acc).contiguous();
   }
   return T;
 }
@@ -555,6 +565,8 @@ void run_terms(Linear& P, TermsRun& T, Grads& G, const TermsIO& io) {
     tp.advantages = row_ptr(T.adv, r0);
     tp.old_logprobs = row_ptr(T.old, r0);
     tp.ref_logprobs = row_ptr(T.ref, r0);
+    tp.policy_weights = row_ptr(T.pw, r0);
+    tp.entropy_weights = row_ptr(T.ew, r0);
     check_launch(gpu::launch_row_terms(P.kd, ta, P.ep, tp, P.stream), "row_terms");
     if (G.any()) tile_gemms(P, G, lg, hc, r0, 0, P.V, true, r0 == 0);
   }

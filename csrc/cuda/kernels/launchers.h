@@ -101,6 +101,12 @@ struct TermsParams {
   const void* advantages = nullptr;
   const void* old_logprobs = nullptr;
   const void* ref_logprobs = nullptr;
+  const void* policy_weights = nullptr;   // nullptr: 1 (multiplies the policy part only)
+  const void* entropy_weights = nullptr;  // nullptr: 1 (multiplies entropy_coef)
+  int policy_kind = 0;                    // 0 clipped, 1 cispo, 2 sapo
+  double delta = 0.0;                     // > 0: two-sided clipping of the unclipped ratio
+  bool kl_bias_correction = false;        // KL term k3 * ratio
+  double sapo_tau_pos = 1.0, sapo_tau_neg = 1.05;
 };
 
 struct TermsArgs {

@@ -32,6 +32,12 @@ struct TermsK {
   const A* advantages;
   const A* old_logprobs;
   const A* ref_logprobs;
+  const A* policy_weights;   // nullptr: 1 (multiplies the policy part only)
+  const A* entropy_weights;  // nullptr: 1 (multiplies entropy_coef)
+  int policy_kind;           // 0 clipped, 1 cispo, 2 sapo
+  A delta;                   // > 0: two-sided clipping of the unclipped ratio
+  bool kl_bias_correction;   // KL term k3 * ratio
+  A sapo_tau_pos, sapo_tau_neg;
 };
 
 // Accurate exp / log1p / min / max for the per-row scalars (acc_exp of common.cuh, the fast
@@ -218,8 +224,9 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
     cC = g_tok * tk.ce_weight * e;
     logprob = zt - lse;
     if (tk.entropy_coef != A(0)) {
-      loss += tk.entropy_coef * H;
-      g_h += g_tok * tk.entropy_coef;
+      const A ec = tk.entropy_weights ? tk.entropy_coef * tk.entropy_weights[row] : tk.entropy_coef;
+      loss += ec * H;
+      g_h += g_tok * ec;
     }
     if (distill) {
       if (DK == 1) {
@@ -236,14 +243,43 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
       const A old = tk.old_logprobs ? tk.old_logprobs[row] : logprob;
       const A adv = tk.advantages[row];
       const A ratio = xexp(logprob - old);
-      const A clipped = xmin(acc_max(ratio, A(1) - tk.eps_low), A(1) + tk.eps_high);
-      const A un = ratio * adv, cl = clipped * adv;
-      loss -= xmin(un, cl);
-      A dlp = un <= cl ? -adv * ratio : A(0);
+      A pol, dpol;  // the policy part and its derivative in logprob (csrc/cpu/terms.h)
+      if (tk.policy_kind == 1) {
+        const A w = xmin(ratio, tk.eps_high);
+        pol = -w * adv * logprob;
+        dpol = -w * adv;
+      } else if (tk.policy_kind == 2) {
+        const A tau = adv > A(0) ? tk.sapo_tau_pos : tk.sapo_tau_neg;
+        const A sg = A(1) / (A(1) + xexp(-tau * (ratio - A(1))));
+        pol = -sg * A(4) / tau * adv;
+        dpol = A(-4) * adv * sg * (A(1) - sg) * ratio;
+      } else {
+        const A lo = A(1) - tk.eps_low, hi = A(1) + tk.eps_high, dl = tk.delta;
+        const A c1 = dl > A(0) ? xmin(ratio, dl) : ratio;
+        const A d1 = dl > A(0) && ratio > dl ? A(0) : ratio;
+        const A c2 = xmin(acc_max(ratio, lo), hi);
+        const A d2 = ratio >= lo && ratio <= hi ? ratio : A(0);
+        const A un = c1 * adv, cl = c2 * adv;
+        pol = -xmin(un, cl);
+        dpol = un < cl ? -adv * d1 : (un > cl ? -adv * d2 : A(-0.5) * adv * (d1 + d2));
+      }
+      if (tk.policy_weights) {
+        const A w = tk.policy_weights[row];
+        pol *= w;
+        dpol *= w;
+      }
+      loss += pol;
+      A dlp = dpol;
       if (tk.ref_logprobs) {
         const A d = tk.ref_logprobs[row] - logprob;
-        loss += tk.kl_beta * (xexp(d) - d - A(1));
-        dlp += tk.kl_beta * (A(1) - xexp(d));
+        const A k3 = xexp(d) - d - A(1), dk3 = A(1) - xexp(d);
+        if (tk.kl_bias_correction) {
+          loss += tk.kl_beta * k3 * ratio;
+          dlp += tk.kl_beta * (dk3 + k3) * ratio;
+        } else {
+          loss += tk.kl_beta * k3;
+          dlp += tk.kl_beta * dk3;
+        }
       }
       g_lp += g_tok * dlp;
     }
@@ -345,6 +381,13 @@ cudaError_t terms_impl(const gpu::TermsArgs& args, const gpu::EpiParams& p,
   tk.advantages = static_cast<const A*>(tp.advantages);
   tk.old_logprobs = static_cast<const A*>(tp.old_logprobs);
   tk.ref_logprobs = static_cast<const A*>(tp.ref_logprobs);
+  tk.policy_weights = static_cast<const A*>(tp.policy_weights);
+  tk.entropy_weights = static_cast<const A*>(tp.entropy_weights);
+  tk.policy_kind = tp.policy_kind;
+  tk.delta = static_cast<A>(tp.delta);
+  tk.kl_bias_correction = tp.kl_bias_correction;
+  tk.sapo_tau_pos = static_cast<A>(tp.sapo_tau_pos);
+  tk.sapo_tau_neg = static_cast<A>(tp.sapo_tau_neg);
   const Epi<A> ep = make_epi<A>(p);
   if (args.mean_logit || args.log_sum_sq) return terms_launch<T, A, true>(args, ep, tk, tp, stream);
   return terms_launch<T, A, false>(args, ep, tk, tp, stream);
