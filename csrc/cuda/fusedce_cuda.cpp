@@ -624,7 +624,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
                 bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
   c10::cuda::CUDAGuard guard(hidden.device());
   TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
-  targs.without_statistics();
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);
