@@ -250,8 +250,6 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
         )
     if sharded:
-        if entropy_coef != 0.0:
-            raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
         return _parallel._distillation_loss(
             input, linear_weight, target, teacher_input=teacher_input,
             teacher_weight=teacher_weight, teacher_logits=teacher_logits, kind=kind, beta=beta,
@@ -259,7 +257,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             ignore_index=ignore_index, reduction=reduction, linear_bias=linear_bias,
             teacher_bias=teacher_bias, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, logit_scale=logit_scale, process_group=process_group,
-            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
+            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input,
+            entropy_coef=entropy_coef)
 
     shape = target.shape
     flat_target = target.reshape(-1)
