@@ -453,6 +453,17 @@ def _chunk(P, lo, hi, coefs, grads):
         z = zb / T
         m, e, se = _local_softmax(z)
         cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
+        # token_statistics' metrics (no gradient): their partials in the same gather, forward only
+        stats = getattr(P, "stats", ()) if grads is None else ()
+        if "mean_logits" in stats:
+            cols.append(z.sum(-1))
+        if "log_sum_sq_probs" in stats:
+            cols.append((e * e).sum(-1))  # relative to the local max, like the sum-exp
+        if "is_top1" in stats:
+            if z.shape[-1]:  # the first maximum, as torch.argmax (and the single-process op)
+                cols.append((z.argmax(-1) + P.v0).to(z.dtype))
+            else:
+                cols.append(torch.full_like(m, math.inf))
         del e
         G = _gather_checked(P, cols)
         M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
@@ -462,6 +473,19 @@ def _chunk(P, lo, hi, coefs, grads):
             lp_valid = tgt != P.ignore_index
             lp = torch.where(lp_valid, lp, torch.zeros_like(lp))
         out.update(lp=lp, ent=ent)
+        c = 4
+        if "mean_logits" in stats:
+            out["mean_logits"] = G[..., c].sum(0) / P.v_global.to(z.dtype)
+            c += 1
+        if "log_sum_sq_probs" in stats:
+            M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+            f = torch.exp(G[..., 0] - M_safe)
+            out["log_sum_sq_probs"] = torch.log((G[..., c] * f * f).sum(0)) - 2 * torch.log(S)
+            c += 1
+        if "is_top1" in stats:
+            idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
+            out["is_top1"] = lp_valid & (idx == tgt.to(idx.dtype))
+            c += 1
         if k == "policy":
             pt, dpt = _policy_token(P, lo, hi, lp, ent)
             out.update(per_token=pt, **P.extra)
@@ -916,6 +940,40 @@ def _token_logprobs(input, linear_weight, tokens, *, process_group, vocab_start,
     _, lp, ent = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     lp, ent = lp.reshape(tokens.shape), ent.reshape(tokens.shape)
     return (lp, ent) if return_entropy else lp
+
+
+def _token_statistics(input, linear_weight, tokens, *, process_group, vocab_start, linear_bias,
+                      temperature, outputs, softcap, logit_scale, chunk_size, reduce_grad_input):
+    """(logprobs, entropy, mean_logits, log_sum_sq_probs, is_top1) of token_statistics, None where
+    not in `outputs`: the token_logprobs pass with the metrics' partials (sum z, sum e^(2(z-m)),
+    the local argmax) in its one gather per chunk. logprobs and entropy carry gradients."""
+    process_group = _group(process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    Vl, H = linear_weight.shape
+    want = set(outputs)
+    P = _Problem(kind="lp", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 target=tokens.reshape(-1).long(), ignore_index=-100, temperature=float(temperature),
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                 stats=tuple(n for n in ("mean_logits", "log_sum_sq_probs", "is_top1") if n in want),
+                 acc=_acc_dtype(input), chunk_size=chunk_size, fp32_grad_accum=False,
+                 reduce_grad_input=reduce_grad_input, agg=None, divisor=None,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    _, lp, ent = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
+    shape = tokens.shape
+    res = P.res
+    N = P.target.shape[0]
+
+    def metric(name, dtype):
+        if name not in want:
+            return None
+        if not N:
+            return torch.zeros(shape, dtype=dtype, device=input.device)
+        return res[name].reshape(shape)
+
+    return (lp.reshape(shape), ent.reshape(shape) if "entropy" in want else None,
+            metric("mean_logits", P.acc), metric("log_sum_sq_probs", P.acc), metric("is_top1", torch.bool))
 
 
 def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_weight, teacher_logits,

@@ -437,6 +437,58 @@ def token_logprobs_and_entropy(c):
 
 
 @check
+def token_statistics_every_output(c):
+    """token_statistics sharded: every output (logprobs, entropy, mean_logits, log_sum_sq_probs,
+    is_top1; -100 tokens and a tie for the top-1 across shards included) with temperature,
+    softcap, logit_scale and a bias, against the float64 reference and the single-process op; the
+    gradients of logprobs and entropy (input, weight shard, bias shard). A subset of outputs
+    leaves the others None."""
+    V, B, T, H = 13, 2, 5, 4
+    x = c.randn(B, T, H, seed=170)
+    W = c.randn(V, H, seed=171, scale=1.5)
+    b = c.randn(V, seed=172, scale=0.3)
+    W[V - 1] = W[0]  # a tie between the first and the last class (on different ranks)
+    b[V - 1] = b[0]
+    tok = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(173)).to(c.dev)
+    tok[0, 3] = -100
+    lo, hi = c.layout(V)
+    names = ("logprobs", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+    for kw in (dict(), dict(temperature=0.7, softcap=3.0, logit_scale=0.8), dict(temperature=1.6, logit_scale=1.2)):
+        xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(b[lo:hi])
+        out = fd.token_statistics(xs, Ws, tok, linear_bias=bs, chunk_size=3, **kw)
+        xr, Wr, br = leaf(x), leaf(W), leaf(b)
+        r = ref.token_statistics(xr @ Wr.T + br, tok, **kw)
+        sp = fusedce.token_statistics(x, W, tok, linear_bias=b, **kw)
+        for i, n in enumerate(names):
+            if n == "is_top1":
+                assert torch.equal(out[i].cpu(), r[n].cpu()), f"{kw} is_top1 {out[i]} vs {r[n]}"
+                assert torch.equal(out[i].cpu(), sp[i].cpu()), f"{kw} is_top1 vs fusedce"
+                continue
+            close(out[i], r[n], F64, f"{kw} {n}")
+            close(out[i], sp[i], F64_SP, f"{kw} {n} vs fusedce")
+        ul, ue = c.randn(B, T, seed=174), c.randn(B, T, seed=175)
+        g = grads_of((out.logprobs * ul).sum() + (out.entropy * ue).sum(), xs, Ws, bs)
+        gr = grads_of((r["logprobs"] * ul).sum() + (r["entropy"] * ue).sum(), xr, Wr, br)
+        close(g[0], gr[0], F64, f"{kw} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{kw} grad weight shard")
+        close(g[2], gr[2][lo:hi], F64, f"{kw} grad bias shard")
+    # a top-1 tie between class 0 and class V - 1 (first and last shard): the first one wins
+    bt = b.clone()
+    bt[0] = bt[V - 1] = 30.0
+    tt = tok.clone()
+    tt[0, 0] = 0
+    tt[1, :] = V - 1
+    tie = fd.token_statistics(x, W[lo:hi], tt, linear_bias=bt[lo:hi], outputs=("is_top1",), chunk_size=4)
+    rt = ref.token_statistics(x @ W.T + bt, tt)["is_top1"]
+    assert bool(rt[0, 0]) and not bool(rt[1].any()), rt
+    assert torch.equal(tie.is_top1.cpu(), rt.cpu()), f"tie is_top1 {tie.is_top1} vs {rt}"
+    some = fd.token_statistics(x, W[lo:hi], tok, outputs=("is_top1",), chunk_size=4)
+    assert some.entropy is None and some.mean_logits is None and some.log_sum_sq_probs is None
+    close(some.logprobs, ref.token_statistics(x @ W.T, tok)["logprobs"], F64, "subset logprobs")
+    assert torch.equal(some.is_top1.cpu(), ref.token_statistics(x @ W.T, tok)["is_top1"].cpu()), "subset is_top1"
+
+
+@check
 def distillation_every_kind(c):
     """forward KL, reverse KL, JSD; teacher as logits and as hidden + weight; CE part; tempered."""
     V, B, T, H, Ht = 11, 2, 6, 5, 4
@@ -529,7 +581,7 @@ def distillation_entropy(c):
 @check
 def preference_every_loss_type(c):
     """fusedce.preference_loss over a vocabulary-sharded head (and reference head): every loss
-    type, its metrics (no logits/* there) and the gradients of input, weight shard and bias shard."""
+    type, its metrics (logits/* included) and the gradients of input, weight shard and bias shard."""
     V, B, T, H = 23, 2, 5, 4
     x = c.randn(2 * B, T, H, seed=90)
     W = c.randn(V, H, seed=91, scale=0.6)
@@ -551,7 +603,7 @@ def preference_every_loss_type(c):
         rl, rm = ref.preference_loss(xf @ Wf.T + bf, y, loss_type=lt, beta=0.4, temperature=0.8,
                                      **(dict(ref_logits=xr @ Wr.T) if with_ref else {}))
         close(loss, rl, F64, f"{lt} loss")
-        assert set(m) == set(rm) - {"logits/chosen", "logits/rejected"}, f"{lt} metrics {sorted(m)}"
+        assert set(m) == set(rm), f"{lt} metrics {sorted(m)}"
         for k, v in m.items():
             close(v, rm[k], F64, f"{lt} {k}")
         g = grads_of(loss, xs, Ws, bs)
@@ -827,6 +879,12 @@ def collective_count(c):
         assert len(cnt.take()) == n_chunks, "distillation + entropy forward"
         loss.backward()
         assert cnt.take() == ["all_reduce"], "distillation + entropy backward"
+        # token statistics: every metric in the log-probabilities' one gather per chunk
+        st = fd.token_statistics(leaf(x), Ws, t, vocab_start=lo, chunk_size=5)
+        assert len(cnt.take()) == n_chunks, "token_statistics forward"
+        (st.logprobs.sum() + st.entropy.sum()).backward()
+        bwd = cnt.take()
+        assert len(bwd) == n_chunks + 1 and bwd[-1] == "all_reduce", bwd
         # policy loss
         loss, _ = fd.policy_loss(leaf(x)[None], Ws, t[None], None, torch.ones(1, N, dtype=x.dtype, device=c.dev),
                                  vocab_start=lo, chunk_size=5)
@@ -885,6 +943,12 @@ def sharded_same_argument_checks(c):
                lambda: fd.token_logprobs(x, Ws, t, softcap=0), "token_logprobs softcap=0")
     same_error(lambda: fusedce.token_logprobs(x, W, t.float()),
                lambda: fd.token_logprobs(x, Ws, t.float()), "token_logprobs float tokens")
+    for what, kw in (("softcap=0", dict(softcap=0)), ("temperature=0", dict(temperature=0.0)),
+                     ("unknown output", dict(outputs=("logprobs", "top5"))), ("chunk_size=0", dict(chunk_size=0))):
+        same_error(lambda: fusedce.token_statistics(x, W, t, **kw),
+                   lambda: fd.token_statistics(x, Ws, t, **kw), f"token_statistics {what}")
+    same_error(lambda: fusedce.linear_cross_entropy(x, W, t, entropy_coef=math.nan),
+               lambda: fd.linear_cross_entropy(x, Ws, t, entropy_coef=math.nan), "entropy_coef nan")
     for kw in (dict(z_loss=-1.0), dict(label_smoothing=2.0), dict(distill_weight=-1.0), dict(ce_weight=-1.0),
                dict(kind="jsd", beta=1.0), dict(temperature=0.0)):
         same_error(lambda: fusedce.distillation_loss(x, W, t, teacher_logits=z, **kw),
