@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
+from accuracy import assert_close as budget_close  # noqa: E402
 from collectives import CollectiveCounter as Counter  # noqa: E402
 from ranks import run_checks, run_rank  # noqa: E402
 
@@ -160,14 +161,15 @@ ENTROPY_CONFIGS = [
 ]
 
 
-def _ref_entropy_loss(logits, t, cfg, cw):
+def _ref_entropy_loss(logits, t, cfg, cw, dtype=torch.float64):
     """float64 reference of linear_cross_entropy with entropy_coef: the CE's token losses plus
-    entropy_coef * H at non-ignored tokens, reduced like the CE; and H at every token."""
+    entropy_coef * H at non-ignored tokens, reduced like the CE; and H at every token (dtype=None:
+    the same in the logits' dtype, the eager path of an error budget)."""
     kw = {k: cfg[k] for k in ("label_smoothing", "z_loss", "softcap", "logit_scale") if k in cfg}
     if cfg.get("shift"):
         t = ref.shift_labels(t)
-    r = ref.cross_entropy(logits, t, weight=cw, reduction="none", **kw)
-    ent = ref.entropy(logits, logit_scale=cfg.get("logit_scale", 1.0), softcap=cfg.get("softcap"))
+    r = ref.cross_entropy(logits, t, weight=cw, reduction="none", dtype=dtype, **kw)
+    ent = ref.entropy(logits, logit_scale=cfg.get("logit_scale", 1.0), softcap=cfg.get("softcap"), dtype=dtype)
     valid = t != -100
     tok = r.token_loss + cfg.get("entropy_coef", 0.0) * ent * valid
     red = cfg.get("reduction", "mean")
@@ -245,6 +247,24 @@ def ce_linear_entropy(c):
     gr = grads_of(rl + rent.sum(), xr, Wr)
     close(g[0], gr[0], F32, "float32 grad input")
     close(g[1], gr[1][lo:hi], F32, "float32 grad weight shard")
+    # bfloat16: the entropy's gradient joins the CE's on a float32 tile (not the bf16 chunk);
+    # within the error budget of the same-dtype eager path (tests/accuracy.py)
+    xb, Wb = (x * 2).bfloat16(), W.bfloat16()
+    xs, Ws = leaf(xb), leaf(Wb[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, return_stats=True, chunk_size=5, **cfg, return_entropy=True)
+    ue = c.randn(*t.shape, seed=96)
+    g = grads_of(out.loss + (out.entropy * ue.to(out.entropy)).sum(), xs, Ws)
+    xr, Wr = leaf(xb.double()), leaf(Wb.double())
+    rl, rent, _ = _ref_entropy_loss(xr @ Wr.T, t, cfg, None)
+    gr = grads_of(rl + (rent * ue).sum(), xr, Wr)
+    xe, We = leaf(xb), leaf(Wb)
+    el, eent, _ = _ref_entropy_loss(xe @ We.T, t, cfg, None, dtype=None)
+    ge = grads_of(el + (eent * ue.to(eent)).sum(), xe, We)
+    bf = torch.bfloat16
+    budget_close(out.loss, rl, bf, eager=el, what="bfloat16 loss")
+    budget_close(out.entropy, rent, bf, eager=eent, what="bfloat16 entropy")
+    budget_close(g[0], gr[0], bf, eager=ge[0], what="bfloat16 grad input")
+    budget_close(g[1], gr[1][lo:hi], bf, eager=ge[1][lo:hi], what="bfloat16 grad weight shard")
 
 
 def _ref_entropy_z(r, cfg, t, cw):
