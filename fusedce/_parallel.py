@@ -16,8 +16,10 @@ Forward: tokens are processed in chunks. Per chunk each rank computes its local 
 (``hidden_chunk @ W_local.T + b_local`` in float32, float64 for float64 inputs), applies the final
 transform, and packs the per-row partials of *every* requested term into ONE [C, K] tensor: local
 max, local sum-exp, target logit (0 where another rank owns the target), class weight of the
-target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z,
-teacher max / sum-exp and cross sums for distillation, ... Those are gathered with ONE
+target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z
+(relative to the local max on the CE and distillation paths, as csrc/cpu/terms.h), the token
+statistics' sum z and sum e^(2(z-m)), teacher max / sum-exp and cross sums for distillation, ...
+Those are gathered with ONE
 ``all_gather_single`` (``all_gather_into_tensor``) per chunk and combined locally.
 
 Why a gather rather than all-reduces: the max and the sums combine differently (the sums must be
