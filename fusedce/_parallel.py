@@ -16,8 +16,10 @@ Forward: tokens are processed in chunks. Per chunk each rank computes its local 
 (``hidden_chunk @ W_local.T + b_local`` in float32, float64 for float64 inputs), applies the final
 transform, and packs the per-row partials of *every* requested term into ONE [C, K] tensor: local
 max, local sum-exp, target logit (0 where another rank owns the target), class weight of the
-target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z,
-teacher max / sum-exp and cross sums for distillation, ... Those are gathered with ONE
+target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z
+(relative to the local max on the CE and distillation paths, as csrc/cpu/terms.h), the token
+statistics' sum z and sum e^(2(z-m)), teacher max / sum-exp and cross sums for distillation, ...
+Those are gathered with ONE
 ``all_gather_single`` (``all_gather_into_tensor``) per chunk and combined locally.
 
 Why a gather rather than all-reduces: the max and the sums combine differently (the sums must be
@@ -156,6 +158,35 @@ def _combine(m_all, s_all, *sums_all):
     return (M, lse, S) + tuple((x * f).sum(0) for x in sums_all)
 
 
+def _entropy_partial(z, m):
+    """sum_j e^(z_j - m) (z_j - m) of a local row relative to its local max m (a masked -inf
+    logit adds 0), the entropy's partial sum beside the sum-exp (terms.h's `hz`)."""
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    zf = z - m_safe[:, None]
+    e = torch.exp(zf)
+    return torch.where(e > 0, e * zf, torch.zeros_like(e)).sum(-1)
+
+
+def _combine_entropy(m_all, s_all, hz_all, M):
+    """Entropy log S - hz / S of the global softmax from per-rank (max, sum-exp, hz relative to
+    the rank's max): each hz is re-expressed relative to the global max M (terms.h's `rescale`);
+    0 for a row with no finite logit, as the single-process op."""
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    f = torch.exp(m_all - M_safe)
+    has = s_all > 0
+    shift = torch.where(has, (m_all - M_safe) * s_all, torch.zeros_like(s_all))
+    S = (s_all * f).sum(0)
+    hz = torch.where(has, f * (hz_all + shift), torch.zeros_like(s_all)).sum(0)
+    S_safe = torch.where(S > 0, S, torch.ones_like(S))
+    return torch.where(S > 0, torch.log(S_safe) - hz / S_safe, torch.zeros_like(S))
+
+
+def _entropy_dz(z, lse, ent, g_h):
+    """d/dz of sum_i g_h_i H_i at the final logits z: -g_h p (z - lse + H) (0 where p = 0)."""
+    p = torch.exp(z - lse[:, None])
+    return torch.where(p > 0, (-g_h)[:, None] * p * (z - lse[:, None] + ent[:, None]), torch.zeros_like(p))
+
+
 def _xlogx_safe(p, logp):
     return torch.where(p > 0, p * logp, torch.zeros_like(p))
 
@@ -175,7 +206,7 @@ class _Problem:
 def _default_chunk(P, n_rows):
     if P.chunk_size:
         return max(1, min(P.chunk_size, max(n_rows, 1)))
-    if P.kind == "ce":
+    if P.kind == "ce" and not _want_ent(P):
         # The row kernels work on the one [C, V_local] logits chunk in the input dtype (as the
         # single-GPU op, which fills the same budget): large chunks, few collectives.
         src = P.logits if P.logits is not None else P.W
@@ -341,6 +372,14 @@ def _chunk(P, lo, hi, coefs, grads):
             cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
         if P.need_argmax:
             cols.append(st[:, 5])
+        want_ent = _want_ent(P)
+        if want_ent:
+            # The entropy's partial sum is one more column of the same gather. shard_stats has no
+            # such column yet, so it is summed here over the final logits in the accumulation
+            # dtype (kept for this chunk's gradient).
+            raw_acc = lg.to(P.acc)
+            zf = _final(P, raw_acc)
+            cols.append(_entropy_partial(zf, m))
         z = m  # only its dtype and device are used below
         G = _gather_checked(P, cols)
         M, lse, S = _combine(G[..., 0], G[..., 1])
@@ -361,14 +400,21 @@ def _chunk(P, lo, hi, coefs, grads):
             tok = tok + vf * (eps / V) * (lse * wsum - wz)
         else:
             V = wsum = None
-        tok = torch.where(valid, tok, torch.zeros_like(tok))
-        out.update(token_loss=tok, lse=lse, wt=wt)
         if P.need_argmax:
             idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
             out["predicted"] = torch.where(valid, idx.to(torch.long), torch.full_like(tgt, -1))
+            c += 1
+        if want_ent:
+            ent = _combine_entropy(G[..., 0], G[..., 1], G[..., c], M)
+            c += 1
+            out["ent"] = ent  # every row, ignored ones too (the single-process op's output)
+            if P.entropy_coef != 0.0:
+                tok = tok + P.entropy_coef * vf * ent
+        tok = torch.where(valid, tok, torch.zeros_like(tok))
+        out.update(token_loss=tok, lse=lse, wt=wt)
         if grads is None:
             return out
-        a_loss, a_lse = coefs
+        a_loss, a_lse = coefs[0], coefs[1]
         row = torch.zeros_like(lse)
         coef_t = torch.zeros_like(lse)
         coef_w = None
@@ -381,11 +427,25 @@ def _chunk(P, lo, hi, coefs, grads):
                 coef_w = a * (eps / V)
         if a_lse is not None:
             row = row + a_lse
+        draw = lg
+        d_ent = None
+        if want_ent:
+            # upstream of each row's entropy: its own output's (every row) plus the loss's
+            # entropy_coef term (non-ignored rows), as terms.h's finish_ext
+            g_h = coefs[2]
+            if a_loss is not None and P.entropy_coef != 0.0:
+                ge = a_loss * vf * P.entropy_coef
+                g_h = ge if g_h is None else g_h + ge
+            if g_h is not None:
+                # before shard_grad_ overwrites raw_acc (zf may be raw_acc itself)
+                d_ent = _chain(P, _entropy_dz(zf, lse, ent, g_h), zf)
+                draw = raw_acc  # the CE gradient in the accumulation dtype, the entropy's added
         torch.ops.fusedce.shard_grad_(
-            lg, tgt, P.v0, P.w, lse, row, coef_t, coef_w,
+            draw, tgt, P.v0, P.w, lse, row, coef_t, coef_w,
             ignore_index=P.ignore_index if P.ignore_index is not None else -100,
             softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
-        draw = lg
+        if d_ent is not None:
+            draw += d_ent
         _accumulate(P, lo, hi, draw, grads)
         return out
 
@@ -395,6 +455,17 @@ def _chunk(P, lo, hi, coefs, grads):
         z = zb / T
         m, e, se = _local_softmax(z)
         cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
+        # token_statistics' metrics (no gradient): their partials in the same gather, forward only
+        stats = getattr(P, "stats", ()) if grads is None else ()
+        if "mean_logits" in stats:
+            cols.append(z.sum(-1))
+        if "log_sum_sq_probs" in stats:
+            cols.append((e * e).sum(-1))  # relative to the local max, like the sum-exp
+        if "is_top1" in stats:
+            if z.shape[-1]:  # the first maximum, as torch.argmax (and the single-process op)
+                cols.append((z.argmax(-1) + P.v0).to(z.dtype))
+            else:
+                cols.append(torch.full_like(m, math.inf))
         del e
         G = _gather_checked(P, cols)
         M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
@@ -404,6 +475,19 @@ def _chunk(P, lo, hi, coefs, grads):
             lp_valid = tgt != P.ignore_index
             lp = torch.where(lp_valid, lp, torch.zeros_like(lp))
         out.update(lp=lp, ent=ent)
+        c = 4
+        if "mean_logits" in stats:
+            out["mean_logits"] = G[..., c].sum(0) / P.v_global.to(z.dtype)
+            c += 1
+        if "log_sum_sq_probs" in stats:
+            M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+            f = torch.exp(G[..., 0] - M_safe)
+            out["log_sum_sq_probs"] = torch.log((G[..., c] * f * f).sum(0)) - 2 * torch.log(S)
+            c += 1
+        if "is_top1" in stats:
+            idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
+            out["is_top1"] = lp_valid & (idx == tgt.to(idx.dtype))
+            c += 1
         if k == "policy":
             pt, dpt = _policy_token(P, lo, hi, lp, ent)
             out.update(per_token=pt, **P.extra)
@@ -437,13 +521,18 @@ def _chunk(P, lo, hi, coefs, grads):
     mt, et, st = _local_softmax(zt_)
     # student group: [ms, ss, sum es zs, sum es zt]; teacher group: [mt, st, sum et zt, sum et zs]
     cols += [ms, ss, _wsum(es, zs), _wsum(es, zt_), mt, st, _wsum(et, zt_), _wsum(et, zs)]
-    eps, zl = P.label_smoothing, P.z_loss
+    eps, zl, ec = P.label_smoothing, P.z_loss, P.entropy_coef
     need_ce = P.ce_weight != 0.0 or zl != 0.0
-    if need_ce:  # the CE part (with smoothing) and the z-loss read the T = 1 softmax
-        m1, e1, s1 = _local_softmax(raw)
-        cols += [m1, s1, _pick(raw, owned, li)]
+    need_t1 = need_ce or ec != 0.0
+    if need_t1:  # the CE part (with smoothing), the z-loss and the entropy read the T = 1 softmax
+        m1, _, s1 = _local_softmax(raw)
+        cols += [m1, s1]
+    if need_ce:
+        cols.append(_pick(raw, owned, li))
         if eps > 0:
             cols += [raw.sum(-1), torch.full_like(m1, float(P.v_local))]
+    if ec != 0.0:
+        cols.append(_entropy_partial(raw, m1))
     G = _gather_checked(P, cols)
     _, lseq, Sq, q_zs, q_zt = _combine(G[..., 0], G[..., 1], G[..., 2], G[..., 3])
     _, lser, Sr, r_zt, r_zs = _combine(G[..., 4], G[..., 5], G[..., 6], G[..., 7])
@@ -467,13 +556,20 @@ def _chunk(P, lo, hi, coefs, grads):
         div = beta * sum_r_lr + (1 - beta) * sum_q_lq - sum_m_lm
     valid = tgt != P.ignore_index
     tok = P.distill_weight * div
+    if need_t1:
+        M1, lse1, _ = _combine(G[..., 8], G[..., 9])
+        c = 10
     if need_ce:
-        _, lse1, _ = _combine(G[..., 8], G[..., 9])
-        ce = (1 - eps) * (lse1 - G[..., 10].sum(0))
+        ce = (1 - eps) * (lse1 - G[..., c].sum(0))
+        c += 1
         if eps > 0:
-            zsum, Vg = G[..., 11].sum(0), G[..., 12].sum(0)
+            zsum, Vg = G[..., c].sum(0), G[..., c + 1].sum(0)
+            c += 2
             ce = ce + eps / Vg * (Vg * lse1 - zsum)
         tok = tok + P.ce_weight * ce + zl * lse1 * lse1
+    if ec != 0.0:  # the entropy of the student's softmax at T = 1 (the single-process op's H)
+        ent = _combine_entropy(G[..., 8], G[..., 9], G[..., c], M1)
+        tok = tok + ec * ent
     tok = torch.where(valid, tok, torch.zeros_like(tok))
     out["token_loss"] = tok
     if grads is None:
@@ -499,8 +595,15 @@ def _chunk(P, lo, hi, coefs, grads):
         draw = _sub_onehot(draw, owned, li, ac * (1 - eps))
         if eps > 0:
             draw = draw - (ac * eps / Vg)[:, None]
+    if ec != 0.0:
+        draw = draw + _entropy_dz(raw, lse1, ent, a * ec)
     _accumulate(P, lo, hi, _chain(P, draw, raw), grads)
     return out
+
+
+def _want_ent(P):
+    """The CE kind computes the entropy: for the loss's entropy_coef term or as an output."""
+    return getattr(P, "want_entropy", False) or getattr(P, "entropy_coef", 0.0) != 0.0
 
 
 def _policy_token(P, lo, hi, lp, ent):
@@ -601,6 +704,13 @@ def _run(P, coefs=None, need=None):
 _ROW_DIFF = {"ce": ("token_loss", "lse"), "lp": ("lp", "ent"), "distill": ("token_loss",), "policy": ()}
 
 
+def _row_names(P):
+    """The differentiable per-row outputs of the call (the CE kind's entropy when computed)."""
+    if P.kind == "ce" and _want_ent(P):
+        return _ROW_DIFF["ce"] + ("ent",)
+    return _ROW_DIFF[P.kind]
+
+
 class _ShardedHead(torch.autograd.Function):
     """Outputs: (loss scalar, *differentiable per-row outputs of the kind). `P.agg` are the per-row
     coefficients of the scalar loss (None: no scalar), scaled after the loop by 1 / P.divisor(out)
@@ -613,7 +723,7 @@ class _ShardedHead(torch.autograd.Function):
                 b is not None and ctx.needs_input_grad[3], logits is not None and ctx.needs_input_grad[4]]
         fused = P.agg is not None and any(need)
         with torch.no_grad():
-            res, grads = _run(P, [P.agg] + [None] * (len(_ROW_DIFF[P.kind]) - 1) if fused else None,
+            res, grads = _run(P, [P.agg] + [None] * (len(_row_names(P)) - 1) if fused else None,
                               need if fused else None)
         N = P.target.shape[0]
         if P.agg is not None:
@@ -642,7 +752,7 @@ class _ShardedHead(torch.autograd.Function):
         ctx.allow_cell = _ops_py.second_backward_cell()
         ctx.save_for_backward(hidden, W, b, logits)
         P.res = res
-        rows = tuple(res[name] if N else torch.zeros(0, dtype=P.acc, device=P.device) for name in _ROW_DIFF[P.kind])
+        rows = tuple(res[name] if N else torch.zeros(0, dtype=P.acc, device=P.device) for name in _row_names(P))
         return (loss,) + rows
 
     @staticmethod
@@ -718,7 +828,7 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
                 # != 0: negative class weights may sum below zero (divided by, as in torch).
                 return torch.where(d != 0, d, torch.ones_like(d))
             P.divisor = _mean_div
-    loss, tok, lse = _ShardedHead.apply(P, P.hidden, P.W, P.b, P.logits)
+    loss, tok, lse, *ent = _ShardedHead.apply(P, P.hidden, P.W, P.b, P.logits)
     res = P.res
     if reduction == "none":
         loss = tok.reshape(shape)
@@ -743,7 +853,8 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
         z_part = z_tok.sum()
     else:
         z_part = z_tok.sum() / P.denom
-    return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part)
+    entropy = ent[0].reshape(shape) if getattr(P, "want_entropy", False) else None
+    return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part, entropy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -774,7 +885,8 @@ def _group(process_group):
 def _linear_cross_entropy(
     input, linear_weight, target, *, process_group, vocab_start, linear_bias, weight, reduction,
     ignore_index, label_smoothing, z_loss, softcap, logit_scale, num_items_in_batch, shift,
-    return_stats, chunk_size, fp32_grad_accum, reduce_grad_input,
+    return_stats, chunk_size, fp32_grad_accum, reduce_grad_input, entropy_coef=0.0,
+    return_entropy=False,
 ):
     process_group = _group(process_group)
     linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
@@ -790,6 +902,7 @@ def _linear_cross_entropy(
                  target=target.reshape(-1).long(), w=weight, ignore_index=ignore_index,
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
                  logit_scale=float(logit_scale), need_argmax=bool(return_stats), acc=_acc_dtype(input),
+                 entropy_coef=float(entropy_coef), want_entropy=bool(return_stats and return_entropy),
                  chunk_size=chunk_size, fp32_grad_accum=fp32_grad_accum, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))
     return _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_batch, return_stats, shape)
@@ -831,10 +944,44 @@ def _token_logprobs(input, linear_weight, tokens, *, process_group, vocab_start,
     return (lp, ent) if return_entropy else lp
 
 
+def _token_statistics(input, linear_weight, tokens, *, process_group, vocab_start, linear_bias,
+                      temperature, outputs, softcap, logit_scale, chunk_size, reduce_grad_input):
+    """(logprobs, entropy, mean_logits, log_sum_sq_probs, is_top1) of token_statistics, None where
+    not in `outputs`: the token_logprobs pass with the metrics' partials (sum z, sum e^(2(z-m)),
+    the local argmax) in its one gather per chunk. logprobs and entropy carry gradients."""
+    process_group = _group(process_group)
+    linear_weight, process_group, vocab_start = _unwrap_all(linear_weight, process_group, vocab_start)
+    if linear_bias is not None:
+        linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
+    Vl, H = linear_weight.shape
+    want = set(outputs)
+    P = _Problem(kind="lp", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
+                 target=tokens.reshape(-1).long(), ignore_index=-100, temperature=float(temperature),
+                 softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
+                 stats=tuple(n for n in ("mean_logits", "log_sum_sq_probs", "is_top1") if n in want),
+                 acc=_acc_dtype(input), chunk_size=chunk_size, fp32_grad_accum=False,
+                 reduce_grad_input=reduce_grad_input, agg=None, divisor=None,
+                 **_base(process_group, vocab_start, input.device, Vl))
+    _, lp, ent = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
+    shape = tokens.shape
+    res = P.res
+    N = P.target.shape[0]
+
+    def metric(name, dtype):
+        if name not in want:
+            return None
+        if not N:
+            return torch.zeros(shape, dtype=dtype, device=input.device)
+        return res[name].reshape(shape)
+
+    return (lp.reshape(shape), ent.reshape(shape) if "entropy" in want else None,
+            metric("mean_logits", P.acc), metric("log_sum_sq_probs", P.acc), metric("is_top1", torch.bool))
+
+
 def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_weight, teacher_logits,
                        kind, beta, temperature, distill_weight, ce_weight, ignore_index, reduction,
                        linear_bias, teacher_bias, label_smoothing, z_loss, softcap, logit_scale,
-                       process_group, vocab_start, chunk_size, reduce_grad_input):
+                       process_group, vocab_start, chunk_size, reduce_grad_input, entropy_coef=0.0):
     process_group = _group(process_group)
     if linear_bias is not None:
         linear_bias, process_group, _ = _unwrap(linear_bias, process_group)
@@ -860,7 +1007,8 @@ def _distillation_loss(input, linear_weight, target, *, teacher_input, teacher_w
                  ignore_index=ignore_index, temperature=float(temperature), beta=float(beta), dkind=kind,
                  softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
                  label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                 distill_weight=float(distill_weight), ce_weight=float(ce_weight), acc=acc,
+                 distill_weight=float(distill_weight), ce_weight=float(ce_weight),
+                 entropy_coef=float(entropy_coef), acc=acc,
                  chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,
                  **_base(process_group, vocab_start, input.device, Vl))
     if reduction == "none":

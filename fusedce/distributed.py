@@ -15,8 +15,8 @@ from __future__ import annotations
 from . import functional, terms
 from ._parallel import WORLD
 
-__all__ = ["WORLD", "linear_cross_entropy", "cross_entropy", "token_logprobs", "distillation_loss",
-           "policy_loss"]
+__all__ = ["WORLD", "linear_cross_entropy", "cross_entropy", "token_logprobs", "token_statistics",
+           "distillation_loss", "policy_loss"]
 
 
 def linear_cross_entropy(input, linear_weight, target, *, process_group=None, **kwargs):
@@ -42,6 +42,12 @@ def token_logprobs(input, linear_weight, tokens, *, process_group=None, **kwargs
     """:func:`fusedce.token_logprobs` with W sharded over the vocabulary. Both outputs are
     differentiable (a recomputing pass in backward: one collective per chunk, one for grad_input)."""
     return terms.token_logprobs(input, linear_weight, tokens, process_group=WORLD if process_group is None else process_group, **kwargs)
+
+
+def token_statistics(input, linear_weight, tokens, *, process_group=None, **kwargs):
+    """:func:`fusedce.token_statistics` with W sharded over the vocabulary: the metrics' partials
+    travel in the same one collective per chunk as the log-probabilities'."""
+    return terms.token_statistics(input, linear_weight, tokens, process_group=WORLD if process_group is None else process_group, **kwargs)
 
 
 def distillation_loss(input, linear_weight, target, *, process_group=None, **kwargs):

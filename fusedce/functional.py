@@ -189,9 +189,6 @@ def linear_cross_entropy(
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
     ignore_index = _check_ignore_index(ignore_index)
     if sharded:
-        if entropy_coef != 0.0 or return_entropy:
-            raise NotImplementedError("fusedce: entropy_coef / return_entropy are not sharded yet "
-                                      "(process_group); use token_logprobs(..., return_entropy=True)")
         return _parallel._linear_cross_entropy(
             input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,
             linear_bias=linear_bias, weight=weight, reduction=reduction,
@@ -199,6 +196,7 @@ def linear_cross_entropy(
             softcap=softcap, logit_scale=logit_scale, num_items_in_batch=num_items_in_batch,
             shift=shift, return_stats=return_stats, chunk_size=chunk_size,
             fp32_grad_accum=fp32_grad_accum, reduce_grad_input=reduce_grad_input,
+            entropy_coef=entropy_coef, return_entropy=return_entropy,
         )
     if low_memory and vocab_chunk_size is None:
         vocab_chunk_size = LOW_MEMORY_VOCAB_TILE

@@ -44,7 +44,9 @@ def _sequence_logps(input, weight, bias, tokens, knobs, stats, process_group, vo
                     reduce_grad_input=True):
     """Per-token log-probs (0 at -100) and, when ``stats``, the per-token mean logits, one pass."""
     if stats:
-        out = token_statistics(input, weight, tokens, linear_bias=bias, outputs=("mean_logits",), **knobs)
+        out = token_statistics(input, weight, tokens, linear_bias=bias, outputs=("mean_logits",),
+                               process_group=process_group, vocab_start=vocab_start,
+                               reduce_grad_input=reduce_grad_input, **knobs)
         return out.logprobs, out.mean_logits
     lp = token_logprobs(input, weight, tokens, linear_bias=bias, process_group=process_group,
                         vocab_start=vocab_start, reduce_grad_input=reduce_grad_input, **knobs)
@@ -90,8 +92,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     (averages for orpo and simpo) otherwise), rewards/accuracies, rewards/margins, logps/chosen,
     logps/rejected (sums; averages for orpo and simpo), logits/chosen, logits/rejected (mean over
     the non-ignored tokens of the mean logit over the vocabulary, as TRL's DPOTrainer (its
-    CPO/ORPO trainers average over every position, prompt and padding too); left out
-    under ``process_group``, whose pass has no mean-logit statistic), nll_loss (orpo, cpo, simpo),
+    CPO/ORPO trainers average over every position, prompt and padding too)), nll_loss (orpo, cpo, simpo),
     log_odds_ratio (the mean of log sigmoid(log_odds)) and log_odds_chosen (the mean of log_odds)
     for orpo. ``process_group`` (with ``vocab_start``, ``reduce_grad_input``): vocab-parallel, as
     :func:`fusedce.token_logprobs`; both heads sharded alike.
@@ -165,7 +166,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     kept_ids = torch.where(target == -100, torch.full_like(target, -101), target)
     tokens = torch.where(keep, kept_ids, torch.full_like(target, -100))
     knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
-    stats = process_group is None
+    stats = True  # the policy's mean logits (logits/* metrics), from the same pass
     lp, mean_logits = _sequence_logps(input, linear_weight, linear_bias, tokens, knobs, stats,
                                       process_group, vocab_start, reduce_grad_input)
     acc = lp.dtype

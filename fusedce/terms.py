@@ -125,7 +125,8 @@ class TokenStatistics(NamedTuple):
 
 
 def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperature=1.0,
-                     outputs=_STAT_NAMES, softcap=None, logit_scale=1.0, chunk_size=None):
+                     outputs=_STAT_NAMES, softcap=None, logit_scale=1.0, chunk_size=None,
+                     process_group=None, vocab_start=None, reduce_grad_input=True):
     """Per-token statistics of softmax(logits / temperature), logits = input @ linear_weight.T
     (+ bias), all from one softmax pass over the vocabulary (never materialized):
 
@@ -139,22 +140,29 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     ``outputs`` names the extra ones wanted (TRL's ``add_fused_lm_head`` names); the others are
     None. ``logprobs`` and ``entropy`` have exact gradients (a recomputing backward);
     ``mean_logits``, ``log_sum_sq_probs`` and ``is_top1`` are metrics without gradient (as in TRL).
-    Float outputs are float32 for half inputs. input [..., H], tokens [...] -> each [...]."""
+    Float outputs are float32 for half inputs. input [..., H], tokens [...] -> each [...].
+    ``process_group``: vocab-parallel, as :func:`fusedce.token_logprobs`."""
     unknown = set(outputs) - set(_STAT_NAMES)
     if unknown:
         raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
-    _sharded(None, linear_weight=linear_weight, linear_bias=linear_bias)  # a DTensor: refused by name
-    V, H = _check_head(input, linear_weight, linear_bias)
+    sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
+    V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(tokens, input.shape[:-1], input, "input")
     temperature = _check_positive(temperature, "temperature")
     _check_chunk(chunk_size, "chunk_size")
+    knobs = _head_knobs(softcap, logit_scale, temperature)
+    if sharded:
+        return TokenStatistics(*_parallel._token_statistics(
+            input, linear_weight, tokens, process_group=process_group, vocab_start=vocab_start,
+            linear_bias=linear_bias, temperature=temperature, outputs=tuple(outputs),
+            softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+            reduce_grad_input=reduce_grad_input))
     shape = tokens.shape
     want = set(outputs)
     flat = tokens.reshape(-1)
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, flat, linear_bias,
-        ignore_index=-100, chunk_size=chunk_size or 0,
-        **_head_knobs(softcap, logit_scale, temperature),
+        ignore_index=-100, chunk_size=chunk_size or 0, **knobs,
         **TermOptions(ce_weight=0.0, want_entropy="entropy" in want, want_logprob=True,
                       want_mean_logit="mean_logits" in want,
                       want_log_sum_sq="log_sum_sq_probs" in want).pack(),
@@ -250,8 +258,6 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
         )
     if sharded:
-        if entropy_coef != 0.0:
-            raise NotImplementedError("fusedce: entropy_coef in distillation_loss is not sharded yet")
         return _parallel._distillation_loss(
             input, linear_weight, target, teacher_input=teacher_input,
             teacher_weight=teacher_weight, teacher_logits=teacher_logits, kind=kind, beta=beta,
@@ -259,7 +265,8 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             ignore_index=ignore_index, reduction=reduction, linear_bias=linear_bias,
             teacher_bias=teacher_bias, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, logit_scale=logit_scale, process_group=process_group,
-            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
+            vocab_start=vocab_start, chunk_size=chunk_size, reduce_grad_input=reduce_grad_input,
+            entropy_coef=entropy_coef)
 
     shape = target.shape
     flat_target = target.reshape(-1)

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
+from accuracy import assert_close as budget_close  # noqa: E402
 from collectives import CollectiveCounter as Counter  # noqa: E402
 from ranks import run_checks, run_rank  # noqa: E402
 
@@ -146,6 +147,140 @@ def ce_linear_every_term(c):
         sp = fusedce.linear_cross_entropy(x, W, t, linear_bias=bf, return_stats=True, **full)
         close(out.loss, sp.loss, F64_SP, f"{tag} vs fusedce loss")
         assert torch.equal(out.predicted.cpu(), sp.predicted.cpu()), f"{tag} vs fusedce predicted"
+
+
+ENTROPY_CONFIGS = [
+    dict(entropy_coef=0.1),
+    dict(entropy_coef=-0.05, label_smoothing=0.1, z_loss=1e-2, softcap=3.0, logit_scale=0.7, cw=True,
+         bias=True, return_entropy=True),
+    dict(entropy_coef=0.2, label_smoothing=0.2, cw=True, reduction="sum", return_entropy=True),
+    dict(entropy_coef=0.1, z_loss=1e-3, softcap=2.0, reduction="none", bias=True, return_entropy=True),
+    dict(entropy_coef=0.05, label_smoothing=0.05, logit_scale=1.3, num_items_in_batch=17, cw=True),
+    dict(return_entropy=True, label_smoothing=0.1, z_loss=1e-2),  # the entropy output only
+    dict(entropy_coef=0.3, shift=True, softcap=2.5, reduction="none"),
+]
+
+
+def _ref_entropy_loss(logits, t, cfg, cw, dtype=torch.float64):
+    """float64 reference of linear_cross_entropy with entropy_coef: the CE's token losses plus
+    entropy_coef * H at non-ignored tokens, reduced like the CE; and H at every token (dtype=None:
+    the same in the logits' dtype, the eager path of an error budget)."""
+    kw = {k: cfg[k] for k in ("label_smoothing", "z_loss", "softcap", "logit_scale") if k in cfg}
+    if cfg.get("shift"):
+        t = ref.shift_labels(t)
+    r = ref.cross_entropy(logits, t, weight=cw, reduction="none", dtype=dtype, **kw)
+    ent = ref.entropy(logits, logit_scale=cfg.get("logit_scale", 1.0), softcap=cfg.get("softcap"), dtype=dtype)
+    valid = t != -100
+    tok = r.token_loss + cfg.get("entropy_coef", 0.0) * ent * valid
+    red = cfg.get("reduction", "mean")
+    if red == "none":
+        return tok, ent, r
+    if cfg.get("num_items_in_batch") is not None:
+        return tok.sum() / cfg["num_items_in_batch"], ent, r
+    if red == "sum":
+        return tok.sum(), ent, r
+    w = torch.ones_like(r.lse) if cw is None else cw[torch.where(valid, t, torch.zeros_like(t))]
+    return tok.sum() / (w * valid).sum(), ent, r
+
+
+@check
+def ce_linear_entropy(c):
+    """linear_cross_entropy(entropy_coef=..., return_entropy=True) sharded: the loss, the entropy
+    output (every row, ignored ones too) and the gradients of input, weight shard and bias shard
+    through both, with the smoothing, z-loss, class weights, softcap, logit_scale, shift and each
+    reduction, against the float64 reference and the single-process op."""
+    x, W, b, cw, t = _ce_setup(c, seed=10)
+    lo, hi = c.layout(W.shape[0])
+    for i, cfg in enumerate(ENTROPY_CONFIGS):
+        tag = f"config {i} {cfg}"
+        kw = {k: v for k, v in cfg.items() if k not in ("cw", "bias")}
+        cwf = cw if cfg.get("cw") else None
+        bf = b if cfg.get("bias") else None
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        bs = leaf(b[lo:hi]) if bf is not None else None
+        out = fd.linear_cross_entropy(xs, Ws, t, linear_bias=bs, weight=None if cwf is None else cwf[lo:hi],
+                                      return_stats=True, chunk_size=6, **kw)
+        xr, Wr = leaf(x), leaf(W)
+        br = leaf(bf) if bf is not None else None
+        rl, rent, r = _ref_entropy_loss(torch.nn.functional.linear(xr, Wr, br), t, cfg, cwf)
+        close(out.loss, rl, F64, f"{tag} loss")
+        close(out.lse, r.lse, F64, f"{tag} lse")
+        close(out.z_loss, _ref_entropy_z(r, cfg, t, cwf), F64, f"{tag} z_loss")
+        up = c.randn(*out.loss.shape, seed=98) if out.loss.dim() else torch.tensor(1.3, dtype=torch.float64)
+        total, rtotal = (out.loss * up).sum(), (rl * up).sum()
+        if cfg.get("return_entropy"):
+            close(out.entropy, rent, F64, f"{tag} entropy")
+            ue = c.randn(*rent.shape, seed=97)
+            total, rtotal = total + (out.entropy * ue).sum(), rtotal + (rent * ue).sum()
+        else:
+            assert out.entropy is None, f"{tag}: entropy returned without return_entropy"
+        diff = [v for v in (xs, Ws, bs) if v is not None]
+        g = grads_of(total, *diff)
+        gr = grads_of(rtotal, *[v for v in (xr, Wr, br) if v is not None])
+        close(g[0], gr[0], F64, f"{tag} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
+        if bs is not None:
+            close(g[2], gr[2][lo:hi], F64, f"{tag} grad bias shard")
+        # and the single-process op on the full weight, values and gradients
+        xp, Wp = leaf(x), leaf(W)
+        bp = leaf(bf) if bf is not None else None
+        sp = fusedce.linear_cross_entropy(xp, Wp, t, linear_bias=bp, weight=cwf, return_stats=True, **kw)
+        close(out.loss, sp.loss, F64_SP, f"{tag} vs fusedce loss")
+        stotal = (sp.loss * up).sum()
+        if cfg.get("return_entropy"):
+            close(out.entropy, sp.entropy, F64_SP, f"{tag} vs fusedce entropy")
+            stotal = stotal + (sp.entropy * ue).sum()
+        gs = grads_of(stotal, *[v for v in (xp, Wp, bp) if v is not None])
+        close(g[0], gs[0], F64_SP, f"{tag} vs fusedce grad input")
+        close(g[1], gs[1][lo:hi], F64_SP, f"{tag} vs fusedce grad weight shard")
+    # a float32 head: the entropy rides on float32 tiles; equal to the float64 reference
+    x32, W32 = x.float(), W.float()
+    xs, Ws = leaf(x32), leaf(W32[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, entropy_coef=0.1, label_smoothing=0.1, softcap=3.0,
+                                  return_stats=True, return_entropy=True, chunk_size=5)
+    xr, Wr = leaf(x32.double()), leaf(W32.double())
+    cfg = dict(entropy_coef=0.1, label_smoothing=0.1, softcap=3.0)
+    rl, rent, _ = _ref_entropy_loss(xr @ Wr.T, t, cfg, None)
+    close(out.loss, rl, F32, "float32 loss")
+    close(out.entropy, rent, F32, "float32 entropy")
+    g = grads_of(out.loss + out.entropy.sum(), xs, Ws)
+    gr = grads_of(rl + rent.sum(), xr, Wr)
+    close(g[0], gr[0], F32, "float32 grad input")
+    close(g[1], gr[1][lo:hi], F32, "float32 grad weight shard")
+    # bfloat16: the entropy's gradient joins the CE's on a float32 tile (not the bf16 chunk);
+    # within the error budget of the same-dtype eager path (tests/accuracy.py)
+    xb, Wb = (x * 2).bfloat16(), W.bfloat16()
+    xs, Ws = leaf(xb), leaf(Wb[lo:hi])
+    out = fd.linear_cross_entropy(xs, Ws, t, return_stats=True, chunk_size=5, **cfg, return_entropy=True)
+    ue = c.randn(*t.shape, seed=96)
+    g = grads_of(out.loss + (out.entropy * ue.to(out.entropy)).sum(), xs, Ws)
+    xr, Wr = leaf(xb.double()), leaf(Wb.double())
+    rl, rent, _ = _ref_entropy_loss(xr @ Wr.T, t, cfg, None)
+    gr = grads_of(rl + (rent * ue).sum(), xr, Wr)
+    xe, We = leaf(xb), leaf(Wb)
+    el, eent, _ = _ref_entropy_loss(xe @ We.T, t, cfg, None, dtype=None)
+    ge = grads_of(el + (eent * ue.to(eent)).sum(), xe, We)
+    bf = torch.bfloat16
+    budget_close(out.loss, rl, bf, eager=el, what="bfloat16 loss")
+    budget_close(out.entropy, rent, bf, eager=eent, what="bfloat16 entropy")
+    budget_close(g[0], gr[0], bf, eager=ge[0], what="bfloat16 grad input")
+    budget_close(g[1], gr[1][lo:hi], bf, eager=ge[1][lo:hi], what="bfloat16 grad weight shard")
+
+
+def _ref_entropy_z(r, cfg, t, cw):
+    """The z_loss statistic of LossOutput, reduced like the loss (the reference's own helper
+    reduces it with the CE's rule)."""
+    if cfg.get("shift"):
+        t = ref.shift_labels(t)
+    valid = t != -100
+    w = (torch.ones_like(r.lse) if cw is None else cw[torch.where(valid, t, torch.zeros_like(t))]) * valid
+    z = w * cfg.get("z_loss", 0.0) * r.lse ** 2
+    red = cfg.get("reduction", "mean")
+    if red == "none":
+        return z
+    if cfg.get("num_items_in_batch") is not None:
+        return z.sum() / cfg["num_items_in_batch"]
+    return z.sum() if red == "sum" else z.sum() / w.sum()
 
 
 @check
@@ -322,6 +457,58 @@ def token_logprobs_and_entropy(c):
 
 
 @check
+def token_statistics_every_output(c):
+    """token_statistics sharded: every output (logprobs, entropy, mean_logits, log_sum_sq_probs,
+    is_top1; -100 tokens and a tie for the top-1 across shards included) with temperature,
+    softcap, logit_scale and a bias, against the float64 reference and the single-process op; the
+    gradients of logprobs and entropy (input, weight shard, bias shard). A subset of outputs
+    leaves the others None."""
+    V, B, T, H = 13, 2, 5, 4
+    x = c.randn(B, T, H, seed=170)
+    W = c.randn(V, H, seed=171, scale=1.5)
+    b = c.randn(V, seed=172, scale=0.3)
+    W[V - 1] = W[0]  # a tie between the first and the last class (on different ranks)
+    b[V - 1] = b[0]
+    tok = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(173)).to(c.dev)
+    tok[0, 3] = -100
+    lo, hi = c.layout(V)
+    names = ("logprobs", "entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+    for kw in (dict(), dict(temperature=0.7, softcap=3.0, logit_scale=0.8), dict(temperature=1.6, logit_scale=1.2)):
+        xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(b[lo:hi])
+        out = fd.token_statistics(xs, Ws, tok, linear_bias=bs, chunk_size=3, **kw)
+        xr, Wr, br = leaf(x), leaf(W), leaf(b)
+        r = ref.token_statistics(xr @ Wr.T + br, tok, **kw)
+        sp = fusedce.token_statistics(x, W, tok, linear_bias=b, **kw)
+        for i, n in enumerate(names):
+            if n == "is_top1":
+                assert torch.equal(out[i].cpu(), r[n].cpu()), f"{kw} is_top1 {out[i]} vs {r[n]}"
+                assert torch.equal(out[i].cpu(), sp[i].cpu()), f"{kw} is_top1 vs fusedce"
+                continue
+            close(out[i], r[n], F64, f"{kw} {n}")
+            close(out[i], sp[i], F64_SP, f"{kw} {n} vs fusedce")
+        ul, ue = c.randn(B, T, seed=174), c.randn(B, T, seed=175)
+        g = grads_of((out.logprobs * ul).sum() + (out.entropy * ue).sum(), xs, Ws, bs)
+        gr = grads_of((r["logprobs"] * ul).sum() + (r["entropy"] * ue).sum(), xr, Wr, br)
+        close(g[0], gr[0], F64, f"{kw} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{kw} grad weight shard")
+        close(g[2], gr[2][lo:hi], F64, f"{kw} grad bias shard")
+    # a top-1 tie between class 0 and class V - 1 (first and last shard): the first one wins
+    bt = b.clone()
+    bt[0] = bt[V - 1] = 30.0
+    tt = tok.clone()
+    tt[0, 0] = 0
+    tt[1, :] = V - 1
+    tie = fd.token_statistics(x, W[lo:hi], tt, linear_bias=bt[lo:hi], outputs=("is_top1",), chunk_size=4)
+    rt = ref.token_statistics(x @ W.T + bt, tt)["is_top1"]
+    assert bool(rt[0, 0]) and not bool(rt[1].any()), rt
+    assert torch.equal(tie.is_top1.cpu(), rt.cpu()), f"tie is_top1 {tie.is_top1} vs {rt}"
+    some = fd.token_statistics(x, W[lo:hi], tok, outputs=("is_top1",), chunk_size=4)
+    assert some.entropy is None and some.mean_logits is None and some.log_sum_sq_probs is None
+    close(some.logprobs, ref.token_statistics(x @ W.T, tok)["logprobs"], F64, "subset logprobs")
+    assert torch.equal(some.is_top1.cpu(), ref.token_statistics(x @ W.T, tok)["is_top1"].cpu()), "subset is_top1"
+
+
+@check
 def distillation_every_kind(c):
     """forward KL, reverse KL, JSD; teacher as logits and as hidden + weight; CE part; tempered."""
     V, B, T, H, Ht = 11, 2, 6, 5, 4
@@ -356,9 +543,65 @@ def distillation_every_kind(c):
 
 
 @check
+def distillation_entropy(c):
+    """distillation_loss(entropy_coef=...) sharded: every kind, the teacher as logits and as hidden
+    + weight, with the CE part, label smoothing, z-loss, softcap, logit_scale and each reduction;
+    the entropy is the student's softmax at T = 1 (the single-process op's). Against the float64
+    reference and the single-process op, values and gradients of input and weight shard."""
+    V, B, T, H, Ht = 13, 2, 6, 5, 4
+    x = c.randn(B, T, H, seed=160)
+    W = c.randn(V, H, seed=161)
+    xt = c.randn(B, T, Ht, seed=162)
+    Wt = c.randn(V, Ht, seed=163, scale=1.5)
+    tl = torch.nn.functional.linear(xt, Wt)
+    tgt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(164)).to(c.dev)
+    tgt[0, 1] = -100
+    tgt[1, 4] = -100
+    lo, hi = c.layout(V)
+    cases = [
+        ("forward_kl", dict(entropy_coef=0.1), "logits", "mean"),
+        ("reverse_kl", dict(entropy_coef=-0.2, ce_weight=0.5, label_smoothing=0.1, z_loss=1e-2, temperature=1.5),
+         "weight", "mean"),
+        ("jsd", dict(entropy_coef=0.05, beta=0.3, softcap=3.0, logit_scale=0.8, temperature=0.7), "weight", "sum"),
+        ("forward_kl", dict(entropy_coef=0.15, ce_weight=0.3, label_smoothing=0.2, z_loss=1e-3, softcap=2.0,
+                            temperature=2.0), "logits", "none"),
+        ("reverse_kl", dict(entropy_coef=0.1, distill_weight=0.0, ce_weight=0.0), "logits", "mean"),
+    ]
+    for kind, kw, teacher, red in cases:
+        tag = f"{kind} {kw} teacher={teacher} {red}"
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        tk = dict(teacher_logits=tl[..., lo:hi]) if teacher == "logits" else dict(teacher_input=xt, teacher_weight=Wt[lo:hi])
+        out = fd.distillation_loss(xs, Ws, tgt, kind=kind, reduction=red, chunk_size=5, **tk, **kw)
+        xr, Wr = leaf(x), leaf(W)
+        zr = ref.final_logits(torch.nn.functional.linear(xr, Wr), kw.get("logit_scale", 1.0), kw.get("softcap"))
+        temp = kw.get("temperature", 1.0)
+        div = ref.distillation_token_loss(zr, tl, kind=kind, beta=kw.get("beta", 0.5), temperature=temp)
+        ce = ref.cross_entropy(zr, tgt, reduction="none", label_smoothing=kw.get("label_smoothing", 0.0))
+        ent = ref.entropy(zr)
+        valid = tgt != -100
+        tok = (kw.get("distill_weight", 1.0) * div + kw.get("ce_weight", 0.0) * ce.token_loss
+               + kw.get("z_loss", 0.0) * ce.lse ** 2 + kw["entropy_coef"] * ent)
+        tok = torch.where(valid, tok, torch.zeros_like(tok))
+        r = tok if red == "none" else (tok.sum() if red == "sum" else tok.sum() / valid.sum())
+        up = c.randn(*out.shape, seed=165) if out.dim() else torch.tensor(1.1, dtype=torch.float64)
+        g = grads_of((out * up).sum(), xs, Ws)
+        gr = grads_of((r * up).sum(), xr, Wr)
+        close(out, r, F64, f"{tag} loss")
+        close(g[0], gr[0], F64, f"{tag} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{tag} grad weight shard")
+        xp, Wp = leaf(x), leaf(W)
+        tkf = dict(teacher_logits=tl) if teacher == "logits" else dict(teacher_input=xt, teacher_weight=Wt)
+        sp = fusedce.distillation_loss(xp, Wp, tgt, kind=kind, reduction=red, **tkf, **kw)
+        close(out, sp, F64_SP, f"{tag} vs fusedce loss")
+        gs = grads_of((sp * up).sum(), xp, Wp)
+        close(g[0], gs[0], F64_SP, f"{tag} vs fusedce grad input")
+        close(g[1], gs[1][lo:hi], F64_SP, f"{tag} vs fusedce grad weight shard")
+
+
+@check
 def preference_every_loss_type(c):
     """fusedce.preference_loss over a vocabulary-sharded head (and reference head): every loss
-    type, its metrics (no logits/* there) and the gradients of input, weight shard and bias shard."""
+    type, its metrics (logits/* included) and the gradients of input, weight shard and bias shard."""
     V, B, T, H = 23, 2, 5, 4
     x = c.randn(2 * B, T, H, seed=90)
     W = c.randn(V, H, seed=91, scale=0.6)
@@ -380,7 +623,7 @@ def preference_every_loss_type(c):
         rl, rm = ref.preference_loss(xf @ Wf.T + bf, y, loss_type=lt, beta=0.4, temperature=0.8,
                                      **(dict(ref_logits=xr @ Wr.T) if with_ref else {}))
         close(loss, rl, F64, f"{lt} loss")
-        assert set(m) == set(rm) - {"logits/chosen", "logits/rejected"}, f"{lt} metrics {sorted(m)}"
+        assert set(m) == set(rm), f"{lt} metrics {sorted(m)}"
         for k, v in m.items():
             close(v, rm[k], F64, f"{lt} {k}")
         g = grads_of(loss, xs, Ws, bs)
@@ -644,6 +887,24 @@ def collective_count(c):
             assert len(cnt.take()) == per * n_chunks, kind
             loss.backward()
             assert cnt.take() == ["all_reduce"], kind
+        # the entropy terms ride in the same gather: one per chunk, one all_reduce in backward
+        out = fd.linear_cross_entropy(leaf(x), Ws, t, vocab_start=lo, label_smoothing=0.1, z_loss=1e-3,
+                                      entropy_coef=0.1, return_stats=True, return_entropy=True, chunk_size=5)
+        fwd = cnt.take()
+        assert len(fwd) == n_chunks and all(n in GATHERS for n in fwd), f"entropy forward: {fwd}"
+        out.loss.backward()
+        assert cnt.take() == ["all_reduce"], "entropy backward"
+        loss = fd.distillation_loss(leaf(x), Ws, t, teacher_weight=Ws.detach() * 0.5, entropy_coef=0.1,
+                                    ce_weight=0.5, vocab_start=lo, chunk_size=5)
+        assert len(cnt.take()) == n_chunks, "distillation + entropy forward"
+        loss.backward()
+        assert cnt.take() == ["all_reduce"], "distillation + entropy backward"
+        # token statistics: every metric in the log-probabilities' one gather per chunk
+        st = fd.token_statistics(leaf(x), Ws, t, vocab_start=lo, chunk_size=5)
+        assert len(cnt.take()) == n_chunks, "token_statistics forward"
+        (st.logprobs.sum() + st.entropy.sum()).backward()
+        bwd = cnt.take()
+        assert len(bwd) == n_chunks + 1 and bwd[-1] == "all_reduce", bwd
         # policy loss
         loss, _ = fd.policy_loss(leaf(x)[None], Ws, t[None], None, torch.ones(1, N, dtype=x.dtype, device=c.dev),
                                  vocab_start=lo, chunk_size=5)
@@ -702,6 +963,12 @@ def sharded_same_argument_checks(c):
                lambda: fd.token_logprobs(x, Ws, t, softcap=0), "token_logprobs softcap=0")
     same_error(lambda: fusedce.token_logprobs(x, W, t.float()),
                lambda: fd.token_logprobs(x, Ws, t.float()), "token_logprobs float tokens")
+    for what, kw in (("softcap=0", dict(softcap=0)), ("temperature=0", dict(temperature=0.0)),
+                     ("unknown output", dict(outputs=("logprobs", "top5"))), ("chunk_size=0", dict(chunk_size=0))):
+        same_error(lambda: fusedce.token_statistics(x, W, t, **kw),
+                   lambda: fd.token_statistics(x, Ws, t, **kw), f"token_statistics {what}")
+    same_error(lambda: fusedce.linear_cross_entropy(x, W, t, entropy_coef=math.nan),
+               lambda: fd.linear_cross_entropy(x, Ws, t, entropy_coef=math.nan), "entropy_coef nan")
     for kw in (dict(z_loss=-1.0), dict(label_smoothing=2.0), dict(distill_weight=-1.0), dict(ce_weight=-1.0),
                dict(kind="jsd", beta=1.0), dict(temperature=0.0)):
         same_error(lambda: fusedce.distillation_loss(x, W, t, teacher_logits=z, **kw),
