@@ -1,5 +1,5 @@
 // Host-facing launchers of the row kernels (raw pointers + cudaStream_t). Plain C++: the host driver
-// (csrc/cuda/fusedce_cuda.cpp) includes this; the kernels live in row_kernels.cu.
+// (csrc/cuda/*.cpp) includes this; the kernels live in row_kernels.cu.
 //
 // Every floating-point per-row array (token_loss, lse, state, grad_scale, grad_token_loss, grad_lse,
 // class_weight) is in the accumulation dtype: float for bf16 / fp16 / fp32 inputs, double for
