@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../chunk_budget.h"
 #include "../terms_args.h"
 #include "common.h"
 #include "gemm.h"
@@ -87,38 +88,20 @@ void setup_linear(Linear& P, const Tensor& hidden, const Tensor& weight, const T
   }
 }
 
+// The CUDA memory budgets (FUSEDCE_CHUNK_BUDGET_MB / FUSEDCE_LOWMEM_BUDGET_MB override them).
+int64_t budget_bytes(bool lowmem) {
+  return lowmem ? env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB
+                : env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
+}
+
 void choose_tiling(Linear& P, int64_t chunk_size, int64_t vocab_chunk_size, bool need_gh) {
-  TORCH_CHECK(chunk_size >= 0, "fusedce: chunk_size must be >= 0 (0 = automatic), got ",
-              chunk_size);
-  TORCH_CHECK(vocab_chunk_size >= 0,
-              "fusedce: vocab_chunk_size must be >= 0 (0 = whole vocabulary), got ",
-              vocab_chunk_size);
+  check_chunk_args(chunk_size, vocab_chunk_size);
   const int64_t elt = static_cast<int64_t>(at::elementSize(P.dt));
   P.tiled = vocab_chunk_size > 0 && vocab_chunk_size < P.V;
-  P.Vt = P.tiled ? vocab_chunk_size : P.V;
-  const int64_t n = std::max<int64_t>(P.N, 1);
-  if (chunk_size > 0) {
-    P.C = std::min(chunk_size, n);
-    return;
-  }
-  int64_t budget, per_row;
-  if (P.tiled) {
-    budget = env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB;
-    per_row = P.Vt * elt + ((need_gh && is_half(P.dt)) ? P.H * 4 : 0);
-  } else {
-    budget = env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
-    per_row = P.V * elt;
-  }
-  const int64_t cmax = std::max<int64_t>(1, budget / per_row);
-  if (cmax >= n) {
-    P.C = n;
-    return;
-  }
-  // Balanced chunks, rounded up to a multiple of 64 rows when that stays inside the budget.
-  const int64_t chunks = (n + cmax - 1) / cmax;
-  int64_t c = (n + chunks - 1) / chunks;
-  const int64_t c64 = (c + 63) / 64 * 64;
-  P.C = c64 <= cmax ? c64 : c;
+  P.Vt = vocab_tile(P.V, vocab_chunk_size);
+  const int64_t per_row =
+      P.tiled ? P.Vt * elt + ((need_gh && is_half(P.dt)) ? P.H * 4 : 0) : P.V * elt;
+  P.C = chunk_rows(P.N, chunk_size, budget_bytes(P.tiled), per_row, /*balance=*/true);
 }
 
 // Grid of the fused row kernel: by default one block (or warp) per row. FUSEDCE_ROW_GRID=k caps it
@@ -323,18 +306,10 @@ TermsRun prepare_terms(const Linear& P, const TermArgs& ta) {
 void choose_terms_chunk(Linear& P, const TermsRun& T, int64_t chunk_size, int64_t vocab_chunk_size) {
   P.tiled = false;
   P.Vt = P.V;
-  const int64_t n = std::max<int64_t>(P.N, 1);
-  if (chunk_size > 0) {
-    P.C = std::min(chunk_size, n);
-    return;
-  }
   const bool lowmem = vocab_chunk_size > 0 && vocab_chunk_size < P.V;
-  const int64_t budget =
-      lowmem ? env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB
-             : env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
   const int64_t per_row =
       P.V * static_cast<int64_t>(at::elementSize(P.dt)) * (T.th.defined() ? 2 : 1);
-  P.C = std::max<int64_t>(1, std::min(n, budget / per_row));
+  P.C = chunk_rows(P.N, chunk_size, budget_bytes(lowmem), per_row, /*balance=*/false);
 }
 
 // Per-row upstream gradients and outputs of one run of the terms kernel over all chunks.
