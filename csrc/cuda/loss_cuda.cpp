@@ -483,10 +483,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
       state_idx = at::empty({P.C}, opt.dtype(at::kLong));
     }
     const int grid_limit = fused ? fused_grid_limit() : 0;
-    // sm_90 cluster kernel for fast mode's fused pass: opt-in (FUSEDCE_ROW_CLUSTER=1), measured
-    // slower than the one-block kernel (benchmarks/NOTES.md, v4); FUSEDCE_CLUSTER_SEG_KB sizes it
-    const bool allow_cluster = env_int("FUSEDCE_ROW_CLUSTER", 0) != 0;
-    const int64_t cluster_seg = env_int("FUSEDCE_CLUSTER_SEG_KB", 0) * 1024;
     for (int64_t r0 = 0; r0 < P.N; r0 += P.C) {
       const int64_t rows = std::min(P.C, P.N - r0);
       const Tensor hc = P.h.narrow(0, r0, rows);
@@ -519,8 +515,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
         sa.grad_scale = row_ptr(coef, r0, gs_stride);
         sa.grad_scale_stride = gs_stride;
         sa.grid_limit = grid_limit;
-        sa.allow_cluster = allow_cluster;
-        sa.cluster_seg_bytes = cluster_seg;
         check_launch(gpu::launch_row_stats(P.kd, sa, P.ep, P.stream), "row_stats");
         if (fused) tile_gemms(P, G, lg, hc, r0, 0, cols, true, r0 == 0);
       }
