@@ -115,14 +115,6 @@ def run_shape(N, H, V, args, res):
     r["fast_ms"] = bench(fb, args.iters)[0]
     r["fast_ratio"] = r["fast_ms"] / floor
     r["fast_mem_mib"] = transient(fb)
-    # the same step through the opt-in sm_90 cluster kernel (row held in shared memory), by
-    # per-CTA segment size (KB; 0 = its default)
-    for seg in ((0, 32, 48) if args.cluster_sweep and (N, H, V) == SHAPES[0] else (0,)):
-        key = "fast_cluster" + (f"_seg{seg}" if seg else "")
-        ms = with_env("FUSEDCE_ROW_CLUSTER", 1, lambda: with_env(
-            "FUSEDCE_CLUSTER_SEG_KB", seg, lambda: bench(fb, args.iters)[0]))
-        r[key + "_ms"] = ms
-        r[key + "_ratio"] = ms / floor
     fwd = fused([False, False, False])
     r["fast_fwd_ms"] = bench(fwd, args.iters)[0]
     r["fast_fwd_ratio"] = r["fast_fwd_ms"] / t1
@@ -176,7 +168,7 @@ def run_shape(N, H, V, args, res):
     res["fused"].append(r)
     print(f"{N}x{H}x{V}: floor {floor:.2f} ms ({r['tflops']:.0f} TFLOP/s) | fast "
           f"{r['fast_ms']:.2f} ms = {r['fast_ratio']:.3f}x, {r['fast_mem_mib']:.0f} MiB "
-          f"(cluster {r['fast_cluster_ratio']:.3f}x, fwd {r['fast_fwd_ratio']:.3f}x) | "
+          f"(fwd {r['fast_fwd_ratio']:.3f}x) | "
           + " | ".join(f"{k[:-6]} {r[k]:.3f}x {r[k[:-6] + '_mem_mib']:.0f} MiB"
                        for k in r if k.startswith("lowmem") and k.endswith("_ratio")),
           flush=True)
@@ -233,7 +225,6 @@ def main():
     p.add_argument("--sweep", action="store_true", help="chunk-budget and row-grid sweeps")
     p.add_argument("--no-eager", dest="eager", action="store_false")
     p.add_argument("--lowmem-vchunk", type=int, nargs="*", default=[4096, 8192, 16384])
-    p.add_argument("--cluster-sweep", action="store_true", help="cluster segment sizes, shape 1")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)

@@ -67,3 +67,24 @@ def test_cmake_default_matches_setup(which, monkeypatch):
         if kind in ("", "virtual"):
             pairs.add((f"compute_{num}", f"compute_{num}"))
     assert pairs == _setup_pairs(_setup_constant(const), monkeypatch)
+
+
+def _op_names(text, call):
+    return re.findall(rf'm\.{call}\(\s*"(\w+)', text)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_every_op_has_one_kernel_per_backend(backend):
+    """The schemas live in csrc/fusedce.cpp only; each backend's files (split by concern) register
+    every op exactly once, so a file left out of the build, or an op registered twice, shows here
+    rather than only when the library loads on that backend."""
+    import glob
+
+    ops = _op_names(_read("csrc/fusedce.cpp"), "def")
+    assert ops, "csrc/fusedce.cpp defines no op"
+    impls = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", backend, "*.cpp"))):
+        text = _read(os.path.relpath(path, ROOT))
+        assert not _op_names(text, "def"), f"{path} defines a schema"
+        impls += _op_names(text, "impl")
+    assert sorted(impls) == sorted(ops)

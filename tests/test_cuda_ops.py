@@ -442,10 +442,9 @@ def test_scale_graph_and_opcheck():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_row_cluster(dtype, monkeypatch):
-    """Fast mode's long rows (the sm_90 cluster path where it exists): odd V (rows not 16-byte
-    aligned), every feature on, ties across the cluster's CTAs, and the same numbers as the
-    one-block kernel (FUSEDCE_ROW_CLUSTER=0)."""
+def test_fused_long_rows(dtype):
+    """Fast mode's fused pass on long rows: odd V (rows not 16-byte aligned), every feature on,
+    argmax ties far apart in the row."""
     n, h, v = 24, 32, 70001
     hidden, weight, target, bias = make(n, h, v, dtype, bias=True)
     # ties: rows 0 and 1 see their maximum at two identical weight rows (first one wins), row 2
@@ -459,24 +458,17 @@ def test_fused_row_cluster(dtype, monkeypatch):
     cw = torch.rand(v, device=DEV) + 0.5
     gs = torch.tensor(0.37, device=DEV)
     kw = dict(softcap=30.0, z_loss=1e-3, label_smoothing=0.1, logit_scale=1.3)
-    outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FUSEDCE_ROW_CLUSTER", flag)
-        outs[flag] = ops.loss(hidden, weight, target, bias, cw, gs, grad_mask=[True, True, True],
-                              **op_kwargs(kw))
+    out = ops.loss(hidden, weight, target, bias, cw, gs, grad_mask=[True, True, True],
+                   **op_kwargs(kw))
     torch.cuda.synchronize()
-    loss, tok, lse, pred, _, _, gh, gw, gb, *_ = outs["1"]
+    loss, tok, lse, pred, _, _, gh, gw, gb, *_ = out
     assert pred[:3].tolist() == [1000, 30000, 0]
     ref, grads, z = ref_loss_and_grads(hidden, weight, target, bias, cw, 0.37, **kw)
     vt, gt = TOL[dtype]
     assert rel(tok, ref.token_loss) < vt and rel(lse, ref.lse) < vt
     check_predicted(pred, z, target, dtype)
     assert rel(gh, grads[0]) < gt and rel(gw, grads[1]) < gt and rel(gb, grads[2]) < gt
-    other = outs["0"]
-    assert torch.equal(pred, other[3])
-    assert rel(tok, other[1]) < 1e-5 and rel(gw, other[7]) < 1e-2
     # the plain path too (no transform, no smoothing: the specialized kernels)
-    monkeypatch.setenv("FUSEDCE_ROW_CLUSTER", "1")
     plain = ops.loss(hidden, weight, target, None, None, gs, grad_mask=[True, True, False])
     ref, grads, _ = ref_loss_and_grads(hidden, weight, target, None, None, 0.37)
     assert rel(plain[1], ref.token_loss) < vt and plain[3][:3].tolist() == [1000, 30000, 0]

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../chunk_budget.h"
 #include "../terms_args.h"
 #include "common.h"
 #include "terms.h"
@@ -35,16 +36,10 @@ struct Tiling {
 
 Tiling choose_tiling(int64_t n, int64_t vocab, int64_t chunk_size, int64_t vocab_chunk_size,
                      int64_t acc_bytes) {
-  TORCH_CHECK(chunk_size >= 0, "fusedce: chunk_size must be >= 0 (0 = automatic), got ",
-              chunk_size);
-  TORCH_CHECK(vocab_chunk_size >= 0,
-              "fusedce: vocab_chunk_size must be >= 0 (0 = whole vocabulary), got ",
-              vocab_chunk_size);
+  check_chunk_args(chunk_size, vocab_chunk_size);
   Tiling t;
-  t.cols = vocab_chunk_size > 0 ? std::min(vocab_chunk_size, vocab) : vocab;
-  t.rows = chunk_size > 0 ? chunk_size
-                          : std::max<int64_t>(1, kTileBudgetBytes / (t.cols * acc_bytes));
-  t.rows = std::max<int64_t>(1, std::min(t.rows, std::max<int64_t>(n, 1)));
+  t.cols = vocab_tile(vocab, vocab_chunk_size);
+  t.rows = chunk_rows(n, chunk_size, kTileBudgetBytes, t.cols * acc_bytes, /*balance=*/false);
   return t;
 }
 

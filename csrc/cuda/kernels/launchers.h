@@ -1,5 +1,5 @@
 // Host-facing launchers of the row kernels (raw pointers + cudaStream_t). Plain C++: the host driver
-// (csrc/cuda/fusedce_cuda.cpp) includes this; the kernels live in row_kernels.cu.
+// (csrc/cuda/*.cpp) includes this; the kernels live in row_kernels.cu.
 //
 // Every floating-point per-row array (token_loss, lse, state, grad_scale, grad_token_loss, grad_lse,
 // class_weight) is in the accumulation dtype: float for bf16 / fp16 / fp32 inputs, double for
@@ -57,11 +57,6 @@ struct StatsArgs {
   const void* grad_scale = nullptr;  // acc dtype; element i at grad_scale[i * stride]; nullptr = 1
   int64_t grad_scale_stride = 0;
   int grid_limit = 0;  // max blocks of the (persistent) grid; 0 = one block (or warp) per row
-  // sm_90+: with fused_grad on whole rows, hold each row in a thread-block cluster's shared memory
-  // between the statistics and the gradient (one HBM read per element instead of two). Measured
-  // slower than the one-block kernel so far (benchmarks/NOTES.md, v4): off unless asked for.
-  bool allow_cluster = false;
-  int64_t cluster_seg_bytes = 0;  // target bytes of a row per CTA (0 = the default, 72 KB)
 };
 
 // Gradient of a tile from the saved lse: out[i, j] = d(gs_i * token_loss_i + gl_i * lse_i)/d(a_ij),

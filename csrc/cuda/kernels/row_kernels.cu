@@ -13,8 +13,6 @@
 #include "epilogue.cuh"
 #include "online_softmax.cuh"
 
-#include <cooperative_groups.h>
-
 #include <type_traits>
 
 namespace fusedce {
@@ -297,136 +295,12 @@ __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
   }
 }
 
-// ---- sm_90: a row held on chip by a thread-block cluster ----------------------------------------
-// Fast mode's fused pass read each row twice from HBM (statistics, then gradient: the ~500 rows in
-// flight are 3x the L2). Here a cluster of K CTAs splits the row's 16-byte vectors into K
-// contiguous segments, each CTA keeps its segment in shared memory between the two passes, and
-// the CTAs exchange their (max, sum, argmax, sum w*z) through distributed shared memory: 2 bytes
-// read + 2 written per bf16 element instead of 4 + 2. Each thread stores and reloads only its own
-// vectors, so the segment needs no barrier; the scalar head (rank 0) and tail (rank K-1) are
-// re-read from global memory by the thread that owns them.
-constexpr int kClusterThreads = 256;
-constexpr int kClusterMinBlocks = 3;  // 3 x 256 threads per SM (80 registers: no spills)
-
-template <typename A>
-struct CtaPartial {
-  A m, s, wz;
-  int64_t i;
-};
-
-template <typename T, bool kTr, bool kWz>
-__global__ void __launch_bounds__(kClusterThreads, kClusterMinBlocks)
-    row_fused_cluster_kernel(StatsK<T> a, Epi<acc_t<T>> ep, int64_t seg_vec) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using A = acc_t<T>;
-  constexpr int VEC = Vec<T>::N;
-  constexpr int NT = kClusterThreads;
-  constexpr int kUnroll = Unroll<T>::value;
-  extern __shared__ __align__(16) unsigned char seg_raw[];
-  Vec<T>* seg = reinterpret_cast<Vec<T>*>(seg_raw);
-  __shared__ FastRedSmem<A, NT / 32> smem;
-  __shared__ CtaPartial<A> part;
-  namespace cg = cooperative_groups;
-  cg::cluster_group cl = cg::this_cluster();
-  const int K = static_cast<int>(cl.num_blocks());
-  const int rank = static_cast<int>(cl.block_rank());
-  const int lt = threadIdx.x;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) / K;  // uniform across the cluster
-  T* row = a.logits + r * a.ld;
-  const int64_t n = a.cols;
-  const int64_t h = head_elems(row, n);
-  const int64_t nv = (n - h) / VEC;
-  const int64_t vb = rank * seg_vec;
-  const int64_t cnt = vb < nv ? (nv - vb < seg_vec ? nv - vb : seg_vec) : 0;
-  const int64_t tail0 = h + nv * VEC;
-  const int64_t t = a.target[r];
-  const bool ok = ep.valid(t);
-  A zt = A(0);
-  // read before the cluster barrier below; every gradient write (any CTA) comes after it
-  if (rank == 0 && lt == 0 && ok) zt = zf<kTr>(ep, to_acc(row[t]));
-
-  FastState<A> st;
-  st.init();
-  if (rank == 0 && lt < h) stats_scalar<T, kTr, kWz>(st, ep, row[lt], lt, a.col0);
-  {
-    const T* base = row + h + vb * VEC;
-    int64_t u = lt;
-    for (; u + (kUnroll - 1) * NT < cnt; u += kUnroll * NT) {
-      Vec<T> x[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) x[k] = load_vec(base + (u + k * NT) * VEC);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        seg[u + k * NT] = x[k];
-        stats_vec<T, kTr, kWz>(st, ep, x[k], h + (vb + u + k * NT) * VEC, a.col0);
-      }
-    }
-    for (; u < cnt; u += NT) {
-      const Vec<T> x = load_vec(base + u * VEC);
-      seg[u] = x;
-      stats_vec<T, kTr, kWz>(st, ep, x, h + (vb + u) * VEC, a.col0);
-    }
-  }
-  if (rank == K - 1 && tail0 + lt < n)
-    stats_scalar<T, kTr, kWz>(st, ep, row[tail0 + lt], tail0 + lt, a.col0);
-  reduce_fast<A, NT, kWz>(st, smem);
-  if (lt == 0) {
-    part.m = st.m;
-    part.s = st.s;
-    part.wz = st.wz;
-    part.i = st.i;
-  }
-  cl.sync();  // release/acquire: every CTA's partial is visible, every zt read is done
-  A M = neg_inf<A>();
-  CtaPartial<A> p[8];
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    if (q < K) {
-      p[q] = *cl.map_shared_rank(&part, q);
-      M = acc_max(M, p[q].m);
-    }
-  }
-  A S = A(0), WZ = A(0);
-  int64_t I = kNoIndex;
-#pragma unroll
-  for (int q = 0; q < 8; ++q) {
-    if (q < K) {
-      if (p[q].m != neg_inf<A>()) S += p[q].s * exp_shifted(p[q].m, M, neg_scaled(M));
-      WZ += p[q].wz;
-      if (p[q].m == M && p[q].i < I) I = p[q].i;
-    }
-  }
-  // done with the other CTAs' shared memory; they may exit once all have arrived
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-  const A lse = M + acc_log(S);
-  if (rank == 0 && lt == 0) {
-    write_row_outputs(a.token_loss, a.lse, a.predicted, r, ep, ok, t, lse, zt, WZ,
-                      I == kNoIndex ? kNoIndex : a.col0 + I);
-  }
-  const A gs = a.grad_scale ? a.grad_scale[r * a.grad_scale_stride] : A(1);
-  const GradRow<A> g = make_grad_row(ep, ok, t, a.col0, lse, gs, A(0));
-  if (rank == 0 && lt < h) row[lt] = grad_scalar<T, kTr, kWz>(g, ep, row[lt], lt, a.col0);
-  {
-    T* base = row + h + vb * VEC;
-    for (int64_t u = lt; u < cnt; u += NT)
-      store_vec(base + u * VEC, grad_vec<T, kTr, kWz>(g, ep, seg[u], h + (vb + u) * VEC, a.col0));
-  }
-  if (rank == K - 1 && tail0 + lt < n)
-    row[tail0 + lt] = grad_scalar<T, kTr, kWz>(g, ep, row[tail0 + lt], tail0 + lt, a.col0);
-  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-
 // A warp per row up to 4 vectors per lane, else a 256-thread block per row (several blocks per SM
 // keep enough loads in flight; a 1024-thread block per row measured ~3x under copy bandwidth).
 inline int pick_nt(int64_t cols, int elem_size) {
   const int64_t nvec = cols * elem_size / 16;
   return nvec <= 4 * 32 ? 32 : 256;
 }
-
-// Rows shorter than this stay on the one-block kernel: the few rows in flight fit the L2, so its
-// second read is cheap, and a cluster launch would cost more than it saves.
-constexpr int64_t kClusterMinRowBytes = 64 * 1024;
 
 inline unsigned grid_for(int64_t rows, int nt, int limit) {
   const int64_t rpb = nt >= kSmallBlock ? 1 : kSmallBlock / nt;
@@ -451,77 +325,6 @@ cudaError_t with_flags(const gpu::EpiParams& p, F&& f) {
     if (tr) return sm ? f(TT{}, TT{}) : f(TT{}, FF{});
     return sm ? f(FF{}, TT{}) : f(FF{}, FF{});
   }
-}
-
-// Cluster size and per-CTA segment for a whole row of `cols` elements: segments of ~72 KB, so that
-// three CTAs (three rows in flight) share an SM; at most 8 CTAs (the portable cluster size) and
-// 112 KB per CTA, else 0 (the row does not fit on chip; the caller falls back).
-constexpr int64_t kSegTarget = 72 * 1024;
-constexpr int64_t kSegMax = 112 * 1024;
-inline int cluster_size(int64_t cols, int elem_size, int64_t seg_target, int64_t& seg_vec) {
-  const int64_t nv = cols * elem_size / 16;  // >= the vectors of any row alignment
-  if (seg_target <= 0) seg_target = kSegTarget;
-  int64_t k = (nv * 16 + seg_target - 1) / seg_target;
-  if (k < 1) k = 1;
-  if (k > 8) k = 8;
-  seg_vec = (nv + k - 1) / k;
-  if (seg_vec * 16 > kSegMax) return 0;
-  return static_cast<int>(k);
-}
-
-// Whether the cluster kernel can run on the current device: compiled from sm_90+ code (ptxVersion:
-// code JIT-compiled from compute_80 PTX has the empty body even on a newer GPU; every 9.x+ target,
-// sm_90a, sm_100, sm_120 and the compute_120 PTX, has the full one, which uses only the portable
-// cluster features) and the shared-memory limit raised (sm_120's 99 KB per block is below
-// kSegMax: the generic kernel runs there). Cached per
-// device and instantiation; the first call is made outside any graph capture by the host driver's
-// eager warm-up in practice, and the queries are not stream work in any case.
-template <typename T, bool kTr, bool kWz>
-bool cluster_ready() {
-  static int state[64];  // 0 unknown, 1 yes, 2 no (benign race: every writer stores the same)
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-  if (state[dev] == 0) {
-    int major = 0;
-    cudaFuncAttributes attr{};
-    bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ==
-                  cudaSuccess &&
-              major >= 9 &&
-              cudaFuncGetAttributes(&attr, row_fused_cluster_kernel<T, kTr, kWz>) == cudaSuccess &&
-              attr.binaryVersion >= 90 && attr.ptxVersion >= 90 &&
-              cudaFuncSetAttribute(row_fused_cluster_kernel<T, kTr, kWz>,
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(kSegMax)) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    state[dev] = ok ? 1 : 2;
-  }
-  return state[dev] == 1;
-}
-
-template <typename T, bool kTr, bool kWz>
-bool launch_cluster(const StatsK<T>& k, const Epi<acc_t<T>>& ep, int64_t seg_target,
-                    cudaStream_t stream) {
-  int64_t seg_vec = 0;
-  const int K = cluster_size(k.cols, sizeof(T), seg_target, seg_vec);
-  if (K == 0 || k.rows * K > 0x7fffffff || !cluster_ready<T, kTr, kWz>()) return false;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(k.rows * K), 1, 1);
-  cfg.blockDim = dim3(kClusterThreads, 1, 1);
-  cfg.dynamicSmemBytes = static_cast<size_t>(seg_vec * 16);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(K);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (cudaLaunchKernelEx(&cfg, row_fused_cluster_kernel<T, kTr, kWz>, k, ep, seg_vec) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();  // e.g. no cluster of K fits: the generic kernel runs instead
-    return false;
-  }
-  return true;
 }
 
 template <typename T>
@@ -551,14 +354,8 @@ cudaError_t stats_impl(const gpu::StatsArgs& s, const gpu::EpiParams& p, cudaStr
   const Epi<A> ep = make_epi<A>(p);
   const int nt = pick_nt(s.cols, sizeof(T));
   const unsigned grid = grid_for(s.rows, nt, s.grid_limit);
-  const bool try_cluster = sizeof(T) <= 4 && s.allow_cluster && s.fused_grad && s.first_tile &&
-                           s.last_tile && s.grid_limit == 0 &&
-                           s.cols * static_cast<int64_t>(sizeof(T)) >= kClusterMinRowBytes;
   return with_flags<T>(p, [&](auto tr, auto wz) -> cudaError_t {
     constexpr bool kTr = decltype(tr)::value, kWz = decltype(wz)::value;
-    if constexpr (sizeof(T) <= 4) {
-      if (try_cluster && launch_cluster<T, kTr, kWz>(k, ep, s.cluster_seg_bytes, stream)) return cudaGetLastError();
-    }
     if (nt == 32) {
       row_stats_kernel<T, 32, kTr, kWz><<<grid, RowMap<32>::kBlock, 0, stream>>>(k, ep);
     } else {

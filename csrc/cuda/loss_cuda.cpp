@@ -1,4 +1,5 @@
-// CUDA host driver of fusedce: TORCH_LIBRARY_IMPL(fusedce, CUDA, m) for every op of csrc/fusedce.cpp.
+// CUDA implementation of the fused linear head loss (fusedce::loss, fusedce::loss_backward) and of
+// fusedce::scale_. The other CUDA ops: cross_entropy_cuda.cpp, shard_cuda.cpp; GEMMs: gemm.cpp.
 //
 // Fused linear loss, per chunk of C token rows (C from a memory budget unless chunk_size is given):
 //   1. logits chunk [C, V] = hidden[C] @ weight.T (+ bias)            cuBLAS through at::mm_out
@@ -19,196 +20,27 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <optional>
 #include <tuple>
 
-#if __has_include(<cublas_v2.h>)
-#include <ATen/cuda/CUDAContext.h>
-#else
-// Build hosts without the cuBLAS headers (compile checks only): the few declarations used here.
-// The symbols resolve at load time through libtorch_cuda's own dependency on libcublas.
-#include <library_types.h>
-typedef struct cublasContext* cublasHandle_t;
-typedef enum { CUBLAS_STATUS_SUCCESS = 0 } cublasStatus_t;
-typedef enum { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 } cublasOperation_t;
-typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
-typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
-typedef enum { CUBLAS_POINTER_MODE_HOST = 0, CUBLAS_POINTER_MODE_DEVICE = 1 } cublasPointerMode_t;
-extern "C" cublasStatus_t cublasGetPointerMode_v2(cublasHandle_t, cublasPointerMode_t*);
-extern "C" cublasStatus_t cublasSetPointerMode_v2(cublasHandle_t, cublasPointerMode_t);
-#define cublasGetPointerMode cublasGetPointerMode_v2
-#define cublasSetPointerMode cublasSetPointerMode_v2
-extern "C" cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t, cublasOperation_t, int,
-                                       int, int, const void*, const void*, cudaDataType, int,
-                                       const void*, cudaDataType, int, const void*, void*,
-                                       cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t);
-namespace at {
-namespace cuda {
-cublasHandle_t getCurrentCUDABlasHandle();
-}
-}  // namespace at
-#endif
-
 #include "../checks.h"
+#include "../chunk_budget.h"
 #include "../terms_args.h"
-#include "../validate.h"
-#include "kernels/launchers.h"
+#include "common.h"
+#include "gemm.h"
 
 namespace fusedce {
 namespace cuda_impl {
 namespace {
 
-using at::Tensor;
-using Out9 =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-// fusedce::loss: Out9's outputs, then mean_logit and log_sum_sq_prob
+// fusedce::loss: loss, token_loss, lse, predicted, entropy, logprob, grad_hidden, grad_weight,
+// grad_bias, mean_logit, log_sum_sq_prob
 using Out11 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                          Tensor, Tensor>;
-using Out3 = std::tuple<Tensor, Tensor, Tensor>;
 
 constexpr int64_t kMiB = int64_t(1) << 20;
 constexpr int64_t kFastBudgetDefault = 1024 * kMiB;  // [C, V] logits chunk, fast mode
 constexpr int64_t kTiledBudgetDefault = 64 * kMiB;   // [C, Vt] tile + fp32 [C, H], low-memory mode
-
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return dflt;
-  return std::atoll(s);
-}
-
-gpu::DType kdtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return gpu::DType::kFloat16;
-    case at::kBFloat16:
-      return gpu::DType::kBFloat16;
-    case at::kFloat:
-      return gpu::DType::kFloat32;
-    case at::kDouble:
-      return gpu::DType::kFloat64;
-    default:
-      TORCH_CHECK(false, "fusedce (CUDA): unsupported dtype ", t,
-                  "; expected float16, bfloat16, float32 or float64");
-  }
-}
-
-bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
-
-void check_launch(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "fusedce (CUDA): launch of ", what, " failed: ",
-              cudaGetErrorString(e));
-}
-
-bool stream_capturing(cudaStream_t s) {
-  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  const cudaError_t e = cudaStreamIsCapturing(s, &st);
-  TORCH_CHECK(e == cudaSuccess, "fusedce (CUDA): cudaStreamIsCapturing failed: ",
-              cudaGetErrorString(e));
-  return st != cudaStreamCaptureStatusNone;
-}
-
-// Validation mode only (fusedce.validate_targets(), FUSEDCE_VALIDATE=1): the clear error with the
-// first bad index, at the cost of a host sync; skipped while the stream is being captured into a
-// CUDA graph. The kernels never index by an out-of-range target either way.
-void check_targets(const Tensor& tgt, int64_t vocab, int64_t ignore_index, cudaStream_t s) {
-  if (!validation_enabled() || tgt.numel() == 0 || stream_capturing(s)) return;
-  const Tensor bad = ((tgt < 0) | (tgt >= vocab)) & (tgt != ignore_index);
-  if (!bad.any().item<bool>()) return;
-  const int64_t i = bad.nonzero().select(1, 0).min().item<int64_t>();
-  const int64_t val = tgt[i].item<int64_t>();
-  TORCH_CHECK(false, "fusedce: target[", i, "] = ", val, " is outside [0, ", vocab,
-              ") and is not ignore_index (", ignore_index, ")");
-}
-
-// ---- cuBLAS GEMM with fp32 C for half / bf16 A and B ------------------------------------------
-// C[M, N] (fp32, row-major, ldc = C.stride(0)) = beta * C + A[M, K] @ B[K, N]. A and B are 2-D
-// views with one unit stride (row-major or transposed row-major).
-void operand(const Tensor& x, cublasOperation_t& op, int64_t& ld) {
-  // cuBLAS is column-major: a row-major [r, c] tensor is the column-major [c, r] = x^T (op N).
-  if (x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1))) {
-    op = CUBLAS_OP_N;
-    ld = std::max<int64_t>(x.size(0) <= 1 ? x.size(1) : x.stride(0), 1);
-  } else {
-    TORCH_INTERNAL_ASSERT(x.stride(0) == 1, "fusedce: unexpected GEMM operand strides");
-    op = CUBLAS_OP_T;
-    ld = std::max<int64_t>(x.size(1) <= 1 ? x.size(0) : x.stride(1), 1);
-  }
-}
-
-// Switches the (shared) cuBLAS handle to device-resident alpha / beta for one call, and back.
-class DevicePointerMode {
- public:
-  explicit DevicePointerMode(cublasHandle_t h) : h_(h) {
-    TORCH_CHECK(cublasGetPointerMode(h_, &prev_) == CUBLAS_STATUS_SUCCESS &&
-                    cublasSetPointerMode(h_, CUBLAS_POINTER_MODE_DEVICE) == CUBLAS_STATUS_SUCCESS,
-                "fusedce (CUDA): cublasSetPointerMode failed");
-  }
-  ~DevicePointerMode() { cublasSetPointerMode(h_, prev_); }
-  DevicePointerMode(const DevicePointerMode&) = delete;
-  DevicePointerMode& operator=(const DevicePointerMode&) = delete;
-
- private:
-  cublasHandle_t h_;
-  cublasPointerMode_t prev_ = CUBLAS_POINTER_MODE_HOST;
-};
-
-// dev_scalars: undefined (alpha 1, beta on the host), or a float32 device tensor {alpha, 0, 1}:
-// alpha is then read on the device (a data-dependent gradient scale, no host sync) and beta is
-// element 1 (beta == 0) or 2 (beta == 1).
-void gemm_f32acc(const Tensor& a, const Tensor& b, Tensor& c, float beta,
-                 const Tensor& dev_scalars = Tensor()) {
-  TORCH_INTERNAL_ASSERT(c.scalar_type() == at::kFloat && c.stride(1) == 1);
-  TORCH_INTERNAL_ASSERT(beta == 0.f || beta == 1.f || !dev_scalars.defined());
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  if (M == 0 || N == 0) return;
-  if (K == 0) {
-    if (beta == 0.f) c.zero_();
-    return;
-  }
-  const cudaDataType t = a.scalar_type() == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
-  cublasOperation_t opa, opb;
-  int64_t lda, ldb;
-  operand(a, opa, lda);
-  operand(b, opb, ldb);
-  const int64_t ldc = M <= 1 ? N : c.stride(0);
-  TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX && lda < INT32_MAX &&
-                  ldb < INT32_MAX && ldc < INT32_MAX,
-              "fusedce (CUDA): GEMM dimension too large for cublasGemmEx");
-  const float one = 1.f;
-  const void* alpha_p = &one;
-  const void* beta_p = &beta;
-  std::optional<DevicePointerMode> device_mode;
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
-  if (dev_scalars.defined()) {
-    TORCH_INTERNAL_ASSERT(dev_scalars.scalar_type() == at::kFloat && dev_scalars.numel() == 3 &&
-                          dev_scalars.is_contiguous());
-    const float* d = dev_scalars.data_ptr<float>();
-    alpha_p = d;
-    beta_p = d + (beta == 0.f ? 1 : 2);
-    device_mode.emplace(handle);
-  }
-  // col-major: C^T [N, M] = B^T [N, K] @ A^T [K, M]
-  const cublasStatus_t st = cublasGemmEx(
-      handle, opb, opa, static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), alpha_p,
-      b.data_ptr(), t, static_cast<int>(ldb), a.data_ptr(), t, static_cast<int>(lda), beta_p,
-      c.data_ptr(), CUDA_R_32F, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fusedce (CUDA): cublasGemmEx failed with status ",
-              static_cast<int>(st));
-}
-
-// out (+)= a @ b in out's dtype (beta 0 on the first contribution, then 1); with f32acc (out is
-// float32) the product is scaled by dev_scalars' alpha when given (see gemm_f32acc).
-void gemm_acc(Tensor& out, const Tensor& a, const Tensor& b, bool first, bool f32acc,
-              const Tensor& dev_scalars = Tensor()) {
-  if (f32acc) {
-    gemm_f32acc(a, b, out, first ? 0.f : 1.f, dev_scalars);
-  } else if (first) {
-    at::mm_out(out, a, b);
-  } else {
-    at::addmm_out(out, out, a, b);
-  }
-}
 
 // ---- the problem shared by loss / loss_backward -----------------------------------------------
 struct Linear {
@@ -256,38 +88,20 @@ void setup_linear(Linear& P, const Tensor& hidden, const Tensor& weight, const T
   }
 }
 
+// The CUDA memory budgets (FUSEDCE_CHUNK_BUDGET_MB / FUSEDCE_LOWMEM_BUDGET_MB override them).
+int64_t budget_bytes(bool lowmem) {
+  return lowmem ? env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB
+                : env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
+}
+
 void choose_tiling(Linear& P, int64_t chunk_size, int64_t vocab_chunk_size, bool need_gh) {
-  TORCH_CHECK(chunk_size >= 0, "fusedce: chunk_size must be >= 0 (0 = automatic), got ",
-              chunk_size);
-  TORCH_CHECK(vocab_chunk_size >= 0,
-              "fusedce: vocab_chunk_size must be >= 0 (0 = whole vocabulary), got ",
-              vocab_chunk_size);
+  check_chunk_args(chunk_size, vocab_chunk_size);
   const int64_t elt = static_cast<int64_t>(at::elementSize(P.dt));
   P.tiled = vocab_chunk_size > 0 && vocab_chunk_size < P.V;
-  P.Vt = P.tiled ? vocab_chunk_size : P.V;
-  const int64_t n = std::max<int64_t>(P.N, 1);
-  if (chunk_size > 0) {
-    P.C = std::min(chunk_size, n);
-    return;
-  }
-  int64_t budget, per_row;
-  if (P.tiled) {
-    budget = env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB;
-    per_row = P.Vt * elt + ((need_gh && is_half(P.dt)) ? P.H * 4 : 0);
-  } else {
-    budget = env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
-    per_row = P.V * elt;
-  }
-  const int64_t cmax = std::max<int64_t>(1, budget / per_row);
-  if (cmax >= n) {
-    P.C = n;
-    return;
-  }
-  // Balanced chunks, rounded up to a multiple of 64 rows when that stays inside the budget.
-  const int64_t chunks = (n + cmax - 1) / cmax;
-  int64_t c = (n + chunks - 1) / chunks;
-  const int64_t c64 = (c + 63) / 64 * 64;
-  P.C = c64 <= cmax ? c64 : c;
+  P.Vt = vocab_tile(P.V, vocab_chunk_size);
+  const int64_t per_row =
+      P.tiled ? P.Vt * elt + ((need_gh && is_half(P.dt)) ? P.H * 4 : 0) : P.V * elt;
+  P.C = chunk_rows(P.N, chunk_size, budget_bytes(P.tiled), per_row, /*balance=*/true);
 }
 
 // Grid of the fused row kernel: by default one block (or warp) per row. FUSEDCE_ROW_GRID=k caps it
@@ -492,18 +306,10 @@ TermsRun prepare_terms(const Linear& P, const TermArgs& ta) {
 void choose_terms_chunk(Linear& P, const TermsRun& T, int64_t chunk_size, int64_t vocab_chunk_size) {
   P.tiled = false;
   P.Vt = P.V;
-  const int64_t n = std::max<int64_t>(P.N, 1);
-  if (chunk_size > 0) {
-    P.C = std::min(chunk_size, n);
-    return;
-  }
   const bool lowmem = vocab_chunk_size > 0 && vocab_chunk_size < P.V;
-  const int64_t budget =
-      lowmem ? env_int("FUSEDCE_LOWMEM_BUDGET_MB", kTiledBudgetDefault / kMiB) * kMiB
-             : env_int("FUSEDCE_CHUNK_BUDGET_MB", kFastBudgetDefault / kMiB) * kMiB;
   const int64_t per_row =
       P.V * static_cast<int64_t>(at::elementSize(P.dt)) * (T.th.defined() ? 2 : 1);
-  P.C = std::max<int64_t>(1, std::min(n, budget / per_row));
+  P.C = chunk_rows(P.N, chunk_size, budget_bytes(lowmem), per_row, /*balance=*/false);
 }
 
 // Per-row upstream gradients and outputs of one run of the terms kernel over all chunks.
@@ -676,10 +482,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
       state_idx = at::empty({P.C}, opt.dtype(at::kLong));
     }
     const int grid_limit = fused ? fused_grid_limit() : 0;
-    // sm_90 cluster kernel for fast mode's fused pass: opt-in (FUSEDCE_ROW_CLUSTER=1), measured
-    // slower than the one-block kernel (benchmarks/NOTES.md, v4); FUSEDCE_CLUSTER_SEG_KB sizes it
-    const bool allow_cluster = env_int("FUSEDCE_ROW_CLUSTER", 0) != 0;
-    const int64_t cluster_seg = env_int("FUSEDCE_CLUSTER_SEG_KB", 0) * 1024;
     for (int64_t r0 = 0; r0 < P.N; r0 += P.C) {
       const int64_t rows = std::min(P.C, P.N - r0);
       const Tensor hc = P.h.narrow(0, r0, rows);
@@ -712,8 +514,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
         sa.grad_scale = row_ptr(coef, r0, gs_stride);
         sa.grad_scale_stride = gs_stride;
         sa.grid_limit = grid_limit;
-        sa.allow_cluster = allow_cluster;
-        sa.cluster_seg_bytes = cluster_seg;
         check_launch(gpu::launch_row_stats(P.kd, sa, P.ep, P.stream), "row_stats");
         if (fused) tile_gemms(P, G, lg, hc, r0, 0, cols, true, r0 == 0);
       }
@@ -800,211 +600,9 @@ Out3 loss_backward_cuda(const Tensor& hidden, const Tensor& weight, const Tensor
   return finish_grads(P, G);
 }
 
-// ---- cross entropy on given logits ---------------------------------------------------------------
-struct Logits {
-  Tensor lg;  // last dim unit stride
-  int64_t N, V, ld;
-  Tensor tgt, cw, cw_sum;
-  gpu::EpiParams ep;
-  gpu::DType kd;
-  at::ScalarType acc;
-  cudaStream_t stream;
-};
-
-void setup_logits(Logits& L, const Tensor& logits, const Tensor& target,
-                  const std::optional<Tensor>& class_weight, int64_t ignore_index,
-                  double label_smoothing, double z_loss, double softcap, double logit_scale) {
-  check_logits_args(logits, target, class_weight);
-  check_scalars(label_smoothing, z_loss, softcap, logit_scale);
-  TORCH_CHECK(logits.is_cuda(), "fusedce (CUDA): logits must be a CUDA tensor");
-  L.N = logits.size(0);
-  L.V = logits.size(1);
-  L.lg = (logits.stride(1) == 1 && (L.N <= 1 || logits.stride(0) >= L.V)) ? logits
-                                                                          : logits.contiguous();
-  L.ld = L.N <= 1 ? L.V : L.lg.stride(0);
-  L.kd = kdtype(logits.scalar_type());
-  L.acc = acc_type_of(logits.scalar_type());
-  L.tgt = target.to(at::kLong).contiguous();
-  L.stream = c10::cuda::getCurrentCUDAStream().stream();
-  L.ep.logit_scale = logit_scale;
-  L.ep.softcap = softcap;
-  L.ep.label_smoothing = label_smoothing;
-  L.ep.z_loss = z_loss;
-  L.ep.V = L.V;
-  L.ep.ignore_index = ignore_index;
-  if (class_weight.has_value()) {
-    L.cw = class_weight->to(L.acc).contiguous();
-    L.cw_sum = L.cw.sum();
-    L.ep.class_weight = L.cw.data_ptr();
-    L.ep.class_weight_sum = L.cw_sum.data_ptr();
-  }
-  check_targets(L.tgt, L.V, ignore_index, L.stream);
-}
-
-Out3 cross_entropy_cuda(const Tensor& logits, const Tensor& target,
-                        const std::optional<Tensor>& class_weight, int64_t ignore_index,
-                        double label_smoothing, double z_loss, double softcap,
-                        double logit_scale, bool /*inplace_backward: for the autograd formula*/) {
-  c10::cuda::CUDAGuard guard(logits.device());
-  Logits L;
-  setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
-               logit_scale);
-  const auto opt = logits.options();
-  Tensor token_loss = at::empty({L.N}, opt.dtype(L.acc));
-  Tensor lse = at::empty({L.N}, opt.dtype(L.acc));
-  Tensor predicted = at::empty({L.N}, opt.dtype(at::kLong));
-  if (L.N > 0) {
-    gpu::StatsArgs sa;
-    sa.logits = L.lg.data_ptr();  // read only (no fused gradient)
-    sa.ld = L.ld;
-    sa.rows = L.N;
-    sa.col0 = 0;
-    sa.cols = L.V;
-    sa.target = L.tgt.data_ptr<int64_t>();
-    sa.token_loss = token_loss.data_ptr();
-    sa.lse = lse.data_ptr();
-    sa.predicted = predicted.data_ptr<int64_t>();
-    check_launch(gpu::launch_row_stats(L.kd, sa, L.ep, L.stream), "row_stats");
-  }
-  return {token_loss, lse, predicted};
-}
-
-void ce_grad(const Logits& L, const Tensor& out, int64_t ld_out, const Tensor& lse_in,
-             const Tensor& grad_token_loss, const std::optional<Tensor>& grad_lse) {
-  check_per_token(std::optional<Tensor>(lse_in), L.N, L.lg, "lse");
-  check_per_token(std::optional<Tensor>(grad_token_loss), L.N, L.lg, "grad_token_loss");
-  check_per_token(grad_lse, L.N, L.lg, "grad_lse");
-  if (L.N == 0) return;
-  const Tensor lse = lse_in.to(L.acc).contiguous();
-  Tensor gt = grad_token_loss.to(L.acc);
-  const int64_t gt_stride = L.N <= 1 ? 0 : gt.stride(0);
-  Tensor gl;
-  int64_t gl_stride = 0;
-  if (grad_lse.has_value()) {
-    gl = grad_lse->to(L.acc);
-    gl_stride = L.N <= 1 ? 0 : gl.stride(0);
-  }
-  gpu::GradArgs ga;
-  ga.in = L.lg.data_ptr();
-  ga.ld_in = L.ld;
-  ga.out = out.data_ptr();
-  ga.ld_out = ld_out;
-  ga.rows = L.N;
-  ga.col0 = 0;
-  ga.cols = L.V;
-  ga.target = L.tgt.data_ptr<int64_t>();
-  ga.lse = lse.data_ptr();
-  ga.grad_tok = gt.data_ptr();
-  ga.grad_tok_stride = gt_stride;
-  ga.grad_lse = gl.defined() ? gl.data_ptr() : nullptr;
-  ga.grad_lse_stride = gl_stride;
-  check_launch(gpu::launch_row_grad(L.kd, ga, L.ep, L.stream), "row_grad");
-}
-
-Tensor cross_entropy_backward_cuda(const Tensor& logits, const Tensor& target,
-                                   const std::optional<Tensor>& class_weight, const Tensor& lse,
-                                   const Tensor& grad_token_loss,
-                                   const std::optional<Tensor>& grad_lse, int64_t ignore_index,
-                                   double label_smoothing, double z_loss, double softcap,
-                                   double logit_scale) {
-  c10::cuda::CUDAGuard guard(logits.device());
-  Logits L;
-  setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
-               logit_scale);
-  Tensor out = at::empty({L.N, L.V}, logits.options());
-  ce_grad(L, out, L.V, lse, grad_token_loss, grad_lse);
-  return out;
-}
-
-void cross_entropy_backward_inplace_cuda(const Tensor& logits, const Tensor& target,
-                                         const std::optional<Tensor>& class_weight,
-                                         const Tensor& lse, const Tensor& grad_token_loss,
-                                         const std::optional<Tensor>& grad_lse,
-                                         int64_t ignore_index, double label_smoothing,
-                                         double z_loss, double softcap, double logit_scale) {
-  c10::cuda::CUDAGuard guard(logits.device());
-  Logits L;
-  setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
-               logit_scale);
-  if (L.lg.is_same(logits)) {
-    ce_grad(L, L.lg, L.ld, lse, grad_token_loss, grad_lse);
-  } else {  // a layout the kernel cannot write in place: through a contiguous copy
-    ce_grad(L, L.lg, L.ld, lse, grad_token_loss, grad_lse);
-    const_cast<Tensor&>(logits).copy_(L.lg);
-  }
-}
-
 // fusedce::scale_: the precomputed gradients of a scalar loss times the upstream gradient, which
 // is 1 after a plain loss.backward(): the kernel reads the scalar on the device and returns at
 // once then (no host sync, no [V, H] read-modify-write).
-// ---- vocab-parallel building blocks ---------------------------------------------------------------
-gpu::ShardArgs shard_args(const Tensor& lg, const Tensor& tgt, int64_t vocab_start,
-                          const Tensor& cw, int64_t ignore_index, double softcap,
-                          double logit_scale) {
-  gpu::ShardArgs a;
-  a.logits = lg.data_ptr();
-  a.ld = lg.size(1);
-  a.rows = lg.size(0);
-  a.cols = lg.size(1);
-  a.target = tgt.data_ptr<int64_t>();
-  a.vocab_start = vocab_start;
-  a.ignore_index = ignore_index;
-  a.class_weight = cw.defined() ? cw.data_ptr() : nullptr;
-  a.softcap = softcap;
-  a.logit_scale = logit_scale;
-  return a;
-}
-
-Tensor shard_stats_cuda(const Tensor& logits, const Tensor& target, int64_t vocab_start,
-                        const std::optional<Tensor>& class_weight, int64_t ignore_index,
-                        double softcap, double logit_scale) {
-  c10::cuda::CUDAGuard guard(logits.device());
-  check_shard_args(logits, target, vocab_start, class_weight);
-  check_scalars(0.0, 0.0, softcap, logit_scale);
-  const Tensor lg = logits.contiguous();
-  const Tensor tgt = target.to(at::kLong).contiguous();
-  const auto acc = acc_type_of(lg.scalar_type());
-  const Tensor cw = class_weight.has_value() ? class_weight->to(acc).contiguous() : Tensor();
-  Tensor out = at::empty({lg.size(0), 6}, lg.options().dtype(acc));
-  gpu::ShardArgs a = shard_args(lg, tgt, vocab_start, cw, ignore_index, softcap, logit_scale);
-  a.stats = out.data_ptr();
-  check_launch(gpu::launch_shard_stats(kdtype(lg.scalar_type()), a,
-                                       c10::cuda::getCurrentCUDAStream().stream()),
-               "shard_stats");
-  return out;
-}
-
-void shard_grad_cuda(const Tensor& logits, const Tensor& target, int64_t vocab_start,
-                     const std::optional<Tensor>& class_weight, const Tensor& lse,
-                     const Tensor& coef_p, const Tensor& coef_t,
-                     const std::optional<Tensor>& coef_w, int64_t ignore_index, double softcap,
-                     double logit_scale) {
-  c10::cuda::CUDAGuard guard(logits.device());
-  check_shard_args(logits, target, vocab_start, class_weight);
-  check_scalars(0.0, 0.0, softcap, logit_scale);
-  const int64_t n = logits.size(0);
-  check_per_token(std::optional<Tensor>(lse), n, logits, "lse");
-  check_per_token(std::optional<Tensor>(coef_p), n, logits, "coef_p");
-  check_per_token(std::optional<Tensor>(coef_t), n, logits, "coef_t");
-  check_per_token(coef_w, n, logits, "coef_w");
-  TORCH_CHECK(logits.is_contiguous(),
-              "fusedce: shard_grad_ needs contiguous logits (it writes in place)");
-  const auto acc = acc_type_of(logits.scalar_type());
-  const Tensor tgt = target.to(at::kLong).contiguous();
-  const Tensor cw = class_weight.has_value() ? class_weight->to(acc).contiguous() : Tensor();
-  const Tensor L = lse.to(acc).contiguous(), P = coef_p.to(acc).contiguous(),
-               T = coef_t.to(acc).contiguous();
-  const Tensor W = coef_w.has_value() ? coef_w->to(acc).contiguous() : Tensor();
-  gpu::ShardArgs a = shard_args(logits, tgt, vocab_start, cw, ignore_index, softcap, logit_scale);
-  a.lse = L.data_ptr();
-  a.coef_p = P.data_ptr();
-  a.coef_t = T.data_ptr();
-  a.coef_w = W.defined() ? W.data_ptr() : nullptr;
-  check_launch(gpu::launch_shard_grad(kdtype(logits.scalar_type()), a,
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-               "shard_grad");
-}
-
 void scale_cuda(const Tensor& self, const Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, "fusedce: scale must be a single value, got shape ",
               scale.sizes());
@@ -1038,10 +636,5 @@ void scale_cuda(const Tensor& self, const Tensor& scale) {
 TORCH_LIBRARY_IMPL(fusedce, CUDA, m) {
   m.impl("loss", &fusedce::cuda_impl::loss_cuda);
   m.impl("loss_backward", &fusedce::cuda_impl::loss_backward_cuda);
-  m.impl("cross_entropy", &fusedce::cuda_impl::cross_entropy_cuda);
-  m.impl("cross_entropy_backward", &fusedce::cuda_impl::cross_entropy_backward_cuda);
-  m.impl("cross_entropy_backward_", &fusedce::cuda_impl::cross_entropy_backward_inplace_cuda);
   m.impl("scale_", &fusedce::cuda_impl::scale_cuda);
-  m.impl("shard_stats", &fusedce::cuda_impl::shard_stats_cuda);
-  m.impl("shard_grad_", &fusedce::cuda_impl::shard_grad_cuda);
 }

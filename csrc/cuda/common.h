@@ -1,0 +1,72 @@
+// Host-side helpers shared by the CUDA ops (csrc/cuda/*.cpp): the kernels' dtype tag, launch
+// checks, and the opt-in target validation.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <tuple>
+
+#include "../validate.h"
+#include "kernels/launchers.h"
+
+namespace fusedce {
+namespace cuda_impl {
+
+using at::Tensor;
+using Out3 = std::tuple<Tensor, Tensor, Tensor>;
+
+inline int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return dflt;
+  return std::atoll(s);
+}
+
+inline gpu::DType kdtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+      return gpu::DType::kFloat16;
+    case at::kBFloat16:
+      return gpu::DType::kBFloat16;
+    case at::kFloat:
+      return gpu::DType::kFloat32;
+    case at::kDouble:
+      return gpu::DType::kFloat64;
+    default:
+      TORCH_CHECK(false, "fusedce (CUDA): unsupported dtype ", t,
+                  "; expected float16, bfloat16, float32 or float64");
+  }
+}
+
+inline bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+inline void check_launch(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "fusedce (CUDA): launch of ", what, " failed: ",
+              cudaGetErrorString(e));
+}
+
+inline bool stream_capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  const cudaError_t e = cudaStreamIsCapturing(s, &st);
+  TORCH_CHECK(e == cudaSuccess, "fusedce (CUDA): cudaStreamIsCapturing failed: ",
+              cudaGetErrorString(e));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// Validation mode only (fusedce.validate_targets(), FUSEDCE_VALIDATE=1): the clear error with the
+// first bad index, at the cost of a host sync; skipped while the stream is being captured into a
+// CUDA graph. The kernels never index by an out-of-range target either way.
+inline void check_targets(const Tensor& tgt, int64_t vocab, int64_t ignore_index, cudaStream_t s) {
+  if (!validation_enabled() || tgt.numel() == 0 || stream_capturing(s)) return;
+  const Tensor bad = ((tgt < 0) | (tgt >= vocab)) & (tgt != ignore_index);
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero().select(1, 0).min().item<int64_t>();
+  const int64_t val = tgt[i].item<int64_t>();
+  TORCH_CHECK(false, "fusedce: target[", i, "] = ", val, " is outside [0, ", vocab,
+              ") and is not ignore_index (", ignore_index, ")");
+}
+
+}  // namespace cuda_impl
+}  // namespace fusedce
