@@ -15,7 +15,7 @@ import torch
 
 import fusedce
 from fusedce import reference
-from test_terms import DTYPES, _check, _leaves
+from test_terms import DTYPES, _check, _leaves, policy_pair
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"]
 B, T, H, V = 3, 7, 9, 37  # odd sizes
@@ -68,15 +68,8 @@ def test_policy_vs_reference(device, dtype, loss_type, level, bias_kl, options):
               temperature=temperature, epsilon_high=1.3 if loss_type == "cispo" else 0.28,
               **_options(options, isr, device))
 
-    def fused(x, w):
-        return fusedce.policy_loss(x, w, tok, old, adv, **kw)[0]
-
-    def ref(x, w, dtype):
-        return reference.policy_loss(x @ w.T, tok.to(x.device), old.to(x.device), adv.to(x.device),
-                                     **{k: (v.to(x.device) if torch.is_tensor(v) else v)
-                                        for k, v in kw.items()}, dtype=dtype)[0]
-
-    _check(fused, ref, [x, w], dtype, f"policy {loss_type} {level} bias_kl={bias_kl} {options}")
+    _check(*policy_pair(tok, old, adv, kw), [x, w], dtype,
+           f"policy {loss_type} {level} bias_kl={bias_kl} {options}")
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo", "vespo"])

@@ -66,6 +66,20 @@ def _check(fused_fn, ref_fn, leaves, dtype, what, *, upstream=True):
         assert_close(g, t, dtype, eager=e, what=f"{what}: grad of leaf {i}")
 
 
+def policy_pair(tok, old, adv, kw):
+    """(fused, ref) for _check: fusedce.policy_loss(x, w, ...) and the float64 reference on the
+    materialized logits x @ w.T, with the same keyword arguments."""
+    def fused(x, w):
+        return fusedce.policy_loss(x, w, tok, old, adv, **kw)[0]
+
+    def ref(x, w, dtype):
+        return reference.policy_loss(x @ w.T, tok.to(x.device), old.to(x.device), adv.to(x.device),
+                                     **{k: (v.to(x.device) if torch.is_tensor(v) else v)
+                                        for k, v in kw.items()}, dtype=dtype)[0]
+
+    return fused, ref
+
+
 # --------------------------------------------------------------------------------------------
 # Entropy: a statistic of LossOutput and a loss term of linear_cross_entropy.
 # --------------------------------------------------------------------------------------------
@@ -240,15 +254,7 @@ def test_policy_loss(device, dtype, loss_type, beta, entropy_coef, temperature):
     ratio = torch.exp(lp0 - old.double())
     assert (ratio < 0.8).any() and (ratio > 1.2).any(), "the grid must exercise both clip sides"
 
-    def fused(x, w):
-        return fusedce.policy_loss(x, w, tok, old, adv, **kw)[0]
-
-    def ref(x, w, dtype):
-        return reference.policy_loss(x @ w.T, tok.to(x.device), old.to(x.device), adv.to(x.device),
-                                     **{k: (v.to(x.device) if torch.is_tensor(v) else v)
-                                        for k, v in kw.items()}, dtype=dtype)[0]
-
-    _check(fused, ref, [x, w], dtype, f"policy {loss_type}")
+    _check(*policy_pair(tok, old, adv, kw), [x, w], dtype, f"policy {loss_type}")
 
 
 def test_policy_metrics(device):
