@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdlib>
+#include <optional>
 #include <tuple>
 
 #include "../validate.h"
@@ -58,6 +59,27 @@ inline bool stream_capturing(cudaStream_t s) {
 // Validation mode only (fusedce.validate_targets(), FUSEDCE_VALIDATE=1): the clear error with the
 // first bad index, at the cost of a host sync; skipped while the stream is being captured into a
 // CUDA graph. The kernels never index by an out-of-range target either way.
+// The CE epilogue's scalar options and class weights, as the fused loss and CE on given logits
+// both hand them to the row kernels; cw / cw_sum (class weights in the accumulation dtype and
+// their sum, on the device) are the caller's, kept alive for the launches that read them.
+inline void set_ce_epilogue(gpu::EpiParams& ep, Tensor& cw, Tensor& cw_sum,
+                            const std::optional<Tensor>& class_weight, at::ScalarType acc,
+                            int64_t V, int64_t ignore_index, double label_smoothing,
+                            double z_loss, double softcap, double logit_scale) {
+  ep.logit_scale = logit_scale;
+  ep.softcap = softcap;
+  ep.label_smoothing = label_smoothing;
+  ep.z_loss = z_loss;
+  ep.V = V;
+  ep.ignore_index = ignore_index;
+  if (class_weight.has_value()) {
+    cw = class_weight->to(acc).contiguous();
+    cw_sum = cw.sum();
+    ep.class_weight = cw.data_ptr();
+    ep.class_weight_sum = cw_sum.data_ptr();
+  }
+}
+
 inline void check_targets(const Tensor& tgt, int64_t vocab, int64_t ignore_index, cudaStream_t s) {
   if (!validation_enabled() || tgt.numel() == 0 || stream_capturing(s)) return;
   const Tensor bad = ((tgt < 0) | (tgt >= vocab)) & (tgt != ignore_index);

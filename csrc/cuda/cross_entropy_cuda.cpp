@@ -43,18 +43,8 @@ void setup_logits(Logits& L, const Tensor& logits, const Tensor& target,
   L.acc = acc_type_of(logits.scalar_type());
   L.tgt = target.to(at::kLong).contiguous();
   L.stream = c10::cuda::getCurrentCUDAStream().stream();
-  L.ep.logit_scale = logit_scale;
-  L.ep.softcap = softcap;
-  L.ep.label_smoothing = label_smoothing;
-  L.ep.z_loss = z_loss;
-  L.ep.V = L.V;
-  L.ep.ignore_index = ignore_index;
-  if (class_weight.has_value()) {
-    L.cw = class_weight->to(L.acc).contiguous();
-    L.cw_sum = L.cw.sum();
-    L.ep.class_weight = L.cw.data_ptr();
-    L.ep.class_weight_sum = L.cw_sum.data_ptr();
-  }
+  set_ce_epilogue(L.ep, L.cw, L.cw_sum, class_weight, L.acc, L.V, ignore_index,
+                  label_smoothing, z_loss, softcap, logit_scale);
   check_targets(L.tgt, L.V, ignore_index, L.stream);
 }
 

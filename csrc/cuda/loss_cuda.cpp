@@ -74,18 +74,8 @@ void setup_linear(Linear& P, const Tensor& hidden, const Tensor& weight, const T
   P.tgt = target.to(at::kLong).contiguous();
   P.stream = c10::cuda::getCurrentCUDAStream().stream();
   P.dev = hidden.get_device();
-  P.ep.logit_scale = logit_scale;
-  P.ep.softcap = softcap;
-  P.ep.label_smoothing = label_smoothing;
-  P.ep.z_loss = z_loss;
-  P.ep.V = P.V;
-  P.ep.ignore_index = ignore_index;
-  if (class_weight.has_value()) {
-    P.cw = class_weight->to(P.acc).contiguous();
-    P.cw_sum = P.cw.sum();
-    P.ep.class_weight = P.cw.data_ptr();
-    P.ep.class_weight_sum = P.cw_sum.data_ptr();
-  }
+  set_ce_epilogue(P.ep, P.cw, P.cw_sum, class_weight, P.acc, P.V, ignore_index,
+                  label_smoothing, z_loss, softcap, logit_scale);
 }
 
 // The CUDA memory budgets (FUSEDCE_CHUNK_BUDGET_MB / FUSEDCE_LOWMEM_BUDGET_MB override them).
