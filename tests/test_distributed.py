@@ -508,19 +508,26 @@ def token_statistics_every_output(c):
     assert torch.equal(some.is_top1.cpu(), ref.token_statistics(x @ W.T, tok)["is_top1"].cpu()), "subset is_top1"
 
 
+def _distill_setup(c, V, B, T, H, Ht, seed):
+    """Student and teacher (hidden + weight, and its logits), targets with two ignored positions,
+    this rank's vocabulary slice."""
+    x = c.randn(B, T, H, seed=seed)
+    W = c.randn(V, H, seed=seed + 1)
+    xt = c.randn(B, T, Ht, seed=seed + 2)
+    Wt = c.randn(V, Ht, seed=seed + 3, scale=1.5)
+    tl = torch.nn.functional.linear(xt, Wt)
+    tgt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed + 4)).to(c.dev)
+    tgt[0, 1] = -100
+    tgt[1, 4] = -100
+    lo, hi = c.layout(V)
+    return x, W, xt, Wt, tl, tgt, lo, hi
+
+
 @check
 def distillation_every_kind(c):
     """forward KL, reverse KL, JSD; teacher as logits and as hidden + weight; CE part; tempered."""
     V, B, T, H, Ht = 11, 2, 6, 5, 4
-    x = c.randn(B, T, H, seed=60)
-    W = c.randn(V, H, seed=61)
-    xt = c.randn(B, T, Ht, seed=62)
-    Wt = c.randn(V, Ht, seed=63, scale=1.5)
-    tl = torch.nn.functional.linear(xt, Wt)
-    tgt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(64)).to(c.dev)
-    tgt[0, 1] = -100
-    tgt[1, 4] = -100
-    lo, hi = c.layout(V)
+    x, W, xt, Wt, tl, tgt, lo, hi = _distill_setup(c, V, B, T, H, Ht, seed=60)
     cases = [("forward_kl", 0.5, 1.0, 0.0, "logits", "mean"), ("reverse_kl", 0.5, 2.0, 0.3, "weight", "mean"),
              ("jsd", 0.5, 1.0, 0.0, "logits", "sum"), ("jsd", 0.2, 1.5, 0.5, "weight", "mean"),
              ("forward_kl", 0.5, 0.8, 0.4, "weight", "none"), ("reverse_kl", 0.5, 1.0, 0.0, "logits", "none"),
@@ -549,15 +556,7 @@ def distillation_entropy(c):
     the entropy is the student's softmax at T = 1 (the single-process op's). Against the float64
     reference and the single-process op, values and gradients of input and weight shard."""
     V, B, T, H, Ht = 13, 2, 6, 5, 4
-    x = c.randn(B, T, H, seed=160)
-    W = c.randn(V, H, seed=161)
-    xt = c.randn(B, T, Ht, seed=162)
-    Wt = c.randn(V, Ht, seed=163, scale=1.5)
-    tl = torch.nn.functional.linear(xt, Wt)
-    tgt = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(164)).to(c.dev)
-    tgt[0, 1] = -100
-    tgt[1, 4] = -100
-    lo, hi = c.layout(V)
+    x, W, xt, Wt, tl, tgt, lo, hi = _distill_setup(c, V, B, T, H, Ht, seed=160)
     cases = [
         ("forward_kl", dict(entropy_coef=0.1), "logits", "mean"),
         ("reverse_kl", dict(entropy_coef=-0.2, ce_weight=0.5, label_smoothing=0.1, z_loss=1e-2, temperature=1.5),
