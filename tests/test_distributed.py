@@ -1104,6 +1104,133 @@ def sharded_second_backward(c):
 
 
 # ---------------------------------------------------------------------------------------------
+# The shared sample cases (tests/samples.py) and bad inputs (tests/test_bad_input.py), sharded
+# ---------------------------------------------------------------------------------------------
+
+# Every case of samples.CASES runs sharded; none is skipped. Options that only choose how the
+# single-process op computes have no effect on the sharded path (it is not an error to pass them):
+NOT_APPLICABLE_SHARDED = {
+    "vocab_chunk_size": "the vocabulary is already split over the ranks; the sharded path takes "
+                        "whole shards (vocab_tiles, vocab_tiles_none run with the option ignored)",
+    "low_memory": "same: no vocabulary tiling on the sharded path (no sample case sets it)",
+}
+SAMPLE_DTYPES = {
+    "linear_cross_entropy": (torch.float64, torch.float32, torch.bfloat16),
+    "cross_entropy": (torch.float64, torch.float32, torch.bfloat16),
+}
+
+
+def _shard_sample(op, args, kwargs, lo, hi):
+    """The sharded call's (args, kwargs): this rank's [lo, hi) columns of everything indexed by
+    the vocabulary, as views (a non-contiguous weight stays non-contiguous); fresh leaves for the
+    input so that both calls get their own gradients."""
+    kw = dict(kwargs)
+    if kw.get("weight") is not None:
+        kw["weight"] = kw["weight"][lo:hi]
+    if op == "linear_cross_entropy":
+        x, w, t = args
+        if kw.get("linear_bias") is not None:
+            kw["linear_bias"] = kw["linear_bias"].detach()[lo:hi].requires_grad_(True)
+        return (x.detach().requires_grad_(True), w.detach()[lo:hi].requires_grad_(True), t), kw
+    logits, t = args
+    return (logits.detach()[..., lo:hi].requires_grad_(True), t), kw
+
+
+def _sample_leaves(op, args, kwargs):
+    """{name: leaf} of the call, in a fixed order; name -> how the full gradient maps to the shard."""
+    if op == "linear_cross_entropy":
+        leaves = dict(input=args[0], linear_weight=args[1], linear_bias=kwargs.get("linear_bias"))
+    else:
+        leaves = dict(input=args[0])
+    return {k: v for k, v in leaves.items() if v is not None}
+
+
+def _shard_of(op, name, g, lo, hi):
+    if op == "cross_entropy":
+        return g[..., lo:hi]
+    return g if name == "input" else g[lo:hi]
+
+
+def _sample_check(c, op, dtype):
+    import zlib
+
+    from accuracy import assert_close
+    from samples import CASES, sample_inputs, semantic_kwargs
+
+    fn = fusedce.linear_cross_entropy if op == "linear_cross_entropy" else fusedce.cross_entropy
+    failures = []
+    for case, (args, kwargs) in zip(CASES, sample_inputs(c.dev, dtype, op, requires_grad=True)):
+        tag = f"{op} {dtype} case {case.name}"
+        try:
+            lo, hi = c.layout(case.V)
+            sargs, skw = _shard_sample(op, args, kwargs, lo, hi)
+            single = fn(*args, return_stats=True, **kwargs)
+            sharded = fn(*sargs, return_stats=True, process_group=dist.group.WORLD, **skw)
+            up_gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
+            if single.loss.dim() == 0:
+                up = torch.rand((), generator=up_gen, dtype=torch.float64) + 0.5
+            else:
+                up = torch.randn(single.loss.shape, generator=up_gen, dtype=torch.float64)
+            leaves, sleaves = _sample_leaves(op, args, kwargs), _sample_leaves(op, sargs, skw)
+            gs = torch.autograd.grad(single.loss, list(leaves.values()), up.to(single.loss), allow_unused=True)
+            gp = torch.autograd.grad(sharded.loss, list(sleaves.values()), up.to(sharded.loss), allow_unused=True)
+            gs = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), gs)}
+            gp = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(sleaves.items(), gp)}
+            assert sharded.loss.dtype == single.loss.dtype, f"{tag}: loss dtype {sharded.loss.dtype} vs {single.loss.dtype}"
+            if dtype in (torch.float64, torch.float32):
+                # The single-process result is the truth, at the dtype's tight tolerance.
+                assert_close(sharded.loss, single.loss, dtype, what=f"{tag} loss")
+                assert_close(sharded.lse, single.lse, dtype, what=f"{tag} lse")
+                assert torch.equal(sharded.predicted.cpu(), single.predicted.cpu()), (
+                    f"{tag} predicted\n{sharded.predicted}\n{single.predicted}")
+                assert_close(sharded.accuracy, single.accuracy, dtype, what=f"{tag} accuracy")
+                assert_close(sharded.z_loss, single.z_loss, dtype, what=f"{tag} z_loss")
+                for k, g in gs.items():
+                    assert_close(gp[k], _shard_of(op, k, g, lo, hi), dtype, what=f"{tag} grad {k} shard")
+            else:
+                # Half inputs: the error budget of accuracy.py, with the single-process result as
+                # the "eager" path: the sharded one may be off the float64 truth at most twice as
+                # much (plus a unit of rounding) as the single-process op is.
+                # The truth: fusedce/reference.py in float64 on the same (rounded) inputs.
+                tleaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+                tkw = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                       for k, v in semantic_kwargs(kwargs).items() if k != "linear_bias"}
+                if op == "linear_cross_entropy":
+                    truth = ref.linear_cross_entropy(tleaves["input"], tleaves["linear_weight"], args[2],
+                                                     linear_bias=tleaves.get("linear_bias"), **tkw)
+                else:
+                    truth = ref.cross_entropy(tleaves["input"], args[1], **tkw)
+                if truth.loss.dim() == 0 and truth.loss.isnan():
+                    # a mean over no token: zero gradients, as F.cross_entropy (the reference's 0/0
+                    # would give NaN)
+                    gt = {k: torch.zeros_like(v) for k, v in tleaves.items()}
+                else:
+                    gt = torch.autograd.grad(truth.loss, list(tleaves.values()), up, allow_unused=True)
+                    gt = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(tleaves.items(), gt)}
+                assert_close(sharded.loss, truth.loss, dtype, eager=single.loss, what=f"{tag} loss")
+                assert_close(sharded.lse, truth.lse, dtype, eager=single.lse, what=f"{tag} lse")
+                for k, g in gt.items():
+                    assert_close(gp[k], _shard_of(op, k, g, lo, hi), dtype,
+                                 eager=_shard_of(op, k, gs[k], lo, hi), what=f"{tag} grad {k} shard")
+        except Exception as e:  # noqa: BLE001 - every case is reported, not only the first failure
+            failures.append(f"{tag}: {type(e).__name__}: {e}")
+    assert not failures, f"{len(failures)} sample case(s) failed:\n" + "\n".join(failures)
+
+
+def _register_sample_checks():
+    for op, dtypes in SAMPLE_DTYPES.items():
+        for dtype in dtypes:
+            def fn(c, op=op, dtype=dtype):
+                _sample_check(c, op, dtype)
+            fn.__name__ = f"samples_{op}_{str(dtype).replace('torch.', '')}"
+            fn.__doc__ = f"Every case of tests/samples.py, {op} in {dtype}: sharded vs single-process."
+            check(fn)
+
+
+_register_sample_checks()
+
+
+# ---------------------------------------------------------------------------------------------
 # The spawned group
 # ---------------------------------------------------------------------------------------------
 
