@@ -1230,6 +1230,97 @@ def _register_sample_checks():
 _register_sample_checks()
 
 
+# The refused inputs of tests/test_bad_input.py (each breaks one thing of a valid call), as
+# (name, which functions, change): change(args, kwargs, V, dev) edits a valid call of V classes in
+# place. The target range is sharded_target_out_of_range's (it needs the global vocabulary).
+_BAD_N, _BAD_H = 5, 4
+
+
+def _set_arg(i, make):
+    def change(args, kwargs, V, dev):
+        args[i] = make(args[i], V, dev)
+    return change
+
+
+def _set_kw(name, make):
+    def change(args, kwargs, V, dev):
+        kwargs[name] = make(V, dev) if callable(make) else make
+    return change
+
+
+_BOTH = ("linear_cross_entropy", "cross_entropy")
+_LCE = ("linear_cross_entropy",)
+BAD_INPUTS = [
+    *[(f"target dtype {d}", _BOTH, _set_arg(-1, lambda t, V, dev, d=d: t.to(d)))
+      for d in (torch.float32, torch.int16, torch.bool)],
+    *[(f"target shape {s}", _BOTH, _set_arg(-1, lambda t, V, dev, s=s: torch.zeros(s, dtype=torch.long, device=dev)))
+      for s in ((_BAD_N + 1,), (_BAD_N, 1), ())],
+    ("hidden size mismatch", _LCE, _set_arg(1, lambda w, V, dev: torch.randn(V, _BAD_H + 1, device=dev))),
+    ("linear_weight 1-D", _LCE, _set_arg(1, lambda w, V, dev: torch.randn(V * _BAD_H, device=dev))),
+    ("linear_weight float64", _LCE, _set_arg(1, lambda w, V, dev: w.double())),
+    *[(f"input dtype {d}", _BOTH, _set_arg(0, lambda x, V, dev, d=d: x.to(d))) for d in (torch.int64, torch.complex64)],
+    ("linear_bias length", _LCE, _set_kw("linear_bias", lambda V, dev: torch.randn(V + 1, device=dev))),
+    ("linear_bias 2-D", _LCE, _set_kw("linear_bias", lambda V, dev: torch.randn(1, V, device=dev))),
+    ("linear_bias float64", _LCE, _set_kw("linear_bias", lambda V, dev: torch.randn(V, device=dev, dtype=torch.float64))),
+    ("weight long", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V + 1, device=dev))),
+    ("weight short", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V - 1, device=dev))),
+    ("weight 2-D", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V, 1, device=dev))),
+    ("weight int64", _BOTH, _set_kw("weight", lambda V, dev: torch.ones(V, device=dev, dtype=torch.int64))),
+    ("linear_weight on meta", _LCE, _set_arg(1, lambda w, V, dev: w.to("meta"))),
+    ("target on meta", _BOTH, _set_arg(-1, lambda t, V, dev: t.to("meta"))),
+    ("weight on meta", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V, device="meta"))),
+    ("linear_bias on meta", _LCE, _set_kw("linear_bias", lambda V, dev: torch.rand(V, device="meta"))),
+    *[(f"{name}={value}", _BOTH, _set_kw(name, value))
+      for name in ("label_smoothing", "z_loss", "logit_scale", "softcap")
+      for value in (math.nan, math.inf, -math.inf)],
+    *[(f"label_smoothing={v}", _BOTH, _set_kw("label_smoothing", v)) for v in (-0.1, 1.5)],
+    *[(f"reduction={v!r}", _BOTH, _set_kw("reduction", v)) for v in ("avg", "batchmean", None)],
+    *[(f"softcap={v}", _BOTH, _set_kw("softcap", v)) for v in (0.0, -30.0)],
+    ("z_loss=-1e-4", _BOTH, _set_kw("z_loss", -1e-4)),
+    *[(f"num_items_in_batch={v}", _BOTH, _set_kw("num_items_in_batch", lambda V, dev, v=v: v)) for v in (0, -3)],
+    *[(f"num_items_in_batch=tensor({v})", _BOTH,
+       _set_kw("num_items_in_batch", lambda V, dev, v=v: torch.tensor(v, device=dev))) for v in (0, -2.0)],
+    *[(f"{name}={v}", _LCE, _set_kw(name, v)) for name in ("chunk_size", "vocab_chunk_size") for v in (0, -1)],
+]
+# Bad inputs whose message names a size of a vocabulary-indexed argument: the sharded call is
+# refused with the message of the SHARD's sizes (the argument it was given), that is the
+# single-process call's message on the shard-sized problem; the full problem's call raises the
+# same type.
+VOCAB_SIZED = {"hidden size mismatch", "linear_weight 1-D", "linear_bias length", "linear_bias 2-D",
+               "weight long", "weight short", "weight 2-D"}
+
+
+@check
+def samples_bad_input(c):
+    """Every refused input of tests/test_bad_input.py (but the target range: above) is refused by
+    the sharded call with the single-process call's exception type and first message line."""
+    V = 7
+    lo, hi = c.layout(V)
+    x = c.randn(_BAD_N, _BAD_H, seed=340, dtype=torch.float32)
+    W = c.randn(V, _BAD_H, seed=341, dtype=torch.float32)
+    t = torch.randint(0, V, (_BAD_N,), generator=torch.Generator().manual_seed(342)).to(c.dev)
+    fns = {"linear_cross_entropy": fusedce.linear_cross_entropy, "cross_entropy": fusedce.cross_entropy}
+
+    def call(which, change, W, **extra):
+        v = W.shape[0]
+        args = [x, W, t] if which == "linear_cross_entropy" else [x @ W.T, t]
+        kwargs = {}
+        change(args, kwargs, v, c.dev)
+        return lambda: fns[which](*args, **kwargs, **extra)
+
+    for name, whiches, change in BAD_INPUTS:
+        for which in whiches:
+            what = f"{which} {name}"
+            sharded = call(which, change, W[lo:hi], process_group=dist.group.WORLD)
+            if name in VOCAB_SIZED:
+                full, shard_sized = _error_of(call(which, change, W)), _error_of(call(which, change, W[lo:hi]))
+                assert full is not None and shard_sized is not None, f"{what}: not refused ({full!r}, {shard_sized!r})"
+                assert type(full) is type(shard_sized), f"{what}: {full!r} vs {shard_sized!r}"
+                same_error(call(which, change, W[lo:hi]), sharded, f"{what} (shard-sized)")
+            else:
+                same_error(call(which, change, W), sharded, what)
+
+
 # ---------------------------------------------------------------------------------------------
 # The spawned group
 # ---------------------------------------------------------------------------------------------
