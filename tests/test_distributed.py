@@ -1115,8 +1115,8 @@ NOT_APPLICABLE_SHARDED = {
     "low_memory": "same: no vocabulary tiling on the sharded path (no sample case sets it)",
 }
 SAMPLE_DTYPES = {
-    "linear_cross_entropy": (torch.float64, torch.float32, torch.bfloat16),
-    "cross_entropy": (torch.float64, torch.float32, torch.bfloat16),
+    "linear_cross_entropy": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "cross_entropy": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
 }
 
 
@@ -1209,6 +1209,11 @@ def _sample_check(c, op, dtype):
                     gt = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(tleaves.items(), gt)}
                 assert_close(sharded.loss, truth.loss, dtype, eager=single.loss, what=f"{tag} loss")
                 assert_close(sharded.lse, truth.lse, dtype, eager=single.lse, what=f"{tag} lse")
+                assert_close(sharded.z_loss, truth.z_loss, dtype, eager=single.z_loss, what=f"{tag} z_loss")
+                # Both paths take the argmax of the same float32 logits of the half inputs.
+                assert torch.equal(sharded.predicted.cpu(), single.predicted.cpu()), (
+                    f"{tag} predicted\n{sharded.predicted}\n{single.predicted}")
+                assert_close(sharded.accuracy, single.accuracy, torch.float32, what=f"{tag} accuracy")
                 for k, g in gt.items():
                     assert_close(gp[k], _shard_of(op, k, g, lo, hi), dtype,
                                  eager=_shard_of(op, k, gs[k], lo, hi), what=f"{tag} grad {k} shard")
