@@ -7,7 +7,8 @@ any GPU, world 2 / world 4 when that many GPUs are present.
 
 The full weight is drawn from the same seed on every rank and each rank takes its contiguous slice;
 the reference runs on the full weight in float64 and its gradient slice is the expected gradient of
-the local shard.
+the local shard. The shared sample cases (tests/samples.py: samples_* checks) and the refused
+inputs of tests/test_bad_input.py (samples_bad_input) run sharded against the single-process call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime
 import math
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
 from accuracy import assert_close as budget_close  # noqa: E402
+from samples import CASES, sample_inputs, semantic_kwargs  # noqa: E402
 from collectives import CollectiveCounter as Counter  # noqa: E402
 from ranks import run_checks, run_rank  # noqa: E402
 
@@ -1110,9 +1113,10 @@ def sharded_second_backward(c):
 # Every case of samples.CASES runs sharded; none is skipped. Options that only choose how the
 # single-process op computes have no effect on the sharded path (it is not an error to pass them):
 NOT_APPLICABLE_SHARDED = {
-    "vocab_chunk_size": "the vocabulary is already split over the ranks; the sharded path takes "
-                        "whole shards (vocab_tiles, vocab_tiles_none run with the option ignored)",
-    "low_memory": "same: no vocabulary tiling on the sharded path (no sample case sets it)",
+    "vocab_chunk_size": "accepted and ignored (fusedce/distributed.py, README): the vocabulary is "
+                        "already split over the ranks and the sharded path tiles tokens only; the "
+                        "cases vocab_tiles and vocab_tiles_none run, with the option ignored",
+    "low_memory": "the same (no sample case sets it)",
 }
 SAMPLE_DTYPES = {
     "linear_cross_entropy": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
@@ -1152,11 +1156,6 @@ def _shard_of(op, name, g, lo, hi):
 
 
 def _sample_check(c, op, dtype):
-    import zlib
-
-    from accuracy import assert_close
-    from samples import CASES, sample_inputs, semantic_kwargs
-
     fn = fusedce.linear_cross_entropy if op == "linear_cross_entropy" else fusedce.cross_entropy
     failures = []
     for case, (args, kwargs) in zip(CASES, sample_inputs(c.dev, dtype, op, requires_grad=True)):
@@ -1179,14 +1178,14 @@ def _sample_check(c, op, dtype):
             assert sharded.loss.dtype == single.loss.dtype, f"{tag}: loss dtype {sharded.loss.dtype} vs {single.loss.dtype}"
             if dtype in (torch.float64, torch.float32):
                 # The single-process result is the truth, at the dtype's tight tolerance.
-                assert_close(sharded.loss, single.loss, dtype, what=f"{tag} loss")
-                assert_close(sharded.lse, single.lse, dtype, what=f"{tag} lse")
+                budget_close(sharded.loss, single.loss, dtype, what=f"{tag} loss")
+                budget_close(sharded.lse, single.lse, dtype, what=f"{tag} lse")
                 assert torch.equal(sharded.predicted.cpu(), single.predicted.cpu()), (
                     f"{tag} predicted\n{sharded.predicted}\n{single.predicted}")
-                assert_close(sharded.accuracy, single.accuracy, dtype, what=f"{tag} accuracy")
-                assert_close(sharded.z_loss, single.z_loss, dtype, what=f"{tag} z_loss")
+                budget_close(sharded.accuracy, single.accuracy, dtype, what=f"{tag} accuracy")
+                budget_close(sharded.z_loss, single.z_loss, dtype, what=f"{tag} z_loss")
                 for k, g in gs.items():
-                    assert_close(gp[k], _shard_of(op, k, g, lo, hi), dtype, what=f"{tag} grad {k} shard")
+                    budget_close(gp[k], _shard_of(op, k, g, lo, hi), dtype, what=f"{tag} grad {k} shard")
             else:
                 # Half inputs: the error budget of accuracy.py, with the single-process result as
                 # the "eager" path: the sharded one may be off the float64 truth at most twice as
@@ -1207,15 +1206,15 @@ def _sample_check(c, op, dtype):
                 else:
                     gt = torch.autograd.grad(truth.loss, list(tleaves.values()), up, allow_unused=True)
                     gt = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(tleaves.items(), gt)}
-                assert_close(sharded.loss, truth.loss, dtype, eager=single.loss, what=f"{tag} loss")
-                assert_close(sharded.lse, truth.lse, dtype, eager=single.lse, what=f"{tag} lse")
-                assert_close(sharded.z_loss, truth.z_loss, dtype, eager=single.z_loss, what=f"{tag} z_loss")
+                budget_close(sharded.loss, truth.loss, dtype, eager=single.loss, what=f"{tag} loss")
+                budget_close(sharded.lse, truth.lse, dtype, eager=single.lse, what=f"{tag} lse")
+                budget_close(sharded.z_loss, truth.z_loss, dtype, eager=single.z_loss, what=f"{tag} z_loss")
                 # Both paths take the argmax of the same float32 logits of the half inputs.
                 assert torch.equal(sharded.predicted.cpu(), single.predicted.cpu()), (
                     f"{tag} predicted\n{sharded.predicted}\n{single.predicted}")
-                assert_close(sharded.accuracy, single.accuracy, torch.float32, what=f"{tag} accuracy")
+                budget_close(sharded.accuracy, single.accuracy, torch.float32, what=f"{tag} accuracy")
                 for k, g in gt.items():
-                    assert_close(gp[k], _shard_of(op, k, g, lo, hi), dtype,
+                    budget_close(gp[k], _shard_of(op, k, g, lo, hi), dtype,
                                  eager=_shard_of(op, k, gs[k], lo, hi), what=f"{tag} grad {k} shard")
         except Exception as e:  # noqa: BLE001 - every case is reported, not only the first failure
             failures.append(f"{tag}: {type(e).__name__}: {e}")
