@@ -7,7 +7,8 @@ any GPU, world 2 / world 4 when that many GPUs are present.
 
 The full weight is drawn from the same seed on every rank and each rank takes its contiguous slice;
 the reference runs on the full weight in float64 and its gradient slice is the expected gradient of
-the local shard.
+the local shard. The shared sample cases (tests/samples.py: samples_* checks) and the refused
+inputs of tests/test_bad_input.py (samples_bad_input) run sharded against the single-process call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import datetime
 import math
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from fusedce import reference as ref  # noqa: E402
 from accuracy import assert_close as budget_close  # noqa: E402
+from samples import CASES, sample_inputs, semantic_kwargs  # noqa: E402
 from collectives import CollectiveCounter as Counter  # noqa: E402
 from ranks import run_checks, run_rank  # noqa: E402
 
@@ -1100,6 +1103,225 @@ def sharded_second_backward(c):
                  fd.token_logprobs(xs, Ws, t).sum()):
         err = _error_of(lambda: torch.autograd.grad(loss, (xs, Ws), create_graph=True))
         assert isinstance(err, RuntimeError) and "create_graph" in str(err), repr(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared sample cases (tests/samples.py) and bad inputs (tests/test_bad_input.py), sharded
+# ---------------------------------------------------------------------------------------------
+
+# Every case of samples.CASES runs sharded; none is skipped. Options that only choose how the
+# single-process op computes have no effect on the sharded path (it is not an error to pass them):
+NOT_APPLICABLE_SHARDED = {
+    "vocab_chunk_size": "accepted and ignored (fusedce/distributed.py, README): the vocabulary is "
+                        "already split over the ranks and the sharded path tiles tokens only; the "
+                        "cases vocab_tiles and vocab_tiles_none run, with the option ignored",
+    "low_memory": "the same (no sample case sets it)",
+}
+SAMPLE_DTYPES = {
+    "linear_cross_entropy": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+    "cross_entropy": (torch.float64, torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+def _shard_sample(op, args, kwargs, lo, hi):
+    """The sharded call's (args, kwargs): this rank's [lo, hi) columns of everything indexed by
+    the vocabulary, as views (a non-contiguous weight stays non-contiguous); fresh leaves for the
+    input so that both calls get their own gradients."""
+    kw = dict(kwargs)
+    if kw.get("weight") is not None:
+        kw["weight"] = kw["weight"][lo:hi]
+    if op == "linear_cross_entropy":
+        x, w, t = args
+        if kw.get("linear_bias") is not None:
+            kw["linear_bias"] = kw["linear_bias"].detach()[lo:hi].requires_grad_(True)
+        return (x.detach().requires_grad_(True), w.detach()[lo:hi].requires_grad_(True), t), kw
+    logits, t = args
+    return (logits.detach()[..., lo:hi].requires_grad_(True), t), kw
+
+
+def _sample_leaves(op, args, kwargs):
+    """{name: leaf} of the call, in a fixed order; name -> how the full gradient maps to the shard."""
+    if op == "linear_cross_entropy":
+        leaves = dict(input=args[0], linear_weight=args[1], linear_bias=kwargs.get("linear_bias"))
+    else:
+        leaves = dict(input=args[0])
+    return {k: v for k, v in leaves.items() if v is not None}
+
+
+def _shard_of(op, name, g, lo, hi):
+    if op == "cross_entropy":
+        return g[..., lo:hi]
+    return g if name == "input" else g[lo:hi]
+
+
+def _sample_check(c, op, dtype):
+    fn = fusedce.linear_cross_entropy if op == "linear_cross_entropy" else fusedce.cross_entropy
+    failures = []
+    for case, (args, kwargs) in zip(CASES, sample_inputs(c.dev, dtype, op, requires_grad=True)):
+        tag = f"{op} {dtype} case {case.name}"
+        try:
+            lo, hi = c.layout(case.V)
+            sargs, skw = _shard_sample(op, args, kwargs, lo, hi)
+            single = fn(*args, return_stats=True, **kwargs)
+            sharded = fn(*sargs, return_stats=True, process_group=dist.group.WORLD, **skw)
+            up_gen = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
+            if single.loss.dim() == 0:
+                up = torch.rand((), generator=up_gen, dtype=torch.float64) + 0.5
+            else:
+                up = torch.randn(single.loss.shape, generator=up_gen, dtype=torch.float64)
+            leaves, sleaves = _sample_leaves(op, args, kwargs), _sample_leaves(op, sargs, skw)
+            gs = torch.autograd.grad(single.loss, list(leaves.values()), up.to(single.loss), allow_unused=True)
+            gp = torch.autograd.grad(sharded.loss, list(sleaves.values()), up.to(sharded.loss), allow_unused=True)
+            gs = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), gs)}
+            gp = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(sleaves.items(), gp)}
+            assert sharded.loss.dtype == single.loss.dtype, f"{tag}: loss dtype {sharded.loss.dtype} vs {single.loss.dtype}"
+            if dtype in (torch.float64, torch.float32):
+                # The single-process result is the truth, at the dtype's tight tolerance.
+                budget_close(sharded.loss, single.loss, dtype, what=f"{tag} loss")
+                budget_close(sharded.lse, single.lse, dtype, what=f"{tag} lse")
+                assert torch.equal(sharded.predicted.cpu(), single.predicted.cpu()), (
+                    f"{tag} predicted\n{sharded.predicted}\n{single.predicted}")
+                budget_close(sharded.accuracy, single.accuracy, dtype, what=f"{tag} accuracy")
+                budget_close(sharded.z_loss, single.z_loss, dtype, what=f"{tag} z_loss")
+                for k, g in gs.items():
+                    budget_close(gp[k], _shard_of(op, k, g, lo, hi), dtype, what=f"{tag} grad {k} shard")
+            else:
+                # Half inputs: the error budget of accuracy.py, with the single-process result as
+                # the "eager" path: the sharded one may be off the float64 truth at most twice as
+                # much (plus a unit of rounding) as the single-process op is.
+                # The truth: fusedce/reference.py in float64 on the same (rounded) inputs.
+                tleaves = {k: v.detach().double().requires_grad_(True) for k, v in leaves.items()}
+                tkw = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                       for k, v in semantic_kwargs(kwargs).items() if k != "linear_bias"}
+                if op == "linear_cross_entropy":
+                    truth = ref.linear_cross_entropy(tleaves["input"], tleaves["linear_weight"], args[2],
+                                                     linear_bias=tleaves.get("linear_bias"), **tkw)
+                else:
+                    truth = ref.cross_entropy(tleaves["input"], args[1], **tkw)
+                if truth.loss.dim() == 0 and truth.loss.isnan():
+                    # a mean over no token: zero gradients, as F.cross_entropy (the reference's 0/0
+                    # would give NaN)
+                    gt = {k: torch.zeros_like(v) for k, v in tleaves.items()}
+                else:
+                    gt = torch.autograd.grad(truth.loss, list(tleaves.values()), up, allow_unused=True)
+                    gt = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(tleaves.items(), gt)}
+                budget_close(sharded.loss, truth.loss, dtype, eager=single.loss, what=f"{tag} loss")
+                budget_close(sharded.lse, truth.lse, dtype, eager=single.lse, what=f"{tag} lse")
+                budget_close(sharded.z_loss, truth.z_loss, dtype, eager=single.z_loss, what=f"{tag} z_loss")
+                # Both paths take the argmax of the same float32 logits of the half inputs.
+                assert torch.equal(sharded.predicted.cpu(), single.predicted.cpu()), (
+                    f"{tag} predicted\n{sharded.predicted}\n{single.predicted}")
+                budget_close(sharded.accuracy, single.accuracy, torch.float32, what=f"{tag} accuracy")
+                for k, g in gt.items():
+                    budget_close(gp[k], _shard_of(op, k, g, lo, hi), dtype,
+                                 eager=_shard_of(op, k, gs[k], lo, hi), what=f"{tag} grad {k} shard")
+        except Exception as e:  # noqa: BLE001 - every case is reported, not only the first failure
+            failures.append(f"{tag}: {type(e).__name__}: {e}")
+    assert not failures, f"{len(failures)} sample case(s) failed:\n" + "\n".join(failures)
+
+
+def _register_sample_checks():
+    for op, dtypes in SAMPLE_DTYPES.items():
+        for dtype in dtypes:
+            def fn(c, op=op, dtype=dtype):
+                _sample_check(c, op, dtype)
+            fn.__name__ = f"samples_{op}_{str(dtype).replace('torch.', '')}"
+            fn.__doc__ = f"Every case of tests/samples.py, {op} in {dtype}: sharded vs single-process."
+            check(fn)
+
+
+_register_sample_checks()
+
+
+# The refused inputs of tests/test_bad_input.py (each breaks one thing of a valid call), as
+# (name, which functions, change): change(args, kwargs, V, dev) edits a valid call of V classes in
+# place. The target range is sharded_target_out_of_range's (it needs the global vocabulary).
+_BAD_N, _BAD_H = 5, 4
+
+
+def _set_arg(i, make):
+    def change(args, kwargs, V, dev):
+        args[i] = make(args[i], V, dev)
+    return change
+
+
+def _set_kw(name, make):
+    def change(args, kwargs, V, dev):
+        kwargs[name] = make(V, dev) if callable(make) else make
+    return change
+
+
+_BOTH = ("linear_cross_entropy", "cross_entropy")
+_LCE = ("linear_cross_entropy",)
+BAD_INPUTS = [
+    *[(f"target dtype {d}", _BOTH, _set_arg(-1, lambda t, V, dev, d=d: t.to(d)))
+      for d in (torch.float32, torch.int16, torch.bool)],
+    *[(f"target shape {s}", _BOTH, _set_arg(-1, lambda t, V, dev, s=s: torch.zeros(s, dtype=torch.long, device=dev)))
+      for s in ((_BAD_N + 1,), (_BAD_N, 1), ())],
+    ("hidden size mismatch", _LCE, _set_arg(1, lambda w, V, dev: torch.randn(V, _BAD_H + 1, device=dev))),
+    ("linear_weight 1-D", _LCE, _set_arg(1, lambda w, V, dev: torch.randn(V * _BAD_H, device=dev))),
+    ("linear_weight float64", _LCE, _set_arg(1, lambda w, V, dev: w.double())),
+    *[(f"input dtype {d}", _BOTH, _set_arg(0, lambda x, V, dev, d=d: x.to(d))) for d in (torch.int64, torch.complex64)],
+    ("linear_bias length", _LCE, _set_kw("linear_bias", lambda V, dev: torch.randn(V + 1, device=dev))),
+    ("linear_bias 2-D", _LCE, _set_kw("linear_bias", lambda V, dev: torch.randn(1, V, device=dev))),
+    ("linear_bias float64", _LCE, _set_kw("linear_bias", lambda V, dev: torch.randn(V, device=dev, dtype=torch.float64))),
+    ("weight long", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V + 1, device=dev))),
+    ("weight short", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V - 1, device=dev))),
+    ("weight 2-D", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V, 1, device=dev))),
+    ("weight int64", _BOTH, _set_kw("weight", lambda V, dev: torch.ones(V, device=dev, dtype=torch.int64))),
+    ("linear_weight on meta", _LCE, _set_arg(1, lambda w, V, dev: w.to("meta"))),
+    ("target on meta", _BOTH, _set_arg(-1, lambda t, V, dev: t.to("meta"))),
+    ("weight on meta", _BOTH, _set_kw("weight", lambda V, dev: torch.rand(V, device="meta"))),
+    ("linear_bias on meta", _LCE, _set_kw("linear_bias", lambda V, dev: torch.rand(V, device="meta"))),
+    *[(f"{name}={value}", _BOTH, _set_kw(name, value))
+      for name in ("label_smoothing", "z_loss", "logit_scale", "softcap")
+      for value in (math.nan, math.inf, -math.inf)],
+    *[(f"label_smoothing={v}", _BOTH, _set_kw("label_smoothing", v)) for v in (-0.1, 1.5)],
+    *[(f"reduction={v!r}", _BOTH, _set_kw("reduction", v)) for v in ("avg", "batchmean", None)],
+    *[(f"softcap={v}", _BOTH, _set_kw("softcap", v)) for v in (0.0, -30.0)],
+    ("z_loss=-1e-4", _BOTH, _set_kw("z_loss", -1e-4)),
+    *[(f"num_items_in_batch={v}", _BOTH, _set_kw("num_items_in_batch", lambda V, dev, v=v: v)) for v in (0, -3)],
+    *[(f"num_items_in_batch=tensor({v})", _BOTH,
+       _set_kw("num_items_in_batch", lambda V, dev, v=v: torch.tensor(v, device=dev))) for v in (0, -2.0)],
+    *[(f"{name}={v}", _LCE, _set_kw(name, v)) for name in ("chunk_size", "vocab_chunk_size") for v in (0, -1)],
+]
+# Bad inputs whose message names a size of a vocabulary-indexed argument: the sharded call is
+# refused with the message of the SHARD's sizes (the argument it was given), that is the
+# single-process call's message on the shard-sized problem; the full problem's call raises the
+# same type.
+VOCAB_SIZED = {"hidden size mismatch", "linear_weight 1-D", "linear_bias length", "linear_bias 2-D",
+               "weight long", "weight short", "weight 2-D"}
+
+
+@check
+def samples_bad_input(c):
+    """Every refused input of tests/test_bad_input.py (but the target range: above) is refused by
+    the sharded call with the single-process call's exception type and first message line."""
+    V = 7
+    lo, hi = c.layout(V)
+    x = c.randn(_BAD_N, _BAD_H, seed=340, dtype=torch.float32)
+    W = c.randn(V, _BAD_H, seed=341, dtype=torch.float32)
+    t = torch.randint(0, V, (_BAD_N,), generator=torch.Generator().manual_seed(342)).to(c.dev)
+    fns = {"linear_cross_entropy": fusedce.linear_cross_entropy, "cross_entropy": fusedce.cross_entropy}
+
+    def call(which, change, W, **extra):
+        v = W.shape[0]
+        args = [x, W, t] if which == "linear_cross_entropy" else [x @ W.T, t]
+        kwargs = {}
+        change(args, kwargs, v, c.dev)
+        return lambda: fns[which](*args, **kwargs, **extra)
+
+    for name, whiches, change in BAD_INPUTS:
+        for which in whiches:
+            what = f"{which} {name}"
+            sharded = call(which, change, W[lo:hi], process_group=dist.group.WORLD)
+            if name in VOCAB_SIZED:
+                full, shard_sized = _error_of(call(which, change, W)), _error_of(call(which, change, W[lo:hi]))
+                assert full is not None and shard_sized is not None, f"{what}: not refused ({full!r}, {shard_sized!r})"
+                assert type(full) is type(shard_sized), f"{what}: {full!r} vs {shard_sized!r}"
+                same_error(call(which, change, W[lo:hi]), sharded, f"{what} (shard-sized)")
+            else:
+                same_error(call(which, change, W), sharded, what)
 
 
 # ---------------------------------------------------------------------------------------------
