@@ -19,7 +19,7 @@ from .terms import (  # noqa: E402
     token_logprobs,
     token_statistics,
 )
-from .preference import preference_loss  # noqa: E402
+from .preference import kto_loss, preference_loss  # noqa: E402
 from .validation import validate_targets  # noqa: E402
 from . import nn  # noqa: E402
 
@@ -30,6 +30,7 @@ __all__ = [
     "build_info",
     "cross_entropy",
     "distillation_loss",
+    "kto_loss",
     "linear_cross_entropy",
     "nn",
     "policy_loss",

@@ -412,3 +412,78 @@ def preference_loss(logits, target, *, loss_type="sigmoid", beta=0.1, ref_logits
     if loss_type in ("orpo", "cpo", "simpo"):
         metrics["nll_loss"] = nll
     return loss, metrics
+
+
+def kto_loss(logits, target, preference_labels, *, loss_type="kto", beta=0.1, ref_logits=None,
+             ref_logps=None, kl=None, kl_logits=None, kl_target=None, ref_kl_logits=None,
+             ref_kl_logps=None, desirable_weight=1.0, undesirable_weight=1.0, ignore_index=-100,
+             temperature=1.0, logit_scale=1.0, softcap=None, dtype=torch.float64):
+    """TRL 1.16's KTOTrainer loss ("kto", "apo_zero_unpaired") on materialized logits [N, T, V],
+    target [N, T] aligned with the logits, preference_labels [N] bool (True: desirable). The
+    reference as ref_logits or ref_logps [N]; the KL reference point of "kto" given (kl) or from
+    the mismatched completions (kl_logits + kl_target, with ref_kl_logits or ref_kl_logps):
+    max(mean(policy sum - reference sum), 0), no gradient. Returns (loss, metrics) as
+    fusedce.kto_loss: TRL's per-group means (nan for an empty group, which TRL does not log) and
+    the sums and counts."""
+    def seq(lg, tgt):
+        z = final_logits(lg.to(dtype), logit_scale, softcap) / temperature
+        logp = torch.log_softmax(z, dim=-1)
+        keep = tgt != ignore_index
+        safe = torch.where(keep, tgt, torch.zeros_like(tgt)).long()
+        tok = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * keep
+        ent = -(logp.exp() * logp).sum(-1)
+        return tok.sum(-1), keep, z.mean(-1), ent
+
+    logps, keep, mean_logit, ent = seq(logits, target)
+    ref = seq(ref_logits, target)[0] if ref_logps is None else ref_logps.to(dtype)
+    ref = ref.detach()
+    if loss_type == "kto":
+        if kl is None:
+            with torch.no_grad():
+                s_kl = seq(kl_logits, kl_target)[0]
+                r_kl = seq(ref_kl_logits, kl_target)[0] if ref_kl_logps is None else ref_kl_logps.to(dtype)
+                kl = (s_kl - r_kl).mean().clamp(min=0)
+        kl = torch.as_tensor(kl, dtype=dtype).detach().reshape(())
+    else:
+        kl = torch.zeros((), dtype=dtype)
+    labels = preference_labels.bool()
+    chosen_idx, rejected_idx = labels.nonzero().view(-1), (~labels).nonzero().view(-1)
+    chosen_logps, rejected_logps = logps[chosen_idx], logps[rejected_idx]
+    chosen_logratios = chosen_logps - ref[chosen_idx]
+    rejected_logratios = rejected_logps - ref[rejected_idx]
+    sig = torch.sigmoid
+    if loss_type == "kto":  # eq. (7) of the KTO paper, as TRL writes it
+        chosen_losses = 1 - sig(beta * (chosen_logratios - kl))
+        rejected_losses = 1 - sig(beta * (kl - rejected_logratios))
+    elif loss_type == "apo_zero_unpaired":
+        chosen_losses = 1 - sig(beta * chosen_logratios)
+        rejected_losses = sig(beta * rejected_logratios)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+    loss = losses.nanmean()
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    n_c, n_r = len(chosen_idx), len(rejected_idx)
+    nan = torch.tensor(float("nan"), dtype=dtype)
+    mean = lambda x, n: x.sum() / n if n else nan  # noqa: E731
+    ml = mean_logit.detach() * keep
+    k = keep.to(dtype)
+    metrics = {
+        "kl": kl,
+        "rewards/chosen": mean(chosen_rewards, n_c),
+        "rewards/rejected": mean(rejected_rewards, n_r),
+        "logps/chosen": mean(chosen_logps.detach(), n_c),
+        "logps/rejected": mean(rejected_logps.detach(), n_r),
+        "logits/chosen": ml[chosen_idx].sum() / k[chosen_idx].sum(),
+        "logits/rejected": ml[rejected_idx].sum() / k[rejected_idx].sum(),
+        "entropy": (ent.detach() * k).sum() / k.sum(),
+        "rewards/chosen_sum": chosen_rewards.sum(),
+        "rewards/rejected_sum": rejected_rewards.sum(),
+        "logps/chosen_sum": chosen_logps.detach().sum(),
+        "logps/rejected_sum": rejected_logps.detach().sum(),
+        "count/chosen": torch.tensor(float(n_c), dtype=dtype),
+        "count/rejected": torch.tensor(float(n_r), dtype=dtype),
+    }
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return loss, metrics
