@@ -368,3 +368,337 @@ def test_kept_minus_100_is_not_ignored_with_another_ignore_index():
     t[1, 3] = -1
     loss, _ = fusedce.preference_loss(x, w, t, ignore_index=-1, ref_logps=ref_logps)
     assert torch.isfinite(loss)
+
+
+# ---- KTO (unpaired): fusedce.kto_loss against reference.kto_loss and TRL's KTOTrainer ----
+
+LABELINGS = {
+    "mixed": [True, False, False, True, True, False],
+    "all_desirable": [True] * 6,
+    "all_undesirable": [False] * 6,
+}
+
+
+def _kl_batch(M=5, T=6, H=5, V=11, seed=21, device="cpu", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, T, H, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (M, T), generator=g)
+    y[:, :2] = -100
+    y[1, -1] = -100
+    # a sharper reference head on these rows: its log-probs of the tokens are lower than the
+    # policy's, so the KL estimate is positive and survives TRL's clamp at 0
+    xr = 2 * torch.randn(M, T, H + 1, generator=g, dtype=torch.float64)
+    return x.to(device, dtype), y.to(device), xr.to(device, dtype)
+
+
+def _kto_check(loss_type="kto", dtype=torch.float64, device="cpu", labeling="mixed", ref_mode="hidden",
+               kl_mode="inputs", empty_row=None, ignore_index=-100, **kw):
+    x, w, b, y, xr, wr = _batch(dtype=dtype, device=device, empty_row=empty_row, ignore_index=ignore_index)
+    labels = torch.tensor(LABELINGS[labeling], device=device)
+    fx, fw, fb = _leaves(x, w, b)
+    rx, rw, rb = _leaves(x.double(), w.double(), b.double())
+    knobs = {k: kw.pop(k) for k in ("temperature", "softcap", "logit_scale") if k in kw}
+    f_kw, r_kw = dict(kw), dict(kw)
+    ref_logits = xr.double() @ wr.double().T
+
+    def sums(logits, tgt):
+        keep = tgt != ignore_index
+        lp = reference.token_logprobs(reference.final_logits(logits, knobs.get("logit_scale", 1.0), knobs.get("softcap")),
+                                      torch.where(keep, tgt, 0), temperature=knobs.get("temperature", 1.0))[0]
+        return (lp * keep).sum(-1)
+
+    if ref_mode == "hidden":
+        f_kw.update(ref_input=xr, ref_weight=wr)
+        r_kw.update(ref_logits=ref_logits)
+    else:
+        given = sums(ref_logits, y)
+        f_kw.update(ref_logps=given.to(dtype))
+        r_kw.update(ref_logps=given)
+    if loss_type == "kto":
+        if kl_mode == "given":
+            f_kw.update(kl=torch.tensor([0.3], dtype=dtype, device=device))
+            r_kw.update(kl=0.3)
+        else:
+            kx, ky, kxr = _kl_batch(device=device, dtype=dtype, H=x.shape[-1])
+            if ignore_index != -100:
+                ky = torch.where(ky == -100, ignore_index, ky)
+            f_kw.update(kl_input=kx, kl_target=ky)
+            r_kw.update(kl_logits=kx.double() @ w.double().T + b.double(), kl_target=ky)
+            kref = kxr.double() @ wr.double().T
+            if ref_mode == "hidden":
+                f_kw.update(ref_kl_input=kxr)
+                r_kw.update(ref_kl_logits=kref)
+            else:
+                given = sums(kref, ky)
+                f_kw.update(ref_kl_logps=given.to(dtype))
+                r_kw.update(ref_kl_logps=given)
+    loss, metrics = fusedce.kto_loss(fx, fw, y, labels, loss_type=loss_type, linear_bias=fb,
+                                     ignore_index=ignore_index, **knobs, **f_kw)
+    want, wm = reference.kto_loss(rx @ rw.T + rb, y, labels, loss_type=loss_type,
+                                  ignore_index=ignore_index, **knobs, **r_kw)
+    assert_close(loss, want, dtype, what="loss")
+    assert set(metrics) == set(wm), (sorted(metrics), sorted(wm))
+    for k, v in metrics.items():
+        assert v.dim() == 0 and not v.requires_grad, k
+        if torch.isnan(wm[k]):
+            assert torch.isnan(v), k  # a group the batch does not hold
+        else:
+            assert_close(v, wm[k], dtype, what=k)
+    loss.backward()
+    want.backward()
+    for got, exp, name in ((fx, rx, "input"), (fw, rw, "linear_weight"), (fb, rb, "bias")):
+        assert_close(got.grad, exp.grad, dtype, what=f"grad {name}")
+    return loss, metrics
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("labeling", sorted(LABELINGS))
+def test_kto_values_and_gradients(loss_type, labeling, dtype, device):
+    _, m = _kto_check(loss_type, dtype, device, labeling, desirable_weight=1.3, undesirable_weight=0.7, beta=0.4)
+    n_d = sum(LABELINGS[labeling])
+    assert m["count/chosen"].item() == n_d and m["count/rejected"].item() == 6 - n_d
+    assert torch.isnan(m["rewards/margins"]).item() == (n_d in (0, 6))
+    if loss_type == "apo_zero_unpaired":
+        assert m["kl"].item() == 0.0
+    else:
+        assert m["kl"].item() > 0.5  # computed from the KL completions, not clamped to 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ref_mode,kl_mode", [("logps", "inputs"), ("logps", "given"), ("hidden", "given")])
+def test_kto_reference_and_kl_forms(ref_mode, kl_mode, device):
+    _, m = _kto_check("kto", torch.float64, device, ref_mode=ref_mode, kl_mode=kl_mode)
+    if kl_mode == "given":
+        assert m["kl"].item() == pytest.approx(0.3)
+    else:
+        assert m["kl"].item() > 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kto_ignored_tokens_knobs_and_empty_row(device):
+    # another ignore_index, a row without completion tokens (sum 0), softcap / scale / temperature
+    # on every head (the KL completions' too)
+    loss, m = _kto_check("kto", torch.float64, device, empty_row=4, ignore_index=-1, temperature=0.7,
+                         softcap=3.0, logit_scale=1.3, beta=0.5)
+    assert torch.isfinite(loss)
+
+
+def test_kto_kl_clamped_and_kl_is_a_constant():
+    # The computed reference point is max(mean, 0) and carries no gradient: a policy far below the
+    # reference on the KL completions gives z = 0, the same loss as apo_zero_unpaired.
+    x, w, b, y, xr, wr = _batch(seed=4)
+    labels = torch.tensor(LABELINGS["mixed"])
+    kx, ky, kxr = _kl_batch(H=x.shape[-1])
+    big = dict(ref_input=xr, ref_weight=wr, ref_kl_input=kxr * 0)
+    ref_kl_logps = torch.zeros(kx.shape[0], dtype=torch.float64)  # log p <= 0: mean(s - 0) < 0 -> 0
+    l1, m1 = fusedce.kto_loss(x, w, y, labels, ref_logps=torch.zeros(6, dtype=torch.float64),
+                              kl_input=kx, kl_target=ky, ref_kl_logps=ref_kl_logps)
+    l2, _ = fusedce.kto_loss(x, w, y, labels, ref_logps=torch.zeros(6, dtype=torch.float64),
+                             loss_type="apo_zero_unpaired")
+    assert m1["kl"].item() == 0.0
+    torch.testing.assert_close(l1, l2)
+    fx, fw = _leaves(x, w)
+    loss, _ = fusedce.kto_loss(fx, fw, y, labels, kl_input=kx, kl_target=ky, **big)
+    loss.backward()  # the KL pass runs under no_grad: the same gradients as with z given
+    fx2, fw2 = _leaves(x, w)
+    kl = fusedce.kto_loss(x, w, y, labels, kl_input=kx, kl_target=ky, **big)[1]["kl"]
+    loss2, _ = fusedce.kto_loss(fx2, fw2, y, labels, kl=kl, ref_input=xr, ref_weight=wr)
+    loss2.backward()
+    torch.testing.assert_close(loss, loss2)
+    torch.testing.assert_close(fw.grad, fw2.grad)
+    torch.testing.assert_close(fx.grad, fx2.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kto_half_input(device):
+    x, w, b, y, xr, wr = _batch(dtype=torch.bfloat16, device=device)
+    labels = torch.tensor(LABELINGS["mixed"], device=device)
+    loss, m = fusedce.kto_loss(x, w, y, labels, ref_input=xr, ref_weight=wr, linear_bias=b, kl=0.1)
+    want, _ = reference.kto_loss(x.double() @ w.double().T + b.double(), y, labels,
+                                 ref_logits=xr.double() @ wr.double().T, kl=0.1)
+    eager, _ = reference.kto_loss(torch.nn.functional.linear(x, w, b), y, labels,
+                                  ref_logits=torch.nn.functional.linear(xr, wr), kl=0.1, dtype=torch.float32)
+    assert loss.dtype == torch.float32 and m["logps/chosen"].dtype == torch.float32
+    assert_close(loss, want, torch.bfloat16, eager=eager, what="loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kto_compile_fullgraph(device):
+    x, w, b, y, xr, wr = _batch(dtype=torch.float32, device=device)
+    labels = torch.tensor(LABELINGS["mixed"], device=device)
+    kx, ky, kxr = _kl_batch(device=device, dtype=torch.float32)
+
+    def step(x, w):
+        loss, metrics = fusedce.kto_loss(x, w, y, labels, linear_bias=b, ref_input=xr, ref_weight=wr,
+                                         kl_input=kx, kl_target=ky, ref_kl_input=kxr)
+        return loss, metrics["kl"], metrics["rewards/margins"]
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x, w = _leaves(x, w)
+    for a, c in zip(step(x, w), compiled(x, w)):
+        torch.testing.assert_close(a, c)
+    g1 = torch.autograd.grad(step(x, w)[0], (x, w))
+    g2 = torch.autograd.grad(compiled(x, w)[0], (x, w))
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c)
+
+
+def test_kto_under_process_group(tmp_path):
+    # One rank here: every pass (policy, reference, KL completions) takes the sharded route.
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        x, w, b, y, xr, wr = _batch()
+        labels = torch.tensor(LABELINGS["mixed"])
+        kx, ky, kxr = _kl_batch()
+        loss, m = fusedce.kto_loss(x, w, y, labels, linear_bias=b, ref_input=xr, ref_weight=wr,
+                                   kl_input=kx, kl_target=ky, ref_kl_input=kxr, process_group=dist.group.WORLD)
+        want, wm = reference.kto_loss(x @ w.T + b, y, labels, ref_logits=xr @ wr.T, kl_logits=kx @ w.T + b,
+                                      kl_target=ky, ref_kl_logits=kxr @ wr.T)
+        torch.testing.assert_close(loss, want)
+        assert set(m) == set(wm)
+        for k, v in m.items():
+            torch.testing.assert_close(v, wm[k], msg=k)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("labeling", ["mixed", "all_desirable"])
+def test_trl_kto_compute_loss(loss_type, labeling):
+    """TRL's KTOTrainer._compute_loss, called unbound with a stand-in trainer (precomputed
+    reference log-probs, as precompute_ref_log_probs=True) and a stand-in model returning TRL's
+    fused-head outputs for the batch and for the mismatched KL completions: its loss and every
+    logged metric that fusedce also returns agree."""
+    pytest.importorskip("trl")
+    from collections import defaultdict
+
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    x, w, b, y, xr, wr = _batch(seed=9)
+    kx, ky, kxr = _kl_batch(M=6, T=7, seed=10)
+    labels = torch.tensor(LABELINGS[labeling])
+
+    def fused_outputs(h, tgt):
+        logits = h @ w.T + b
+        keep = tgt != -100
+        logp = torch.log_softmax(logits, -1)
+        lp = logp.gather(-1, torch.where(keep, tgt, 0).unsqueeze(-1)).squeeze(-1) * keep
+        return types.SimpleNamespace(log_probs=lp, entropy=-(logp.exp() * logp).sum(-1), mean_logits=logits.mean(-1),
+                                     aux_loss=None)
+
+    def ref_sums(hr, tgt):
+        keep = tgt != -100
+        return (reference.token_logprobs(hr @ wr.T, torch.where(keep, tgt, 0))[0] * keep).sum(-1)
+
+    def trl_ids(tgt):  # TRL's input_ids [N, T + 1]: position t + 1 is scored by the hidden state t
+        keep = tgt != -100
+        ids = torch.zeros(tgt.shape[0], tgt.shape[1] + 1, dtype=torch.long)
+        ids[:, 1:] = torch.where(keep, tgt, 0)
+        mask = torch.zeros_like(ids)
+        mask[:, 1:] = keep.long()
+        return ids, mask
+
+    ids, cmask = trl_ids(y)
+    kl_ids, kl_cmask = trl_ids(ky)
+    main_out, kl_out = fused_outputs(x, y), fused_outputs(kx, ky)
+    model = lambda **kw: kl_out if kw["input_ids"] is kl_ids else main_out  # noqa: E731
+    identity = lambda t: t  # noqa: E731
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, precompute_ref_logps=True,
+        calculate_KL=loss_type == "kto", loss_type=loss_type, beta=0.3, desirable_weight=1.5,
+        undesirable_weight=0.8, _tp_size=1, _total_train_tokens=0,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity))
+    trainer._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(trainer, model, batch)
+    ref_given, ref_kl_given = ref_sums(xr, y), ref_sums(kxr, ky)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=cmask, label=labels,
+                  ref_logps=ref_given)
+    if loss_type == "kto":
+        inputs.update(KL_input_ids=kl_ids, KL_attention_mask=torch.ones_like(kl_ids),
+                      KL_completion_mask=kl_cmask, ref_KL_logps=ref_kl_given)
+    trl_loss = KTOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    kw = dict(kl_input=kx, kl_target=ky, ref_kl_logps=ref_kl_given) if loss_type == "kto" else {}
+    ours, m = fusedce.kto_loss(x, w, y, labels, linear_bias=b, loss_type=loss_type, beta=0.3,
+                               desirable_weight=1.5, undesirable_weight=0.8, ref_logps=ref_given, **kw)
+    torch.testing.assert_close(ours, trl_loss)
+    if loss_type == "kto":
+        assert m["kl"].item() > 0.5  # TRL's clamp at 0 did not hide the KL term
+    logged = trainer._metrics["train"]
+    compared = [k for k in m if k in logged]
+    assert {"kl", "rewards/chosen", "logps/chosen", "logits/chosen", "entropy"} <= set(compared), sorted(logged)
+    for k in compared:
+        torch.testing.assert_close(m[k].item(), logged[k][-1], rtol=1e-9, atol=1e-12, msg=k)
+    for k in logged:  # what TRL logs that fusedce leaves out: not the head's
+        assert k in m or k in ("num_tokens", "aux_loss"), k
+    if labeling == "all_desirable":
+        assert "rewards/rejected" not in logged and torch.isnan(m["rewards/rejected"])
+
+
+def _kto_bad(**over):
+    x, w, b, y, xr, wr = _batch()
+    kx, ky, kxr = _kl_batch()
+    kw = dict(input=x, linear_weight=w, target=y, preference_labels=torch.tensor(LABELINGS["mixed"]),
+              ref_input=xr, ref_weight=wr, kl_input=kx, kl_target=ky, ref_kl_input=kxr)
+    kw.update(over)
+    kw = {k: v for k, v in kw.items() if v is not _DROP}
+    return fusedce.kto_loss(kw.pop("input"), kw.pop("linear_weight"), kw.pop("target"),
+                            kw.pop("preference_labels"), **kw)
+
+
+_NO_KL = dict(kl_input=_DROP, kl_target=_DROP, ref_kl_input=_DROP)
+
+
+@pytest.mark.parametrize("over,exc,needle", [
+    (dict(input=torch.zeros(6, 5, dtype=torch.float64)), ValueError, "input must have shape"),
+    (dict(target=torch.zeros(6, 6, dtype=torch.long)), ValueError, "target must have shape"),
+    (dict(loss_type="sigmoid"), ValueError, "loss_type"),
+    (dict(beta=0.0), ValueError, "beta"),
+    (dict(preference_labels=torch.ones(6, dtype=torch.long)), TypeError, "preference_labels"),
+    (dict(preference_labels=torch.ones(5, dtype=torch.bool)), ValueError, "preference_labels"),
+    (dict(preference_labels=[True] * 6), TypeError, "preference_labels"),
+    (dict(desirable_weight=-1.0), ValueError, "desirable_weight"),
+    (dict(undesirable_weight=float("nan")), ValueError, "undesirable_weight"),
+    (dict(ref_input=_DROP, ref_weight=_DROP), ValueError, "ref_logps"),
+    (dict(ref_logps=torch.zeros(6, dtype=torch.float64)), ValueError, "exactly one"),
+    (dict(ref_input=_DROP), ValueError, "ref_input"),
+    (dict(ref_input=_DROP, ref_weight=_DROP, ref_logps=torch.zeros(5, dtype=torch.float64),
+          ref_kl_input=_DROP, ref_kl_logps=torch.zeros(5, dtype=torch.float64)), ValueError, "ref_logps"),
+    (dict(ref_weight=torch.zeros(12, 6, dtype=torch.float64)), ValueError, "ref_weight has vocabulary"),
+    (dict(ref_bias=torch.zeros(11, dtype=torch.float64), ref_input=_DROP, ref_weight=_DROP,
+          ref_logps=torch.zeros(6, dtype=torch.float64)), ValueError, "ref_bias"),
+    (dict(**_NO_KL), ValueError, "KL reference point: kl"),
+    (dict(kl=0.1), ValueError, "drop kl_input, kl_target, ref_kl_input"),
+    (dict(kl=torch.zeros(3, dtype=torch.float64), **_NO_KL), ValueError, "kl must be"),
+    (dict(kl=torch.zeros((), dtype=torch.long), **_NO_KL), TypeError, "kl must"),
+    (dict(kl=float("inf"), **_NO_KL), ValueError, "kl must"),
+    (dict(loss_type="apo_zero_unpaired"), ValueError, "no KL term; drop kl_input"),
+    (dict(loss_type="apo_zero_unpaired", kl=0.0, **_NO_KL), ValueError, "no KL term; drop kl"),
+    (dict(kl_target=_DROP), ValueError, "kl_input \\+ kl_target"),
+    (dict(kl_input=torch.zeros(5, 6, dtype=torch.float64)), ValueError, "kl_input must have shape"),
+    (dict(kl_input=torch.zeros(5, 6, 4, dtype=torch.float64)), ValueError, "kl_input"),
+    (dict(kl_target=torch.zeros(5, 7, dtype=torch.long)), ValueError, "kl_target must have shape"),
+    (dict(kl_target=torch.zeros(5, 6, dtype=torch.float32)), TypeError, "kl_target"),
+    (dict(ref_kl_input=_DROP), ValueError, "ref_kl_input"),
+    (dict(ref_kl_input=torch.zeros(5, 6, 5, dtype=torch.float64)), ValueError, "ref_kl_input"),
+    (dict(ref_kl_input=torch.zeros(4, 6, 6, dtype=torch.float64)), ValueError, "ref_kl_input must have shape"),
+    (dict(ref_input=_DROP, ref_weight=_DROP, ref_logps=torch.zeros(6, dtype=torch.float64)), ValueError, "ref_kl_logps"),
+    (dict(ref_input=_DROP, ref_weight=_DROP, ref_logps=torch.zeros(6, dtype=torch.float64), ref_kl_input=_DROP,
+          ref_kl_logps=torch.zeros(4, dtype=torch.float64)), ValueError, "ref_kl_logps must have shape"),
+    (dict(shift=1), TypeError, "shift"),
+])
+def test_kto_bad_input_names_the_argument(over, exc, needle):
+    with pytest.raises(exc, match=needle):
+        _kto_bad(**over)
+
+
+def test_kto_exported():
+    assert "kto_loss" in fusedce.__all__ and fusedce.kto_loss is fusedce.preference.kto_loss
