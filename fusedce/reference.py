@@ -443,9 +443,9 @@ def kto_loss(logits, target, preference_labels, *, loss_type="kto", beta=0.1, re
                 s_kl = seq(kl_logits, kl_target)[0]
                 r_kl = seq(ref_kl_logits, kl_target)[0] if ref_kl_logps is None else ref_kl_logps.to(dtype)
                 kl = (s_kl - r_kl).mean().clamp(min=0)
-        kl = torch.as_tensor(kl, dtype=dtype).detach().reshape(())
+        kl = torch.as_tensor(kl, dtype=dtype, device=logits.device).detach().reshape(())
     else:
-        kl = torch.zeros((), dtype=dtype)
+        kl = torch.zeros((), dtype=dtype, device=logits.device)
     labels = preference_labels.bool()
     chosen_idx, rejected_idx = labels.nonzero().view(-1), (~labels).nonzero().view(-1)
     chosen_logps, rejected_logps = logps[chosen_idx], logps[rejected_idx]
@@ -465,7 +465,7 @@ def kto_loss(logits, target, preference_labels, *, loss_type="kto", beta=0.1, re
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     n_c, n_r = len(chosen_idx), len(rejected_idx)
-    nan = torch.tensor(float("nan"), dtype=dtype)
+    nan = torch.tensor(float("nan"), dtype=dtype, device=logits.device)
     mean = lambda x, n: x.sum() / n if n else nan  # noqa: E731
     ml = mean_logit.detach() * keep
     k = keep.to(dtype)
@@ -482,8 +482,8 @@ def kto_loss(logits, target, preference_labels, *, loss_type="kto", beta=0.1, re
         "rewards/rejected_sum": rejected_rewards.sum(),
         "logps/chosen_sum": chosen_logps.detach().sum(),
         "logps/rejected_sum": rejected_logps.detach().sum(),
-        "count/chosen": torch.tensor(float(n_c), dtype=dtype),
-        "count/rejected": torch.tensor(float(n_r), dtype=dtype),
+        "count/chosen": torch.tensor(float(n_c), dtype=dtype, device=logits.device),
+        "count/rejected": torch.tensor(float(n_r), dtype=dtype, device=logits.device),
     }
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return loss, metrics

@@ -247,6 +247,35 @@ def _preference(dev, loss_type):
     return Case([x, w, b], step, feeds)
 
 
+def _kto(dev, kl_given=False):
+    x, w, b = _head(dev, lead=(B, T), bias=True)
+    prompt = torch.arange(T, device=dev) < 3
+    desirable = torch.tensor([True, False, False, True], device=dev)  # both groups: finite metrics
+
+    def labels():
+        y = torch.randint(0, V, (B, T), device=dev)
+        return y.masked_fill(prompt | (torch.rand(B, T, device=dev) < 0.2), -100)
+
+    y, ky = labels(), labels()
+    xr, kx, kxr = (torch.randn(B, T, H, device=dev) for _ in range(3))
+    feeds = [(x, _randn_like(x)), (y, labels), (ky, labels), (xr, _randn_like(xr)), (kx, _randn_like(kx)),
+             (kxr, _randn_like(kxr))]
+    if kl_given:  # TRL's kl: a one-element tensor on the device
+        kl = torch.full((1,), 0.2, device=dev)
+        extra = dict(kl=kl)
+        feeds.append((kl, lambda: torch.rand(1, device=dev)))
+    else:
+        extra = dict(kl_input=kx, kl_target=ky, ref_kl_input=kxr)
+
+    def step():
+        loss, metrics = fusedce.kto_loss(x, w, y, desirable, linear_bias=b, ref_input=xr,
+                                         ref_weight=w.detach() * 0.9, undesirable_weight=1.2, **extra)
+        loss.backward()
+        return (loss.detach(),) + tuple(metrics[k] for k in sorted(metrics))
+
+    return Case([x, w, b], step, feeds)
+
+
 def _module(dev):
     mod = fusedce.nn.LinearCrossEntropyLoss(H, V, bias=True, device=dev, z_loss=1e-4)
     x = torch.randn(N, H, device=dev).requires_grad_()
@@ -301,6 +330,8 @@ CASES = {
     "policy_loss_vespo": lambda d: _policy(d, loss_type="vespo", trl_options=True),
     "preference_dpo_ref_head": lambda d: _preference(d, "sigmoid"),
     "preference_orpo": lambda d: _preference(d, "orpo"),
+    "kto_kl_from_completions": _kto,
+    "kto_kl_given": lambda d: _kto(d, kl_given=True),
     "module_linear_ce": _module,
     "module_head_loss": _head_module,
 }

@@ -636,6 +636,47 @@ def preference_every_loss_type(c):
 
 
 @check
+def kto_both_loss_types(c):
+    """fusedce.kto_loss over a vocabulary-sharded head, reference head and KL completions: both
+    loss types, every metric and the gradients of input, weight shard and bias shard."""
+    V, N, T, H = 23, 5, 5, 4
+    x = c.randn(N, T, H, seed=96)
+    W = c.randn(V, H, seed=97, scale=0.6)
+    b = c.randn(V, seed=98, scale=0.2)
+    xr = c.randn(N, T, H + 1, seed=99)
+    Wr = c.randn(V, H + 1, seed=100, scale=0.6)
+    kx = c.randn(N, T, H, seed=101)
+    kxr = c.randn(N, T, H + 1, seed=102, scale=2.0)
+    y = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(103)).to(c.dev)
+    y[:, :2] = -100
+    y[1, 4] = -100
+    ky = y.roll(1, 0)  # TRL's mismatched pairs: each prompt with the next row's completion
+    desirable = torch.tensor([True, False, True, True, False], device=c.dev)
+    lo, hi = c.layout(V)
+    group = dist.group.WORLD
+    for lt in ("kto", "apo_zero_unpaired"):
+        xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(b[lo:hi])
+        kl_kw = dict(kl_input=kx, kl_target=ky, ref_kl_input=kxr) if lt == "kto" else {}
+        loss, m = fusedce.kto_loss(xs, Ws, y, desirable, loss_type=lt, beta=0.4, linear_bias=bs,
+                                   ref_input=xr, ref_weight=Wr[lo:hi], temperature=0.8, chunk_size=3,
+                                   desirable_weight=1.3, process_group=group, **kl_kw)
+        xf, Wf, bf = leaf(x), leaf(W), leaf(b)
+        rkl = dict(kl_logits=kx @ W.T + b, kl_target=ky, ref_kl_logits=kxr @ Wr.T) if lt == "kto" else {}
+        rl, rm = ref.kto_loss(xf @ Wf.T + bf, y, desirable, loss_type=lt, beta=0.4, temperature=0.8,
+                              ref_logits=xr @ Wr.T, desirable_weight=1.3, **rkl)
+        close(loss, rl, F64, f"{lt} loss")
+        assert lt != "kto" or m["kl"].item() > 0.1, "the KL term was clamped away"
+        assert set(m) == set(rm), f"{lt} metrics {sorted(m)}"
+        for k, v in m.items():
+            close(v, rm[k], F64, f"{lt} {k}")
+        g = grads_of(loss, xs, Ws, bs)
+        gr = grads_of(rl, xf, Wf, bf)
+        close(g[0], gr[0], F64, f"{lt} grad input")
+        close(g[1], gr[1][lo:hi], F64, f"{lt} grad weight shard")
+        close(g[2], gr[2][lo:hi], F64, f"{lt} grad bias shard")
+
+
+@check
 def policy_every_loss_type(c):
     """Every TRL 1.16 loss type at token and sequence level, clipping active on both sides, beta > 0,
     entropy bonus, mask, and the TRL options (delta, IS ratios, num_items_in_batch, ...)."""

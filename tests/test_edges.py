@@ -68,11 +68,14 @@ def _public_calls(device):
         "distillation_loss": (lambda a: fusedce.distillation_loss(a, w, t, teacher_logits=z), x),
         "policy_loss": (lambda a: fusedce.policy_loss(a, w, tb, None, adv)[0], xb),
         "preference_loss": (lambda a: fusedce.preference_loss(a, w, tb, loss_type="cpo")[0], xb),
+        "kto_loss": (lambda a: fusedce.kto_loss(a, w, tb, torch.tensor([True, False], device=device),
+                                                 ref_logps=torch.zeros(2, dtype=a.dtype, device=device),
+                                                 kl=0.0)[0], xb),
     }
 
 
 FUNCTIONS = ["linear_cross_entropy", "cross_entropy", "token_logprobs", "distillation_loss", "policy_loss",
-             "preference_loss"]
+             "preference_loss", "kto_loss"]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)

@@ -702,3 +702,19 @@ def test_kto_bad_input_names_the_argument(over, exc, needle):
 
 def test_kto_exported():
     assert "kto_loss" in fusedce.__all__ and fusedce.kto_loss is fusedce.preference.kto_loss
+
+
+def test_kto_shift_matches_aligned_labels():
+    # shift=True applies to target and kl_target alike (both HF-style labels)
+    x, w, b, y, xr, wr = _batch()
+    kx, ky, kxr = _kl_batch(M=6, T=7)
+    labels = torch.tensor(LABELINGS["mixed"])
+    y[:, -1] = -100
+    ky[:, -1] = -100
+    hf = lambda t: torch.cat([torch.full_like(t[:, :1], -100), t[:, :-1]], dim=1)  # noqa: E731
+    kw = dict(ref_input=xr, ref_weight=wr, kl_input=kx, ref_kl_input=kxr, chunk_size=4)
+    a, ma = fusedce.kto_loss(x, w, y, labels, kl_target=ky, **kw)
+    s, ms = fusedce.kto_loss(x, w, hf(y), labels, kl_target=hf(ky), shift=True, **kw)
+    torch.testing.assert_close(s, a)
+    torch.testing.assert_close(ms["kl"], ma["kl"])
+    assert ma["kl"].item() > 0.5
