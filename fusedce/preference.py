@@ -1,12 +1,12 @@
-"""Offline preference objectives (DPO and its hinge / IPO variants, ORPO, CPO, SimPO) on the head
-``input @ linear_weight.T``, with TRL 1.16's definitions.
+"""Offline preference objectives (DPO and its hinge / IPO variants, ORPO, CPO, SimPO; KTO on
+unpaired data) on the head ``input @ linear_weight.T``, with TRL 1.16's definitions.
 
 Every objective here is a function of per-sequence log-probability sums (and token counts). Those
 come from one fusedce pass per model (:func:`fusedce.token_logprobs`, or
 :func:`fusedce.token_statistics` when the mean-logit metrics are wanted), whose recomputing
 backward turns the gradient of the few per-sequence scalars into exact gradients of the head: no
 logits are materialized and no second pass over the vocabulary is made. The float64 definitions
-are fusedce.reference.preference_loss.
+are fusedce.reference.preference_loss and fusedce.reference.kto_loss.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     The chosen NLL is the mean token cross entropy over the non-ignored chosen tokens (nan when
     there are none, as torch's cross entropy). A row without completion tokens has a log-prob sum
     of 0 and a count clamped to 1 (TRL's clamp); under "orpo" its log(1 - exp(0)) is -inf, as in
-    TRL. KTO (unpaired data, a KL estimate from mismatched pairs) is not offered here. The three
+    TRL. KTO (unpaired data, a KL estimate from mismatched pairs) is :func:`kto_loss`. The three
     DPO types need the reference: ``ref_input`` [2B, T, Hr] + ``ref_weight`` [V, Hr] (+
     ``ref_bias``), run under no_grad, or the precomputed sums ``ref_logps`` [2B] (same order);
     the others take none. ``temperature``, ``softcap``, ``logit_scale`` apply to both heads.
