@@ -624,15 +624,21 @@ def preference_every_loss_type(c):
         xf, Wf, bf = leaf(x), leaf(W), leaf(b)
         rl, rm = ref.preference_loss(xf @ Wf.T + bf, y, loss_type=lt, beta=0.4, temperature=0.8,
                                      **(dict(ref_logits=xr @ Wr.T) if with_ref else {}))
-        close(loss, rl, F64, f"{lt} loss")
-        assert set(m) == set(rm), f"{lt} metrics {sorted(m)}"
-        for k, v in m.items():
-            close(v, rm[k], F64, f"{lt} {k}")
-        g = grads_of(loss, xs, Ws, bs)
-        gr = grads_of(rl, xf, Wf, bf)
-        close(g[0], gr[0], F64, f"{lt} grad input")
-        close(g[1], gr[1][lo:hi], F64, f"{lt} grad weight shard")
-        close(g[2], gr[2][lo:hi], F64, f"{lt} grad bias shard")
+        _pair_loss_close(lt, loss, m, rl, rm, (xs, Ws, bs), (xf, Wf, bf), lo, hi)
+
+
+def _pair_loss_close(lt, loss, m, rl, rm, sharded_leaves, full_leaves, lo, hi):
+    """A preference-style loss on the sharded head equals the float64 reference: the loss, every
+    metric, and the gradients of input, weight shard and bias shard."""
+    close(loss, rl, F64, f"{lt} loss")
+    assert set(m) == set(rm), f"{lt} metrics {sorted(m)}"
+    for k, v in m.items():
+        close(v, rm[k], F64, f"{lt} {k}")
+    g = grads_of(loss, *sharded_leaves)
+    gr = grads_of(rl, *full_leaves)
+    close(g[0], gr[0], F64, f"{lt} grad input")
+    close(g[1], gr[1][lo:hi], F64, f"{lt} grad weight shard")
+    close(g[2], gr[2][lo:hi], F64, f"{lt} grad bias shard")
 
 
 @check
@@ -664,16 +670,8 @@ def kto_both_loss_types(c):
         rkl = dict(kl_logits=kx @ W.T + b, kl_target=ky, ref_kl_logits=kxr @ Wr.T) if lt == "kto" else {}
         rl, rm = ref.kto_loss(xf @ Wf.T + bf, y, desirable, loss_type=lt, beta=0.4, temperature=0.8,
                               ref_logits=xr @ Wr.T, desirable_weight=1.3, **rkl)
-        close(loss, rl, F64, f"{lt} loss")
         assert lt != "kto" or m["kl"].item() > 0.1, "the KL term was clamped away"
-        assert set(m) == set(rm), f"{lt} metrics {sorted(m)}"
-        for k, v in m.items():
-            close(v, rm[k], F64, f"{lt} {k}")
-        g = grads_of(loss, xs, Ws, bs)
-        gr = grads_of(rl, xf, Wf, bf)
-        close(g[0], gr[0], F64, f"{lt} grad input")
-        close(g[1], gr[1][lo:hi], F64, f"{lt} grad weight shard")
-        close(g[2], gr[2][lo:hi], F64, f"{lt} grad bias shard")
+        _pair_loss_close(lt, loss, m, rl, rm, (xs, Ws, bs), (xf, Wf, bf), lo, hi)
 
 
 @check

@@ -1,6 +1,7 @@
 """fusedce.preference_loss against fusedce.reference.preference_loss (float64, materialized
 logits), and against TRL's own loss functions where TRL exposes them."""
 
+import contextlib
 import types
 
 import pytest
@@ -148,8 +149,9 @@ def test_reference_under_no_grad():
     assert xr.grad is None and wr.grad is None and x.grad is not None
 
 
-def test_logits_metrics_under_process_group(tmp_path):
-    # One rank here (the sharded checks over 2 and 3 gloo ranks are in test_distributed.py).
+@contextlib.contextmanager
+def _one_rank_gloo(tmp_path):
+    """A 1-rank gloo group (unless one is already up), for the sharded route on one process."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -158,6 +160,15 @@ def test_logits_metrics_under_process_group(tmp_path):
     if started:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
+        yield dist
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def test_logits_metrics_under_process_group(tmp_path):
+    # One rank here (the sharded checks over 2 and 3 gloo ranks are in test_distributed.py).
+    with _one_rank_gloo(tmp_path) as dist:
         x, w, b, y, xr, wr = _batch()
         for lt in LOSS_TYPES:
             kw = dict(ref_input=xr, ref_weight=wr) if lt in WITH_REF else {}
@@ -169,9 +180,6 @@ def test_logits_metrics_under_process_group(tmp_path):
             assert set(m) == set(wm), sorted(m)  # logits/* too: the sharded pass has the mean logit
             for k, v in m.items():
                 torch.testing.assert_close(v, wm[k], msg=k)
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 def test_trl_cpo_and_orpo_losses():
@@ -547,14 +555,7 @@ def test_kto_compile_fullgraph(device):
 
 def test_kto_under_process_group(tmp_path):
     # One rank here: every pass (policy, reference, KL completions) takes the sharded route.
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("gloo is not available")
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
+    with _one_rank_gloo(tmp_path) as dist:
         x, w, b, y, xr, wr = _batch()
         labels = torch.tensor(LABELINGS["mixed"])
         kx, ky, kxr = _kl_batch()
@@ -566,9 +567,6 @@ def test_kto_under_process_group(tmp_path):
         assert set(m) == set(wm)
         for k, v in m.items():
             torch.testing.assert_close(v, wm[k], msg=k)
-    finally:
-        if started:
-            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
