@@ -26,6 +26,7 @@
 
 #include <string>
 
+#include "shard_layout.h"
 #include "terms_args.h"
 #include "validate.h"
 
@@ -145,6 +146,37 @@ TORCH_LIBRARY(fusedce, m) {
       "Tensor lse, Tensor coef_p, Tensor coef_t, Tensor? coef_w=None, int ignore_index=-100, "
       "float softcap=0.0, float logit_scale=1.0) -> ()");
 
+  // The same building blocks for every term beyond the plain CE (entropy, log-probs, statistics,
+  // distillation, the token-level policy objective): the row math of csrc/cpu/terms.h and
+  // kernels/terms_kernels.cu split at the per-row scalars, columns as csrc/shard_layout.h. Per
+  // chunk: shard_partials on each rank, one all-gather of the partials into [world, N, kParts],
+  // shard_finish (merge + the per-row values and gradient coefficients, the same on every rank),
+  // shard_backward_ on each rank's logits. The JSD needs one more reduction: shard_finish without
+  // `jsd` gives lse_u / lse_y, shard_jsd the rank's part of (jsd, jsd_s), summed over the ranks and
+  // handed to a second shard_finish. term_floats / term_ints as in `loss` (csrc/terms_args.h);
+  // teacher_logits: the teacher's raw logits on the same shard [N, V_local].
+  m.def(
+      "shard_partials(Tensor logits, Tensor target, int vocab_start, Tensor? class_weight=None, "
+      "Tensor? teacher_logits=None, int ignore_index=-100, float softcap=0.0, "
+      "float logit_scale=1.0, float[] term_floats=[], int[] term_ints=[]) -> Tensor");
+  m.def(
+      "shard_jsd(Tensor logits, Tensor teacher_logits, Tensor coefs, float softcap=0.0, "
+      "float logit_scale=1.0, float[] term_floats=[], int[] term_ints=[]) -> Tensor");
+  // partials: [world, N, kParts] (or [N, kParts] for one rank); jsd: [N, 2] summed over the
+  // ranks (JSD only); g_*: the upstream gradients of token_loss, lse, entropy and logprob ([N] each,
+  // None: 0). Returns (rows [N, kRows], coefs [N, kCoefs]) in the partials' dtype.
+  m.def(
+      "shard_finish(Tensor partials, Tensor target, Tensor? jsd=None, Tensor? g_token_loss=None, "
+      "Tensor? g_lse=None, Tensor? g_entropy=None, Tensor? g_logprob=None, "
+      "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "
+      "Tensor? old_logprobs=None, Tensor? advantages=None, Tensor? ref_logprobs=None, "
+      "Tensor? policy_weights=None, Tensor? entropy_weights=None, float[] term_floats=[], "
+      "int[] term_ints=[]) -> (Tensor rows, Tensor coefs)");
+  m.def(
+      "shard_backward_(Tensor(a!) logits, Tensor target, int vocab_start, Tensor coefs, "
+      "Tensor? class_weight=None, Tensor? teacher_logits=None, int ignore_index=-100, "
+      "float softcap=0.0, float logit_scale=1.0, float[] term_floats=[], int[] term_ints=[]) -> ()");
+
   // self *= scale (a one-element tensor on self's device), in place. The backward of `loss` uses it
   // to apply the upstream gradient to the gradients computed in the forward; when scale == 1
   // (plain loss.backward()) the kernel exits without touching self, with no host synchronization.
@@ -199,6 +231,32 @@ py::dict term_layout() {
   return layout;
 }
 
+// The column indices of the vocab-parallel term ops' packed tensors (csrc/shard_layout.h).
+py::dict shard_layout() {
+  namespace sh = fusedce::shard;
+  py::dict parts, rows, coefs;
+#define FUSEDCE_COL_(dict, name) dict[#name] = static_cast<int>(sh::name);
+  FUSEDCE_COL_(parts, kM) FUSEDCE_COL_(parts, kS) FUSEDCE_COL_(parts, kHz) FUSEDCE_COL_(parts, kWz)
+  FUSEDCE_COL_(parts, kZt) FUSEDCE_COL_(parts, kWt) FUSEDCE_COL_(parts, kArgmax)
+  FUSEDCE_COL_(parts, kSu) FUSEDCE_COL_(parts, kHuU) FUSEDCE_COL_(parts, kHuY)
+  FUSEDCE_COL_(parts, kMy) FUSEDCE_COL_(parts, kSy) FUSEDCE_COL_(parts, kHyY)
+  FUSEDCE_COL_(parts, kHyU) FUSEDCE_COL_(parts, kSz) FUSEDCE_COL_(parts, kS2)
+  FUSEDCE_COL_(parts, kWsum) FUSEDCE_COL_(parts, kV) FUSEDCE_COL_(parts, kParts)
+  FUSEDCE_COL_(rows, kTokenLoss) FUSEDCE_COL_(rows, kLse) FUSEDCE_COL_(rows, kEntropy)
+  FUSEDCE_COL_(rows, kLogprob) FUSEDCE_COL_(rows, kPredicted) FUSEDCE_COL_(rows, kMeanLogit)
+  FUSEDCE_COL_(rows, kLogSumSq) FUSEDCE_COL_(rows, kWeightAtTarget) FUSEDCE_COL_(rows, kRows)
+  FUSEDCE_COL_(coefs, kCoefP) FUSEDCE_COL_(coefs, kCoefT) FUSEDCE_COL_(coefs, kCoefW)
+  FUSEDCE_COL_(coefs, kCoefE) FUSEDCE_COL_(coefs, kLam) FUSEDCE_COL_(coefs, kCoefLse)
+  FUSEDCE_COL_(coefs, kLseU) FUSEDCE_COL_(coefs, kLseY) FUSEDCE_COL_(coefs, kDiv)
+  FUSEDCE_COL_(coefs, kJsdS) FUSEDCE_COL_(coefs, kCoefs)
+#undef FUSEDCE_COL_
+  py::dict layout;
+  layout["parts"] = parts;
+  layout["rows"] = rows;
+  layout["coefs"] = coefs;
+  return layout;
+}
+
 }  // namespace
 
 // A bare extension module: the ops come from the static TORCH_LIBRARY registration above when the
@@ -208,6 +266,8 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("build_info", &build_info, "How this fusedce._C was built (CPU/CUDA, versions, archs).");
   mod.def("term_layout", &term_layout,
           "The layout of the packed term arguments of fusedce::loss (csrc/terms_args.h).");
+  mod.def("shard_layout", &shard_layout,
+          "The column indices of the vocab-parallel term ops' packed tensors (csrc/shard_layout.h).");
   mod.def(
       "_validate_targets",
       [](int delta) { return fusedce::validate_depth().fetch_add(delta) + delta; },

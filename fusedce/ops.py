@@ -169,6 +169,40 @@ def _shard_grad_fake(logits, target, vocab_start, class_weight, lse, coef_p, coe
     return None
 
 
+# Column counts of the vocab-parallel term ops' packed tensors (csrc/shard_layout.h).
+_SHARD_LAYOUT = load_extension().shard_layout()
+_N_PARTS = _SHARD_LAYOUT["parts"]["kParts"]
+_N_ROWS = _SHARD_LAYOUT["rows"]["kRows"]
+_N_COEFS = _SHARD_LAYOUT["coefs"]["kCoefs"]
+
+
+@register_fake("fusedce::shard_partials")
+def _shard_partials_fake(logits, target, vocab_start, class_weight=None, teacher_logits=None,
+                         ignore_index=-100, softcap=0.0, logit_scale=1.0, term_floats=(), term_ints=()):
+    return logits.new_empty((logits.shape[0], _N_PARTS), dtype=_acc_dtype(logits.dtype))
+
+
+@register_fake("fusedce::shard_jsd")
+def _shard_jsd_fake(logits, teacher_logits, coefs, softcap=0.0, logit_scale=1.0, term_floats=(),
+                    term_ints=()):
+    return logits.new_empty((logits.shape[0], 2), dtype=_acc_dtype(logits.dtype))
+
+
+@register_fake("fusedce::shard_finish")
+def _shard_finish_fake(partials, target, jsd=None, g_token_loss=None, g_lse=None, g_entropy=None,
+                       g_logprob=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                       old_logprobs=None, advantages=None, ref_logprobs=None, policy_weights=None,
+                       entropy_weights=None, term_floats=(), term_ints=()):
+    n = target.shape[0]
+    return partials.new_empty((n, _N_ROWS)), partials.new_empty((n, _N_COEFS))
+
+
+@register_fake("fusedce::shard_backward_")
+def _shard_backward_fake(logits, target, vocab_start, coefs, class_weight=None, teacher_logits=None,
+                         ignore_index=-100, softcap=0.0, logit_scale=1.0, term_floats=(), term_ints=()):
+    return None
+
+
 @register_fake("fusedce::scale_")
 def _scale_fake(self, scale):
     return None
