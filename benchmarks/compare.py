@@ -1,6 +1,6 @@
 """fusedce against every peer, side by side, on one GPU: time, memory, accuracy, time / floor.
 
-    python -m benchmarks compare RESULTS_DIR [--quick] [--only shapes|sweeps|ce] [--methods a,b,...]
+    python -m benchmarks compare RESULTS_DIR [--quick] [--only shapes|sweeps|n_sweep|ce] [--methods a,b,...]
 
 Writes RESULTS_DIR/results.json (every measurement, with device, versions and date),
 RESULTS_DIR/results.md (tables) and, where matplotlib is installed, the PNG plots
@@ -15,6 +15,12 @@ minus what was allocated before it, minus the bytes of the gradients the step re
 what a method needs beyond inputs and grads); for CE on given logits the gradient of the logits is
 counted, since writing it in place is what saves the memory. A peer that fails on a shape is recorded with its
 error, never dropped.
+
+The n_sweep part (issue 13's grid) runs every method, fwd+bwd in bf16, at each N of N_GRID for each
+(H, V) of N_GRID_HV, and writes per point each method's time / floor, its transient memory and
+the verdicts the issue asks for (fusedce <= torch.compile in time and memory, fusedce <= eager
+in time), counted over the points (records of group "n_grid"; `results.json` also holds the
+verdicts under "n_sweep_verdicts").
 """
 
 from __future__ import annotations
@@ -47,6 +53,19 @@ N_SWEEP = [1024, 2048, 4096, 8192, 16384, 32768]  # at the Llama-3 shape
 V_SWEEP = [32768, 65536, 131072, 262144]  # at H = 4096, N = 8192
 CE_N_SWEEP = [2048, 8192, 16384]  # CE on given logits, V = 128256
 CE_V_SWEEP = [32768, 65536, 131072, 262144]  # CE on given logits, N = 8192
+# Issue 13's grid (the n_sweep part): every N for every (H, V). The small shape first, so that a
+# run cut short by its time limit has one complete shape; the three suite shapes after it.
+N_GRID = [128, 512, 1024, 2048, 4096, 8192, 32768, 65536]
+N_GRID_QUICK = [128, 8192]
+N_GRID_HV = [
+    (1024, 32000, "H1024 V32000"),
+    (4096, 128256, "Llama-3 8B"),
+    (2304, 256000, "Gemma-2 2B"),
+    (3584, 152064, "Qwen2.5 7B"),
+]
+# A point whose floor exceeds this is timed with fewer steps (grid_schedule): at the largest N,
+# 3 + 10 steps of every method would not fit the grid into one ~7 minute GPU command.
+LONG_STEP_MS = 50.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,6 +125,38 @@ def make_peer_methods():
         methods["torch F.linear_cross_entropy"] = _skipped(
             RuntimeError(f"not in torch {torch.__version__}")
         )
+    return methods
+
+
+def _eager_n_dynamic(x, w, t):
+    # _eager's body in a function of its own: dynamo caches compiled code per code object, so the
+    # grid's dynamic-N graphs neither reuse nor evict the static ones the shape runs compile.
+    return F.cross_entropy(F.linear(x, w).float(), t)
+
+
+def make_n_grid_methods(methods_filter=None) -> dict:
+    """The grid's methods: fusedce (both modes) and every peer, with torch.compile dynamic in N."""
+    methods = {**make_fused_methods(include_sweep=False), **make_peer_methods()}
+    compiled = torch.compile(_eager_n_dynamic)
+
+    def compiled_dynamic_n(x, w, t):
+        # One graph per (H, V), not one per N: 8 compilations per shape would cost minutes of the
+        # grid's time budget, and a training loop with varying sequence lengths gets a dynamic-N
+        # graph anyway (dynamo's automatic dynamic shapes, after the second size). The token
+        # dimension is marked dynamic (maybe_: a guard that specializes it recompiles instead of
+        # failing the method), H and V static: unmarked, automatic dynamic would also make H and
+        # V symbolic from the second shape on (checked with backend="aot_eager", torch 2.13),
+        # and compile the suite shapes' reductions over V for an unknown V. Not
+        # torch.compile(dynamic=True) for the same reason.
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.mark_static(x, 1)
+        torch._dynamo.mark_static(w)
+        return compiled(x, w, t)
+
+    methods["torch.compile"] = compiled_dynamic_n
+    if methods_filter:
+        methods = {k: v for k, v in methods.items() if k in methods_filter or k == "fusedce"}
     return methods
 
 
@@ -175,8 +226,11 @@ def transient_bytes(step, grad_bytes: int) -> int:
     return max(0, torch.cuda.max_memory_allocated() - before - grad_bytes)
 
 
-def gemm_floor_ms(N, H, V, dtype) -> dict:
-    """The three full-size GEMMs of a fused linear loss step: logits, grad_input, grad_weight."""
+def gemm_floor_ms(N, H, V, dtype, fwd: bool = True, schedule=None) -> dict:
+    """The three full-size GEMMs of a fused linear loss step: logits, grad_input, grad_weight.
+
+    fwd: also time the logits GEMM alone ("floor_fwd_ms"). schedule: a function of one probe
+    step's ms giving (warmup, iters), for points too large for the default 3 + 10 steps."""
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g)
     w = torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02
@@ -190,11 +244,14 @@ def gemm_floor_ms(N, H, V, dtype) -> dict:
         torch.mm(logits.t(), x, out=gw)
 
     torch.mm(x, w.t(), out=logits)  # real (random) data in the grad GEMMs, not zeros
-    ms = cuda_time_ms(step)
-    fwd = cuda_time_ms(lambda: torch.mm(x, w.t(), out=logits))
+    warmup, iters = (3, 10) if schedule is None else schedule(cuda_time_ms(step, warmup=1, iters=1))
+    ms = cuda_time_ms(step, warmup=warmup, iters=iters)
+    out = {"floor_ms": ms, "tflops": 6 * N * H * V / (ms * 1e-3) / 1e12, "floor_iters": iters}
+    if fwd:
+        out["floor_fwd_ms"] = cuda_time_ms(lambda: torch.mm(x, w.t(), out=logits))
     del x, w, logits, gx, gw
     torch.cuda.empty_cache()
-    return {"floor_ms": ms, "floor_fwd_ms": fwd, "tflops": 6 * N * H * V / (ms * 1e-3) / 1e12}
+    return out
 
 
 def copy_bandwidth() -> float:
@@ -228,20 +285,30 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def measure_fused(name, fn, N, H, V, dtype, floor, ref, seed=0) -> dict:
+def _is_oom(e: BaseException) -> bool:
+    # torch's allocator raises torch.OutOfMemoryError; a peer's own allocation path may surface
+    # the same condition as a RuntimeError with the allocator's message.
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def measure_fused(name, fn, N, H, V, dtype, floor, ref, seed=0, fwd=True, warmup=3, iters=10,
+                  device="cuda") -> dict:
+    """One method at one point. floor: gemm_floor_ms's dict, or None where it could not be timed
+    (no ratio then). fwd: also time the forward alone. device: "cuda" but for the unit tests,
+    which run this on the CPU with the timing functions replaced."""
     rec = {"kind": "fused", "method": name, "N": N, "H": H, "V": V, "dtype": str(dtype).split(".")[-1]}
     try:
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        x = torch.randn(N, H, device="cuda", dtype=dtype, generator=g).requires_grad_()
-        w = (torch.randn(V, H, device="cuda", dtype=dtype, generator=g) * 0.02).requires_grad_()
-        t = torch.randint(0, V, (N,), device="cuda", generator=g)
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(N, H, device=device, dtype=dtype, generator=g).requires_grad_()
+        w = (torch.randn(V, H, device=device, dtype=dtype, generator=g) * 0.02).requires_grad_()
+        t = torch.randint(0, V, (N,), device=device, generator=g)
 
         def step():
             x.grad = None
             w.grad = None
             fn(x, w, t).backward()
 
-        def fwd():
+        def forward():
             with torch.no_grad():
                 fn(x, w, t)
 
@@ -249,10 +316,12 @@ def measure_fused(name, fn, N, H, V, dtype, floor, ref, seed=0) -> dict:
         x.grad = w.grad = None  # "before" holds the inputs only; the step's new grads are subtracted
         grad_bytes = (x.numel() + w.numel()) * x.element_size()
         rec["transient_mib"] = transient_bytes(step, grad_bytes) / MIB
-        rec["fwdbwd_ms"] = cuda_time_ms(step)
-        rec["fwd_ms"] = cuda_time_ms(fwd)
-        rec["floor_ms"] = floor["floor_ms"]
-        rec["ratio"] = rec["fwdbwd_ms"] / floor["floor_ms"]
+        rec["fwdbwd_ms"] = cuda_time_ms(step, warmup=warmup, iters=iters)
+        if fwd:
+            rec["fwd_ms"] = cuda_time_ms(forward)
+        if floor is not None:
+            rec["floor_ms"] = floor["floor_ms"]
+            rec["ratio"] = rec["fwdbwd_ms"] / floor["floor_ms"]
         if ref is not None:
             x.grad = w.grad = None
             loss = fn(x, w, t)
@@ -265,12 +334,16 @@ def measure_fused(name, fn, N, H, V, dtype, floor, ref, seed=0) -> dict:
     except Exception as e:  # noqa: BLE001 - a failing method is a result, not a crash
         rec["status"] = "failed"
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        rec["oom"] = _is_oom(e)
         if os.environ.get("FUSEDCE_BENCH_TRACEBACK"):
             traceback.print_exc()
     finally:
-        x = w = t = None
+        # After an OOM too: the step's closures hold the inputs; drop them, then hand the cached
+        # blocks back so that the next method starts from the same free memory.
+        x = w = t = step = forward = None
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rec
 
 
@@ -325,6 +398,213 @@ def measure_ce(name, fn, N, V, dtype, floor_ms, seed=0) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# Issue 13's grid: every method at every N for each (H, V)
+# ------------------------------------------------------------------------------------------------
+
+
+def grid_schedule(step_ms: float) -> tuple[int, int]:
+    """(warm-up steps, timed steps) at a point whose floor (or probe step) takes step_ms."""
+    return (2, 5) if step_ms > LONG_STEP_MS else (3, 10)
+
+
+def _dynamo_graphs():
+    """dynamo's count of graphs compiled so far (to show that torch.compile compiled once per
+    (H, V), not per N); None where this torch does not keep the counter."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - a missing diagnostic must not stop the benchmark
+        return None
+
+
+def _elapsed(start: float) -> str:
+    return f"[+{time.monotonic() - start:5.0f} s]"
+
+
+def n_grid(methods: dict, records: list, save, hv=N_GRID_HV, ns=N_GRID, dtype=torch.bfloat16,
+           device="cuda", on_shape_done=None, progress=None, start=None) -> list:
+    """Measures every method at every (H, V, N) of the grid, appending one record per method and
+    point to `records` and calling `save()` after each, `on_shape_done()` after each (H, V).
+
+    A method that ran out of memory at some N of a shape is not run at the larger N of that shape
+    (recorded as skipped, naming the N); any other failure is recorded and the method still runs
+    at the next N. fusedce's own time is in each point's "fusedce" record."""
+    progress = progress or _progress
+    start = time.monotonic() if start is None else start
+    dt = str(dtype).split(".")[-1]
+    for H, V, label in hv:
+        oomed = {}  # method -> the N at which it ran out of memory on this shape
+        for N in ns:
+            floor, floor_error = None, None
+            try:
+                floor = gemm_floor_ms(N, H, V, dtype, fwd=False, schedule=grid_schedule)
+                warmup, iters = grid_schedule(floor["floor_ms"])
+                head = f"floor {floor['floor_ms']:.3f} ms"
+            except Exception as e:  # noqa: BLE001 - the methods' times still count without it
+                floor_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                warmup, iters = grid_schedule(float("inf"))
+                head = f"floor FAILED ({floor_error})"
+                if device == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            progress(f"{_elapsed(start)} n_sweep {label}: N={N} H={H} V={V} {dt}, {head}, "
+                     f"{warmup} warm-up + {iters} timed steps")
+            for name, fn in methods.items():
+                if isinstance(fn, _Skipped):
+                    continue
+                if name in oomed:
+                    rec = {"kind": "fused", "method": name, "N": N, "H": H, "V": V, "dtype": dt,
+                           "status": "skipped", "error": f"skipped: OOM at smaller N (N={oomed[name]})"}
+                else:
+                    graphs = _dynamo_graphs()
+                    rec = measure_fused(name, fn, N, H, V, dtype, floor, None, fwd=False,
+                                        warmup=warmup, iters=iters, device=device)
+                    if name == "torch.compile" and graphs is not None:
+                        rec["dynamo_new_graphs"] = _dynamo_graphs() - graphs
+                    if rec.get("oom"):
+                        oomed[name] = N
+                rec.update(group="n_grid", part="n_sweep", label=label, warmup=warmup, iters=iters)
+                if floor is not None:
+                    rec.update(floor_ms=floor["floor_ms"], floor_tflops=floor["tflops"])
+                else:
+                    rec["floor_error"] = floor_error
+                records.append(rec)
+                line = _line(rec)
+                if "dynamo_new_graphs" in rec:
+                    line += f"  ({rec['dynamo_new_graphs']} new dynamo graphs)"
+                progress(f"{_elapsed(start)} {line}")
+                save()
+        if on_shape_done is not None:
+            on_shape_done()
+    return records
+
+
+# (key, peer, measured field, what "yes" means)
+VERDICTS = [
+    ("time_vs_compile", "torch.compile", "fwdbwd_ms", "fusedce time <= torch.compile's"),
+    ("memory_vs_compile", "torch.compile", "transient_mib", "fusedce transient memory <= torch.compile's"),
+    ("time_vs_eager", "torch eager", "fwdbwd_ms", "fusedce time <= torch eager's"),
+]
+BOTH_VS_COMPILE = ("time_and_memory_vs_compile", "fusedce time and memory both <= torch.compile's")
+
+
+def _outcome(name, rec) -> str:
+    if rec is None:
+        return f"{name} not run"
+    if rec["status"] == "skipped":
+        return f"{name} skipped after OOM"
+    return f"{name} OOM" if rec.get("oom") else f"{name} failed"
+
+
+def _verdict(fused, peer_name, peer, field) -> str:
+    """"yes" / "no" where both ran, else why the point has no verdict."""
+    if fused is None or fused["status"] != "ok":
+        return _outcome("fusedce", fused)
+    if peer is None or peer["status"] != "ok":
+        return _outcome(peer_name, peer)
+    return "yes" if fused[field] <= peer[field] else "no"
+
+
+def n_grid_verdicts(records) -> dict:
+    """Per grid point: fusedce's time and each verdict of VERDICTS; and each verdict counted."""
+    by_point = {}
+    for r in records:
+        if r.get("group") == "n_grid":
+            by_point.setdefault((r["H"], r["V"], r["N"]), {})[r["method"]] = r
+    points = []
+    for (H, V, N), by in sorted(by_point.items()):
+        f = by.get("fusedce")
+        p = {"H": H, "V": V, "N": N,
+             "fusedce_ms": f.get("fwdbwd_ms") if f is not None else None}
+        for key, peer, field, _ in VERDICTS:
+            p[key] = _verdict(f, peer, by.get(peer), field)
+        t, m = p["time_vs_compile"], p["memory_vs_compile"]
+        if t in ("yes", "no") and m in ("yes", "no"):
+            p[BOTH_VS_COMPILE[0]] = "yes" if t == m == "yes" else "no"
+        else:
+            p[BOTH_VS_COMPILE[0]] = t if t not in ("yes", "no") else m
+        points.append(p)
+    counts = {}
+    for key in [k for k, *_ in VERDICTS] + [BOTH_VS_COMPILE[0]]:
+        c = {}
+        for p in points:
+            c[p[key]] = c.get(p[key], 0) + 1
+        counts[key] = c
+    return {"n_points": len(points), "points": points, "counts": counts}
+
+
+def _count_line(what: str, counts: dict, n: int) -> str:
+    rest = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k not in ("yes", "no"))
+    s = f"{what} at {counts.get('yes', 0)} of {n} points (no at {counts.get('no', 0)}"
+    return s + (f"; no verdict: {rest})" if rest else ")")
+
+
+def _grid_cell(r) -> str:
+    if r is None:
+        return ""
+    if r["status"] == "ok":
+        return f"{r['ratio']:.3f}" if "ratio" in r else f"{r['fwdbwd_ms']:.3f} ms"
+    if r["status"] == "skipped":
+        return "skipped (OOM at smaller N)"
+    return "OOM" if r.get("oom") else "failed"
+
+
+def n_grid_markdown(records) -> list:
+    rs = [r for r in records if r.get("group") == "n_grid"]
+    if not rs:
+        return []
+    v = n_grid_verdicts(records)
+    yn = {"yes": "yes", "no": "**no**"}
+    lines = [
+        "", f"## fwd+bwd vs N, every method (issue 13's grid), {rs[0]['dtype']}", "",
+        "Verdicts over every point of the grid that ran:", "",
+    ]
+    for key, _, _, what in VERDICTS + [(BOTH_VS_COMPILE[0], None, None, BOTH_VS_COMPILE[1])]:
+        lines.append("- " + _count_line(what, v["counts"][key], v["n_points"]))
+    lines += [
+        "",
+        "Each method's cell: fwd+bwd time / the 3-GEMM floor of that point. Timed steps: median of "
+        f"10 after 3 warm-up steps, of 5 after 2 where the floor exceeds {LONG_STEP_MS:g} ms "
+        "(each record's `iters`). torch.compile: one graph per (H, V), dynamic in N. "
+        "At small N the fixed cost per call dominates: fusedce's own time is its column `fusedce ms`.",
+    ]
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    verdict_of = {(p["H"], p["V"], p["N"]): p for p in v["points"]}
+    for H, V in dict.fromkeys((r["H"], r["V"]) for r in rs):
+        label = next(r["label"] for r in rs if (r["H"], r["V"]) == (H, V))
+        pts = {}
+        for r in rs:
+            if (r["H"], r["V"]) == (H, V):
+                pts.setdefault(r["N"], {})[r["method"]] = r
+        lines += ["", f"### {label}: H={H}, V={V}", "",
+                  "| N | floor ms | fusedce ms | " + " | ".join(methods)
+                  + " | fusedce MiB | torch.compile MiB | <= compile time | <= compile memory | <= eager time |",
+                  "|---" * (len(methods) + 8) + "|"]
+        for N in sorted(pts):
+            by = pts[N]
+            any_rec = next(iter(by.values()))
+            floor = f"{any_rec['floor_ms']:.3f}" if "floor_ms" in any_rec else "failed"
+            f, c = by.get("fusedce"), by.get("torch.compile")
+            mib = lambda r: f"{r['transient_mib']:.1f}" if r is not None and r["status"] == "ok" else ""
+            fms = f"{f['fwdbwd_ms']:.3f}" if f is not None and f["status"] == "ok" else _grid_cell(f)
+            p = verdict_of[(H, V, N)]
+            lines.append(
+                f"| {N} | {floor} | {fms} | " + " | ".join(_grid_cell(by.get(m)) for m in methods)
+                + f" | {mib(f)} | {mib(c)} | "
+                + " | ".join(yn.get(p[k], p[k]) for k in ("time_vs_compile", "memory_vs_compile", "time_vs_eager"))
+                + " |"
+            )
+    errors = [f"- {r['method']} at N={r['N']} H={r['H']} V={r['V']}: {r.get('error', '')}"
+              for r in rs if r["status"] == "failed"]
+    floor_errors = {(r["N"], r["H"], r["V"]): r["floor_error"] for r in rs if "floor_error" in r}
+    errors += [f"- the floor at N={N} H={H} V={V}: {e}" for (N, H, V), e in floor_errors.items()]
+    if errors:
+        lines += ["", "Errors:", ""] + errors
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
 
@@ -367,18 +647,20 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
             meta["copy_bandwidth_tbs"] = old["meta"]["copy_bandwidth_tbs"]
 
     def save():
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=1)
-
-    fused = {**make_fused_methods(include_sweep=not quick), **make_peer_methods()}
-    if methods_filter:
-        fused = {k: v for k, v in fused.items() if k in methods_filter or k == "fusedce"}
-    for name, fn in fused.items():
-        if isinstance(fn, _Skipped):
-            _progress(f"skipping {name}: {fn.reason}")
-    meta["skipped"] = {k: v.reason for k, v in fused.items() if isinstance(v, _Skipped)}
+        write_results(path, meta, records)
 
     parts = _parts(only)
+    fused = {}
+    if parts & {"shapes", "sweeps"}:
+        fused = {**make_fused_methods(include_sweep=not quick), **make_peer_methods()}
+        if methods_filter:
+            fused = {k: v for k, v in fused.items() if k in methods_filter or k == "fusedce"}
+    grid = make_n_grid_methods(methods_filter) if "n_sweep" in parts else {}
+    skipped = {k: v.reason for k, v in {**fused, **grid}.items() if isinstance(v, _Skipped)}
+    for name, reason in skipped.items():
+        _progress(f"skipping {name}: {reason}")
+    meta["skipped"] = skipped
+
     cases = []
     if "shapes" in parts:
         cases += [(N, H, V, label, torch.bfloat16, "shape") for N, H, V, label in SHAPES]
@@ -417,6 +699,11 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
             save()
         ref = None
 
+    if "n_sweep" in parts:
+        # results.md after each shape too: a command cut short by its time limit leaves tables.
+        n_grid(grid, records, save, ns=N_GRID_QUICK if quick else N_GRID,
+               on_shape_done=lambda: write_markdown(out_dir, meta, records))
+
     if "ce" in parts:
         bw = copy_bandwidth()
         meta["copy_bandwidth_tbs"] = bw / 1e12
@@ -438,25 +725,45 @@ def run(out_dir: str, quick: bool = False, only: str | None = None, methods_filt
                 save()
 
     save()
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(meta, records))
-    try:
-        from benchmarks import plots
-
-        plots.draw_all(path, out_dir)
-    except ImportError as e:
-        _progress(f"no plots here ({e}); run python -m benchmarks plots {path} on a machine with matplotlib")
+    write_markdown(out_dir, meta, records)
+    draw_plots(path, out_dir)
     return {"meta": meta, "records": records}
 
 
+def write_results(path: str, meta: dict, records: list):
+    data = {"meta": meta, "records": records}
+    if any(r.get("group") == "n_grid" for r in records):
+        data["n_sweep_verdicts"] = n_grid_verdicts(records)
+    # Written whole to a temporary file, then renamed: a run killed mid-write keeps the last one.
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_markdown(out_dir: str, meta: dict, records: list):
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(meta, records))
+
+
+def draw_plots(path: str, out_dir: str) -> list:
+    """compare's PNG plots from results.json; [] (and a line saying so) without matplotlib."""
+    try:
+        from benchmarks import plots
+    except ImportError as e:
+        _progress(f"no plots here ({e}); run python -m benchmarks plots {path} on a machine with matplotlib")
+        return []
+    return plots.draw_all(path, out_dir)
+
+
 def _parts(only) -> set:
-    return {"shapes", "sweeps", "ce"} if only is None else {only}
+    return {"shapes", "sweeps", "n_sweep", "ce"} if only is None else {only}
 
 
 def _line(rec) -> str:
     if rec["status"] != "ok":
-        return f"  {rec['method']:<28} FAILED {rec.get('error', '')}"
-    s = f"  {rec['method']:<28} fwd+bwd {rec['fwdbwd_ms']:8.2f} ms  x{rec['ratio']:.3f} floor  {rec['transient_mib']:9.1f} MiB"
+        return f"  {rec['method']:<28} {rec['status'].upper()} {rec.get('error', '')}"
+    ratio = f"x{rec['ratio']:.3f} floor" if "ratio" in rec else "(no floor)"
+    s = f"  {rec['method']:<28} fwd+bwd {rec['fwdbwd_ms']:8.2f} ms  {ratio}  {rec['transient_mib']:9.1f} MiB"
     if "loss_rel_err" in rec:
         s += f"  loss err {rec['loss_rel_err']:.1e} gx {rec['grad_input_rel_err']:.1e} gw {rec['grad_weight_rel_err']:.1e}"
     return s
@@ -473,14 +780,16 @@ def markdown(meta, records) -> str:
         "Time / floor: fwd+bwd time divided by the three full-size cuBLAS GEMMs of the step "
         "timed in the same run (CE on logits: 6 bytes/element at the measured copy bandwidth). "
         "Transient memory: peak during the step beyond inputs and the gradients it returns.",
-        "",
-        "## Fused linear cross entropy",
-        "",
-        "| shape (N x H x V) | dtype | method | fwd ms | fwd+bwd ms | x floor | transient MiB | loss rel err | grad_input rel err | grad_weight rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    # A section without records (a part not run into this folder) is left out.
+    if any(r["kind"] == "fused" and r.get("group") != "n_grid" for r in records):
+        lines += [
+            "", "## Fused linear cross entropy", "",
+            "| shape (N x H x V) | dtype | method | fwd ms | fwd+bwd ms | x floor | transient MiB | loss rel err | grad_input rel err | grad_weight rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in records:
-        if r["kind"] != "fused":
+        if r["kind"] != "fused" or r.get("group") == "n_grid":  # the grid has its own section
             continue
         shape = f"{r['N']}x{r['H']}x{r['V']}"
         if r["status"] != "ok":
@@ -492,8 +801,9 @@ def markdown(meta, records) -> str:
             f"{r['ratio']:.3f} | {r['transient_mib']:.1f} | {err('loss_rel_err')} | "
             f"{err('grad_input_rel_err')} | {err('grad_weight_rel_err')} |"
         )
-    lines += ["", "## Cross entropy on given bf16 logits (fwd+bwd)", "",
-              "| N x V | method | fwd+bwd ms | x floor | TB/s (6 B/elem) | transient MiB |", "|---|---|---|---|---|---|"]
+    if any(r["kind"] == "ce" for r in records):
+        lines += ["", "## Cross entropy on given bf16 logits (fwd+bwd)", "",
+                  "| N x V | method | fwd+bwd ms | x floor | TB/s (6 B/elem) | transient MiB |", "|---|---|---|---|---|---|"]
     for r in records:
         if r["kind"] != "ce":
             continue
@@ -504,6 +814,7 @@ def markdown(meta, records) -> str:
             f"| {r['N']}x{r['V']} | {r['method']} | {r['fwdbwd_ms']:.3f} | {r['ratio']:.3f} | "
             f"{r['bandwidth_tbs']:.2f} | {r['transient_mib']:.1f} |"
         )
+    lines += n_grid_markdown(records)
     if meta.get("skipped"):
         lines += ["", "Skipped (not importable here): " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -512,9 +823,11 @@ def markdown(meta, records) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="folder for results.json, results.md and the plots")
-    p.add_argument("--quick", action="store_true", help="the three shapes and one CE case only")
-    p.add_argument("--only", choices=["shapes", "sweeps", "ce"],
-                   help="run one part of the suite (results.json in out_dir accumulates the parts)")
+    p.add_argument("--quick", action="store_true", help="the three shapes, one CE case and n_sweep at N in %s only" % N_GRID_QUICK)
+    p.add_argument("--only", choices=["shapes", "sweeps", "n_sweep", "ce"],
+                   help="run one part of the suite (results.json in out_dir accumulates the parts); "
+                   "n_sweep: every method at N in %s for each (H, V) in %s"
+                   % (N_GRID, [hv[:2] for hv in N_GRID_HV]))
     p.add_argument("--methods", help="comma-separated method names to keep (fusedce always runs)")
     a = p.parse_args(argv)
     run(a.out_dir, quick=a.quick, only=a.only, methods_filter=a.methods.split(",") if a.methods else None)

@@ -3,7 +3,8 @@
     python -m benchmarks plots RESULTS_DIR/results.json [OUT_DIR]
 
 (1) per shape, the time-memory plane: each method a point, fusedce's chunk sweep a curve;
-(2) fwd+bwd time vs N; (3) transient memory vs N; (4) CE-on-logits achieved bandwidth vs V.
+(2) fwd+bwd time vs N; (3) transient memory vs N; (4) CE-on-logits achieved bandwidth vs V;
+(5) issue 13's grid: time / floor vs N of every method, one panel per (H, V).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -121,6 +123,54 @@ def n_sweep(data, out_dir) -> list[str]:
     return paths
 
 
+def n_grid(data, out_dir) -> list[str]:
+    """Time / floor vs N (log-log) of every method, one panel per (H, V) of the grid."""
+    meta, records = data["meta"], data["records"]
+    grid = [r for r in records if r.get("kind") == "fused" and r.get("group") == "n_grid"]
+    rs = [r for r in grid if r["status"] == "ok" and "ratio" in r]
+    if not rs:
+        return []
+    shapes = list(dict.fromkeys((r["H"], r["V"]) for r in grid))
+    methods = list(dict.fromkeys(r["method"] for r in grid))
+    cols = 2 if len(shapes) > 1 else 1
+    rows = (len(shapes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    for ax, (H, V) in zip(axes.flat, shapes):
+        for m in methods:
+            pts = sorted((r["N"], r["ratio"]) for r in rs if (r["H"], r["V"], r["method"]) == (H, V, m))
+            if pts:
+                ax.plot(*zip(*pts), "-o", ms=3, label=m, color=COLORS.get(m))
+        # A method with no time at some N says so on the panel: a missing point is not a fast one.
+        missing = {}
+        for r in grid:
+            if (r["H"], r["V"]) == (H, V) and r["status"] != "ok":
+                why = "OOM" if r.get("oom") or r["status"] == "skipped" else "failed"
+                missing.setdefault(f"{r['method']} ({why})", []).append(r["N"])
+        if missing:
+            text = "\n".join(f"{k}: N=" + ", ".join(map(str, sorted(v))) for k, v in missing.items())
+            ax.text(0.99, 0.98, text, transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                    color="#b00")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ns = sorted({r["N"] for r in grid if (r["H"], r["V"]) == (H, V)})
+        ax.set_xticks(ns, [str(n) for n in ns], fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        # Ratios near 1 matter: plain numbers on the log axis, not powers of ten.
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+        ax.set_xlabel("tokens N (log scale)")
+        ax.set_ylabel("fwd+bwd time / 3-GEMM floor (log scale)")
+        label = next(r.get("label", "") for r in grid if (r["H"], r["V"]) == (H, V))
+        ax.set_title(f"{label}: H={H}, V={V}, {grid[0]['dtype']}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{meta['device']}: fused linear cross entropy fwd+bwd, time / floor vs N")
+    return [_save(fig, out_dir, "n_sweep_ratio_vs_n.png")]
+
+
 def ce_bandwidth(data, out_dir) -> list[str]:
     meta, records = data["meta"], data["records"]
     rs = _ok(records, kind="ce", group="ce_v_sweep")
@@ -146,7 +196,8 @@ def draw_all(json_path: str, out_dir: str | None = None) -> list[str]:
         data = json.load(f)
     out_dir = out_dir or os.path.dirname(json_path)
     os.makedirs(out_dir, exist_ok=True)
-    return time_memory_planes(data, out_dir) + n_sweep(data, out_dir) + ce_bandwidth(data, out_dir)
+    return (time_memory_planes(data, out_dir) + n_sweep(data, out_dir) + n_grid(data, out_dir)
+            + ce_bandwidth(data, out_dir))
 
 
 if __name__ == "__main__":
