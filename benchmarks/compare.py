@@ -140,14 +140,17 @@ def make_n_grid_methods(methods_filter=None) -> dict:
     compiled = torch.compile(_eager_n_dynamic)
 
     def compiled_dynamic_n(x, w, t):
-        # One graph per (H, V), not one per N: 8 compilations per shape would cost minutes of the
-        # grid's time budget, and a training loop with varying sequence lengths gets a dynamic-N
-        # graph anyway (dynamo's automatic dynamic shapes, after the second size). The token
-        # dimension is marked dynamic (maybe_: a guard that specializes it recompiles instead of
-        # failing the method), H and V static: unmarked, automatic dynamic would also make H and
-        # V symbolic from the second shape on (checked with backend="aot_eager", torch 2.13),
-        # and compile the suite shapes' reductions over V for an unknown V. Not
-        # torch.compile(dynamic=True) for the same reason.
+        # One graph per (H, V), not one per N: one compilation per shape instead of 8 (each an
+        # untimed first step, but wall time of the grid's one GPU command), and a training loop
+        # with varying sequence lengths gets a dynamic-N graph anyway (dynamo's automatic dynamic
+        # shapes, after the second size). The token dimension is marked dynamic (maybe_: a guard
+        # that specializes it recompiles instead of failing the method), H and V static:
+        # unmarked, automatic dynamic would also make H and V symbolic from the second shape on
+        # (checked with backend="aot_eager", torch 2.13), and compile the suite shapes'
+        # reductions over V for an unknown V. Not torch.compile(dynamic=True) for the same
+        # reason. Caveat: inductor may pick a dynamic graph's kernel configs at their first
+        # launch (N = 128 here); the shape and sweep runs' static torch.compile at the same
+        # (N, H, V) is the check. Each record's "dynamo_new_graphs" shows the recompilations.
         torch._dynamo.maybe_mark_dynamic(x, 0)
         torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.mark_static(x, 1)

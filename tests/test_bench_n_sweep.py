@@ -228,3 +228,32 @@ def test_help_without_cuda():
                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr
     assert "n_sweep" in out.stdout and "65536" in out.stdout
+
+
+def test_run_only_n_sweep_keeps_the_other_parts(monkeypatch, tmp_path):
+    """run(only="n_sweep") end to end (CUDA faked away): earlier parts' records stay, an earlier
+    grid is replaced, results.md has the grid's section."""
+    fake = Fake()
+    monkeypatch.setattr(compare, "cuda_time_ms", fake.cuda_time_ms)
+    monkeypatch.setattr(compare, "transient_bytes", fake.transient_bytes)
+    monkeypatch.setattr(compare, "gemm_floor_ms", fake.gemm_floor_ms)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake device")
+    monkeypatch.setattr(compare, "make_n_grid_methods", lambda methods_filter=None: {n: fake.method(n) for n in TIME})
+    monkeypatch.setattr(compare, "n_grid", functools.partial(compare.n_grid, hv=HV[:1], device="cpu", dtype=torch.float32))
+    monkeypatch.setattr(compare, "N_GRID", NS)
+    path = tmp_path / "results.json"
+    earlier = {"meta": {"date": "earlier"}, "records": [
+        {"kind": "ce", "part": "ce", "method": "fusedce", "N": 1, "V": 2, "status": "failed", "error": "x"},
+        {"kind": "fused", "part": "n_sweep", "group": "n_grid", "method": "stale", "N": 1, "H": 1, "V": 1,
+         "status": "failed", "error": "stale"},
+    ]}
+    path.write_text(json.dumps(earlier))
+    compare.run(str(tmp_path), only="n_sweep")
+    data = json.loads(path.read_text())
+    assert [r["part"] for r in data["records"]].count("ce") == 1
+    assert not [r for r in data["records"] if r["method"] == "stale"]
+    assert len([r for r in data["records"] if r.get("group") == "n_grid"]) == 4 * len(NS)
+    assert data["n_sweep_verdicts"]["n_points"] == len(NS)
+    md = (tmp_path / "results.md").read_text()
+    assert "fusedce time <= torch.compile's at 2 of 3 points (no at 1)" in md
