@@ -43,8 +43,8 @@ def _case(name, g):
                            distill_weight=0.8, distill_temperature=2.0, distill_beta=0.3)
     elif name.startswith("policy"):
         rowt["advantages"] = torch.randn(N, generator=g, dtype=torch.float64)
-        rowt["old_logprobs"] = -7.0 + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
-        rowt["ref_logprobs"] = -7.0 + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+        rowt["old_logprobs"] = 0.3 * torch.randn(N, generator=g, dtype=torch.float64)  # + logprob
+        rowt["ref_logprobs"] = 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
         kind = {"policy": 0, "policy_cispo": 1, "policy_sapo": 2}[name]
         opts = TermOptions(ce_weight=0.0, want_logprob=True, kl_beta=0.04, policy_kind=kind,
                            epsilon_low=0.2, epsilon_high=0.28 if kind != 1 else 2.0,
@@ -73,6 +73,10 @@ def test_shard_terms_match_whole_vocabulary(name, dtype):
         teacher = teacher.to(dtype).double()
     t = torch.randint(0, V, (N,), generator=g)
     t[[2, 11, 30]] = IGNORE
+    if "old_logprobs" in rowt:  # ratios about 1: both sides of the clipping are reached
+        lp = torch.log_softmax(raw, -1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+        rowt["old_logprobs"] = lp + rowt["old_logprobs"]
+        rowt["ref_logprobs"] = lp + rowt["ref_logprobs"]
     up = {k: torch.randn(N, generator=g, dtype=torch.float64)
           for k in ("g_token_loss", "g_lse", "g_entropy", "g_logprob")}
     if not opts.want_entropy:

@@ -50,16 +50,16 @@ __global__ void __launch_bounds__(kShardTermThreads, 4)
   const T* a = static_cast<const T*>(g.logits) + row * g.ld;
   const T* b = DK != 0 ? static_cast<const T*>(g.teacher) + row * g.ld_teacher : nullptr;
   const int V = static_cast<int>(g.cols);
+  const int lt = owned_col(g, g.target[row]);
   RowSums<A> rs;
-  row_sums<kShardTermThreads, T, A, DK, MOM>(a, b, V, ep, inv_T, true, red, red_i, rs);
+  row_sums<kShardTermThreads, T, A, DK, MOM>(a, b, V, lt, ep, inv_T, true, red, red_i, rs);
   if (threadIdx.x == 0) {
-    const int lt = owned_col(g, g.target[row]);
     A* o = static_cast<A*>(g.partials) + row * sh::kParts;
     o[sh::kM] = rs.m;
     o[sh::kS] = rs.v[0];
     o[sh::kHz] = rs.v[1];
     o[sh::kWz] = rs.v[2];
-    o[sh::kZt] = lt >= 0 ? ep.z(to_acc(a[lt])) : A(0);
+    o[sh::kZt] = rs.zt;
     o[sh::kWt] = lt >= 0 ? ep.w(lt) : A(0);
     o[sh::kArgmax] = static_cast<A>(g.vocab_start + (rs.im == kTermsNoCol ? 0 : rs.im));
     o[sh::kSu] = rs.v[3];

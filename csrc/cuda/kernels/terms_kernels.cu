@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
   const A inv_T = tk.inv_T;
 
   RowSums<A> rs;
-  row_sums<kTermsThreads, T, A, DK, MOM>(a, b, V, ep, inv_T, ep.eps != A(0), red, red_i, rs);
+  row_sums<kTermsThreads, T, A, DK, MOM>(a, b, V, tcol, ep, inv_T, ep.eps != A(0), red, red_i, rs);
   RowIn<A> in;
   in.m = rs.m;
   in.my = rs.my;
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kTermsThreads, 4)  // <= 64 registers: 4 block
   in.sy = rs.v[6];
   in.hy_y = rs.v[7];
   in.hy_u = rs.v[8];
-  in.zt = valid ? ep.z(to_acc(a[t])) : A(0);
+  in.zt = rs.zt;
   in.V = static_cast<A>(V);
   in.jsd = in.jsd_s = A(0);
 

@@ -86,6 +86,7 @@ template <typename A>
 struct RowSums {
   A m, my;
   int im;  // the first argmax (local column; kTermsNoCol: none seen)
+  A zt;    // z at the target's column (0 without one)
   A v[9];  // s, hz, wz, su, hu_u, hu_y, sy, hy_y, hy_u
   A mom[2];  // MOM: sum z, sum e^(2(z-m))
 };
@@ -95,10 +96,12 @@ struct RowSums {
 // block then agrees on the maxima, every thread shifts its sums to them, and one block sum adds
 // them up. At T = 1, u = z: q's sums are p's. DK: the distillation kind (0 off, 1 forward KL,
 // 2 reverse KL, 3 JSD), so that each kind accumulates only the sums it reads; MOM: the moments.
-// want_wz: accumulate sum w z (label smoothing). Every thread gets the totals.
+// want_wz: accumulate sum w z (label smoothing). tcol: the target's column (-1: none). Every
+// thread gets the totals.
 template <int NT, typename T, typename A, int DK, bool MOM>
-__device__ __forceinline__ void row_sums(const T* a, const T* b, int V, const Epi<A>& ep, A inv_T,
-                                         bool want_wz, A* red, int64_t* red_i, RowSums<A>& r) {
+__device__ __forceinline__ void row_sums(const T* a, const T* b, int V, int tcol, const Epi<A>& ep,
+                                         A inv_T, bool want_wz, A* red, int64_t* red_i,
+                                         RowSums<A>& r) {
   constexpr bool distill = DK != 0;
   const A ninf = neg_inf<A>();
   const bool t1 = inv_T == A(1);
@@ -195,6 +198,7 @@ __device__ __forceinline__ void row_sums(const T* a, const T* b, int V, const Ep
     my = MY;
     im = static_cast<int>(iM);
   }
+  r.zt = tcol >= 0 ? ep.z(to_acc(a[tcol])) : A(0);
   block_sum<NT>(v, red);
   if (MOM) block_sum<NT>(mom, red);
   r.m = m;
