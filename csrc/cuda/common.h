@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../terms_args.h"
 #include "../validate.h"
 #include "kernels/launchers.h"
 
@@ -78,6 +79,27 @@ inline void set_ce_epilogue(gpu::EpiParams& ep, Tensor& cw, Tensor& cw_sum,
     ep.class_weight = cw.data_ptr();
     ep.class_weight_sum = cw_sum.data_ptr();
   }
+}
+
+// The scalar options of the terms beyond the CE as the kernels take them (the per-row pointers are
+// the caller's to set): the fused loss and the vocab-parallel term ops read them alike.
+inline gpu::TermsParams terms_params(const TermArgs& ta) {
+  gpu::TermsParams tp;
+  tp.ce_weight = ta.ce_weight;
+  tp.entropy_coef = ta.entropy_coef;
+  tp.distill = static_cast<int>(ta.distill);
+  tp.distill_weight = ta.distill_weight;
+  tp.beta = ta.distill_beta;
+  tp.inv_T = 1.0 / ta.distill_temperature;
+  tp.eps_low = ta.epsilon_low;
+  tp.eps_high = ta.epsilon_high;
+  tp.kl_beta = ta.kl_beta;
+  tp.policy_kind = static_cast<int>(ta.policy_kind);
+  tp.delta = ta.policy_delta;
+  tp.kl_bias_correction = ta.kl_bias_correction;
+  tp.sapo_tau_pos = ta.sapo_temperature_pos;
+  tp.sapo_tau_neg = ta.sapo_temperature_neg;
+  return tp;
 }
 
 inline void check_targets(const Tensor& tgt, int64_t vocab, int64_t ignore_index, cudaStream_t s) {

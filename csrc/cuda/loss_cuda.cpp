@@ -256,20 +256,7 @@ struct TermsRun {
 
 TermsRun prepare_terms(const Linear& P, const TermArgs& ta) {
   TermsRun T;
-  T.tp.ce_weight = ta.ce_weight;
-  T.tp.entropy_coef = ta.entropy_coef;
-  T.tp.distill = static_cast<int>(ta.distill);
-  T.tp.distill_weight = ta.distill_weight;
-  T.tp.beta = ta.distill_beta;
-  T.tp.inv_T = 1.0 / ta.distill_temperature;
-  T.tp.eps_low = ta.epsilon_low;
-  T.tp.eps_high = ta.epsilon_high;
-  T.tp.kl_beta = ta.kl_beta;
-  T.tp.policy_kind = static_cast<int>(ta.policy_kind);
-  T.tp.delta = ta.policy_delta;
-  T.tp.kl_bias_correction = ta.kl_bias_correction;
-  T.tp.sapo_tau_pos = ta.sapo_temperature_pos;
-  T.tp.sapo_tau_neg = ta.sapo_temperature_neg;
+  T.tp = terms_params(ta);
   if (ta.entropy_coef != 0.0 && ta.entropy_weights.has_value()) {
     T.ew = ta.entropy_weights->to(P.acc).contiguous();
   }

@@ -158,6 +158,63 @@ struct ShardArgs {
 cudaError_t launch_shard_stats(DType dtype, const ShardArgs& args, cudaStream_t stream);
 cudaError_t launch_shard_grad(DType dtype, const ShardArgs& args, cudaStream_t stream);
 
+// The vocab-parallel term ops (fusedce::shard_partials, shard_jsd, shard_finish, shard_backward_;
+// csrc/shard_layout.h the packed columns, csrc/cpu/ the CPU twin): terms_row.cuh's pieces on one
+// shard [rows, cols] of the logits at global column vocab_start. Per-row arrays are in the
+// accumulation dtype; class_weight is the shard's [cols], class_weight_sum a device scalar (its
+// sum; nullptr: cols). terms.distill > 0 needs teacher (the teacher's raw logits on the shard, in
+// the logits' dtype); terms' per-row policy pointers are read by shard_finish only.
+struct ShardTermsArgs {
+  void* logits = nullptr;  // read by partials / jsd, overwritten by backward
+  int64_t ld = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* teacher = nullptr;
+  int64_t ld_teacher = 0;
+  const int64_t* target = nullptr;  // global ids
+  int64_t vocab_start = 0;
+  int64_t ignore_index = -100;
+  const void* class_weight = nullptr;
+  const void* class_weight_sum = nullptr;
+  double softcap = 0.0;
+  double logit_scale = 1.0;
+  bool moments = false;        // partials: sum z and sum e^(2(z-m)) (kSz, kS2)
+  void* partials = nullptr;    // shard_partials: [rows, kParts]
+  void* jsd = nullptr;         // shard_jsd: [rows, 2]
+  const void* coefs = nullptr; // shard_jsd, shard_backward_: [rows, kCoefs]
+};
+
+// shard_finish: one thread per row. partials [world, rows, kParts]; jsd [rows, 2] or nullptr;
+// upstream gradients [rows] each or nullptr (0). Writes out_rows [rows, kRows] and
+// coefs [rows, kCoefs]. dtype: the partials' (kFloat32 or kFloat64).
+struct ShardFinishArgs {
+  const void* partials = nullptr;
+  int64_t world = 1;
+  int64_t rows = 0;
+  const int64_t* target = nullptr;
+  int64_t ignore_index = -100;
+  const void* jsd = nullptr;
+  const void* g_tok = nullptr;
+  const void* g_lse = nullptr;
+  const void* g_entropy = nullptr;
+  const void* g_logprob = nullptr;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  bool want_mean_logit = false;
+  bool want_log_sum_sq = false;
+  void* out_rows = nullptr;
+  void* coefs = nullptr;
+};
+
+cudaError_t launch_shard_partials(DType dtype, const ShardTermsArgs& args,
+                                  const TermsParams& terms, cudaStream_t stream);
+cudaError_t launch_shard_jsd(DType dtype, const ShardTermsArgs& args, const TermsParams& terms,
+                             cudaStream_t stream);
+cudaError_t launch_shard_backward(DType dtype, const ShardTermsArgs& args,
+                                  const TermsParams& terms, cudaStream_t stream);
+cudaError_t launch_shard_finish(DType dtype, const ShardFinishArgs& args, const TermsParams& terms,
+                                cudaStream_t stream);
+
 // data[0, n) *= *scale in place (contiguous data of `dtype`; scale: a device scalar of the
 // accumulation dtype). When *scale == 1 the kernel exits without touching data (no host sync).
 cudaError_t launch_scale(DType dtype, void* data, int64_t n, const void* scale, int sm_count,
