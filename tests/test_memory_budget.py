@@ -154,11 +154,12 @@ def _budgets(device_type, dtype, n, V, H):
     (wide and narrow) and the minimum."""
     whole = row_bytes(device_type, dtype, V, H, 0)
     out = [10**12, whole * (_budget.FAST_MIN_ROWS + 4) + 11, whole * 6,
-           3 * row_bytes(device_type, dtype, V, H, 256) + 5,
-           _budget.minimum_budget(device_type, dtype, V, H)]
+           3 * row_bytes(device_type, dtype, V, H, 256) + 5]
+    if n < 100:  # one-row chunks of the narrowest tile: thousands of GEMMs for more rows
+        out.append(_budget.minimum_budget(device_type, dtype, V, H))
     plans = [plan(b, n, device_type, dtype, V, H) for b in out]
     assert plans[0] == ChunkPlan(n, 0, n * whole)
-    assert sum(1 for p in plans if p.vocab_chunk_size) == 3, plans
+    assert sum(1 for p in plans if p.vocab_chunk_size) == len(out) - 2, plans
     if n > _budget.FAST_MIN_ROWS + 4:
         assert not plans[1].vocab_chunk_size and plans[1].chunk_size < n, plans
     return out
@@ -327,11 +328,10 @@ def test_every_entry(device, name):
     per_row = row_bytes(device, torch.float64, V, H, 0, terms=terms, teacher=teacher)
     budget = 4 * per_row + 3
     p = plan(budget, n, device, torch.float64, V, H, terms=terms, teacher=teacher)
-    assert p.chunk_size < n
     if terms:
         assert p.chunk_size == 4 and p.vocab_chunk_size == 0
     else:
-        assert p.vocab_chunk_size
+        assert p.vocab_chunk_size  # (the CUDA accounting then fits all 30 rows in one chunk)
     if device == "cpu":
         tiles = logits_tiles(lambda: run_once(budget), H)
         # every pass (the reference / KL heads' too) in chunks of at most the plan's rows
