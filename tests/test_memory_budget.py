@@ -414,3 +414,27 @@ def test_counter_helper_sees_chunks():
     x, w, _, t = _lce_case("cpu", n=10, H=24, V=300, bias=False)
     tiles = logits_tiles(lambda: fusedce.linear_cross_entropy(x, w, t, chunk_size=3), 24)
     assert Counter(r for r, _ in tiles) == Counter({3: 3, 1: 1})
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiles(dynamic):
+    # The plan is Python arithmetic on the shapes: traced without a graph break, and under dynamic
+    # shapes without depending on the symbolic N (the plan is then N-free; the op clamps to N).
+    torch._dynamo.reset()
+    x, w, _, t = _lce_case("cpu", n=37, H=24, V=1001, bias=False)
+    budget = 6 * row_bytes("cpu", torch.float64, 1001, 24, 0)
+
+    def f(x, w, t):
+        return fusedce.linear_cross_entropy(x, w, t, memory_budget=budget)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for n in (37, 29):
+        fx, fw = leaves(x[:n], w)
+        want = f(fx, fw, t[:n])
+        want.backward()
+        cx, cw = leaves(x[:n], w)
+        got = compiled(cx, cw, t[:n])
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(cx.grad, fx.grad, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(cw.grad, fw.grad, rtol=1e-12, atol=1e-13)
