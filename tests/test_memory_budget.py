@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fusedce
-from fusedce import _budget
+from fusedce import _budget, distributed as fusedce_distributed
 from fusedce._budget import ChunkPlan, chunk_rows, driver_row_bytes, plan, row_bytes
 from test_chunk_budget import driver, run  # noqa: F401  (the compiled csrc/chunk_budget.h)
 
@@ -233,10 +233,17 @@ def test_errors(device):
         fusedce.token_logprobs(x, w, t.clamp(min=0), memory_budget=1 << 30, chunk_size=3)
 
 
-def test_refused_with_process_group(device):
-    # The vocab-parallel layer chunks tokens only, from its own budget: refused there, by name.
-    with pytest.raises(ValueError, match="memory_budget is not supported with process_group"):
-        _budget.resolve(1 << 20, torch.zeros(3, 4), torch.zeros(5, 4), process_group=object())
+def test_refused_with_process_group(tmp_path):
+    # The vocab-parallel layer chunks tokens only, from its own budget: refused there, by name,
+    # through the public functions (a 1-rank gloo group).
+    from test_preference import _one_rank_gloo
+
+    x, w, _, t = _lce_case("cpu", n=6, H=24, V=300, bias=False)
+    with _one_rank_gloo(tmp_path) as dist:
+        for fn in (fusedce.linear_cross_entropy, fusedce.token_logprobs,
+                   fusedce_distributed.linear_cross_entropy):
+            with pytest.raises(ValueError, match="memory_budget is not supported with process_group"):
+                fn(x, w, t.clamp(min=0), memory_budget=1 << 20, process_group=dist.group.WORLD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +362,8 @@ FIXED_SLACK = 2 * MiB
 
 
 @CUDA
-@pytest.mark.parametrize("budget_mib", [64, 128, 256, 512, 1024, 2048])
+# 64 MiB .. 2 GiB keep whole rows at this shape (64 MiB holds 261 of them); 32 and 16 MiB tile
+@pytest.mark.parametrize("budget_mib", [16, 32, 64, 128, 256, 512, 1024, 2048])
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_cuda_peak_within_budget(budget_mib, dtype):
     N, H, V = 8192, 4096, 128256
@@ -381,7 +389,7 @@ def test_cuda_peak_within_budget(budget_mib, dtype):
     # per-token outputs of the op (loss and lse in float32, predicted int64)
     unavoidable = N * H * x.element_size() + V * H * w.element_size() + N * (4 + 4 + 8)
     p = plan(budget, N, dev, dtype, V, H)
-    assert p.bytes <= budget
+    assert p.bytes <= budget and bool(p.vocab_chunk_size) == (budget_mib < 64)
     assert peak <= budget + unavoidable + FIXED_SLACK, (
         f"peak {peak / MiB:.1f} MiB > budget {budget_mib} MiB + unavoidable "
         f"{unavoidable / MiB:.1f} MiB + {FIXED_SLACK / MiB:.0f} MiB (plan {p})")
