@@ -6,7 +6,8 @@
 For each budget (default 64 MiB .. 2 GiB on the Llama-3 8B shape, 8192 x 4096 x 128256, bf16):
 fusedce with ``memory_budget=`` (the plan it picks: rows per chunk, vocabulary tile), and, where
 that plan keeps whole vocabulary rows, the tiled plan at the same budget (the alternative the
-choice in fusedce/_budget.py passed over: measured, so the switch can be checked). Beside them,
+choice in fusedce/_budget.py passed over: measured, so the switch can be checked; not where one
+chunk of whole rows fits). Beside them,
 single points: fusedce's default and ``low_memory=True``, torch eager (F.linear +
 F.cross_entropy(logits.float())), torch.compile of it, Liger's fused linear CE and Apple's Cut
 Cross-Entropy where importable, and the floor: the three full-size GEMMs of the step.
@@ -132,7 +133,7 @@ def methods(N, H, V, dtype, dev, budgets, quick):
                   "vocab_chunk_size": p.vocab_chunk_size, "plan_bytes": p.bytes}
         out[f"fusedce budget={b}"] = (
             (lambda b: lambda x, w, t: fusedce.linear_cross_entropy(x, w, t, memory_budget=b))(b), fields)
-        if not p.vocab_chunk_size:
+        if not p.vocab_chunk_size and p.chunk_size < N:  # whole rows in several chunks
             q = _budget.plan(b, N, dev, dtype, V, H, allow_whole_rows=False)
             if q.vocab_chunk_size:
                 fields = {"series": "tiled", "budget": b, "chunk_size": q.chunk_size,
