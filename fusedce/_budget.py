@@ -59,7 +59,7 @@ def chunk_rows(n: int, budget: int, per_row: int, balance: bool) -> int:
     `budget` holds (>= 1, <= n); with `balance` (the CUDA driver's) spread evenly over the chunks
     and rounded up to 64 rows when that stays inside the budget."""
     n = max(n, 1)
-    cmax = max(1, budget // per_row)
+    cmax = max(1, budget // max(per_row, 1))
     if cmax >= n:
         return n
     if not balance:
@@ -149,7 +149,7 @@ def plan(budget: int, n: int | None, device_type: str, dtype: torch.dtype, vocab
     can_tile = not terms and vocab > MIN_VOCAB_TILE
     whole = row_bytes(device_type, dtype, vocab, hidden, 0, **kw)
     n_eff = FAST_MIN_ROWS if n is None else max(n, 1)
-    if not can_tile or (allow_whole_rows and budget // whole >= min(n_eff, FAST_MIN_ROWS)):
+    if not can_tile or (allow_whole_rows and budget // max(whole, 1) >= min(n_eff, FAST_MIN_ROWS)):
         c = rows_of(whole)
         return ChunkPlan(c, 0, c * whole)
 

@@ -446,3 +446,14 @@ def test_compiles(dynamic):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(cx.grad, fx.grad, rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(cw.grad, fw.grad, rtol=1e-12, atol=1e-13)
+
+
+def test_empty_input(device):
+    # N = 0: any valid budget plans one (empty) chunk; the same values as the default call
+    x = torch.randn(0, 8, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(300, 8, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    for reduction in ("sum", "mean"):
+        got = fusedce.linear_cross_entropy(x, w, t, reduction=reduction, memory_budget=1 << 20)
+        want = fusedce.linear_cross_entropy(x, w, t, reduction=reduction)
+        torch.testing.assert_close(got, want, equal_nan=True)
