@@ -237,7 +237,8 @@ def markdown(data):
     N, H, V = meta["shape"]
     lines = [f"# fusedce memory budget — {meta['device']}", "",
              f"{meta['date']}; torch {meta['versions']['torch']}; N={N} H={H} V={V} {meta['dtype']}; "
-             f"floor (3 GEMMs) {meta['floor_ms']:.3f} ms.", "",
+             f"floor (3 GEMMs) {meta['floor_ms']:.3f} ms; logit std {meta['logit_std_measured']:.2f} "
+             f"(measured on 256 rows).", "",
              "| method | budget | chunk rows x tile | fwd+bwd ms | x floor | transient MiB | loss / gx / gw rel err vs default |",
              "|---|---|---|---|---|---|---|"]
     for r in data["records"]:
@@ -295,7 +296,7 @@ def plot(json_path, out_dir=None):
     return plots._save(fig, out_dir, f"budget_{N}x{H}x{V}_{meta['dtype']}.png")
 
 
-def run(out_dir, shape, dtype, budgets, iters, quick, peers):
+def run(out_dir, shape, dtype, budgets, iters, quick, peers, logit_std=None):
     dev = "cuda" if torch.cuda.is_available() and not quick else "cpu"
     if not quick and dev != "cuda":
         raise SystemExit("python -m benchmarks budget: no CUDA here; --quick runs a tiny shape on the CPU")
@@ -310,9 +311,15 @@ def run(out_dir, shape, dtype, budgets, iters, quick, peers):
     print(f"[budget] floor (3 GEMMs) {meta['floor_ms']:.3f} ms", flush=True)
 
     g = torch.Generator(device=dev).manual_seed(0)
+    # the weight scale sets the logits' spread (BENCHMARKING.md: some peers' speed depends on it):
+    # 0.02 as benchmarks/compare.py (std ~0.02 sqrt(H)), or the std asked for with --logit-std
+    scale = 0.02 if logit_std is None else logit_std / H**0.5
     x = torch.randn(N, H, device=dev, dtype=dtype, generator=g).requires_grad_()
-    w = (torch.randn(V, H, device=dev, dtype=dtype, generator=g) * 0.02).requires_grad_()
+    w = (torch.randn(V, H, device=dev, dtype=dtype, generator=g) * scale).requires_grad_()
     t = torch.randint(0, V, (N,), device=dev, generator=g)
+    with torch.no_grad():
+        meta["weight_scale"] = scale
+        meta["logit_std_measured"] = float((x[:256] @ w.t()).float().std())  # on 256 rows
 
     import fusedce
 
@@ -354,6 +361,8 @@ def main(argv=None):
     p.add_argument("--budgets-mib", help="comma-separated budgets in MiB (default 64..2048)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per point (default 10; --quick 3)")
     p.add_argument("--no-peers", action="store_true", help="fusedce only (no eager, compile, Liger, CCE)")
+    p.add_argument("--logit-std", type=float, default=None,
+                   help="std of the logits (weight scale std / sqrt(H)); default: weight scale 0.02")
     p.add_argument("--plot", metavar="JSON", help="only redraw the plot of a budget.json")
     a = p.parse_args(argv)
     if a.plot:
@@ -372,7 +381,7 @@ def main(argv=None):
     if a.budgets_mib:
         budgets = [int(float(m) * MIB) for m in a.budgets_mib.split(",")]
     iters = a.iters or (3 if a.quick else 10)
-    run(a.out, shape, dtype, budgets, iters, a.quick, peers=not a.no_peers)
+    run(a.out, shape, dtype, budgets, iters, a.quick, peers=not a.no_peers, logit_std=a.logit_std)
     return 0
 
 

@@ -32,11 +32,10 @@ import torch
 # row-kernel launch per chunk, so a narrower tile is launch-bound, not memory-bound.
 MIN_VOCAB_TILE = 128
 # Fast mode (whole vocabulary rows, no recompute) is kept while the budget holds this many rows
-# (or all of them): below it the grad_weight GEMM (K = rows, a read-modify-write of the whole
-# [V, H] gradient per chunk) turns memory-bound (H200 bf16: ~700 TFLOP/s over ~4.8 TB/s, so
-# K < ~300 rows), while tiles cost one more logits GEMM (+1/3 of the work) at any size. An
-# estimate from those two rates, not a measurement: `python -m benchmarks budget` measures both
-# modes at each budget.
+# (or all of them). Below it the grad_weight GEMM (K = rows per chunk) reads and writes the whole
+# [V, H] gradient for few flops per byte and turns memory-bound, while tiles cost one more logits
+# GEMM (+1/3 of the work) at any size. The threshold is a flop/byte estimate, not a measurement:
+# `python -m benchmarks budget` times both modes at each budget to check it.
 FAST_MIN_ROWS = 256
 # Tiled mode aims at this many rows per chunk (then widens the tile as the budget allows): the
 # grad_weight GEMM's K, large enough that its read-modify-write of [Vt, H] is amortized.
