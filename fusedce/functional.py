@@ -201,7 +201,7 @@ def linear_cross_entropy(
     chunk_size, vocab_chunk_size = _budget.resolve(
         memory_budget, input, linear_weight, chunk_size=chunk_size,
         vocab_chunk_size=vocab_chunk_size, low_memory=low_memory, process_group=process_group,
-        terms=entropy_coef != 0 or bool(return_stats and return_entropy))
+        terms=memory_budget is not None and (entropy_coef != 0 or bool(return_stats and return_entropy)))
     if sharded:
         return _parallel._linear_cross_entropy(
             input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,
