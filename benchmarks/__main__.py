@@ -27,6 +27,7 @@ COMMANDS = {
     "trl": ("benchmarks.trl_step", "an SFT and a GRPO step of TRL's trainers (--out OUT.json)"),
     "fp16": ("benchmarks.bench_fp16_scale", "float16 under a loss scale: error and time (--out OUT.json)"),
     "small_n": ("benchmarks.small_n", "the small-call regime: host time, syncs, kernels (--out OUT.json)"),
+    "budget": ("benchmarks.budget", "time vs memory_budget (64 MiB .. 2 GiB) beside the peers (--out DIR; --quick: CPU)"),
     "host_overhead": ("benchmarks.host_overhead", "host time of one tiny fwd+bwd call per function vs eager"),
     "plots": ("benchmarks.plots", "redraw compare's plots from a results.json (no GPU)"),
 }

@@ -25,7 +25,8 @@ def linear_cross_entropy(input, linear_weight, target, *, process_group=None, **
     ``linear_weight`` [V_local, H] (or a Shard(0) DTensor), ``linear_bias`` and ``weight`` (class
     weights) [V_local] are this rank's shard; ``input`` and ``target`` (global ids) are the same on
     every rank. The result (loss, or LossOutput) is the same on every rank. ``vocab_chunk_size`` and
-    ``low_memory`` are accepted for signature compatibility; the sharded path tiles tokens only.
+    ``low_memory`` are accepted for signature compatibility; the sharded path tiles tokens only
+    (``chunk_size`` rows at a time; ``memory_budget`` is refused here).
     ``process_group`` None: the default group (or a DTensor weight's mesh).
     """
     return functional.linear_cross_entropy(input, linear_weight, target, process_group=WORLD if process_group is None else process_group, **kwargs)

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from . import _parallel
+from . import _budget, _parallel
 from . import ops as _ops_py
 from ._shared import LossOutput, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
 from ._op_args import TermOptions
@@ -142,6 +142,7 @@ def linear_cross_entropy(
     vocab_chunk_size: int | None = None,
     fp32_grad_accum: bool = False,
     low_memory: bool = False,
+    memory_budget: int | None = None,
     entropy_coef: float = 0.0,
     return_entropy: bool = False,
     process_group=None,
@@ -161,6 +162,15 @@ def linear_cross_entropy(
     ~1 GiB of logits chunk on CUDA). ``low_memory=True`` tiles the vocabulary too (tiles of
     ``vocab_chunk_size``, default LOW_MEMORY_VOCAB_TILE) and recomputes the logits of each tile
     for the gradient: tens of MiB of transient memory for ~1/3 more GEMM work.
+    ``memory_budget`` (bytes) picks both instead: the most the call may hold for its logits chunk
+    and the buffers that scale with it (not the inputs, outputs or gradients: grad_weight [V, H]
+    and grad_input [N, H] come on top; fusedce/_budget.py lists what is and is not counted).
+    Whole vocabulary rows while the budget holds a few hundred of them (fast mode, fewer rows
+    per chunk = more read-modify-writes of grad_weight), else vocabulary tiles with the logits
+    recomputed for the gradient (~1/3 more GEMM work). A budget below one token row of a
+    128-class tile (of whole rows with ``entropy_coef`` / ``return_entropy``) is refused, and so
+    is ``memory_budget`` together with ``chunk_size``, ``vocab_chunk_size``, ``low_memory=True``
+    or ``process_group``. The results equal the default call's up to the order of the float sums.
     ``fp32_grad_accum`` accumulates the weight gradient in float32 on CUDA (the CPU always does).
     ``entropy_coef`` adds entropy_coef * H (the entropy of the softmax) per non-ignored token,
     reduced like the CE (negative: an entropy bonus). ``return_entropy`` (with ``return_stats``)
@@ -188,6 +198,10 @@ def linear_cross_entropy(
     _check_chunk(chunk_size, "chunk_size")
     _check_chunk(vocab_chunk_size, "vocab_chunk_size")
     ignore_index = _check_ignore_index(ignore_index)
+    chunk_size, vocab_chunk_size = _budget.resolve(
+        memory_budget, input, linear_weight, chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size, low_memory=low_memory, process_group=process_group,
+        terms=memory_budget is not None and (entropy_coef != 0 or bool(return_stats and return_entropy)))
     if sharded:
         return _parallel._linear_cross_entropy(
             input, linear_weight, target, process_group=process_group, vocab_start=vocab_start,

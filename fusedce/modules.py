@@ -8,11 +8,14 @@ from . import functional as F
 
 
 class _LossKnobs(torch.nn.Module):
-    """The loss options shared by both modules; class weights are a buffer as in torch's losses."""
+    """The loss options shared by both modules; class weights are a buffer as in torch's losses.
+    The chunking knobs (chunk_size, vocab_chunk_size, low_memory, memory_budget) are
+    :func:`fusedce.linear_cross_entropy`'s."""
 
     def __init__(self, *, reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0,
                  z_loss=0.0, softcap=None, logit_scale=1.0, chunk_size=None,
-                 vocab_chunk_size=None, fp32_grad_accum=False, low_memory=False, shift=False):
+                 vocab_chunk_size=None, fp32_grad_accum=False, low_memory=False, shift=False,
+                 memory_budget=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.reduction = reduction
@@ -25,6 +28,7 @@ class _LossKnobs(torch.nn.Module):
         self.vocab_chunk_size = vocab_chunk_size
         self.fp32_grad_accum = fp32_grad_accum
         self.low_memory = low_memory
+        self.memory_budget = memory_budget
         self.shift = shift
 
     def _loss(self, hidden, lm_weight, target, lm_bias, num_items_in_batch, return_stats):
@@ -35,7 +39,7 @@ class _LossKnobs(torch.nn.Module):
             logit_scale=self.logit_scale, num_items_in_batch=num_items_in_batch,
             shift=self.shift, return_stats=return_stats, chunk_size=self.chunk_size,
             vocab_chunk_size=self.vocab_chunk_size, fp32_grad_accum=self.fp32_grad_accum,
-            low_memory=self.low_memory,
+            low_memory=self.low_memory, memory_budget=self.memory_budget,
         )
 
     def extra_repr(self) -> str:

@@ -75,7 +75,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
                     ref_input=None, ref_weight=None, ref_logps=None, linear_bias=None,
                     ref_bias=None, ignore_index=-100, label_smoothing=0.0, cpo_alpha=1.0,
                     simpo_gamma=0.5, shift=False, temperature=1.0, softcap=None, logit_scale=1.0,
-                    chunk_size=None, process_group=None, vocab_start=None, reduce_grad_input=True):
+                    chunk_size=None, memory_budget=None, process_group=None, vocab_start=None, reduce_grad_input=True):
     """A pairwise preference loss on the head ``input @ linear_weight.T`` (+ ``linear_bias``).
 
     ``input`` [2B, T, H]: the B chosen sequences first, then their B rejected counterparts (TRL's
@@ -113,7 +113,8 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     CPO/ORPO trainers average over every position, prompt and padding too)), nll_loss (orpo, cpo, simpo),
     log_odds_ratio (the mean of log sigmoid(log_odds)) and log_odds_chosen (the mean of log_odds)
     for orpo. ``process_group`` (with ``vocab_start``, ``reduce_grad_input``): vocab-parallel, as
-    :func:`fusedce.token_logprobs`; both heads sharded alike.
+    :func:`fusedce.token_logprobs`; both heads sharded alike. ``chunk_size``, ``memory_budget``:
+    as :func:`fusedce.token_logprobs`, for each head's pass.
     """
     _check_autodiff("preference_loss", input, linear_weight, linear_bias)
     _check_tensor(input, "input")
@@ -170,7 +171,8 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
             raise ValueError(f"fusedce: ref_weight has vocabulary {ref_weight.shape[0]} but linear_weight has {linear_weight.shape[0]}; they must match")
 
     keep, tokens = _completion_tokens(target, ignore_index, shift, linear_weight.shape[0], process_group, "target")
-    knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+    knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+                 memory_budget=memory_budget)
     stats = True  # the policy's mean logits (logits/* metrics), from the same pass
     lp, mean_logits = _sequence_logps(input, linear_weight, linear_bias, tokens, knobs, stats,
                                       process_group, vocab_start, reduce_grad_input)
@@ -270,7 +272,7 @@ def kto_loss(input, linear_weight, target, preference_labels, *, loss_type="kto"
              ref_input=None, ref_weight=None, ref_logps=None, linear_bias=None, ref_bias=None,
              kl=None, kl_input=None, kl_target=None, ref_kl_input=None, ref_kl_logps=None,
              desirable_weight=1.0, undesirable_weight=1.0, ignore_index=-100, shift=False,
-             temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None, process_group=None,
+             temperature=1.0, softcap=None, logit_scale=1.0, chunk_size=None, memory_budget=None, process_group=None,
              vocab_start=None, reduce_grad_input=True):
     """KTO (unpaired preferences) on the head ``input @ linear_weight.T`` (+ ``linear_bias``), with
     TRL 1.16's KTOTrainer definition.
@@ -296,7 +298,7 @@ def kto_loss(input, linear_weight, target, preference_labels, *, loss_type="kto"
     (TRL averages it over processes first: pass ``kl`` for that). ``temperature``, ``softcap``,
     ``logit_scale`` apply to every head; ``process_group`` (with ``vocab_start``,
     ``reduce_grad_input``): vocab-parallel, as :func:`fusedce.token_logprobs`, every head sharded
-    alike.
+    alike. ``chunk_size``, ``memory_budget``: as :func:`fusedce.token_logprobs`, for each head's pass.
 
     Returns (loss, metrics), metrics 0-d tensors without a host sync, named as TRL logs them:
     kl, rewards/chosen, rewards/rejected, rewards/margins, logps/chosen, logps/rejected (means over
@@ -383,7 +385,8 @@ def kto_loss(input, linear_weight, target, preference_labels, *, loss_type="kto"
 
     vocab = linear_weight.shape[0]
     keep, tokens = _completion_tokens(target, ignore_index, shift, vocab, process_group, "target")
-    knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size)
+    knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
+                 memory_budget=memory_budget)
     out = token_statistics(input, linear_weight, tokens, linear_bias=linear_bias, outputs=("entropy", "mean_logits"),
                            process_group=process_group, vocab_start=vocab_start,
                            reduce_grad_input=reduce_grad_input, **knobs)

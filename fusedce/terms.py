@@ -32,7 +32,7 @@ from ._checks import (
     check_global_targets,
     host_target_check,
 )
-from . import _parallel
+from . import _budget, _parallel
 from ._shared import _policy_metrics, _policy_parts, _sharded
 
 _ops = torch.ops.fusedce
@@ -75,19 +75,22 @@ def _per_token(x, name, shape, ref, ref_name):
 
 def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperature=1.0,
                    return_entropy=False, softcap=None, logit_scale=1.0, chunk_size=None,
-                   process_group=None, vocab_start=None, reduce_grad_input=True):
+                   memory_budget=None, process_group=None, vocab_start=None, reduce_grad_input=True):
     """log softmax(logits / temperature)[tokens] per token, logits = input @ linear_weight.T (+ bias),
     never materialized. input [..., H], tokens [...] -> logprobs [...] (float32 for half inputs),
     and the entropy of that softmax per token when ``return_entropy``. Positions whose token is
     -100 (HF's padding label) get log-probability 0. Exact gradients for any upstream gradient
     of either output (a recomputing backward pass). ``process_group``: vocab-parallel, as
-    :func:`fusedce.linear_cross_entropy`."""
+    :func:`fusedce.linear_cross_entropy`. ``memory_budget`` (bytes, exclusive with chunk_size):
+    as :func:`fusedce.linear_cross_entropy`'s, in whole vocabulary rows (at least one)."""
     _check_autodiff("token_logprobs", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
     temperature = _check_positive(temperature, "temperature")
     _check_chunk(chunk_size, "chunk_size")
+    chunk_size, _ = _budget.resolve(memory_budget, input, linear_weight, chunk_size=chunk_size,
+                                    process_group=process_group, terms=True)
     knobs = _head_knobs(softcap, logit_scale, temperature)
     if sharded:
         return _parallel._token_logprobs(
@@ -126,7 +129,7 @@ class TokenStatistics(NamedTuple):
 
 def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperature=1.0,
                      outputs=_STAT_NAMES, softcap=None, logit_scale=1.0, chunk_size=None,
-                     process_group=None, vocab_start=None, reduce_grad_input=True):
+                     memory_budget=None, process_group=None, vocab_start=None, reduce_grad_input=True):
     """Per-token statistics of softmax(logits / temperature), logits = input @ linear_weight.T
     (+ bias), all from one softmax pass over the vocabulary (never materialized):
 
@@ -141,7 +144,7 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     None. ``logprobs`` and ``entropy`` have exact gradients (a recomputing backward);
     ``mean_logits``, ``log_sum_sq_probs`` and ``is_top1`` are metrics without gradient (as in TRL).
     Float outputs are float32 for half inputs. input [..., H], tokens [...] -> each [...].
-    ``process_group``: vocab-parallel, as :func:`fusedce.token_logprobs`."""
+    ``process_group``, ``memory_budget``: as :func:`fusedce.token_logprobs`."""
     unknown = set(outputs) - set(_STAT_NAMES)
     if unknown:
         raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
@@ -150,6 +153,8 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     _check_target(tokens, input.shape[:-1], input, "input")
     temperature = _check_positive(temperature, "temperature")
     _check_chunk(chunk_size, "chunk_size")
+    chunk_size, _ = _budget.resolve(memory_budget, input, linear_weight, chunk_size=chunk_size,
+                                    process_group=process_group, terms=True)
     knobs = _head_knobs(softcap, logit_scale, temperature)
     if sharded:
         return TokenStatistics(*_parallel._token_statistics(
@@ -188,7 +193,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
                       distill_weight=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean",
                       linear_bias=None, teacher_bias=None, label_smoothing=0.0, z_loss=0.0,
                       softcap=None, logit_scale=1.0, chunk_size=None, entropy_coef=0.0,
-                      process_group=None, vocab_start=None, reduce_grad_input=True):
+                      memory_budget=None, process_group=None, vocab_start=None, reduce_grad_input=True):
     """Knowledge distillation of the student head ``input @ linear_weight.T`` toward a teacher,
     without materializing either's logits whole.
 
@@ -204,7 +209,9 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     ``teacher_weight`` [V, Ht] (+ ``teacher_bias``), whose logits are computed chunk by chunk
     beside the student's. Gradients flow to the student only. "mean" divides by the number of
     non-ignored tokens (nan when there are none, as torch's cross entropy). ``process_group``:
-    vocab-parallel, the teacher's weight / logits sharded like the student's.
+    vocab-parallel, the teacher's weight / logits sharded like the student's. ``memory_budget``:
+    as :func:`fusedce.token_logprobs`, counting the teacher's logits chunk too (a
+    ``teacher_logits`` of another dtype than ``input`` is converted whole, outside the budget).
     """
     _check_autodiff("distillation_loss", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
@@ -257,6 +264,9 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             teacher_weight=teacher_weight.detach(),
             teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
         )
+    chunk_size, _ = _budget.resolve(
+        memory_budget, input, linear_weight, chunk_size=chunk_size, process_group=process_group,
+        terms=True, teacher="logits" if teacher_logits is not None else "head")
     if sharded:
         return _parallel._distillation_loss(
             input, linear_weight, target, teacher_input=teacher_input,
@@ -334,8 +344,9 @@ def _check_number_or_scalar(x, name, ref, acc):
 def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=None,
                 ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=None, temperature=1.0,
                 loss_type="dapo", entropy_coef=0.0, max_completion_length=None, linear_bias=None,
-                softcap=None, logit_scale=1.0, chunk_size=None, process_group=None,
-                vocab_start=None, reduce_grad_input=True, importance_sampling_level="token",
+                softcap=None, logit_scale=1.0, chunk_size=None, memory_budget=None,
+                process_group=None, vocab_start=None, reduce_grad_input=True,
+                importance_sampling_level="token",
                 use_bias_correction_kl=True, delta=None, sapo_temperature_pos=1.0,
                 sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
                 vespo_k_neg=3.0, vespo_lambda_neg=2.0, importance_sampling_ratio=None,
@@ -397,7 +408,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     ("vespo"), ratio/mean, ratio/min, ratio/max (of coef_1), kl (when beta != 0; TRL's, with the
     bias correction), entropy, logprob/mean, advantages/mean, advantages/std. TRL's are the
     local values (TRL also reduces over processes). ``process_group``: vocab-parallel, as
-    :func:`fusedce.linear_cross_entropy`.
+    :func:`fusedce.linear_cross_entropy`. ``memory_budget``: as :func:`fusedce.token_logprobs`.
     """
     _check_autodiff("policy_loss", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
@@ -430,6 +441,8 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     if max_completion_length is not None and (isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) or max_completion_length < 1):
         raise ValueError(f"fusedce: max_completion_length must be a positive int or None, got {max_completion_length!r}")
     _check_chunk(chunk_size, "chunk_size")
+    chunk_size, _ = _budget.resolve(memory_budget, input, linear_weight, chunk_size=chunk_size,
+                                    process_group=process_group, terms=True)
     knobs = _head_knobs(softcap, logit_scale, temperature)
     B, T = lead
     acc = _acc(input)

@@ -105,9 +105,11 @@ CASES = [
 CASE_NAMES = [c.name for c in CASES]
 
 # Keyword arguments that choose how the result is computed, not what it is.
-IMPLEMENTATION_KWARGS = ("chunk_size", "vocab_chunk_size", "fp32_grad_accum", "low_memory", "return_stats")
+IMPLEMENTATION_KWARGS = ("chunk_size", "vocab_chunk_size", "fp32_grad_accum", "low_memory", "return_stats",
+                         "memory_budget")
 # Keyword arguments only the fused linear function has.
-LINEAR_ONLY_KWARGS = ("linear_bias", "shift", "chunk_size", "vocab_chunk_size", "fp32_grad_accum", "low_memory")
+LINEAR_ONLY_KWARGS = ("linear_bias", "shift", "chunk_size", "vocab_chunk_size", "fp32_grad_accum", "low_memory",
+                      "memory_budget")
 
 
 def semantic_kwargs(kwargs: dict) -> dict:
