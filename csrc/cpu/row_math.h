@@ -87,12 +87,13 @@ inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t
   st.weighted_sum = wz;
 }
 
-// The loss of a row from its statistics (0 for an ignored row).
+// The loss of a row from its statistics (0 for an ignored row); wt: the class weight of the
+// target (the vocab-parallel finish has it from the shard that owns the target).
 template <typename acc_t>
-inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target) {
+inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target,
+                      acc_t wt) {
   if (target == ep.ignore_index) return 0;
   const acc_t lse = st.lse();
-  const acc_t wt = ep.weight_of(target);
   acc_t loss = wt * (ep.ce_weight * (acc_t(1) - ep.eps) * (lse - st.target_logit) +
                      ep.z_loss * lse * lse);
   if (ep.eps > 0) {
@@ -100,6 +101,12 @@ inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int6
             static_cast<acc_t>(ep.class_weight_sum * lse - st.weighted_sum);
   }
   return loss;
+}
+
+template <typename acc_t>
+inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target) {
+  if (target == ep.ignore_index) return 0;
+  return row_loss(ep, st, target, ep.weight_of(target));
 }
 
 // d(g * token_loss + g_lse * lse)/dz_j = coef_p * p_j - coef_w * w_j - [j == t] * coef_t.
@@ -110,9 +117,15 @@ struct RowGrad {
 
   static inline RowGrad make(const Epilogue<acc_t>& ep, acc_t lse, int64_t target, acc_t g,
                              acc_t g_lse) {
+    const bool reads_wt = target != ep.ignore_index && g != 0;
+    return make(ep, lse, target, g, g_lse, reads_wt ? ep.weight_of(target) : acc_t(0));
+  }
+
+  // wt: the class weight of the target (given by the vocab-parallel finish).
+  static inline RowGrad make(const Epilogue<acc_t>& ep, acc_t lse, int64_t target, acc_t g,
+                             acc_t g_lse, acc_t wt) {
     RowGrad r{lse, g_lse, 0, 0, -1};
     if (target != ep.ignore_index && g != 0) {
-      const acc_t wt = ep.weight_of(target);
       const acc_t smooth = ep.ce_weight * ep.eps / static_cast<acc_t>(ep.vocab);
       const acc_t hard = ep.ce_weight * wt * (acc_t(1) - ep.eps);
       r.coef_p += g * (hard + smooth * ep.class_weight_sum + acc_t(2) * ep.z_loss * wt * lse);
