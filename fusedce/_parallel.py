@@ -13,14 +13,15 @@ gradient flows back to the DTensor.
 Communication (torch.distributed: gloo on CPU, NCCL on GPU)
 -----------------------------------------------------------
 Forward: tokens are processed in chunks. Per chunk each rank computes its local logits
-(``hidden_chunk @ W_local.T + b_local`` in float32, float64 for float64 inputs), applies the final
-transform, and packs the per-row partials of *every* requested term into ONE [C, K] tensor: local
-max, local sum-exp, target logit (0 where another rank owns the target), class weight of the
-target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z
-(relative to the local max on the CE and distillation paths, as csrc/cpu/terms.h), the token
-statistics' sum z and sum e^(2(z-m)), teacher max / sum-exp and cross sums for distillation, ...
-Those are gathered with ONE
-``all_gather_single`` (``all_gather_into_tensor``) per chunk and combined locally.
+(``hidden_chunk @ W_local.T + b_local``, in the input dtype) and the row kernels reduce them to
+per-row partials packed in ONE [C, K] tensor, gathered with ONE ``all_gather_single``
+(``all_gather_into_tensor``) per chunk. No softmax math is written here: the plain CE runs on
+fusedce::shard_stats / shard_grad_ (its tuned fast path, combined by the few lines of _chunk_ce);
+every other term (entropy, log-probs and the token statistics, distillation, the token-level
+policy objective) on fusedce::shard_partials / shard_finish / shard_backward_ (and shard_jsd),
+the row math of csrc/cpu/terms.h and kernels/terms_kernels.cu split at the per-row scalars
+(columns: csrc/shard_layout.h). shard_finish merges the ranks' partials as the single-process
+kernels merge the tiles of one row, so both paths compute every term with the same code.
 
 Why a gather rather than all-reduces: the max and the sums combine differently (the sums must be
 rescaled by exp(m_rank - m_global)), so an all-reduce formulation needs a MAX all-reduce before the
@@ -32,7 +33,7 @@ the collective is latency-bound and one beats three. Every rank then does the sa
 Exception, stated plainly: the generalized JSD (``distillation_loss(kind="jsd")``) needs
 sum_j m_j log m_j with m = beta r + (1 - beta) q, which depends on both *global* log-sum-exps
 element by element and cannot be written from first-pass partials; it takes a second small
-collective per chunk (an all-reduce of [C, 2]). Forward and reverse KL need only one.
+collective per chunk (an all-reduce of shard_jsd's [C, 2]). Forward and reverse KL need only one.
 
 Gradients (reduction "mean"/"sum", and the policy loss): the gradient of the final scalar is known
 during the forward, so each chunk's d(loss)/d(logits) is formed right away from the global
@@ -129,24 +130,8 @@ def _gather(x, group, world):
 
 
 # ---------------------------------------------------------------------------------------------
-# Softmax partials and their combination
+# The plain CE's combination (every other term is merged by fusedce::shard_finish)
 # ---------------------------------------------------------------------------------------------
-
-
-def _local_softmax(z):
-    """Local max (-inf for an empty / all -inf row), e = exp(z - max), local sum-exp."""
-    if z.shape[-1] == 0:
-        m = torch.full(z.shape[:-1], -math.inf, dtype=z.dtype, device=z.device)
-    else:
-        m = z.amax(-1)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(z - m_safe[:, None])
-    return m, e, e.sum(-1)
-
-
-def _wsum(e, y):
-    """sum_j e_j y_j with 0 * (-inf) = 0 (a masked logit has e = 0)."""
-    return torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
 
 
 def _combine(m_all, s_all, *sums_all):
@@ -157,39 +142,6 @@ def _combine(m_all, s_all, *sums_all):
     S = (s_all * f).sum(0)
     lse = M_safe + torch.log(S)
     return (M, lse, S) + tuple((x * f).sum(0) for x in sums_all)
-
-
-def _entropy_partial(z, m):
-    """sum_j e^(z_j - m) (z_j - m) of a local row relative to its local max m (a masked -inf
-    logit adds 0), the entropy's partial sum beside the sum-exp (terms.h's `hz`)."""
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    zf = z - m_safe[:, None]
-    e = torch.exp(zf)
-    return torch.where(e > 0, e * zf, torch.zeros_like(e)).sum(-1)
-
-
-def _combine_entropy(m_all, s_all, hz_all, M):
-    """Entropy log S - hz / S of the global softmax from per-rank (max, sum-exp, hz relative to
-    the rank's max): each hz is re-expressed relative to the global max M (terms.h's `rescale`);
-    0 for a row with no finite logit, as the single-process op."""
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(m_all - M_safe)
-    has = s_all > 0
-    shift = torch.where(has, (m_all - M_safe) * s_all, torch.zeros_like(s_all))
-    S = (s_all * f).sum(0)
-    hz = torch.where(has, f * (hz_all + shift), torch.zeros_like(s_all)).sum(0)
-    S_safe = torch.where(S > 0, S, torch.ones_like(S))
-    return torch.where(S > 0, torch.log(S_safe) - hz / S_safe, torch.zeros_like(S))
-
-
-def _entropy_dz(z, lse, ent, g_h):
-    """d/dz of sum_i g_h_i H_i at the final logits z: -g_h p (z - lse + H) (0 where p = 0)."""
-    p = torch.exp(z - lse[:, None])
-    return torch.where(p > 0, (-g_h)[:, None] * p * (z - lse[:, None] + ent[:, None]), torch.zeros_like(p))
-
-
-def _xlogx_safe(p, logp):
-    return torch.where(p > 0, p * logp, torch.zeros_like(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,20 +184,13 @@ def _mm_acc(a, b, acc):
     return torch.mm(a, b).to(acc)
 
 
-def _raw(P, lo, hi, teacher=False):
-    """Local raw logits of rows [lo, hi) in the accumulation dtype."""
-    if teacher:
-        if P.t_logits is not None:
-            return P.t_logits[lo:hi].to(P.acc)
-        h, W = P.t_hidden[lo:hi], P.t_W
-        r = _mm_acc(h.to(W.dtype), W.t(), P.acc)
-        return r if P.t_b is None else r + P.t_b.to(P.acc)
-    if P.logits is not None:
-        return P.logits[lo:hi].to(P.acc)
-    r = _mm_acc(P.hidden[lo:hi], P.W.t(), P.acc)
-    if P.b is not None:
-        r = r + P.b.to(P.acc)
-    return r
+def _teacher_raw(P, lo, hi):
+    """The teacher's local raw logits of rows [lo, hi) in the accumulation dtype."""
+    if P.t_logits is not None:
+        return P.t_logits[lo:hi].to(P.acc)
+    h, W = P.t_hidden[lo:hi], P.t_W
+    r = _mm_acc(h.to(W.dtype), W.t(), P.acc)
+    return r if P.t_b is None else r + P.t_b.to(P.acc)
 
 
 def _raw_native(P, lo, hi, writable):
@@ -261,48 +206,6 @@ def _raw_native(P, lo, hi, writable):
     if P.b is not None:
         return torch.addmm(P.b.to(W.dtype), h, W.t())
     return torch.mm(h, W.t())
-
-
-def _final(P, raw):
-    """The head transforms on raw logits: logit_scale, then softcap (the single-process order)."""
-    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
-    z = raw * scale if scale != 1.0 else raw
-    return cap * torch.tanh(z / cap) if cap is not None else z
-
-
-def _dfinal(P, z):
-    """d(final)/d(raw) at the final value z (None when the transform is the identity)."""
-    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
-    if cap is not None:
-        return scale * (1 - (z / cap) ** 2)
-    return None if scale == 1.0 else scale
-
-
-def _chain(P, dz, zb):
-    d = _dfinal(P, zb)
-    return dz if d is None else dz * d
-
-
-def _target_local(P, tgt):
-    """(owned mask, local index safe for gather) of global targets `tgt` on this rank."""
-    li = tgt - P.v0
-    owned = (li >= 0) & (li < P.v_local)
-    if P.ignore_index is not None:
-        owned = owned & (tgt != P.ignore_index)
-    return owned, torch.where(owned, li, torch.zeros_like(li))
-
-
-def _pick(z, owned, li):
-    if z.shape[-1] == 0:
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    return torch.where(owned, z.gather(1, li[:, None])[:, 0], torch.zeros((), dtype=z.dtype, device=z.device))
-
-
-def _sub_onehot(dz, owned, li, coef):
-    """dz[i, li_i] -= coef_i on the rows whose target this rank owns."""
-    if dz.shape[-1] == 0:
-        return dz
-    return dz.scatter_add_(1, li[:, None], torch.where(owned, -coef, torch.zeros_like(coef))[:, None])
 
 
 def _gather_checked(P, cols):
@@ -493,7 +396,7 @@ def _chunk_terms(P, lo, hi, coefs, grads):
     packed = op["fwd"] if grads is None else op["bwd"]
     tgt = P.target[lo:hi]
     lg = _raw_native(P, lo, hi, writable=grads is not None)
-    tb = _raw(P, lo, hi, teacher=True) if P.kind == "distill" else None
+    tb = _teacher_raw(P, lo, hi) if P.kind == "distill" else None
     G = _gather_parts(P, ops.shard_partials(lg, tgt, P.v0, getattr(P, "w", None), tb, **knobs, **packed))
     fin = dict(ignore_index=knobs["ignore_index"], **op["finish"],
                **{name: t[lo:hi] for name, t in op["rows"].items()}, **packed)
@@ -541,51 +444,6 @@ def _term_outputs(P, rows, tgt, forward):
 def _want_ent(P):
     """The CE kind computes the entropy: for the loss's entropy_coef term or as an output."""
     return getattr(P, "want_entropy", False) or getattr(P, "entropy_coef", 0.0) != 0.0
-
-
-def _policy_token(P, lo, hi, lp, ent):
-    """Per-token policy loss (TRL 1.16, token level; csrc/cpu/terms.h is the same math) and its
-    derivative with respect to the log-probability."""
-    old = P.old[lo:hi] if P.old is not None else lp.detach()
-    adv = P.adv[lo:hi]
-    ratio = torch.exp(lp - old)
-    zero = torch.zeros_like(ratio)
-    if P.loss_type == "cispo":
-        w = torch.clamp(ratio, max=P.eps_high)
-        pt, dpt = -w * adv * lp, -w * adv
-    elif P.loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.full_like(ratio, P.sapo[0]), torch.full_like(ratio, P.sapo[1]))
-        sg = torch.sigmoid(tau * (ratio - 1))
-        pt, dpt = -sg * 4 / tau * adv, -4 * adv * sg * (1 - sg) * ratio
-    else:
-        c1 = ratio if P.delta is None else torch.clamp(ratio, max=P.delta)
-        d1 = ratio if P.delta is None else torch.where(ratio > P.delta, zero, ratio)
-        c2 = torch.clamp(ratio, 1 - P.eps_low, 1 + P.eps_high)
-        d2 = torch.where((ratio >= 1 - P.eps_low) & (ratio <= 1 + P.eps_high), ratio, zero)
-        un, cl = c1 * adv, c2 * adv
-        pt = -torch.minimum(un, cl)
-        # torch.minimum splits the gradient evenly at a tie.
-        dpt = torch.where(un < cl, -adv * d1, torch.where(un > cl, -adv * d2, -0.5 * adv * (d1 + d2)))
-    if P.pw is not None:
-        pt, dpt = pt * P.pw[lo:hi], dpt * P.pw[lo:hi]
-    if P.beta != 0.0:
-        d = P.ref[lo:hi] - lp
-        ed = torch.exp(d)
-        k3 = ed - d - 1
-        if P.bias_kl:
-            pt = pt + P.beta * k3 * ratio
-            dpt = dpt + P.beta * (1 - ed + k3) * ratio
-        else:
-            pt = pt + P.beta * k3
-            dpt = dpt + P.beta * (1 - ed)
-    if P.entropy_coef != 0.0:
-        pt = pt - P.entropy_coef * _ent_w(P, lo, hi, ent) * ent
-    P.extra = {}
-    return pt, dpt
-
-
-def _ent_w(P, lo, hi, like):
-    return P.ent_w[lo:hi] if P.ent_w is not None else torch.ones_like(like)
 
 
 def _accumulate(P, lo, hi, draw, grads):
