@@ -56,21 +56,25 @@ struct RowStats {
 };
 
 // Folds raw logits a[0, n) (global columns v0 + j) of one row into its statistics.
-template <typename scalar_t, typename acc_t>
+// kSoftmax = false leaves max / sumexp alone (the shard ops take the softmax sums from terms.h's
+// accumulate_ext and need only the target logit, the weighted sum and the argmax from here).
+template <typename scalar_t, typename acc_t, bool kSoftmax = true>
 inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0, int64_t n,
                            int64_t target, RowStats<acc_t>& st) {
   acc_t m = st.max;
   double s = st.sumexp, wz = st.weighted_sum;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
-    if (z > m) {
-      // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
-      s = s * static_cast<double>(std::exp(m - z)) + 1.0;
-      m = z;
-    } else if (z != -std::numeric_limits<acc_t>::infinity()) {
-      // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
-      // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
-      s += static_cast<double>(std::exp(z - m));
+    if (kSoftmax) {
+      if (z > m) {
+        // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
+        s = s * static_cast<double>(std::exp(m - z)) + 1.0;
+        m = z;
+      } else if (z != -std::numeric_limits<acc_t>::infinity()) {
+        // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
+        // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
+        s += static_cast<double>(std::exp(z - m));
+      }
     }
     // Strictly greater: the first index among equal maxima wins, as in torch.argmax.
     if (z > st.argmax_value || st.argmax < 0) {

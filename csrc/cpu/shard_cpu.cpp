@@ -191,7 +191,7 @@ at::Tensor shard_partials_cpu(const at::Tensor& logits, const at::Tensor& target
         const scalar_t* row = lp + i * v;
         const int64_t lt = local_target(tp[i], ignore_index, vocab_start, v);
         RowStats<acc_t> st;
-        accumulate_row<scalar_t, acc_t>(ep, row, 0, v, lt, st);
+        accumulate_row<scalar_t, acc_t, /*kSoftmax=*/false>(ep, row, 0, v, lt, st);
         ExtSums x;
         accumulate_ext(ep, tm, row, bp ? bp + i * v : static_cast<const acc_t*>(nullptr), v, x);
         acc_t* o = op + i * sh::kParts;
@@ -334,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor> shard_finish_cpu(
     acc_t* cp = coefs.data_ptr<acc_t>();
     const double inv_T = tm.inv_T;
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    // a few hundred flops per row: threads pay off only for many rows
+    at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         // Merge the ranks' sums (terms.h's rule, as tiles of one row) and the CE's statistics.
         ExtSums st;
