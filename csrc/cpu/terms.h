@@ -152,6 +152,15 @@ inline double log_add_exp(double x, double y) {
   return mx + std::log(std::exp(x - mx) + std::exp(y - mx));
 }
 
+// log m of the JSD's mixture m = beta r + (1 - beta) q, given r = e^lr and q = e^lq already:
+// one log instead of log_add_exp's two more exps, unless m is below the normal range (then the
+// log-domain form keeps its precision).
+inline double log_mixture(double r, double q, double lr, double lq, double beta, double lb,
+                          double l1b) {
+  const double m = beta * r + (1 - beta) * q;
+  return m >= std::numeric_limits<double>::min() ? std::log(m) : log_add_exp(lr + lb, lq + l1b);
+}
+
 // The JSD pass over one tile, once lse_u and lse_y are known: the divergence and
 // S = sum_j q_j (1 - beta) (log q_j - log m_j), the mean that its gradient subtracts.
 template <typename acc_t, typename a_t>
@@ -161,10 +170,11 @@ inline void accumulate_jsd(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, co
   for (int64_t j = 0; j < n; ++j) {
     const double lq = ep.final_logit(static_cast<acc_t>(a[j])) * tm.inv_T - lse_u;
     const double lr = b[j] * tm.inv_T - lse_y;
-    const double lm = log_add_exp(lr + lb, lq + l1b);
-    if (lr != kNegInf) st.jsd += beta * std::exp(lr) * (lr - lm);
+    const double r = std::exp(lr), q = std::exp(lq);
+    const double lm = log_mixture(r, q, lr, lq, beta, lb, l1b);
+    if (lr != kNegInf) st.jsd += beta * r * (lr - lm);
     if (lq != kNegInf) {
-      const double g = (1 - beta) * std::exp(lq) * (lq - lm);
+      const double g = (1 - beta) * q * (lq - lm);
       st.jsd += g;
       st.jsd_s += g;
     }
@@ -314,7 +324,7 @@ inline void row_backward_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm,
         if (tm.distill == kReverseKL) {
           dz += eg.lam * q * (lq - lr - eg.rkl);
         } else {
-          const double lm = log_add_exp(lr + lb, lq + l1b);
+          const double lm = log_mixture(std::exp(lr), q, lr, lq, beta, lb, l1b);
           dz += eg.lam * q * ((1 - beta) * (lq - lm) - eg.jsd_s);
         }
       }
