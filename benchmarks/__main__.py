@@ -23,6 +23,8 @@ COMMANDS = {
     "profile": ("benchmarks.profile_terms", "CUDA kernel totals of a CE call vs a terms call"),
     "distributed": ("benchmarks.bench_distributed",
                     "vocab-parallel loss on K ranks, under torchrun (--nproc K, --out DIR; --tiny: CPU + gloo)"),
+    "shard_terms": ("benchmarks.bench_shard_terms",
+                    "per-rank fwd+bwd of the sharded log-probs / distillation on a 1-rank group"),
     "hf": ("benchmarks.hf_train_step", "a Hugging Face training step, stock vs patched (OUT.json)"),
     "trl": ("benchmarks.trl_step", "an SFT and a GRPO step of TRL's trainers (--out OUT.json)"),
     "fp16": ("benchmarks.bench_fp16_scale", "float16 under a loss scale: error and time (--out OUT.json)"),

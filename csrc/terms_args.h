@@ -139,7 +139,9 @@ struct TermArgs {
   }
 
   // n rows, v classes (the student's), ref: the student's hidden (device, for messages).
-  void check(int64_t n, int64_t v, const at::Tensor& ref) const {
+  // with_teacher = false: the call takes no teacher tensor although distill may be on (the
+  // vocab-parallel shard_finish, which sees only the per-row partials).
+  void check(int64_t n, int64_t v, const at::Tensor& ref, bool with_teacher = true) const {
     TORCH_CHECK(std::isfinite(ce_weight), "fusedce: ce_weight must be finite, got ", ce_weight);
     TORCH_CHECK(std::isfinite(entropy_coef), "fusedce: entropy_coef must be finite, got ",
                 entropy_coef);
@@ -158,6 +160,8 @@ struct TermArgs {
       TORCH_CHECK(distill != 3 || (distill_beta > 0 && distill_beta < 1),
                   "fusedce: distill_beta must be in (0, 1) for the JSD (use forward or reverse KL "
                   "for the limits), got ", distill_beta);
+    }
+    if (distill != 0 && with_teacher) {
       TORCH_CHECK(teacher_logits.has_value() != teacher_hidden.has_value(),
                   "fusedce: give the teacher as teacher_logits or as teacher_hidden + "
                   "teacher_weight, exactly one of them");

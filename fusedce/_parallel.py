@@ -13,14 +13,15 @@ gradient flows back to the DTensor.
 Communication (torch.distributed: gloo on CPU, NCCL on GPU)
 -----------------------------------------------------------
 Forward: tokens are processed in chunks. Per chunk each rank computes its local logits
-(``hidden_chunk @ W_local.T + b_local`` in float32, float64 for float64 inputs), applies the final
-transform, and packs the per-row partials of *every* requested term into ONE [C, K] tensor: local
-max, local sum-exp, target logit (0 where another rank owns the target), class weight of the
-target, smoothing sums, argmax candidate (value, global index), entropy partial sum e^(z-m) z
-(relative to the local max on the CE and distillation paths, as csrc/cpu/terms.h), the token
-statistics' sum z and sum e^(2(z-m)), teacher max / sum-exp and cross sums for distillation, ...
-Those are gathered with ONE
-``all_gather_single`` (``all_gather_into_tensor``) per chunk and combined locally.
+(``hidden_chunk @ W_local.T + b_local``, in the input dtype) and the row kernels reduce them to
+per-row partials packed in ONE [C, K] tensor, gathered with ONE ``all_gather_single``
+(``all_gather_into_tensor``) per chunk. No softmax math is written here: the plain CE runs on
+fusedce::shard_stats / shard_grad_ (its tuned fast path, combined by the few lines of _chunk_ce);
+every other term (entropy, log-probs and the token statistics, distillation, the token-level
+policy objective) on fusedce::shard_partials / shard_finish / shard_backward_ (and shard_jsd),
+the row math of csrc/cpu/terms.h and kernels/terms_kernels.cu split at the per-row scalars
+(columns: csrc/shard_layout.h). shard_finish merges the ranks' partials as the single-process
+kernels merge the tiles of one row, so both paths compute every term with the same code.
 
 Why a gather rather than all-reduces: the max and the sums combine differently (the sums must be
 rescaled by exp(m_rank - m_global)), so an all-reduce formulation needs a MAX all-reduce before the
@@ -32,7 +33,7 @@ the collective is latency-bound and one beats three. Every rank then does the sa
 Exception, stated plainly: the generalized JSD (``distillation_loss(kind="jsd")``) needs
 sum_j m_j log m_j with m = beta r + (1 - beta) q, which depends on both *global* log-sum-exps
 element by element and cannot be written from first-pass partials; it takes a second small
-collective per chunk (an all-reduce of [C, 2]). Forward and reverse KL need only one.
+collective per chunk (an all-reduce of shard_jsd's [C, 2]). Forward and reverse KL need only one.
 
 Gradients (reduction "mean"/"sum", and the policy loss): the gradient of the final scalar is known
 during the forward, so each chunk's d(loss)/d(logits) is formed right away from the global
@@ -61,6 +62,7 @@ import torch.distributed as dist
 
 from . import ops as _ops_py
 from ._checks import check_global_targets, host_target_check
+from ._op_args import TermOptions
 from ._shared import LossOutput, _policy_metrics, _policy_parts, _shift
 
 # Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
@@ -128,24 +130,8 @@ def _gather(x, group, world):
 
 
 # ---------------------------------------------------------------------------------------------
-# Softmax partials and their combination
+# The plain CE's combination (every other term is merged by fusedce::shard_finish)
 # ---------------------------------------------------------------------------------------------
-
-
-def _local_softmax(z):
-    """Local max (-inf for an empty / all -inf row), e = exp(z - max), local sum-exp."""
-    if z.shape[-1] == 0:
-        m = torch.full(z.shape[:-1], -math.inf, dtype=z.dtype, device=z.device)
-    else:
-        m = z.amax(-1)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(z - m_safe[:, None])
-    return m, e, e.sum(-1)
-
-
-def _wsum(e, y):
-    """sum_j e_j y_j with 0 * (-inf) = 0 (a masked logit has e = 0)."""
-    return torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
 
 
 def _combine(m_all, s_all, *sums_all):
@@ -156,39 +142,6 @@ def _combine(m_all, s_all, *sums_all):
     S = (s_all * f).sum(0)
     lse = M_safe + torch.log(S)
     return (M, lse, S) + tuple((x * f).sum(0) for x in sums_all)
-
-
-def _entropy_partial(z, m):
-    """sum_j e^(z_j - m) (z_j - m) of a local row relative to its local max m (a masked -inf
-    logit adds 0), the entropy's partial sum beside the sum-exp (terms.h's `hz`)."""
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    zf = z - m_safe[:, None]
-    e = torch.exp(zf)
-    return torch.where(e > 0, e * zf, torch.zeros_like(e)).sum(-1)
-
-
-def _combine_entropy(m_all, s_all, hz_all, M):
-    """Entropy log S - hz / S of the global softmax from per-rank (max, sum-exp, hz relative to
-    the rank's max): each hz is re-expressed relative to the global max M (terms.h's `rescale`);
-    0 for a row with no finite logit, as the single-process op."""
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(m_all - M_safe)
-    has = s_all > 0
-    shift = torch.where(has, (m_all - M_safe) * s_all, torch.zeros_like(s_all))
-    S = (s_all * f).sum(0)
-    hz = torch.where(has, f * (hz_all + shift), torch.zeros_like(s_all)).sum(0)
-    S_safe = torch.where(S > 0, S, torch.ones_like(S))
-    return torch.where(S > 0, torch.log(S_safe) - hz / S_safe, torch.zeros_like(S))
-
-
-def _entropy_dz(z, lse, ent, g_h):
-    """d/dz of sum_i g_h_i H_i at the final logits z: -g_h p (z - lse + H) (0 where p = 0)."""
-    p = torch.exp(z - lse[:, None])
-    return torch.where(p > 0, (-g_h)[:, None] * p * (z - lse[:, None] + ent[:, None]), torch.zeros_like(p))
-
-
-def _xlogx_safe(p, logp):
-    return torch.where(p > 0, p * logp, torch.zeros_like(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,15 +159,13 @@ class _Problem:
 def _default_chunk(P, n_rows):
     if P.chunk_size:
         return max(1, min(P.chunk_size, max(n_rows, 1)))
-    if P.kind == "ce" and not _want_ent(P):
-        # The row kernels work on the one [C, V_local] logits chunk in the input dtype (as the
-        # single-GPU op, which fills the same budget): large chunks, few collectives.
-        src = P.logits if P.logits is not None else P.W
-        per_row = max(P.v_local, 1) * src.element_size()
-    else:
-        per_row = 4 * max(P.v_local, 1) * (8 if P.acc == torch.float64 else 4)
-        if P.kind == "distill":
-            per_row *= 2
+    # The row kernels work on the one [C, V_local] logits chunk in the input dtype (as the
+    # single-GPU op, which fills the same budget): large chunks, few collectives. Distillation
+    # holds the teacher's chunk beside it, in the accumulation dtype.
+    src = P.logits if P.logits is not None else P.W
+    per_row = max(P.v_local, 1) * src.element_size()
+    if P.kind == "distill":
+        per_row += max(P.v_local, 1) * (8 if P.acc == torch.float64 else 4)
     budget = _BUDGET_BYTES.get(P.device.type, _BUDGET_BYTES["cpu"])
     return max(1, min(max(n_rows, 1), budget // per_row))
 
@@ -233,20 +184,13 @@ def _mm_acc(a, b, acc):
     return torch.mm(a, b).to(acc)
 
 
-def _raw(P, lo, hi, teacher=False):
-    """Local raw logits of rows [lo, hi) in the accumulation dtype."""
-    if teacher:
-        if P.t_logits is not None:
-            return P.t_logits[lo:hi].to(P.acc)
-        h, W = P.t_hidden[lo:hi], P.t_W
-        r = _mm_acc(h.to(W.dtype), W.t(), P.acc)
-        return r if P.t_b is None else r + P.t_b.to(P.acc)
-    if P.logits is not None:
-        return P.logits[lo:hi].to(P.acc)
-    r = _mm_acc(P.hidden[lo:hi], P.W.t(), P.acc)
-    if P.b is not None:
-        r = r + P.b.to(P.acc)
-    return r
+def _teacher_raw(P, lo, hi):
+    """The teacher's local raw logits of rows [lo, hi) in the accumulation dtype."""
+    if P.t_logits is not None:
+        return P.t_logits[lo:hi].to(P.acc)
+    h, W = P.t_hidden[lo:hi], P.t_W
+    r = _mm_acc(h.to(W.dtype), W.t(), P.acc)
+    return r if P.t_b is None else r + P.t_b.to(P.acc)
 
 
 def _raw_native(P, lo, hi, writable):
@@ -264,48 +208,6 @@ def _raw_native(P, lo, hi, writable):
     return torch.mm(h, W.t())
 
 
-def _final(P, raw):
-    """The head transforms on raw logits: logit_scale, then softcap (the single-process order)."""
-    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
-    z = raw * scale if scale != 1.0 else raw
-    return cap * torch.tanh(z / cap) if cap is not None else z
-
-
-def _dfinal(P, z):
-    """d(final)/d(raw) at the final value z (None when the transform is the identity)."""
-    scale, cap = getattr(P, "logit_scale", 1.0), getattr(P, "softcap", None)
-    if cap is not None:
-        return scale * (1 - (z / cap) ** 2)
-    return None if scale == 1.0 else scale
-
-
-def _chain(P, dz, zb):
-    d = _dfinal(P, zb)
-    return dz if d is None else dz * d
-
-
-def _target_local(P, tgt):
-    """(owned mask, local index safe for gather) of global targets `tgt` on this rank."""
-    li = tgt - P.v0
-    owned = (li >= 0) & (li < P.v_local)
-    if P.ignore_index is not None:
-        owned = owned & (tgt != P.ignore_index)
-    return owned, torch.where(owned, li, torch.zeros_like(li))
-
-
-def _pick(z, owned, li):
-    if z.shape[-1] == 0:
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-    return torch.where(owned, z.gather(1, li[:, None])[:, 0], torch.zeros((), dtype=z.dtype, device=z.device))
-
-
-def _sub_onehot(dz, owned, li, coef):
-    """dz[i, li_i] -= coef_i on the rows whose target this rank owns."""
-    if dz.shape[-1] == 0:
-        return dz
-    return dz.scatter_add_(1, li[:, None], torch.where(owned, -coef, torch.zeros_like(coef))[:, None])
-
-
 def _gather_checked(P, cols):
     """The chunk's ONE gather of the [C, K] partials, with this rank's vocabulary size as a last
     column: their sum is the global vocabulary (kept in P.v_global), which no rank knows alone and
@@ -314,6 +216,14 @@ def _gather_checked(P, cols):
     G = _gather(torch.stack(cols, -1), P.group, P.world)
     P.v_global = G[:, :1, -1].sum(0).to(torch.int64)
     return G[..., :-1]
+
+
+def _gather_parts(P, parts):
+    """The chunk's ONE gather of the term ops' [C, kParts] partials, as [world, C, kParts]; their
+    kV columns sum to the global vocabulary (kept in P.v_global, see _gather_checked)."""
+    G = _gather(parts, P.group, P.world)
+    P.v_global = G[:, :1, _PART["kV"]].sum(0).to(torch.int64)
+    return G
 
 
 def _check_targets(P):
@@ -347,308 +257,193 @@ def _poison(P):
 
 
 def _chunk(P, lo, hi, coefs, grads):
-    """One chunk: local partials, ONE gather (two for JSD), combine, per-row outputs, and, when
-    `grads` is given, the local gradient contributions with per-row coefficients `coefs`."""
-    k = P.kind
-    raw = None if k == "ce" else _raw(P, lo, hi)
+    """One chunk: local partials, ONE gather (two collectives for JSD), the per-row outputs, and,
+    when `grads` is given, the local gradient contributions with per-row upstream `coefs`."""
+    if P.kind == "ce" and not _want_ent(P):
+        return _chunk_ce(P, lo, hi, coefs, grads)
+    return _chunk_terms(P, lo, hi, coefs, grads)
+
+
+def _chunk_ce(P, lo, hi, coefs, grads):
+    """The plain CE on its tuned row kernels (fusedce::shard_stats / shard_grad_) on the shard's
+    logits in the input dtype: one read for the partials, one in-place gradient."""
     tgt = P.target[lo:hi]
-    owned, li = _target_local(P, tgt)
-    cols = []
     out = {}
-
-    if k == "ce":
-        # The row math runs in the fused row kernels (fusedce::shard_stats / shard_grad_) on the
-        # shard's logits in the input dtype: one read for the partials, one in-place gradient.
-        lg = _raw_native(P, lo, hi, writable=grads is not None)
-        st = torch.ops.fusedce.shard_stats(
-            lg, tgt, P.v0, P.w, ignore_index=P.ignore_index if P.ignore_index is not None else -100,
-            softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
-        m = st[:, 0]
-        cols += [m, st[:, 1], st[:, 3]]
-        if P.w is not None:
-            cols.append(st[:, 4])
-        if P.label_smoothing > 0:
-            wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=m.dtype, device=m.device))
-            cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
-        if P.need_argmax:
-            cols.append(st[:, 5])
-        want_ent = _want_ent(P)
-        if want_ent:
-            # The entropy's partial sum is one more column of the same gather. shard_stats has no
-            # such column yet, so it is summed here over the final logits in the accumulation
-            # dtype (kept for this chunk's gradient).
-            raw_acc = lg.to(P.acc)
-            zf = _final(P, raw_acc)
-            cols.append(_entropy_partial(zf, m))
-        z = m  # only its dtype and device are used below
-        G = _gather_checked(P, cols)
-        M, lse, S = _combine(G[..., 0], G[..., 1])
-        valid = tgt != P.ignore_index
-        vf = valid.to(z.dtype)
-        zt = G[..., 2].sum(0)
-        c = 3
-        if P.w is not None:
-            wt = G[..., c].sum(0) * vf
-            c += 1
-        else:
-            wt = vf
-        eps = P.label_smoothing
-        tok = wt * ((1 - eps) * (lse - zt) + P.z_loss * lse * lse)
-        if eps > 0:
-            wz, wsum, V = G[..., c].sum(0), G[..., c + 1].sum(0), G[..., c + 2].sum(0)
-            c += 3
-            tok = tok + vf * (eps / V) * (lse * wsum - wz)
-        else:
-            V = wsum = None
-        if P.need_argmax:
-            idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
-            out["predicted"] = torch.where(valid, idx.to(torch.long), torch.full_like(tgt, -1))
-            c += 1
-        if want_ent:
-            ent = _combine_entropy(G[..., 0], G[..., 1], G[..., c], M)
-            c += 1
-            out["ent"] = ent  # every row, ignored ones too (the single-process op's output)
-            if P.entropy_coef != 0.0:
-                tok = tok + P.entropy_coef * vf * ent
-        tok = torch.where(valid, tok, torch.zeros_like(tok))
-        out.update(token_loss=tok, lse=lse, wt=wt)
-        if grads is None:
-            return out
-        a_loss, a_lse = coefs[0], coefs[1]
-        row = torch.zeros_like(lse)
-        coef_t = torch.zeros_like(lse)
-        coef_w = None
-        if a_loss is not None:
-            a = a_loss * vf
-            row = a * wt * ((1 - eps) + 2 * P.z_loss * lse)
-            coef_t = a * wt * (1 - eps)
-            if eps > 0:
-                row = row + a * (eps / V) * wsum
-                coef_w = a * (eps / V)
-        if a_lse is not None:
-            row = row + a_lse
-        draw = lg
-        d_ent = None
-        if want_ent:
-            # upstream of each row's entropy: its own output's (every row) plus the loss's
-            # entropy_coef term (non-ignored rows), as terms.h's finish_ext
-            g_h = coefs[2]
-            if a_loss is not None and P.entropy_coef != 0.0:
-                ge = a_loss * vf * P.entropy_coef
-                g_h = ge if g_h is None else g_h + ge
-            if g_h is not None:
-                # before shard_grad_ overwrites raw_acc (zf may be raw_acc itself)
-                d_ent = _chain(P, _entropy_dz(zf, lse, ent, g_h), zf)
-                draw = raw_acc  # the CE gradient in the accumulation dtype, the entropy's added
-        torch.ops.fusedce.shard_grad_(
-            draw, tgt, P.v0, P.w, lse, row, coef_t, coef_w,
-            ignore_index=P.ignore_index if P.ignore_index is not None else -100,
-            softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
-        if d_ent is not None:
-            draw += d_ent
-        _accumulate(P, lo, hi, draw, grads)
-        return out
-
-    if k in ("lp", "policy"):
-        T = P.temperature
-        zb = _final(P, raw)
-        z = zb / T
-        m, e, se = _local_softmax(z)
-        cols += [m, se, _pick(z, owned, li), _wsum(e, z)]
-        # token_statistics' metrics (no gradient): their partials in the same gather, forward only
-        stats = getattr(P, "stats", ()) if grads is None else ()
-        if "mean_logits" in stats:
-            cols.append(z.sum(-1))
-        if "log_sum_sq_probs" in stats:
-            cols.append((e * e).sum(-1))  # relative to the local max, like the sum-exp
-        if "is_top1" in stats:
-            if z.shape[-1]:  # the first maximum, as torch.argmax (and the single-process op)
-                cols.append((z.argmax(-1) + P.v0).to(z.dtype))
-            else:
-                cols.append(torch.full_like(m, math.inf))
-        del e
-        G = _gather_checked(P, cols)
-        M, lse, S, ez = _combine(G[..., 0], G[..., 1], G[..., 3])
-        lp = G[..., 2].sum(0) - lse
-        ent = lse - ez / S
-        if k == "lp":  # HF's padding label: log-probability 0, no gradient
-            lp_valid = tgt != P.ignore_index
-            lp = torch.where(lp_valid, lp, torch.zeros_like(lp))
-        out.update(lp=lp, ent=ent)
-        c = 4
-        if "mean_logits" in stats:
-            out["mean_logits"] = G[..., c].sum(0) / P.v_global.to(z.dtype)
-            c += 1
-        if "log_sum_sq_probs" in stats:
-            M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-            f = torch.exp(G[..., 0] - M_safe)
-            out["log_sum_sq_probs"] = torch.log((G[..., c] * f * f).sum(0)) - 2 * torch.log(S)
-            c += 1
-        if "is_top1" in stats:
-            idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
-            out["is_top1"] = lp_valid & (idx == tgt.to(idx.dtype))
-            c += 1
-        if k == "policy":
-            pt, dpt = _policy_token(P, lo, hi, lp, ent)
-            out.update(per_token=pt, **P.extra)
-        if grads is None:
-            return out
-        if k == "lp":
-            a_lp, a_ent = coefs
-            if a_lp is not None:
-                a_lp = a_lp * lp_valid.to(a_lp.dtype)
-        else:
-            a = coefs[0]
-            a_lp = None if a is None else a * dpt
-            a_ent = None if (a is None or P.entropy_coef == 0.0) else -P.entropy_coef * _ent_w(P, lo, hi, a) * a
-        p = torch.exp(z - lse[:, None])
-        dz = torch.zeros_like(z)
-        if a_lp is not None:
-            dz = dz - a_lp[:, None] * p
-            dz = _sub_onehot(dz, owned, li, -a_lp)
-        if a_ent is not None:
-            logp = z - lse[:, None]
-            dz = dz - a_ent[:, None] * torch.where(p > 0, p * (logp + ent[:, None]), torch.zeros_like(p))
-        _accumulate(P, lo, hi, _chain(P, dz / T, zb), grads)
-        return out
-
-    # distillation
-    T = P.temperature
-    raw = _final(P, raw)  # the student's final logits (the CE part reads them at T = 1)
-    zs = raw / T
-    zt_ = _raw(P, lo, hi, teacher=True) / T
-    ms, es, ss = _local_softmax(zs)
-    mt, et, st = _local_softmax(zt_)
-    # student group: [ms, ss, sum es zs, sum es zt]; teacher group: [mt, st, sum et zt, sum et zs]
-    cols += [ms, ss, _wsum(es, zs), _wsum(es, zt_), mt, st, _wsum(et, zt_), _wsum(et, zs)]
-    eps, zl, ec = P.label_smoothing, P.z_loss, P.entropy_coef
-    need_ce = P.ce_weight != 0.0 or zl != 0.0
-    need_t1 = need_ce or ec != 0.0
-    if need_t1:  # the CE part (with smoothing), the z-loss and the entropy read the T = 1 softmax
-        m1, _, s1 = _local_softmax(raw)
-        cols += [m1, s1]
-    if need_ce:
-        cols.append(_pick(raw, owned, li))
-        if eps > 0:
-            cols += [raw.sum(-1), torch.full_like(m1, float(P.v_local))]
-    if ec != 0.0:
-        cols.append(_entropy_partial(raw, m1))
+    lg = _raw_native(P, lo, hi, writable=grads is not None)
+    st = torch.ops.fusedce.shard_stats(
+        lg, tgt, P.v0, P.w, ignore_index=P.ignore_index,
+        softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+    m = st[:, 0]
+    cols = [m, st[:, 1], st[:, 3]]
+    if P.w is not None:
+        cols.append(st[:, 4])
+    if P.label_smoothing > 0:
+        wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=m.dtype, device=m.device))
+        cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
+    if P.need_argmax:
+        cols.append(st[:, 5])
     G = _gather_checked(P, cols)
-    _, lseq, Sq, q_zs, q_zt = _combine(G[..., 0], G[..., 1], G[..., 2], G[..., 3])
-    _, lser, Sr, r_zt, r_zs = _combine(G[..., 4], G[..., 5], G[..., 6], G[..., 7])
-    sum_q_lq = q_zs / Sq - lseq
-    sum_r_lr = r_zt / Sr - lser
-    lq = zs - lseq[:, None]
-    lr = zt_ - lser[:, None]
-    q = torch.exp(lq)
-    beta = P.beta
-    if P.dkind == "forward_kl":
-        div = sum_r_lr - (r_zs / Sr - lseq)
-    elif P.dkind == "reverse_kl":
-        div = sum_q_lq - (q_zt / Sq - lser)
-    else:
-        lm = torch.logaddexp(lr + (math.log(beta) if beta > 0 else -math.inf),
-                             lq + (math.log1p(-beta) if beta < 1 else -math.inf))
-        mm = torch.exp(lm)
-        loc = torch.stack([_xlogx_safe(mm, lm).sum(-1), torch.where(q > 0, q * lm, torch.zeros_like(q)).sum(-1)], -1)
-        dist.all_reduce(loc, group=P.group)  # the JSD's second collective (see the module doc)
-        sum_m_lm, sum_q_lm = loc[:, 0], loc[:, 1]
-        div = beta * sum_r_lr + (1 - beta) * sum_q_lq - sum_m_lm
+    M, lse, S = _combine(G[..., 0], G[..., 1])
     valid = tgt != P.ignore_index
-    tok = P.distill_weight * div
-    if need_t1:
-        M1, lse1, _ = _combine(G[..., 8], G[..., 9])
-        c = 10
-    if need_ce:
-        ce = (1 - eps) * (lse1 - G[..., c].sum(0))
+    vf = valid.to(m.dtype)
+    zt = G[..., 2].sum(0)
+    c = 3
+    if P.w is not None:
+        wt = G[..., c].sum(0) * vf
         c += 1
-        if eps > 0:
-            zsum, Vg = G[..., c].sum(0), G[..., c + 1].sum(0)
-            c += 2
-            ce = ce + eps / Vg * (Vg * lse1 - zsum)
-        tok = tok + P.ce_weight * ce + zl * lse1 * lse1
-    if ec != 0.0:  # the entropy of the student's softmax at T = 1 (the single-process op's H)
-        ent = _combine_entropy(G[..., 8], G[..., 9], G[..., c], M1)
-        tok = tok + ec * ent
+    else:
+        wt = vf
+    eps = P.label_smoothing
+    tok = wt * ((1 - eps) * (lse - zt) + P.z_loss * lse * lse)
+    if eps > 0:
+        wz, wsum, V = G[..., c].sum(0), G[..., c + 1].sum(0), G[..., c + 2].sum(0)
+        c += 3
+        tok = tok + vf * (eps / V) * (lse * wsum - wz)
+    else:
+        V = wsum = None
+    if P.need_argmax:
+        idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
+        out["predicted"] = torch.where(valid, idx.to(torch.long), torch.full_like(tgt, -1))
+        c += 1
     tok = torch.where(valid, tok, torch.zeros_like(tok))
-    out["token_loss"] = tok
+    out.update(token_loss=tok, lse=lse, wt=wt)
     if grads is None:
         return out
-    a = coefs[0] * valid.to(zs.dtype)
-    ad = a * P.distill_weight
-    if P.dkind == "forward_kl":
-        r = torch.exp(lr)
-        dzs = ad[:, None] * (q - r)
-    elif P.dkind == "reverse_kl":
-        kl = sum_q_lq - (q_zt / Sq - lser)
-        diff = torch.where(q > 0, lq - lr, torch.zeros_like(q))
-        dzs = ad[:, None] * q * (diff - kl[:, None])
-    else:
-        klqm = sum_q_lq - sum_q_lm
-        diff = torch.where(q > 0, lq - lm, torch.zeros_like(q))
-        dzs = (ad * (1 - beta))[:, None] * q * (diff - klqm[:, None])
-    draw = dzs / T
-    if need_ce:
-        ac = a * P.ce_weight
-        coef_p = ac + 2 * zl * a * lse1  # (1 - eps) + eps of the smoothing's sum of p
-        draw = draw + coef_p[:, None] * torch.exp(raw - lse1[:, None])
-        draw = _sub_onehot(draw, owned, li, ac * (1 - eps))
+    a_loss, a_lse = coefs[0], coefs[1]
+    row = torch.zeros_like(lse)
+    coef_t = torch.zeros_like(lse)
+    coef_w = None
+    if a_loss is not None:
+        a = a_loss * vf
+        row = a * wt * ((1 - eps) + 2 * P.z_loss * lse)
+        coef_t = a * wt * (1 - eps)
         if eps > 0:
-            draw = draw - (ac * eps / Vg)[:, None]
-    if ec != 0.0:
-        draw = draw + _entropy_dz(raw, lse1, ent, a * ec)
-    _accumulate(P, lo, hi, _chain(P, draw, raw), grads)
+            row = row + a * (eps / V) * wsum
+            coef_w = a * (eps / V)
+    if a_lse is not None:
+        row = row + a_lse
+    torch.ops.fusedce.shard_grad_(
+        lg, tgt, P.v0, P.w, lse, row, coef_t, coef_w, ignore_index=P.ignore_index,
+        softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+    _accumulate(P, lo, hi, lg, grads)
+    return out
+
+
+# Columns of the term ops' packed tensors (csrc/shard_layout.h).
+_PART = _ops_py._SHARD_LAYOUT["parts"]
+_ROW = _ops_py._SHARD_LAYOUT["rows"]
+# The term ops' upstream arguments, in the order of each kind's differentiable rows (_row_names).
+_UPSTREAM = {"ce": ("g_token_loss", "g_lse", "g_entropy"), "lp": ("g_logprob", "g_entropy"),
+             "distill": ("g_token_loss",), "policy": ("g_token_loss",)}
+_DISTILL = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
+_POLICY_KIND = {"cispo": 1, "sapo": 2}  # every other token-level type: 0, the clipped form
+# The ignore marker of the policy's masked tokens: the one int64 no vocabulary reaches (as the
+# single-process policy_loss), so that a kept token of any other value is a class id to check.
+_MASKED = torch.iinfo(torch.int64).min
+
+
+def _term_op(P):
+    """The term ops' arguments of the call, built once: the same TermOptions as the
+    single-process call of fusedce.functional / fusedce.terms for the same kind."""
+    k = P.kind
+    cap, scale = getattr(P, "softcap", None), float(getattr(P, "logit_scale", 1.0))
+    softcap = 0.0 if cap is None else float(cap)
+    rows = {}
+    if k in ("lp", "policy"):
+        # the temperature folds into both head knobs, as fusedce.terms._head_knobs does
+        T = P.temperature
+        softcap, scale = softcap / T, scale / T
+    if k == "ce":
+        opts = TermOptions(entropy_coef=float(getattr(P, "entropy_coef", 0.0)),
+                           want_entropy=bool(getattr(P, "want_entropy", False)))
+        stats = opts
+    elif k == "lp":
+        opts = TermOptions(ce_weight=0.0, want_entropy=True, want_logprob=True)
+        want = getattr(P, "stats", ())
+        # the metrics have no gradient: asked in the forward only
+        stats = opts._replace(want_mean_logit="mean_logits" in want,
+                              want_log_sum_sq="log_sum_sq_probs" in want)
+    elif k == "distill":
+        opts = stats = TermOptions(
+            ce_weight=P.ce_weight, entropy_coef=P.entropy_coef, distill=_DISTILL[P.dkind],
+            distill_weight=P.distill_weight, distill_beta=P.beta, distill_temperature=P.temperature)
+    else:
+        opts = stats = TermOptions(
+            ce_weight=0.0, want_entropy=True, want_logprob=True, entropy_coef=-P.entropy_coef,
+            epsilon_low=P.eps_low, epsilon_high=P.eps_high, kl_beta=P.beta,
+            policy_kind=_POLICY_KIND.get(P.loss_type, 0),
+            policy_delta=0.0 if P.delta is None else float(P.delta), kl_bias_correction=bool(P.bias_kl),
+            sapo_temperature_pos=float(P.sapo[0]), sapo_temperature_neg=float(P.sapo[1]))
+        rows = dict(old_logprobs=P.old, advantages=P.adv, ref_logprobs=P.ref if P.beta != 0.0 else None,
+                    policy_weights=P.pw, entropy_weights=P.ent_w)
+    P.op = dict(knobs=dict(ignore_index=P.ignore_index, softcap=softcap, logit_scale=scale),
+                fwd=stats.pack(), bwd=opts.pack(),
+                finish=dict(label_smoothing=float(getattr(P, "label_smoothing", 0.0)),
+                            z_loss=float(getattr(P, "z_loss", 0.0))),
+                rows={name: t for name, t in rows.items() if t is not None},
+                jsd=opts.distill == 3)
+    return P.op
+
+
+def _chunk_terms(P, lo, hi, coefs, grads):
+    """Every term beyond the plain CE on the term ops (csrc/cpu/terms.h, kernels/terms_kernels.cu):
+    shard_partials on the rank's logits, ONE gather of the partials, shard_finish (the merge and
+    every per-row value, the same on every rank), shard_backward_ in place for a gradient; the
+    JSD adds shard_jsd and one all-reduce between two finishes."""
+    op = getattr(P, "op", None) or _term_op(P)
+    ops = torch.ops.fusedce
+    knobs = op["knobs"]
+    packed = op["fwd"] if grads is None else op["bwd"]
+    tgt = P.target[lo:hi]
+    lg = _raw_native(P, lo, hi, writable=grads is not None)
+    tb = _teacher_raw(P, lo, hi) if P.kind == "distill" else None
+    G = _gather_parts(P, ops.shard_partials(lg, tgt, P.v0, getattr(P, "w", None), tb, **knobs, **packed))
+    fin = dict(ignore_index=knobs["ignore_index"], **op["finish"],
+               **{name: t[lo:hi] for name, t in op["rows"].items()}, **packed)
+    if grads is not None:
+        fin.update({name: c for name, c in zip(_UPSTREAM[P.kind], coefs) if c is not None})
+    rows, cf = ops.shard_finish(G, tgt, None, **fin)
+    if op["jsd"]:
+        jsd = ops.shard_jsd(lg, tb, cf, softcap=knobs["softcap"], logit_scale=knobs["logit_scale"], **packed)
+        dist.all_reduce(jsd, group=P.group)  # the JSD's second collective (see the module doc)
+        rows, cf = ops.shard_finish(G, tgt, jsd, **fin)
+    out = _term_outputs(P, rows, tgt, grads is None)
+    if grads is None:
+        return out
+    ops.shard_backward_(lg, tgt, P.v0, cf, getattr(P, "w", None), tb, **knobs, **packed)
+    _accumulate(P, lo, hi, lg, grads)
+    return out
+
+
+def _term_outputs(P, rows, tgt, forward):
+    """The kind's per-row outputs from shard_finish's rows."""
+    col = {name: rows[:, _ROW[key]] for name, key in (
+        ("token_loss", "kTokenLoss"), ("lse", "kLse"), ("ent", "kEntropy"), ("lp", "kLogprob"),
+        ("wt", "kWeightAtTarget"))}
+    k = P.kind
+    if k == "ce":
+        out = dict(token_loss=col["token_loss"], lse=col["lse"], wt=col["wt"], ent=col["ent"])
+        if P.need_argmax:
+            out["predicted"] = rows[:, _ROW["kPredicted"]].to(torch.long)
+        return out
+    if k == "distill":
+        return dict(token_loss=col["token_loss"])
+    if k == "policy":
+        return dict(per_token=col["token_loss"], lp=col["lp"], ent=col["ent"])
+    out = dict(lp=col["lp"], ent=col["ent"])
+    want = getattr(P, "stats", ()) if forward else ()
+    if "mean_logits" in want:
+        out["mean_logits"] = rows[:, _ROW["kMeanLogit"]]
+    if "log_sum_sq_probs" in want:
+        out["log_sum_sq_probs"] = rows[:, _ROW["kLogSumSq"]]
+    if "is_top1" in want:  # predicted is -1 at ignored rows: never a token there
+        out["is_top1"] = rows[:, _ROW["kPredicted"]].to(torch.long) == tgt
     return out
 
 
 def _want_ent(P):
     """The CE kind computes the entropy: for the loss's entropy_coef term or as an output."""
     return getattr(P, "want_entropy", False) or getattr(P, "entropy_coef", 0.0) != 0.0
-
-
-def _policy_token(P, lo, hi, lp, ent):
-    """Per-token policy loss (TRL 1.16, token level; csrc/cpu/terms.h is the same math) and its
-    derivative with respect to the log-probability."""
-    old = P.old[lo:hi] if P.old is not None else lp.detach()
-    adv = P.adv[lo:hi]
-    ratio = torch.exp(lp - old)
-    zero = torch.zeros_like(ratio)
-    if P.loss_type == "cispo":
-        w = torch.clamp(ratio, max=P.eps_high)
-        pt, dpt = -w * adv * lp, -w * adv
-    elif P.loss_type == "sapo":
-        tau = torch.where(adv > 0, torch.full_like(ratio, P.sapo[0]), torch.full_like(ratio, P.sapo[1]))
-        sg = torch.sigmoid(tau * (ratio - 1))
-        pt, dpt = -sg * 4 / tau * adv, -4 * adv * sg * (1 - sg) * ratio
-    else:
-        c1 = ratio if P.delta is None else torch.clamp(ratio, max=P.delta)
-        d1 = ratio if P.delta is None else torch.where(ratio > P.delta, zero, ratio)
-        c2 = torch.clamp(ratio, 1 - P.eps_low, 1 + P.eps_high)
-        d2 = torch.where((ratio >= 1 - P.eps_low) & (ratio <= 1 + P.eps_high), ratio, zero)
-        un, cl = c1 * adv, c2 * adv
-        pt = -torch.minimum(un, cl)
-        # torch.minimum splits the gradient evenly at a tie.
-        dpt = torch.where(un < cl, -adv * d1, torch.where(un > cl, -adv * d2, -0.5 * adv * (d1 + d2)))
-    if P.pw is not None:
-        pt, dpt = pt * P.pw[lo:hi], dpt * P.pw[lo:hi]
-    if P.beta != 0.0:
-        d = P.ref[lo:hi] - lp
-        ed = torch.exp(d)
-        k3 = ed - d - 1
-        if P.bias_kl:
-            pt = pt + P.beta * k3 * ratio
-            dpt = dpt + P.beta * (1 - ed + k3) * ratio
-        else:
-            pt = pt + P.beta * k3
-            dpt = dpt + P.beta * (1 - ed)
-    if P.entropy_coef != 0.0:
-        pt = pt - P.entropy_coef * _ent_w(P, lo, hi, ent) * ent
-    P.extra = {}
-    return pt, dpt
-
-
-def _ent_w(P, lo, hi, like):
-    return P.ent_w[lo:hi] if P.ent_w is not None else torch.ones_like(like)
 
 
 def _accumulate(P, lo, hi, draw, grads):
@@ -1040,14 +835,18 @@ def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask
     if adv.dim() == 1:
         adv = adv[:, None].expand(B, T)
     one = torch.ones((), dtype=acc, device=input.device)
+    kept = m.reshape(-1) != 0
+    # masked tokens are ignored rows (no loss, no gradient), as in the single-process op
+    flat = tokens.reshape(-1).long()
+    target = torch.where(kept, flat, torch.full_like(flat, _MASKED))
     P = _Problem(kind="policy", hidden=input.reshape(-1, H), W=linear_weight, b=linear_bias, logits=None,
-                 target=tokens.reshape(-1).long(), ignore_index=None, temperature=float(temperature),
+                 target=target, ignore_index=_MASKED, temperature=float(temperature),
                  softcap=None if softcap is None else float(softcap), logit_scale=float(logit_scale),
                  old=None if old_logprobs is None else old_logprobs.reshape(-1).to(acc).detach(),
                  adv=adv.reshape(-1), ref=None if ref_logprobs is None else ref_logprobs.reshape(-1).to(acc).detach(),
                  beta=opts["beta"], eps_low=opts["epsilon_low"], eps_high=opts["epsilon_high"],
                  entropy_coef=opts["entropy_coef"], agg=weights.reshape(-1).to(acc), divisor=lambda res: one,
-                 extra={}, kept=m.reshape(-1) != 0, loss_type=opts["loss_type"], delta=opts["delta"],
+                 kept=kept, loss_type=opts["loss_type"], delta=opts["delta"],
                  bias_kl=opts["use_bias_correction_kl"], sapo=(opts["sapo_temperature_pos"], opts["sapo_temperature_neg"]),
                  ent_w=None if ent_w is None else ent_w.to(acc), pw=None if pw is None else pw.to(acc),
                  acc=acc, chunk_size=chunk_size, fp32_grad_accum=False, reduce_grad_input=reduce_grad_input,

@@ -13,6 +13,10 @@
                                       the forward-computed gradients; scale 1 is its fast exit)
     "fusedce::shard_stats"            torch.ops.fusedce.shard_stats (vocab-parallel partials)
     "fusedce::shard_grad_"            torch.ops.fusedce.shard_grad_ (vocab-parallel in-place gradient)
+    "fusedce::shard_partials"         the vocab-parallel term ops (every term beyond the plain CE):
+    "fusedce::shard_jsd"              partials of a shard, the JSD's second pass, the merge of the
+    "fusedce::shard_finish"           ranks into rows and gradient coefficients, the in-place
+    "fusedce::shard_backward_"        gradient
 
 Every entry point sees the same cases (CASES below): the public functions with their own keyword
 names, the raw ops with the flattened [N, H] / [N] tensors and the scalars that fusedce/functional.py
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fusedce import reference
+from fusedce._op_args import TermOptions
 
 
 @dataclass(frozen=True)
@@ -273,7 +278,51 @@ def _as_raw(op, args, kwargs, requires_grad, g):
             return (shard, t, v0, cws), knobs
         coef_w = torch.randn(N, generator=g, dtype=torch.float64).to(acc).to(x.device)
         return (shard, t, v0, cws, lse, grad_tok, grad_lse), dict(coef_w=coef_w, **knobs)
+    if op in _TERM_SHARD_OPS:
+        return _as_term_shard(op, logits.detach(), t, cw, scalars, grad_tok, grad_lse, g)
     raise ValueError(f"unknown op {op!r}")
+
+
+_TERM_SHARD_OPS = ("fusedce::shard_partials", "fusedce::shard_jsd", "fusedce::shard_finish",
+                   "fusedce::shard_backward_")
+# Every input a term op reads: the JSD (the teacher's columns and the second pass), the entropy
+# term and output, the log-probability and both statistics.
+_TERM_SHARD_OPTIONS = TermOptions(entropy_coef=0.1, want_entropy=True, want_logprob=True, distill=3,
+                                  distill_temperature=1.5, distill_weight=0.5,
+                                  want_mean_logit=True, want_log_sum_sq=True).pack()
+
+
+def _as_term_shard(op, logits, t, cw, scalars, grad_tok, grad_lse, g):
+    """The term ops on two shards of the case's logits ([0, V/3) and the rest, so that the merge
+    sees every target in the vocabulary) with a random teacher; the coefficients that
+    shard_jsd / shard_backward_ take are those of the case (computed here)."""
+    ops = torch.ops.fusedce
+    v0 = logits.shape[-1] // 3
+    teacher = (torch.randn(logits.shape, generator=g, dtype=torch.float64) * 2).to(logits)
+    knobs = dict(ignore_index=scalars["ignore_index"], softcap=scalars["softcap"],
+                 logit_scale=scalars["logit_scale"])
+    pk = _TERM_SHARD_OPTIONS
+    bounds = ((0, v0), (v0, logits.shape[-1]))
+
+    def cols(x, a, b):
+        return None if x is None else x[..., a:b].contiguous()
+
+    parts = torch.stack([ops.shard_partials(cols(logits, a, b), t, a, cols(cw, a, b), cols(teacher, a, b),
+                                            **knobs, **pk) for a, b in bounds])
+    fin = dict(ignore_index=scalars["ignore_index"], label_smoothing=scalars["label_smoothing"],
+               z_loss=scalars["z_loss"], **pk)
+    _, coefs = ops.shard_finish(parts, t, None, grad_tok, grad_lse, **fin)
+    shard, tb, cws = cols(logits, v0, None), cols(teacher, v0, None), cols(cw, v0, None)
+    if op == "fusedce::shard_partials":
+        return (shard, t, v0, cws, tb), dict(**knobs, **pk)
+    jsd_knobs = dict(softcap=scalars["softcap"], logit_scale=scalars["logit_scale"], **pk)
+    if op == "fusedce::shard_jsd":
+        return (shard, tb, coefs), jsd_knobs
+    jsd = sum(ops.shard_jsd(cols(logits, a, b), cols(teacher, a, b), coefs, **jsd_knobs) for a, b in bounds)
+    if op == "fusedce::shard_finish":
+        return (parts, t, jsd, grad_tok, grad_lse), fin
+    _, coefs = ops.shard_finish(parts, t, jsd, grad_tok, grad_lse, **fin)
+    return (shard.clone(), t, v0, coefs, cws, tb), dict(**knobs, **pk)
 
 
 OPS = (
@@ -287,6 +336,7 @@ OPS = (
     "fusedce::scale_",
     "fusedce::shard_stats",
     "fusedce::shard_grad_",
+    *_TERM_SHARD_OPS,
 )
 
 

@@ -158,3 +158,28 @@ def test_a_circle_through_a_function_level_import_is_found(tmp_path):
 if __name__ == "__main__":  # print the graph: python tests/test_structure.py
     for m, deps in sorted(import_graph().items()):
         print(f"{m} -> {', '.join(sorted(deps)) or '(none)'}")
+
+
+# Elementwise math of a softmax term; in the vocab-parallel layer only the plain CE's combine of
+# the ranks' (max, sum-exp) may use it (its fast path on shard_stats / shard_grad_).
+_SOFTMAX_MATH = {"exp", "log", "log1p", "expm1", "logsumexp", "softmax", "log_softmax", "logaddexp",
+                 "tanh", "sigmoid", "xlogy", "special"}
+_PARALLEL_MATH_ALLOWED = {"_combine"}
+
+
+def test_parallel_layer_has_no_term_math():
+    """Issue 11: every term's math lives in fusedce/reference.py and the kernels only. The
+    parallel layer calls the shard ops; a torch.exp / log / softmax / tanh ... call outside the
+    plain CE's combine would be a term re-derived in Python."""
+    path = os.path.join(ROOT, "_parallel.py")
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef) or fn.name in _PARALLEL_MATH_ALLOWED:
+            continue
+        for node in ast.walk(fn):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in _SOFTMAX_MATH):
+                found.append(f"{fn.name} (line {node.lineno}): .{node.func.attr}(...)")
+    assert not found, "softmax math in fusedce/_parallel.py:\n" + "\n".join(found)

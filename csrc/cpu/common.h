@@ -3,7 +3,11 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
+#include "../terms_args.h"
 #include "row_math.h"
+#include "terms.h"
 
 namespace fusedce {
 namespace cpu {
@@ -36,6 +40,41 @@ Epilogue<acc_t> make_epilogue(const at::Tensor& class_weight, int64_t vocab, int
   ep.vocab = vocab;
   ep.ignore_index = ignore_index;
   return ep;
+}
+
+// The terms' constants in acc_t, with the per-row inputs converted to acc_t (kept alive in `keep`).
+template <typename acc_t>
+Terms<acc_t> make_terms(const TermArgs& ta, at::ScalarType acc, std::vector<at::Tensor>& keep) {
+  Terms<acc_t> tm;
+  tm.any = true;
+  tm.ce_weight = static_cast<acc_t>(ta.ce_weight);
+  tm.entropy = ta.entropy_needed();
+  tm.entropy_coef = static_cast<acc_t>(ta.entropy_coef);
+  tm.distill = ta.distill;
+  tm.distill_weight = static_cast<acc_t>(ta.distill_weight);
+  tm.beta = static_cast<acc_t>(ta.distill_beta);
+  tm.inv_T = static_cast<acc_t>(1.0 / ta.distill_temperature);
+  tm.policy = ta.policy();
+  auto rowvec = [&](const std::optional<at::Tensor>& t) -> const acc_t* {
+    if (!t.has_value()) return nullptr;
+    keep.push_back(t->to(acc).contiguous());
+    return keep.back().data_ptr<acc_t>();
+  };
+  tm.advantages = rowvec(ta.advantages);
+  tm.old_logprobs = rowvec(ta.old_logprobs);
+  tm.ref_logprobs = ta.kl_beta != 0.0 ? rowvec(ta.ref_logprobs) : nullptr;
+  tm.eps_low = static_cast<acc_t>(ta.epsilon_low);
+  tm.eps_high = static_cast<acc_t>(ta.epsilon_high);
+  tm.kl_beta = static_cast<acc_t>(ta.kl_beta);
+  tm.policy_weights = tm.policy ? rowvec(ta.policy_weights) : nullptr;
+  tm.entropy_weights = ta.entropy_coef != 0.0 ? rowvec(ta.entropy_weights) : nullptr;
+  tm.policy_kind = ta.policy_kind;
+  tm.delta = static_cast<acc_t>(ta.policy_delta);
+  tm.kl_bias_correction = ta.kl_bias_correction;
+  tm.sapo_tau_pos = static_cast<acc_t>(ta.sapo_temperature_pos);
+  tm.sapo_tau_neg = static_cast<acc_t>(ta.sapo_temperature_neg);
+  tm.moments = ta.want_mean_logit || ta.want_log_sum_sq;
+  return tm;
 }
 
 }  // namespace cpu

@@ -216,9 +216,8 @@ void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, const Terms<a
           const int64_t ld = tile.stride(0);
           at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
             for (int64_t i = b; i < e; ++i) {
-              const double lse_u = ext[i].m * tm->inv_T + std::log(ext[i].su);
-              const double lse_y = ext[i].my + std::log(ext[i].sy);
-              accumulate_jsd(ep, *tm, tp + i * ld, bp + i * Vt, cols, lse_u, lse_y, ext[i]);
+              accumulate_jsd(ep, *tm, tp + i * ld, bp + i * Vt, cols, lse_u_of(ext[i], tm->inv_T),
+                             lse_y_of(ext[i]), ext[i]);
             }
           });
         }
@@ -292,41 +291,6 @@ void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, const Terms<a
     }
     if (acc.need_hidden) grad_hidden_out.narrow(0, r0, rows).copy_(acc.hidden_chunk_grad);
   }
-}
-
-// The terms' constants in acc_t, with the per-row inputs converted to acc_t (kept alive in `keep`).
-template <typename acc_t>
-Terms<acc_t> make_terms(const TermArgs& ta, at::ScalarType acc, std::vector<at::Tensor>& keep) {
-  Terms<acc_t> tm;
-  tm.any = true;
-  tm.ce_weight = static_cast<acc_t>(ta.ce_weight);
-  tm.entropy = ta.entropy_needed();
-  tm.entropy_coef = static_cast<acc_t>(ta.entropy_coef);
-  tm.distill = ta.distill;
-  tm.distill_weight = static_cast<acc_t>(ta.distill_weight);
-  tm.beta = static_cast<acc_t>(ta.distill_beta);
-  tm.inv_T = static_cast<acc_t>(1.0 / ta.distill_temperature);
-  tm.policy = ta.policy();
-  auto rowvec = [&](const std::optional<at::Tensor>& t) -> const acc_t* {
-    if (!t.has_value()) return nullptr;
-    keep.push_back(t->to(acc).contiguous());
-    return keep.back().data_ptr<acc_t>();
-  };
-  tm.advantages = rowvec(ta.advantages);
-  tm.old_logprobs = rowvec(ta.old_logprobs);
-  tm.ref_logprobs = ta.kl_beta != 0.0 ? rowvec(ta.ref_logprobs) : nullptr;
-  tm.eps_low = static_cast<acc_t>(ta.epsilon_low);
-  tm.eps_high = static_cast<acc_t>(ta.epsilon_high);
-  tm.kl_beta = static_cast<acc_t>(ta.kl_beta);
-  tm.policy_weights = tm.policy ? rowvec(ta.policy_weights) : nullptr;
-  tm.entropy_weights = ta.entropy_coef != 0.0 ? rowvec(ta.entropy_weights) : nullptr;
-  tm.policy_kind = ta.policy_kind;
-  tm.delta = static_cast<acc_t>(ta.policy_delta);
-  tm.kl_bias_correction = ta.kl_bias_correction;
-  tm.sapo_tau_pos = static_cast<acc_t>(ta.sapo_temperature_pos);
-  tm.sapo_tau_neg = static_cast<acc_t>(ta.sapo_temperature_neg);
-  tm.moments = ta.want_mean_logit || ta.want_log_sum_sq;
-  return tm;
 }
 
 Teacher make_teacher(const TermArgs& ta, at::ScalarType acc) {

@@ -56,21 +56,25 @@ struct RowStats {
 };
 
 // Folds raw logits a[0, n) (global columns v0 + j) of one row into its statistics.
-template <typename scalar_t, typename acc_t>
+// kSoftmax = false leaves max / sumexp alone (the shard ops take the softmax sums from terms.h's
+// accumulate_ext and need only the target logit, the weighted sum and the argmax from here).
+template <typename scalar_t, typename acc_t, bool kSoftmax = true>
 inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0, int64_t n,
                            int64_t target, RowStats<acc_t>& st) {
   acc_t m = st.max;
   double s = st.sumexp, wz = st.weighted_sum;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
-    if (z > m) {
-      // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
-      s = s * static_cast<double>(std::exp(m - z)) + 1.0;
-      m = z;
-    } else if (z != -std::numeric_limits<acc_t>::infinity()) {
-      // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
-      // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
-      s += static_cast<double>(std::exp(z - m));
+    if (kSoftmax) {
+      if (z > m) {
+        // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
+        s = s * static_cast<double>(std::exp(m - z)) + 1.0;
+        m = z;
+      } else if (z != -std::numeric_limits<acc_t>::infinity()) {
+        // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
+        // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
+        s += static_cast<double>(std::exp(z - m));
+      }
     }
     // Strictly greater: the first index among equal maxima wins, as in torch.argmax.
     if (z > st.argmax_value || st.argmax < 0) {
@@ -87,12 +91,13 @@ inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t
   st.weighted_sum = wz;
 }
 
-// The loss of a row from its statistics (0 for an ignored row).
+// The loss of a row from its statistics (0 for an ignored row); wt: the class weight of the
+// target (the vocab-parallel finish has it from the shard that owns the target).
 template <typename acc_t>
-inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target) {
+inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target,
+                      acc_t wt) {
   if (target == ep.ignore_index) return 0;
   const acc_t lse = st.lse();
-  const acc_t wt = ep.weight_of(target);
   acc_t loss = wt * (ep.ce_weight * (acc_t(1) - ep.eps) * (lse - st.target_logit) +
                      ep.z_loss * lse * lse);
   if (ep.eps > 0) {
@@ -100,6 +105,12 @@ inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int6
             static_cast<acc_t>(ep.class_weight_sum * lse - st.weighted_sum);
   }
   return loss;
+}
+
+template <typename acc_t>
+inline acc_t row_loss(const Epilogue<acc_t>& ep, const RowStats<acc_t>& st, int64_t target) {
+  if (target == ep.ignore_index) return 0;
+  return row_loss(ep, st, target, ep.weight_of(target));
 }
 
 // d(g * token_loss + g_lse * lse)/dz_j = coef_p * p_j - coef_w * w_j - [j == t] * coef_t.
@@ -110,9 +121,15 @@ struct RowGrad {
 
   static inline RowGrad make(const Epilogue<acc_t>& ep, acc_t lse, int64_t target, acc_t g,
                              acc_t g_lse) {
+    const bool reads_wt = target != ep.ignore_index && g != 0;
+    return make(ep, lse, target, g, g_lse, reads_wt ? ep.weight_of(target) : acc_t(0));
+  }
+
+  // wt: the class weight of the target (given by the vocab-parallel finish).
+  static inline RowGrad make(const Epilogue<acc_t>& ep, acc_t lse, int64_t target, acc_t g,
+                             acc_t g_lse, acc_t wt) {
     RowGrad r{lse, g_lse, 0, 0, -1};
     if (target != ep.ignore_index && g != 0) {
-      const acc_t wt = ep.weight_of(target);
       const acc_t smooth = ep.ce_weight * ep.eps / static_cast<acc_t>(ep.vocab);
       const acc_t hard = ep.ce_weight * wt * (acc_t(1) - ep.eps);
       r.coef_p += g * (hard + smooth * ep.class_weight_sum + acc_t(2) * ep.z_loss * wt * lse);

@@ -102,19 +102,20 @@ inline void merge(ExtSums& a, ExtSums b, double inv_T) {
 
 // Folds one tile of a row (raw student logits a, teacher logits b or nullptr, n columns) into the
 // sums: the tile's maxima first, then the sums relative to them, then one merge.
-template <typename acc_t>
-inline void accumulate_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, const acc_t* a,
+// a_t: the logits' storage type (the shard ops read a rank's logits in the input dtype).
+template <typename acc_t, typename a_t>
+inline void accumulate_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, const a_t* a,
                            const acc_t* b, int64_t n, ExtSums& st) {
   const double inv_T = tm.inv_T;
   ExtSums t;
   for (int64_t j = 0; j < n; ++j) {
-    t.m = std::max(t.m, static_cast<double>(ep.final_logit(a[j])));
+    t.m = std::max(t.m, static_cast<double>(ep.final_logit(static_cast<acc_t>(a[j]))));
     if (b) t.my = std::max(t.my, static_cast<double>(b[j]) * inv_T);
   }
   const double mu = t.m * inv_T;
   const bool distill = tm.distill != kNoDistill;
   for (int64_t j = 0; j < n; ++j) {
-    const double z = ep.final_logit(a[j]);
+    const double z = ep.final_logit(static_cast<acc_t>(a[j]));
     if (z != kNegInf) {  // a masked class adds 0 (and would make 0 * -inf = nan)
       const double zf = z - t.m, e = std::exp(zf);
       t.s += e;
@@ -141,25 +142,39 @@ inline void accumulate_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, co
   merge(st, t, inv_T);
 }
 
+// The log-normalizers of q = softmax(z / T) and r = softmax(teacher / T) from a row's sums.
+inline double lse_u_of(const ExtSums& st, double inv_T) { return st.m * inv_T + std::log(st.su); }
+inline double lse_y_of(const ExtSums& st) { return st.my + std::log(st.sy); }
+
 inline double log_add_exp(double x, double y) {
   const double mx = std::max(x, y);
   if (mx == kNegInf) return kNegInf;
   return mx + std::log(std::exp(x - mx) + std::exp(y - mx));
 }
 
+// log m of the JSD's mixture m = beta r + (1 - beta) q, given r = e^lr and q = e^lq already:
+// one log instead of log_add_exp's two more exps, unless m is below the normal range (then the
+// log-domain form keeps its precision).
+inline double log_mixture(double r, double q, double lr, double lq, double beta, double lb,
+                          double l1b) {
+  const double m = beta * r + (1 - beta) * q;
+  return m >= std::numeric_limits<double>::min() ? std::log(m) : log_add_exp(lr + lb, lq + l1b);
+}
+
 // The JSD pass over one tile, once lse_u and lse_y are known: the divergence and
 // S = sum_j q_j (1 - beta) (log q_j - log m_j), the mean that its gradient subtracts.
-template <typename acc_t>
-inline void accumulate_jsd(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, const acc_t* a,
+template <typename acc_t, typename a_t>
+inline void accumulate_jsd(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, const a_t* a,
                            const acc_t* b, int64_t n, double lse_u, double lse_y, ExtSums& st) {
   const double beta = tm.beta, lb = std::log(beta), l1b = std::log1p(-beta);
   for (int64_t j = 0; j < n; ++j) {
-    const double lq = ep.final_logit(a[j]) * tm.inv_T - lse_u;
+    const double lq = ep.final_logit(static_cast<acc_t>(a[j])) * tm.inv_T - lse_u;
     const double lr = b[j] * tm.inv_T - lse_y;
-    const double lm = log_add_exp(lr + lb, lq + l1b);
-    if (lr != kNegInf) st.jsd += beta * std::exp(lr) * (lr - lm);
+    const double r = std::exp(lr), q = std::exp(lq);
+    const double lm = log_mixture(r, q, lr, lq, beta, lb, l1b);
+    if (lr != kNegInf) st.jsd += beta * r * (lr - lm);
     if (lq != kNegInf) {
-      const double g = (1 - beta) * std::exp(lq) * (lq - lm);
+      const double g = (1 - beta) * q * (lq - lm);
       st.jsd += g;
       st.jsd_s += g;
     }
@@ -204,8 +219,8 @@ inline ExtRow<acc_t> finish_ext(const Terms<acc_t>& tm, const ExtSums& st,
       g_h_total += g * ec;
     }
     if (tm.distill != kNoDistill) {
-      const double lse_u = st.m * tm.inv_T + std::log(st.su);
-      const double lse_y = st.my + std::log(st.sy);
+      const double lse_u = lse_u_of(st, tm.inv_T);
+      const double lse_y = lse_y_of(st);
       double d = 0;
       if (tm.distill == kForwardKL) {
         d = (st.hy_y - st.hy_u) / st.sy + std::log(st.su) - std::log(st.sy);
@@ -285,14 +300,14 @@ inline ExtRow<acc_t> finish_ext(const Terms<acc_t>& tm, const ExtSums& st,
 
 // Reads raw logits a[0, n) (columns v0 + j; teacher b or nullptr) and writes d/da into out,
 // which may alias a: the CE part of RowGrad plus the extra terms of ExtGrad.
-template <typename acc_t>
+template <typename acc_t, typename a_t, typename out_t>
 inline void row_backward_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm,
-                             const RowGrad<acc_t>& rg, const ExtGrad<acc_t>& eg, const acc_t* a,
-                             const acc_t* b, int64_t v0, int64_t n, acc_t* out) {
+                             const RowGrad<acc_t>& rg, const ExtGrad<acc_t>& eg, const a_t* a,
+                             const acc_t* b, int64_t v0, int64_t n, out_t* out) {
   const double beta = tm.beta, lb = std::log(beta), l1b = std::log1p(-beta);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t c = v0 + j;
-    const acc_t z = ep.final_logit(a[j]);
+    const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
     const double zl = static_cast<double>(z) - rg.lse;
     const double p = std::exp(zl);
     double dz = rg.coef_p * p;
@@ -309,12 +324,12 @@ inline void row_backward_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm,
         if (tm.distill == kReverseKL) {
           dz += eg.lam * q * (lq - lr - eg.rkl);
         } else {
-          const double lm = log_add_exp(lr + lb, lq + l1b);
+          const double lm = log_mixture(std::exp(lr), q, lr, lq, beta, lb, l1b);
           dz += eg.lam * q * ((1 - beta) * (lq - lm) - eg.jsd_s);
         }
       }
     }
-    out[j] = static_cast<acc_t>(dz * ep.dz_da(z));
+    out[j] = static_cast<out_t>(dz * ep.dz_da(z));
   }
 }
 
