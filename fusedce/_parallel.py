@@ -47,7 +47,8 @@ by a recomputing pass in backward: one collective per chunk again, plus the one 
 Vocabulary offsets: ``vocab_start`` is this rank's first global id. Given, nothing is exchanged
 for it (the global V that label smoothing needs travels with the partials). A DTensor weight's
 offset follows from its global shape (torch.chunk's layout) without communication. Otherwise the
-local sizes are all-gathered once per call: one small setup collective per call, not per chunk.
+local sizes are all-gathered once per call: one small setup collective per call, not per chunk,
+whose result (the offset) stays on the device: the targets are shifted there (`_local_ids`).
 It is not cached, on purpose: any cache key is rank-local (the local size, a tensor's identity), so
 a cache could hit on one rank and miss on another (uneven shards: rank 0's V_local of one layout is
 rank 1's of another), and the ranks' collectives would stop matching - a hang or a crash.
@@ -111,13 +112,31 @@ def _group_info(group):
 
 
 def _vocab_start(group, rank, world, v_local, device, vocab_start):
-    """This rank's first global vocabulary id: given, or from all ranks' local sizes (one small
-    all_gather per call: a cache keyed by anything rank-local could hit on one rank and miss on
-    another, and the ranks' collectives would then no longer match)."""
+    """This rank's first global vocabulary id: given (an int), or from all ranks' local sizes as a
+    0-dim int64 tensor on the device (one small all_gather per call, never read on the host: a
+    cache keyed by anything rank-local could hit on one rank and miss on another, and the ranks'
+    collectives would then no longer match). A tensor offset reaches the row ops through
+    `_local_ids`: targets shifted on the device, the ops called at offset 0."""
     if vocab_start is not None:
         return int(vocab_start)
     sizes = _gather(torch.tensor([v_local], dtype=torch.int64, device=device), group, world)
-    return int(sizes[:rank].sum().item())
+    return sizes[:rank].sum()
+
+
+def _local_ids(P, tgt, ignore_index):
+    """(targets, vocab_start, ignore_index) for the row ops, which use the last two only to find
+    the class a row's target is on this shard: as given with an int offset; with a device offset
+    (`_vocab_start`), the targets shifted by it, offset 0, and ignored rows marked -1 (a shifted
+    valid target may equal ignore_index when ignore_index is a class id; one that equals -1 lies
+    outside this shard, as an ignored target does)."""
+    if isinstance(P.v0, int):
+        return tgt, P.v0, ignore_index
+    return torch.where(tgt == ignore_index, torch.full_like(tgt, -1), tgt - P.v0), 0, -1
+
+
+def _global_ids(P, ids):
+    """Adds a device offset (`_vocab_start`) to shard-local class ids (float columns)."""
+    return ids if isinstance(P.v0, int) else ids + P.v0.to(ids.dtype)
 
 
 def _gather(x, group, world):
@@ -270,8 +289,9 @@ def _chunk_ce(P, lo, hi, coefs, grads):
     tgt = P.target[lo:hi]
     out = {}
     lg = _raw_native(P, lo, hi, writable=grads is not None)
+    ltgt, v0, lii = _local_ids(P, tgt, P.ignore_index)
     st = torch.ops.fusedce.shard_stats(
-        lg, tgt, P.v0, P.w, ignore_index=P.ignore_index,
+        lg, ltgt, v0, P.w, ignore_index=lii,
         softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
     m = st[:, 0]
     cols = [m, st[:, 1], st[:, 3]]
@@ -281,7 +301,7 @@ def _chunk_ce(P, lo, hi, coefs, grads):
         wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=m.dtype, device=m.device))
         cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
     if P.need_argmax:
-        cols.append(st[:, 5])
+        cols.append(_global_ids(P, st[:, 5]))
     G = _gather_checked(P, cols)
     M, lse, S = _combine(G[..., 0], G[..., 1])
     valid = tgt != P.ignore_index
@@ -323,7 +343,7 @@ def _chunk_ce(P, lo, hi, coefs, grads):
     if a_lse is not None:
         row = row + a_lse
     torch.ops.fusedce.shard_grad_(
-        lg, tgt, P.v0, P.w, lse, row, coef_t, coef_w, ignore_index=P.ignore_index,
+        lg, ltgt, v0, P.w, lse, row, coef_t, coef_w, ignore_index=lii,
         softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
     _accumulate(P, lo, hi, lg, grads)
     return out
@@ -397,7 +417,12 @@ def _chunk_terms(P, lo, hi, coefs, grads):
     tgt = P.target[lo:hi]
     lg = _raw_native(P, lo, hi, writable=grads is not None)
     tb = _teacher_raw(P, lo, hi) if P.kind == "distill" else None
-    G = _gather_parts(P, ops.shard_partials(lg, tgt, P.v0, getattr(P, "w", None), tb, **knobs, **packed))
+    ltgt, v0, lii = _local_ids(P, tgt, knobs["ignore_index"])
+    lknobs = dict(knobs, ignore_index=lii)
+    parts = ops.shard_partials(lg, ltgt, v0, getattr(P, "w", None), tb, **lknobs, **packed)
+    if not isinstance(P.v0, int):
+        parts[:, _PART["kArgmax"]] = _global_ids(P, parts[:, _PART["kArgmax"]])
+    G = _gather_parts(P, parts)
     fin = dict(ignore_index=knobs["ignore_index"], **op["finish"],
                **{name: t[lo:hi] for name, t in op["rows"].items()}, **packed)
     if grads is not None:
@@ -410,7 +435,7 @@ def _chunk_terms(P, lo, hi, coefs, grads):
     out = _term_outputs(P, rows, tgt, grads is None)
     if grads is None:
         return out
-    ops.shard_backward_(lg, tgt, P.v0, cf, getattr(P, "w", None), tb, **knobs, **packed)
+    ops.shard_backward_(lg, ltgt, v0, cf, getattr(P, "w", None), tb, **lknobs, **packed)
     _accumulate(P, lo, hi, lg, grads)
     return out
 

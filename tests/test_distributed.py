@@ -870,6 +870,48 @@ def process_group_subgroup(c):
 
 
 @check
+def offset_on_the_device(c):
+    """vocab_start=None: the offset comes from a gather of the shard sizes and stays on the device
+    (targets shifted there), so the call equals the one given vocab_start, with ignore_index a
+    class id (a shifted valid target can equal it) on the CE kernels and on the term ops; on CUDA
+    a whole fwd+bwd of each makes no host synchronization."""
+    V, N, H = 13, 21, 5
+    x = c.randn(N, H, seed=70)
+    W = c.randn(V, H, seed=71)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(72)).to(c.dev)
+    t[::4] = 2  # ignore_index below: a class id that the shifted ids of other shards hit
+    lo, hi = c.layout(V)
+    calls = {
+        "ce": lambda xs, **kw: fd.linear_cross_entropy(
+            xs, W[lo:hi], t, ignore_index=2, label_smoothing=0.1, return_stats=True, **kw),
+        "terms": lambda xs, **kw: fd.linear_cross_entropy(
+            xs, W[lo:hi], t, ignore_index=2, entropy_coef=0.1, return_stats=True, return_entropy=True, **kw),
+        "logprobs": lambda xs, **kw: fd.token_statistics(xs, W[lo:hi], t, **kw),
+    }
+    for name, call in calls.items():
+        xa, xb = leaf(x), leaf(x)
+        if c.dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            a = call(xa)
+            la = a.loss if hasattr(a, "loss") else a.logprobs.sum()
+            ga, = torch.autograd.grad(la, xa)
+        finally:
+            if c.dev.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        b = call(xb, vocab_start=lo)
+        lb = b.loss if hasattr(b, "loss") else b.logprobs.sum()
+        gb, = torch.autograd.grad(lb, xb)
+        close(la, lb, dict(rtol=1e-12, atol=1e-12), f"{name} loss")
+        close(ga, gb, dict(rtol=1e-12, atol=1e-12), f"{name} grad_input")
+        if hasattr(a, "predicted"):
+            assert torch.equal(a.predicted.cpu(), b.predicted.cpu()), f"{name} predicted"
+        else:
+            assert torch.equal(a.is_top1.cpu(), b.is_top1.cpu()), f"{name} is_top1"
+
+
+@check
 def collective_count(c):
     """ONE collective per chunk in forward (two for JSD), ONE (grad_input) in backward; the vocab
     layout setup collective once per (group, V_local), then cached."""
