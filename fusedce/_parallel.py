@@ -119,7 +119,8 @@ def _vocab_start(group, rank, world, v_local, device, vocab_start):
     `_local_ids`: targets shifted on the device, the ops called at offset 0."""
     if vocab_start is not None:
         return int(vocab_start)
-    sizes = _gather(torch.tensor([v_local], dtype=torch.int64, device=device), group, world)
+    # torch.full, not torch.tensor: a fill kernel, where a copy from host memory would synchronize
+    sizes = _gather(torch.full((1,), v_local, dtype=torch.int64, device=device), group, world)
     return sizes[:rank].sum()
 
 
@@ -298,7 +299,7 @@ def _chunk_ce(P, lo, hi, coefs, grads):
     if P.w is not None:
         cols.append(st[:, 4])
     if P.label_smoothing > 0:
-        wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.tensor(float(P.v_local), dtype=m.dtype, device=m.device))
+        wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.full((), float(P.v_local), dtype=m.dtype, device=m.device))
         cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
     if P.need_argmax:
         cols.append(_global_ids(P, st[:, 5]))

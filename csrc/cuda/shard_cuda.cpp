@@ -259,6 +259,9 @@ std::tuple<Tensor, Tensor> shard_finish_cuda(
   const Tensor tgt = target.to(at::kLong).contiguous();
   Tensor J;
   if (jsd.has_value()) {
+    // the CPU twin's rule: a jsd without the JSD would be silently ignored, so it is refused
+    TORCH_CHECK(ta.distill == 3, "fusedce: jsd is the JSD's second reduction (distill = 3), but distill = ",
+                ta.distill);
     check_float_tensor(*jsd, "jsd");
     TORCH_CHECK(jsd->dim() == 2 && jsd->size(0) == n && jsd->size(1) == 2,
                 "fusedce: jsd must have shape [", n, ", 2] (shard_jsd summed over the ranks), got ",
