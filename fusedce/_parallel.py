@@ -15,20 +15,21 @@ Communication (torch.distributed: gloo on CPU, NCCL on GPU)
 Forward: tokens are processed in chunks. Per chunk each rank computes its local logits
 (``hidden_chunk @ W_local.T + b_local``, in the input dtype) and the row kernels reduce them to
 per-row partials packed in ONE [C, K] tensor, gathered with ONE ``all_gather_single``
-(``all_gather_into_tensor``) per chunk. No softmax math is written here: the plain CE runs on
-fusedce::shard_stats / shard_grad_ (its tuned fast path, combined by the few lines of _chunk_ce);
-every other term (entropy, log-probs and the token statistics, distillation, the token-level
-policy objective) on fusedce::shard_partials / shard_finish / shard_backward_ (and shard_jsd),
+(``all_gather_into_tensor``) per chunk. No softmax math is written here. The partials come from
+fusedce::shard_stats for the plain CE (its tuned row kernel; gradient by shard_grad_) and from
+fusedce::shard_partials for every other term (entropy, log-probs and the token statistics,
+distillation, the token-level policy objective; gradient by shard_backward_, JSD by shard_jsd):
 the row math of csrc/cpu/terms.h and kernels/terms_kernels.cu split at the per-row scalars
-(columns: csrc/shard_layout.h). shard_finish merges the ranks' partials as the single-process
-kernels merge the tiles of one row, so both paths compute every term with the same code.
+(columns: csrc/shard_layout.h). fusedce::shard_finish merges the ranks' partials as the
+single-process kernels merge the tiles of one row and computes every per-row value and gradient
+coefficient, for every kind, so both paths compute every term with the same code.
 
 Why a gather rather than all-reduces: the max and the sums combine differently (the sums must be
 rescaled by exp(m_rank - m_global)), so an all-reduce formulation needs a MAX all-reduce before the
 SUM all-reduce(s) can start (Megatron: 3 all-reduces, max / sum-exp / target logit; Cut
 Cross-Entropy 3 + 1; Liger 3). Gathering the raw partials costs one latency for K * C * world
 numbers, and K is a handful, so for the chunk sizes used (thousands of rows) it is a few hundred KB:
-the collective is latency-bound and one beats three. Every rank then does the same tiny combine.
+the collective is latency-bound and one beats three. Every rank then runs the same shard_finish.
 
 Exception, stated plainly: the generalized JSD (``distillation_loss(kind="jsd")``) needs
 sum_j m_j log m_j with m = beta r + (1 - beta) q, which depends on both *global* log-sum-exps
@@ -150,21 +151,6 @@ def _gather(x, group, world):
 
 
 # ---------------------------------------------------------------------------------------------
-# The plain CE's combination (every other term is merged by fusedce::shard_finish)
-# ---------------------------------------------------------------------------------------------
-
-
-def _combine(m_all, s_all, *sums_all):
-    """Global lse from per-rank (max, sum-exp); per-rank e-weighted sums rescaled and summed."""
-    M = m_all.amax(0)
-    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    f = torch.exp(m_all - M_safe)  # 0 for a rank whose row is all -inf
-    S = (s_all * f).sum(0)
-    lse = M_safe + torch.log(S)
-    return (M, lse, S) + tuple((x * f).sum(0) for x in sums_all)
-
-
-# ---------------------------------------------------------------------------------------------
 # The problem description and the chunk loop
 # ---------------------------------------------------------------------------------------------
 
@@ -228,19 +214,10 @@ def _raw_native(P, lo, hi, writable):
     return torch.mm(h, W.t())
 
 
-def _gather_checked(P, cols):
-    """The chunk's ONE gather of the [C, K] partials, with this rank's vocabulary size as a last
-    column: their sum is the global vocabulary (kept in P.v_global), which no rank knows alone and
-    against which `_check_targets` checks the targets once the loop is done."""
-    cols = cols + [torch.full_like(cols[0], float(P.v_local))]
-    G = _gather(torch.stack(cols, -1), P.group, P.world)
-    P.v_global = G[:, :1, -1].sum(0).to(torch.int64)
-    return G[..., :-1]
-
-
 def _gather_parts(P, parts):
-    """The chunk's ONE gather of the term ops' [C, kParts] partials, as [world, C, kParts]; their
-    kV columns sum to the global vocabulary (kept in P.v_global, see _gather_checked)."""
+    """The chunk's ONE gather of the term ops' [C, kParts] partials, as [world, C, kParts]. Their
+    kV columns sum to the global vocabulary (kept in P.v_global), which no rank knows alone and
+    against which `_check_targets` checks the targets once the loop is done."""
     G = _gather(parts, P.group, P.world)
     P.v_global = G[:, :1, _PART["kV"]].sum(0).to(torch.int64)
     return G
@@ -285,74 +262,58 @@ def _chunk(P, lo, hi, coefs, grads):
 
 
 def _chunk_ce(P, lo, hi, coefs, grads):
-    """The plain CE on its tuned row kernels (fusedce::shard_stats / shard_grad_) on the shard's
-    logits in the input dtype: one read for the partials, one in-place gradient."""
+    """The plain CE: its partials and its in-place gradient on the tuned CE row kernels
+    (fusedce::shard_stats / shard_grad_, one read and one write of the shard's logits in the
+    input dtype), the merge and every per-row value in shard_finish, as for the other terms."""
+    op = getattr(P, "op", None) or _term_op(P)
+    ops = torch.ops.fusedce
+    knobs = op["knobs"]
     tgt = P.target[lo:hi]
-    out = {}
     lg = _raw_native(P, lo, hi, writable=grads is not None)
     ltgt, v0, lii = _local_ids(P, tgt, P.ignore_index)
-    st = torch.ops.fusedce.shard_stats(
-        lg, ltgt, v0, P.w, ignore_index=lii,
-        softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
-    m = st[:, 0]
-    cols = [m, st[:, 1], st[:, 3]]
-    if P.w is not None:
-        cols.append(st[:, 4])
-    if P.label_smoothing > 0:
-        wsum = (P.w.to(m.dtype).sum() if P.w is not None else torch.full((), float(P.v_local), dtype=m.dtype, device=m.device))
-        cols += [st[:, 2], wsum.expand_as(m), torch.full_like(m, float(P.v_local))]
-    if P.need_argmax:
-        cols.append(_global_ids(P, st[:, 5]))
-    G = _gather_checked(P, cols)
-    M, lse, S = _combine(G[..., 0], G[..., 1])
-    valid = tgt != P.ignore_index
-    vf = valid.to(m.dtype)
-    zt = G[..., 2].sum(0)
-    c = 3
-    if P.w is not None:
-        wt = G[..., c].sum(0) * vf
-        c += 1
-    else:
-        wt = vf
-    eps = P.label_smoothing
-    tok = wt * ((1 - eps) * (lse - zt) + P.z_loss * lse * lse)
-    if eps > 0:
-        wz, wsum, V = G[..., c].sum(0), G[..., c + 1].sum(0), G[..., c + 2].sum(0)
-        c += 3
-        tok = tok + vf * (eps / V) * (lse * wsum - wz)
-    else:
-        V = wsum = None
-    if P.need_argmax:
-        idx = torch.where(G[..., 0] == M, G[..., c], torch.full_like(G[..., c], math.inf)).amin(0)
-        out["predicted"] = torch.where(valid, idx.to(torch.long), torch.full_like(tgt, -1))
-        c += 1
-    tok = torch.where(valid, tok, torch.zeros_like(tok))
-    out.update(token_loss=tok, lse=lse, wt=wt)
+    st = ops.shard_stats(lg, ltgt, v0, P.w, ignore_index=lii, softcap=knobs["softcap"],
+                         logit_scale=knobs["logit_scale"])
+    G = _gather_parts(P, _ce_parts(P, st))
+    fin = dict(ignore_index=P.ignore_index, **op["finish"], **op["fwd"])
+    if grads is not None:
+        fin.update({name: c for name, c in zip(_UPSTREAM["ce"], coefs) if c is not None})
+    rows, cf = ops.shard_finish(G, tgt, None, **fin)
+    out = _term_outputs(P, rows, tgt, grads is None)
+    del out["ent"]  # not computed on this path (no entropy partial)
     if grads is None:
         return out
-    a_loss, a_lse = coefs[0], coefs[1]
-    row = torch.zeros_like(lse)
-    coef_t = torch.zeros_like(lse)
-    coef_w = None
-    if a_loss is not None:
-        a = a_loss * vf
-        row = a * wt * ((1 - eps) + 2 * P.z_loss * lse)
-        coef_t = a * wt * (1 - eps)
-        if eps > 0:
-            row = row + a * (eps / V) * wsum
-            coef_w = a * (eps / V)
-    if a_lse is not None:
-        row = row + a_lse
-    torch.ops.fusedce.shard_grad_(
-        lg, ltgt, v0, P.w, lse, row, coef_t, coef_w, ignore_index=lii,
-        softcap=0.0 if P.softcap is None else float(P.softcap), logit_scale=float(P.logit_scale))
+    c = cf.t().contiguous()  # one row per coefficient: contiguous [C] vectors for shard_grad_
+    ops.shard_grad_(lg, ltgt, v0, P.w, c[_COEF["kCoefLse"]], c[_COEF["kCoefP"]], c[_COEF["kCoefT"]],
+                    c[_COEF["kCoefW"]], ignore_index=lii, softcap=knobs["softcap"],
+                    logit_scale=knobs["logit_scale"])
     _accumulate(P, lo, hi, lg, grads)
     return out
+
+
+def _ce_parts(P, st):
+    """shard_stats' [C, 6] columns (max, sum-exp, sum w z, z_t, w_t, argmax) placed in the term
+    ops' [C, kParts] layout, the sums no CE reads left 0 (the teacher's max -inf: no teacher),
+    with the shard's class-weight sum and width: what shard_partials would write for the plain CE.
+    Slices, not an index list, so that nothing is copied from the host."""
+    parts = st.new_zeros((st.shape[0], _PART["kParts"]))
+    parts[:, _PART["kM"]:_PART["kS"] + 1] = st[:, 0:2]
+    parts[:, _PART["kWz"]:_PART["kArgmax"] + 1] = st[:, 2:6]
+    if not isinstance(P.v0, int):
+        parts[:, _PART["kArgmax"]] = _global_ids(P, parts[:, _PART["kArgmax"]])
+    parts[:, _PART["kMy"]] = -math.inf
+    parts[:, _PART["kWsum"]] = P.w.sum().to(st.dtype) if P.w is not None else float(P.v_local)
+    parts[:, _PART["kV"]] = float(P.v_local)
+    return parts
 
 
 # Columns of the term ops' packed tensors (csrc/shard_layout.h).
 _PART = _ops_py._SHARD_LAYOUT["parts"]
 _ROW = _ops_py._SHARD_LAYOUT["rows"]
+_COEF = _ops_py._SHARD_LAYOUT["coefs"]
+# _ce_parts copies shard_stats' columns as two slices: the layout must keep them adjacent.
+assert (_PART["kS"] == _PART["kM"] + 1 and
+        [_PART[k] for k in ("kWz", "kZt", "kWt", "kArgmax")] == list(range(_PART["kWz"], _PART["kWz"] + 4))), \
+    "csrc/shard_layout.h: kM, kS and kWz, kZt, kWt, kArgmax must stay adjacent (fusedce._parallel._ce_parts)"
 # The term ops' upstream arguments, in the order of each kind's differentiable rows (_row_names).
 _UPSTREAM = {"ce": ("g_token_loss", "g_lse", "g_entropy"), "lp": ("g_logprob", "g_entropy"),
              "distill": ("g_token_loss",), "policy": ("g_token_loss",)}

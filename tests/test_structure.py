@@ -160,23 +160,22 @@ if __name__ == "__main__":  # print the graph: python tests/test_structure.py
         print(f"{m} -> {', '.join(sorted(deps)) or '(none)'}")
 
 
-# Elementwise math of a softmax term; in the vocab-parallel layer only the plain CE's combine of
-# the ranks' (max, sum-exp) may use it (its fast path on shard_stats / shard_grad_).
+# Elementwise math of a softmax term: none of it in the vocab-parallel layer (every kind, the
+# plain CE included, merges its ranks' partials in fusedce::shard_finish).
 _SOFTMAX_MATH = {"exp", "log", "log1p", "expm1", "logsumexp", "softmax", "log_softmax", "logaddexp",
                  "tanh", "sigmoid", "xlogy", "special"}
-_PARALLEL_MATH_ALLOWED = {"_combine"}
 
 
 def test_parallel_layer_has_no_term_math():
     """Issue 11: every term's math lives in fusedce/reference.py and the kernels only. The
-    parallel layer calls the shard ops; a torch.exp / log / softmax / tanh ... call outside the
-    plain CE's combine would be a term re-derived in Python."""
+    parallel layer calls the shard ops; a torch.exp / log / softmax / tanh ... call there would
+    be a term re-derived in Python."""
     path = os.path.join(ROOT, "_parallel.py")
     with open(path) as f:
         tree = ast.parse(f.read())
     found = []
     for fn in ast.walk(tree):
-        if not isinstance(fn, ast.FunctionDef) or fn.name in _PARALLEL_MATH_ALLOWED:
+        if not isinstance(fn, ast.FunctionDef):
             continue
         for node in ast.walk(fn):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
