@@ -1,8 +1,9 @@
-"""Timing and memory of one CUDA step, shared by the benchmarks (BENCHMARKING.md's method)."""
+"""Timing and memory of one step, shared by the benchmarks (BENCHMARKING.md's method)."""
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -20,6 +21,29 @@ def bench(fn, iters):
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def time_ms(fn, cuda, warmup=3, iters=10):
+    """Median of `iters` timings after `warmup` calls, in ms: CUDA events on the GPU, host
+    wall-clock on the CPU (where the benchmarks' --quick / --tiny modes check themselves)."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 

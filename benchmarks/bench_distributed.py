@@ -21,9 +21,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -37,6 +35,8 @@ import fusedce  # noqa: E402
 import fusedce.distributed as fd  # noqa: E402
 from collectives import CollectiveCounter as CountCollectives  # noqa: E402
 
+from benchmarks._timing import time_ms  # noqa: E402
+
 SHAPES = [(8192, 4096, 128256), (8192, 2304, 256000), (16384, 3584, 152064)]
 TINY_SHAPES = [(256, 64, 1001), (512, 32, 2003)]
 
@@ -46,23 +46,7 @@ class Timer:
         self.cuda = cuda
 
     def __call__(self, fn, warmup, steps):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(steps):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return time_ms(fn, self.cuda, warmup, steps)
 
 
 def transient(step, cuda, grad_bytes):

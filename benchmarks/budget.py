@@ -30,13 +30,14 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+
+from . import _timing
+from .compare import _versions
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -56,24 +57,7 @@ def _sync(dev):
 
 
 def time_ms(fn, dev, warmup=3, iters=10):
-    """Median of `iters` timings after `warmup` calls: CUDA events, or host wall-clock on the CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    times = []
-    for _ in range(iters):
-        if dev == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return _timing.time_ms(fn, dev == "cuda", warmup, iters)
 
 
 def transient_bytes(step, grad_bytes, dev):
@@ -207,19 +191,6 @@ def measure(name, fn, fields, x, w, t, floor, ref, dev, iters):
         if dev == "cuda":
             torch.cuda.empty_cache()
     return rec
-
-
-def _versions():
-    import importlib.metadata
-    import platform
-
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for dist in ("fusedce", "liger-kernel", "cut-cross-entropy", "triton"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _line(rec):

@@ -40,6 +40,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from . import _timing
+
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -203,19 +205,8 @@ def _skipped(error):
 
 
 def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median of `iters` CUDA-event timings after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median of `iters` CUDA-event timings after `warmup` calls (benchmarks/_timing.py)."""
+    return _timing.time_ms(fn, True, warmup, iters)
 
 
 def transient_bytes(step, grad_bytes: int) -> int:

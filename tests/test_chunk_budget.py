@@ -1,5 +1,6 @@
 """csrc/chunk_budget.h, the chunk sizes both backends derive from their memory budgets, against its
-specification written out here. The CUDA tuning lives in these numbers (rows per chunk for each
+specification in Python (fusedce/_budget.py's chunk_rows, which memory_budget plans with, and the
+vocabulary tile written out here). The CUDA tuning lives in these numbers (rows per chunk for each
 shape), so a change to the helper that moves a chunk size fails here, not only in a benchmark."""
 
 import itertools
@@ -9,6 +10,8 @@ import subprocess
 
 import pytest
 from torch.utils import cpp_extension
+
+from fusedce._budget import chunk_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -29,18 +32,12 @@ int main() {
 
 
 def spec_rows(n, chunk_size, budget, per_row, balance):
-    n = max(n, 1)
+    """The rows of a chunk: chunk_size when given, else fusedce._budget.chunk_rows, the Python
+    statement of the budget rule (memory_budget plans with it), so that one written-out rule
+    pins the header and the Python planner alike."""
     if chunk_size > 0:
-        return min(chunk_size, n)
-    cmax = max(1, budget // per_row)
-    if cmax >= n:
-        return n
-    if not balance:
-        return cmax
-    chunks = -(-n // cmax)
-    c = -(-n // chunks)
-    c64 = -(-c // 64) * 64
-    return c64 if c64 <= cmax else c
+        return min(chunk_size, max(n, 1))
+    return chunk_rows(n, budget, per_row, balance)
 
 
 def spec_tile(v, vcs):
