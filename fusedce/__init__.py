@@ -2,6 +2,7 @@
 
 from ._extension import build_info, load_extension
 from ._version import __version__
+from . import _torch_fixes  # noqa: F401  (a linear torch._library fill_defaults: see there)
 
 _C = load_extension()  # registers torch.ops.fusedce.* (checks the torch it was built against first)
 

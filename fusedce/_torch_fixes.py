@@ -1,0 +1,76 @@
+"""One host-cost fix in torch's custom-op autograd wrapper, applied only where it is provably equal.
+
+torch._library.autograd calls ``torch._library.utils.fill_defaults(op._schema, args, kwargs)`` in
+the forward of every op registered with ``register_autograd(..., setup_context=...)``: every call
+of fusedce::loss, the op under all the fused losses. That helper reads ``schema.arguments`` (a
+pybind property that converts the whole argument list into a new Python list) once per argument,
+so one call builds n * (n + 1) Argument objects. For fusedce::loss (26 arguments) that measured
+188 us per call on a 2-core CI machine, two thirds of the autograd wrapper's cost and more than
+the op itself at small sizes (benchmarks/NOTES.md, "host cost"). The upstream fix (read the list
+once) is pytorch/pytorch#195110, open at the time of writing.
+
+We install the linear version only when torch's own function is, character for character, a source
+we checked (its SHA-256 below: the same in torch 2.11 and 2.13). Any other torch, one that fixed
+it or changed what it does, keeps its own. The replacement returns what the original returns for
+every input (tests/test_torch_fixes.py compares both on every fusedce schema). It changes nothing
+but speed, for every custom op in the process; FUSEDCE_TORCH_FIXES=0 leaves torch untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+
+import torch._library.utils as _library_utils
+
+# sha256 of inspect.getsource(torch._library.utils.fill_defaults) in the torch releases whose
+# function was read and found quadratic (2.11.0, 2.13.0).
+_KNOWN_QUADRATIC = frozenset({
+    "d95c8d479a68be8a958994e7a61e5322543f1428187f4487bc5837b57babde35",
+})
+
+original_fill_defaults = _library_utils.fill_defaults
+
+
+def fill_defaults(schema, args, kwargs):
+    """(args, kwargs) with every schema argument present: the positional ones from `args` or
+    their defaults, the keyword-only ones from `kwargs` or their defaults."""
+    arguments = schema.arguments  # one conversion of the list, not one per argument
+    new_args = []
+    new_kwargs = {}
+    for i, info in enumerate(arguments):
+        if info.kwarg_only:
+            new_kwargs[info.name] = kwargs[info.name] if info.name in kwargs else info.default_value
+        elif i < len(args):
+            new_args.append(args[i])
+        else:
+            new_args.append(info.default_value)
+    return tuple(new_args), new_kwargs
+
+
+def _source_digest(fn) -> str | None:
+    try:
+        return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+    except (OSError, TypeError):  # no source shipped (a frozen or stripped install)
+        return None
+
+
+def applies() -> bool:
+    """Whether this torch's fill_defaults is one of the known quadratic sources."""
+    return _source_digest(original_fill_defaults) in _KNOWN_QUADRATIC
+
+
+def install() -> bool:
+    """Install the linear fill_defaults where it applies; True when it is in place."""
+    if os.environ.get("FUSEDCE_TORCH_FIXES", "1") == "0":
+        return False
+    if _library_utils.fill_defaults is fill_defaults:
+        return True
+    if _library_utils.fill_defaults is not original_fill_defaults or not applies():
+        return False
+    _library_utils.fill_defaults = fill_defaults
+    return True
+
+
+installed = install()
