@@ -169,15 +169,21 @@ void check_columns(const Tensor& logits) {
               logits.size(1));
 }
 
+// The arguments shard_partials and shard_backward_ share (the term kernels index columns as int).
+void check_term_shard(const Tensor& logits, const Tensor& target, int64_t vocab_start,
+                      const std::optional<Tensor>& class_weight, double softcap, double logit_scale) {
+  check_shard_args(logits, target, vocab_start, class_weight);
+  check_scalars(0.0, 0.0, softcap, logit_scale);
+  check_columns(logits);
+}
+
 Tensor shard_partials_cuda(const Tensor& logits, const Tensor& target, int64_t vocab_start,
                            const std::optional<Tensor>& class_weight,
                            const std::optional<Tensor>& teacher_logits, int64_t ignore_index,
                            double softcap, double logit_scale, c10::ArrayRef<double> term_floats,
                            c10::ArrayRef<int64_t> term_ints) {
   c10::cuda::CUDAGuard guard(logits.device());
-  check_shard_args(logits, target, vocab_start, class_weight);
-  check_scalars(0.0, 0.0, softcap, logit_scale);
-  check_columns(logits);
+  check_term_shard(logits, target, vocab_start, class_weight, softcap, logit_scale);
   const TermArgs ta = shard_term_args(term_floats, term_ints);
   const Tensor lg = logits.contiguous();
   const Tensor tb = shard_teacher(teacher_logits, lg, ta);
@@ -343,9 +349,7 @@ void shard_backward_cuda(const Tensor& logits, const Tensor& target, int64_t voc
                          double softcap, double logit_scale, c10::ArrayRef<double> term_floats,
                          c10::ArrayRef<int64_t> term_ints) {
   c10::cuda::CUDAGuard guard(logits.device());
-  check_shard_args(logits, target, vocab_start, class_weight);
-  check_scalars(0.0, 0.0, softcap, logit_scale);
-  check_columns(logits);
+  check_term_shard(logits, target, vocab_start, class_weight, softcap, logit_scale);
   TORCH_CHECK(logits.is_contiguous(),
               "fusedce: shard_backward_ needs contiguous logits (it writes in place)");
   const TermArgs ta = shard_term_args(term_floats, term_ints);
