@@ -45,6 +45,9 @@ def _batch(device, x, w, temperature, *, per_token_adv):
 def _options(name, isr, device):
     if name == "plain":
         return {}
+    if name == "no_kl":
+        # No reference term (beta = 0: the KL path off) at temperature 1 (the logits as they are).
+        return dict(beta=0.0, temperature=1.0)
     # Everything at once: two-sided clipping that bites (ratios reach 1.8), vLLM IS ratios, the
     # entropy bonus, gradient accumulation and a global normalizer given as a device tensor.
     return dict(delta=1.4, importance_sampling_ratio=isr, entropy_coef=0.05,
@@ -56,17 +59,23 @@ def _options(name, isr, device):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("bias_kl", [True, False], ids=["biaskl", "nobiaskl"])
-@pytest.mark.parametrize("options", ["plain", "all"])
+@pytest.mark.parametrize("options", ["plain", "all", "no_kl"])
 def test_policy_vs_reference(device, dtype, loss_type, level, bias_kl, options):
+    if options == "no_kl" and bias_kl is False:
+        pytest.skip("without the KL term the bias correction changes nothing")
     if dtype != torch.float64 and (bias_kl is False or options == "plain"):
-        pytest.skip("float32/bfloat16: one configuration per loss type and level is enough")
-    temperature = 0.8
+        pytest.skip("float32/bfloat16: the everything-on and the no-KL configurations per loss type "
+                    "and level are enough")
+    kw = dict(beta=0.04, temperature=0.8)
+    kw.update(_options(options, None, device) if options == "no_kl" else {})
     x, w = _leaves(device, dtype, (B, T, H), (V, H))
-    tok, old, ref_lp, adv, mask, isr = _batch(device, x, w, temperature, per_token_adv=options == "all")
-    kw = dict(mask=mask, ref_logprobs=ref_lp, beta=0.04, loss_type=loss_type,
+    tok, old, ref_lp, adv, mask, isr = _batch(device, x, w, kw["temperature"],
+                                              per_token_adv=options == "all")
+    kw.update(mask=mask, ref_logprobs=ref_lp, loss_type=loss_type,
               importance_sampling_level=level, use_bias_correction_kl=bias_kl,
-              temperature=temperature, epsilon_high=1.3 if loss_type == "cispo" else 0.28,
-              **_options(options, isr, device))
+              epsilon_high=1.3 if loss_type == "cispo" else 0.28)
+    if options == "all":
+        kw.update(_options(options, isr, device))
 
     _check(*policy_pair(tok, old, adv, kw), [x, w], dtype,
            f"policy {loss_type} {level} bias_kl={bias_kl} {options}")

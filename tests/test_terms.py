@@ -224,37 +224,9 @@ def test_distillation_all_ignored(device):
 
 
 # --------------------------------------------------------------------------------------------
-# Policy gradient (GRPO family).
+# Policy gradient (GRPO family): the metrics and the on-policy case here; the objectives' grid
+# against reference.policy_loss is tests/test_policy.py.
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta,entropy_coef,temperature", [
-    (0.0, 0.0, 1.0),  # the plain clipped objective
-    (0.04, 0.01, 0.8),  # KL to the reference, an entropy bonus and a sampling temperature
-])
-def test_policy_loss(device, dtype, loss_type, beta, entropy_coef, temperature):
-    B, T, H, V = 3, 6, 8, 31
-    x, w = _leaves(device, dtype, (B, T, H), (V, H))
-    tok = torch.randint(0, V, (B, T), device=device)
-    with torch.no_grad():
-        lp0, _ = reference.token_logprobs(x.double() @ w.double().T, tok, temperature=temperature)
-    # Ratios well inside and well outside [1 - eps_low, 1 + eps_high], with advantages of both
-    # signs, so that both clip sides are active for some tokens and inactive for others.
-    shift = torch.linspace(-0.6, 0.6, B * T, dtype=torch.float64).reshape(B, T).to(device)
-    old = (lp0 + shift).to(torch.float32)
-    ref_lp = (lp0 + 0.3 * torch.randn(B, T, dtype=torch.float64, device=device)).to(torch.float32)
-    adv = torch.tensor([1.0, -0.7, 0.4], device=device)
-    mask = torch.ones(B, T, device=device, dtype=torch.long)
-    mask[0, 4:] = 0
-    mask[2, :] = 0  # an all-masked sequence (weight 0, counted in grpo's mean over sequences)
-    kw = dict(mask=mask, ref_logprobs=ref_lp, beta=beta, loss_type=loss_type,
-              entropy_coef=entropy_coef, temperature=temperature)
-    ratio = torch.exp(lp0 - old.double())
-    assert (ratio < 0.8).any() and (ratio > 1.2).any(), "the grid must exercise both clip sides"
-
-    _check(*policy_pair(tok, old, adv, kw), [x, w], dtype, f"policy {loss_type}")
 
 
 def test_policy_metrics(device):
