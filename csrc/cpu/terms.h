@@ -101,42 +101,6 @@ inline void merge(ExtSums& a, ExtSums b, double inv_T) {
   a.s2 += b.s2;
 }
 
-// The per-element loops below run on blocks of kBlock columns: the final logits of a block are
-// formed once into a buffer (the dtype conversion and the softcap's tanh, which do not vectorize),
-// then branch-free loops (vec_math.h's exp / log, selects for the masked classes) run over the
-// buffer, `#pragma omp simd` so that the reductions vectorize without -ffast-math. The float sums
-// of a block (kBlock / lanes terms per lane) are added to double sums, so a long row still sums
-// in double (row_math.h's RowStats says why). float64 inputs take the same loops in double with
-// the library exp / log.
-constexpr int64_t kBlock = 64;
-
-// The block loops are kept out of line: inlined into their callers' dispatch, GCC 12 stopped
-// vectorizing some of them ("control flow in loop"); one call per kBlock columns costs nothing.
-#if defined(__GNUC__)
-#define FUSEDCE_BLOCK_FN __attribute__((noinline))
-#else
-#define FUSEDCE_BLOCK_FN
-#endif
-
-// z[0, n) = final logits of raw a[0, n), n <= kBlock.
-template <typename acc_t, typename a_t>
-inline void load_final_logits(const Epilogue<acc_t>& ep, const a_t* a, int64_t n, acc_t* z) {
-  if (ep.softcap > 0) {
-    for (int64_t k = 0; k < n; ++k) z[k] = ep.final_logit(static_cast<acc_t>(a[k]));
-    return;
-  }
-  const acc_t scale = ep.logit_scale;
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) z[k] = static_cast<acc_t>(a[k]) * scale;
-}
-
-template <typename f_t>
-inline f_t max_of(const f_t* x, int64_t n, f_t m) {
-#pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < n; ++k) m = x[k] > m ? x[k] : m;
-  return m;
-}
-
 // One block's sums (ExtSums' fields, relative to the tile's shifts m, mu = m / T, my) added to t.
 // kT1: T = 1, so u = z and q's exp is p's.
 template <bool kDistill, bool kT1, bool kMoments, typename f_t>
@@ -193,16 +157,10 @@ inline void accumulate_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, co
   using f_t = acc_t;
   const f_t inv_T = tm.inv_T;
   const bool distill = tm.distill != kNoDistill;
-  f_t zb[kBlock];
-  f_t m = -std::numeric_limits<f_t>::infinity();
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
-    const int64_t nb = std::min(kBlock, n - j0);
-    load_final_logits(ep, a + j0, nb, zb);
-    m = max_of(zb, nb, m);
-  }
+  const f_t m = max_final_logit(ep, a, n);
   // max(b / T) = max(b) / T: scaling by 1/T > 0 keeps the order (and rounds monotonically).
-  const f_t my = b ? max_of(b, n, -std::numeric_limits<f_t>::infinity()) * inv_T
-                   : -std::numeric_limits<f_t>::infinity();
+  const f_t my = b ? max_of_array(b, n) * inv_T : -std::numeric_limits<f_t>::infinity();
+  f_t zb[kBlock];
   const f_t mu = m * inv_T;
   ExtSums t;
   t.m = m;
@@ -255,7 +213,7 @@ inline double log_mixture(double r, double q, double lr, double lq, double beta,
 // log_mixture in the per-element loops. float: the one-log form, the argument clamped to the
 // smallest normal float (vexp has flushed anything smaller to 0, and every use multiplies by r or
 // q > 0, which bounds m below by beta r or (1 - beta) q: the clamp moves terms below 1e-37).
-inline float log_mixture_v(float r, float q, float, float, float beta, float, float) {
+FUSEDCE_VEC_INLINE float log_mixture_v(float r, float q, float, float, float beta, float, float) {
   const float m = beta * r + (1 - beta) * q;
   return vlog(sel(m >= std::numeric_limits<float>::min(), m, std::numeric_limits<float>::min()));
 }

@@ -17,16 +17,24 @@
 #include <cstdint>
 #include <cstring>
 
+// Always inlined: a call per element would undo the vectorization, and in a large translation
+// unit GCC's inlining budget otherwise leaves some of them as calls.
+#if defined(__GNUC__)
+#define FUSEDCE_VEC_INLINE inline __attribute__((always_inline))
+#else
+#define FUSEDCE_VEC_INLINE inline
+#endif
+
 namespace fusedce {
 namespace cpu {
 
-inline float bits_to_float(int32_t i) {
+FUSEDCE_VEC_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
 
-inline int32_t float_to_bits(float f) {
+FUSEDCE_VEC_INLINE int32_t float_to_bits(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
@@ -35,13 +43,13 @@ inline int32_t float_to_bits(float f) {
 // c ? a : b through bit masks. GCC (12) does not if-convert a loop with more than one float
 // ?: under the default -ftrapping-math (a comparison may trap, so it stays a branch, and the
 // loop is not vectorized); integer masks have no such restriction.
-inline float sel(bool c, float a, float b) {
+FUSEDCE_VEC_INLINE float sel(bool c, float a, float b) {
   const int32_t m = -static_cast<int32_t>(c);
   return bits_to_float((float_to_bits(a) & m) | (float_to_bits(b) & ~m));
 }
-inline double sel(bool c, double a, double b) { return c ? a : b; }
+FUSEDCE_VEC_INLINE double sel(bool c, double a, double b) { return c ? a : b; }
 
-inline float fast_exp(float x) {
+FUSEDCE_VEC_INLINE float fast_exp(float x) {
   constexpr float kLo = -87.3365447f;  // e^kLo = 2^-126, the smallest normal float
   constexpr float kHi = 88.3762589f;   // e^kHi = FLT_MAX
   float xc = sel(x < kLo, kLo, x);  // a NaN stays NaN
@@ -69,7 +77,7 @@ inline float fast_exp(float x) {
 }
 
 // log x for a normal positive x.
-inline float fast_log(float x) {
+FUSEDCE_VEC_INLINE float fast_log(float x) {
   const int32_t bits = float_to_bits(x);
   // x = f 2^e with f in [sqrt(1/2), sqrt(2)).
   int32_t e = ((bits >> 23) & 0xff) - 126;
@@ -95,10 +103,10 @@ inline float fast_log(float x) {
 }
 
 // The per-element exp / log of terms.h: the vectorizable float versions, the library in double.
-inline float vexp(float x) { return fast_exp(x); }
-inline double vexp(double x) { return std::exp(x); }
-inline float vlog(float x) { return fast_log(x); }
-inline double vlog(double x) { return std::log(x); }
+FUSEDCE_VEC_INLINE float vexp(float x) { return fast_exp(x); }
+FUSEDCE_VEC_INLINE double vexp(double x) { return std::exp(x); }
+FUSEDCE_VEC_INLINE float vlog(float x) { return fast_log(x); }
+FUSEDCE_VEC_INLINE double vlog(double x) { return std::log(x); }
 
 }  // namespace cpu
 }  // namespace fusedce
