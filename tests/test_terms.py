@@ -500,6 +500,47 @@ def test_masked_classes(device):
     _check(fused, ref, [x, w], torch.float64, "masked classes")
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_float32_wide_range(device, kind, temperature):
+    """float32 runs the vectorized exp / log of csrc/cpu/vec_math.h on the CPU (a polynomial exp
+    that flushes results below e^-87.3 to 0, a polynomial log): logits spread over about +-70, so
+    that exp arguments reach far below -87, masked classes for the student and the teacher, a
+    width that is no multiple of terms.h's 64-column blocks, every distillation kind at T = 1
+    (q's exp taken from p's) and T != 1, with entropy and CE; values and gradients against
+    float64 truth within the float32 budget."""
+    N, H, V = 7, 16, 203
+    (x,) = _leaves(device, torch.float32, (N, H))
+    (w,) = _leaves(device, torch.float32, (V, H), scale=6.0)  # logits ~ N(0, 24^2)
+    # Masks the divergence stays finite under (KL(r || q) needs r = 0 where q = 0, KL(q || r) the
+    # converse); the JSD's are disjoint (where both vanish the float64 reference's log m = -inf
+    # turns its gradient nan).
+    student_mask, teacher_mask = {
+        "forward_kl": ([0, 5, 64, 130], [0, 5, 64, 130, 3, 202]),
+        "reverse_kl": ([0, 5, 64, 130, 3, 202], [0, 5, 64, 130]),
+        "jsd": ([0, 5, 64, 130], [3, 70, 202]),
+    }[kind]
+    b = torch.zeros(V, dtype=torch.float32, device=device)
+    b[student_mask] = -math.inf
+    tl = (torch.randn(N, V, dtype=torch.float64) * 24).to(device=device, dtype=torch.float32)
+    tl[:, teacher_mask] = -math.inf
+    t = torch.randint(6, 64, (N,), device=device)
+
+    def fused(x, w):
+        return fusedce.distillation_loss(x, w, t, teacher_logits=tl, linear_bias=b, kind=kind,
+                                         ce_weight=0.5, entropy_coef=0.1, temperature=temperature)
+
+    def ref(x, w, dtype):
+        logits = x @ w.T + b.to(x.device, x.dtype)
+        d = reference.distillation_token_loss(logits, tl.to(x.device), kind=kind,
+                                              temperature=temperature, dtype=dtype)
+        ce = reference.cross_entropy(logits, t.to(x.device), reduction="none", dtype=dtype).token_loss
+        ent = reference.entropy(logits, dtype=dtype)
+        return (d + 0.5 * ce + 0.1 * ent).mean()
+
+    _check(fused, ref, [x, w], torch.float32, f"float32 wide range ({kind}, T={temperature})")
+
+
 def test_plain_stats_do_not_ask_for_entropy(device):
     """return_stats alone keeps the CE's own row kernel: no entropy is computed or returned."""
     x, w = _leaves(device, torch.float32, (4, 8), (11, 8))
