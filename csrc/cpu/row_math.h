@@ -43,13 +43,13 @@ struct Epilogue {
   inline acc_t weight_of(int64_t c) const { return class_weight ? class_weight[c] : acc_t(1); }
 };
 
-// The per-element loops of terms.h (and the no-softmax statistics below) run on blocks of kBlock columns: the final logits of a block are
-// formed once into a buffer (the dtype conversion and the softcap's tanh, which do not vectorize),
-// then branch-free loops (vec_math.h's exp / log, selects for the masked classes) run over the
-// buffer, `#pragma omp simd` so that the reductions vectorize without -ffast-math. The float sums
-// of a block (kBlock / lanes terms per lane) are added to double sums, so a long row still sums
-// in double (row_math.h's RowStats says why). float64 inputs take the same loops in double with
-// the library exp / log.
+// The per-element loops of terms.h (and the no-softmax statistics below) run on blocks of kBlock
+// columns: the final logits of a block are formed once into a buffer (the dtype conversion and
+// the softcap's tanh, which do not vectorize), then branch-free loops (vec_math.h's exp / log,
+// selects for the masked classes) run over the buffer, `#pragma omp simd` so that the reductions
+// vectorize without -ffast-math. The float sums of a block (kBlock / lanes terms per lane) are
+// added to double sums, so a long row still sums in double (RowStats below says why). float64
+// inputs take the same loops in double with the library exp / log.
 constexpr int64_t kBlock = 64;
 
 // The block loops are kept out of line: inlined into their callers' dispatch, GCC 12 stopped
@@ -67,7 +67,8 @@ constexpr int64_t kBlock = 64;
 
 // z[0, n) = final logits of raw a[0, n), n <= kBlock.
 template <typename acc_t, typename a_t>
-FUSEDCE_VEC_INLINE void load_final_logits(const Epilogue<acc_t>& ep, const a_t* a, int64_t n, acc_t* z) {
+FUSEDCE_VEC_INLINE void load_final_logits(const Epilogue<acc_t>& ep, const a_t* a, int64_t n,
+                                          acc_t* z) {
   if (ep.softcap > 0) {
     for (int64_t k = 0; k < n; ++k) z[k] = ep.final_logit(static_cast<acc_t>(a[k]));
     return;

@@ -104,8 +104,8 @@ inline void merge(ExtSums& a, ExtSums b, double inv_T) {
 // One block's sums (ExtSums' fields, relative to the tile's shifts m, mu = m / T, my) added to t.
 // kT1: T = 1, so u = z and q's exp is p's.
 template <bool kDistill, bool kT1, bool kMoments, typename f_t>
-FUSEDCE_BLOCK_FN void ext_block(const f_t* z, const f_t* b, int64_t n, f_t m, f_t mu, f_t my, f_t inv_T,
-                      ExtSums& t) {
+FUSEDCE_BLOCK_FN void ext_block(const f_t* z, const f_t* b, int64_t n, f_t m, f_t mu, f_t my,
+                                f_t inv_T, ExtSums& t) {
   constexpr f_t ninf = -std::numeric_limits<f_t>::infinity();
   f_t s = 0, hz = 0, s2 = 0, su = 0, hu_u = 0, hu_y = 0, sy = 0, hy_y = 0, hy_u = 0;
 #pragma omp simd reduction(+ : s, hz, s2, su, hu_u, hu_y, sy, hy_y, hy_u)
@@ -381,9 +381,9 @@ inline ExtRow<acc_t> finish_ext(const Terms<acc_t>& tm, const ExtSums& st,
 // terms (row_backward_ext adds those). DK: the distillation kind (0: none); kT1: T = 1, where
 // q = p e^(lse - lse_u) saves an exp.
 template <int64_t DK, bool kT1, typename f_t>
-FUSEDCE_BLOCK_FN void grad_block(const f_t* z, const f_t* b, int64_t n, f_t lse, f_t coef_p, f_t coef_e,
-                       f_t lam, f_t inv_T, f_t lse_u, f_t lse_y, f_t rkl, f_t jsd_s, f_t beta,
-                       f_t lb, f_t l1b, f_t* dz) {
+FUSEDCE_BLOCK_FN void grad_block(const f_t* z, const f_t* b, int64_t n, f_t lse, f_t coef_p,
+                                 f_t coef_e, f_t lam, f_t inv_T, f_t lse_u, f_t lse_y, f_t rkl,
+                                 f_t jsd_s, f_t beta, f_t lb, f_t l1b, f_t* dz) {
   const f_t du = lse - lse_u, fu = kT1 ? vexp(du) : f_t(1);
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
