@@ -549,3 +549,34 @@ def test_plain_stats_do_not_ask_for_entropy(device):
     out = fusedce.linear_cross_entropy(x, w, t, return_stats=True, return_entropy=True)
     assert_close(out.entropy, reference.entropy(x.detach() @ w.detach().T), torch.float32,
                  what="entropy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_degenerate_teacher_rows(device, dtype, kind, temperature):
+    """A teacher row with every class at -inf, or with a NaN, has no distribution: that token's
+    loss and its row of grad_input are NaN (never a finite value; float32 runs the CPU's
+    vectorized exp / log, which must pass a NaN through), as the float64 reference's loss is; a
+    partly masked row and the clean rows equal the reference (reverse KL: +inf where the teacher
+    masks a class the student keeps)."""
+    N, H, V = 5, 8, 131  # a width that is no multiple of the CPU's 64-column blocks
+    x, w = _leaves(device, dtype, (N, H), (V, H))
+    t = torch.randint(0, V, (N,), device=device)
+    tl = torch.randn(N, V, dtype=dtype, device=device)
+    tl[1] = -math.inf
+    tl[2, :5] = -math.inf
+    tl[3, 70] = math.nan
+    loss = fusedce.distillation_loss(x, w, t, teacher_logits=tl, kind=kind,
+                                     temperature=temperature, reduction="none")
+    (gx,) = torch.autograd.grad(loss.sum(), (x,))
+    want = reference.distillation_token_loss(
+        (x.detach() @ w.detach().T).double(), tl.double(), kind=kind, temperature=temperature,
+        dtype=torch.float64)
+    for r in (1, 3):
+        assert torch.isnan(want[r]), "the reference's own verdict on a degenerate row"
+        assert torch.isnan(loss[r]), f"row {r}: {loss[r]}"
+        assert torch.isnan(gx[r]).any(), f"row {r}'s input gradient is finite: {gx[r]}"
+    keep = [0, 2, 4]
+    assert_close(loss[keep].double(), want[keep], dtype, what=f"{kind} rows with a distribution")
+    assert torch.isfinite(gx[[0, 4]]).all()

@@ -215,7 +215,8 @@ inline double log_mixture(double r, double q, double lr, double lq, double beta,
 // q > 0, which bounds m below by beta r or (1 - beta) q: the clamp moves terms below 1e-37).
 FUSEDCE_VEC_INLINE float log_mixture_v(float r, float q, float, float, float beta, float, float) {
   const float m = beta * r + (1 - beta) * q;
-  return vlog(sel(m >= std::numeric_limits<float>::min(), m, std::numeric_limits<float>::min()));
+  // m < min, not m >= min: a NaN m (a NaN or all -inf teacher row) must stay NaN, never a clamp.
+  return vlog(sel(m < std::numeric_limits<float>::min(), std::numeric_limits<float>::min(), m));
 }
 inline double log_mixture_v(double r, double q, double lr, double lq, double beta, double lb,
                             double l1b) {
@@ -233,9 +234,10 @@ FUSEDCE_BLOCK_FN void jsd_block(const f_t* z, const f_t* b, int64_t n, f_t inv_T
     const f_t lr = b[k] * inv_T - ly;
     const f_t r = vexp(lr), q = vexp(lq);
     const f_t lm = log_mixture_v(r, q, lr, lq, beta, lb, l1b);
-    // r = 0 (lr = -inf, or below the range) adds 0, as does q = 0
-    const f_t jr = sel(r > 0, beta * r * (lr - lm), f_t(0));
-    const f_t jq = sel(q > 0, (1 - beta) * q * (lq - lm), f_t(0));
+    // r = 0 (lr = -inf, or below the range) adds 0, as does q = 0; a NaN (a NaN or all -inf
+    // row, whose normalizer is then -inf or NaN) is added, so the loss is NaN, as on the GPU.
+    const f_t jr = sel(r == 0, f_t(0), beta * r * (lr - lm));
+    const f_t jq = sel(q == 0, f_t(0), (1 - beta) * q * (lq - lm));
     jsd += jr + jq;
     jsd_s += jq;
   }
@@ -390,7 +392,7 @@ FUSEDCE_BLOCK_FN void grad_block(const f_t* z, const f_t* b, int64_t n, f_t lse,
     const f_t zl = z[k] - lse;
     const f_t p = vexp(zl);
     f_t d = coef_p * p;
-    d += sel(p > 0, coef_e * p * zl, f_t(0));
+    d += sel(p == 0, f_t(0), coef_e * p * zl);  // == 0, not > 0: a NaN passes through
     if (DK != kNoDistill) {
       const f_t lq = kT1 ? zl + du : z[k] * inv_T - lse_u;
       const f_t lr = b[k] * inv_T - lse_y;
@@ -398,10 +400,10 @@ FUSEDCE_BLOCK_FN void grad_block(const f_t* z, const f_t* b, int64_t n, f_t lse,
       if (DK == kForwardKL) {
         d += lam * (q - vexp(lr));
       } else if (DK == kReverseKL) {
-        d += sel(q > 0, lam * q * (lq - lr - rkl), f_t(0));
+        d += sel(q == 0, f_t(0), lam * q * (lq - lr - rkl));
       } else {
         const f_t lm = log_mixture_v(vexp(lr), q, lr, lq, beta, lb, l1b);
-        d += sel(q > 0, lam * q * ((1 - beta) * (lq - lm) - jsd_s), f_t(0));
+        d += sel(q == 0, f_t(0), lam * q * ((1 - beta) * (lq - lm) - jsd_s));
       }
     }
     dz[k] = d;

@@ -9,8 +9,8 @@
 //
 // Differences from std::expf / std::logf, harmless where terms.h uses them (sums and gradients
 // next to terms of order 1): fast_exp flushes results below the smallest normal float
-// (x < -87.33, e^x < 1.2e-38) to 0, and fast_log expects a normal positive argument (callers
-// clamp).
+// (x < -87.33, e^x < 1.2e-38) to 0, and fast_log expects a normal positive argument or a NaN
+// (callers clamp).
 #pragma once
 
 #include <cmath>
@@ -76,7 +76,8 @@ FUSEDCE_VEC_INLINE float fast_exp(float x) {
   return sel(x > kHi, HUGE_VALF, y);
 }
 
-// log x for a normal positive x.
+// log x for a normal positive x; a NaN stays NaN (the bit manipulation below would read it as
+// a number: a NaN mixture from a NaN or all -inf row must not become a finite log).
 FUSEDCE_VEC_INLINE float fast_log(float x) {
   const int32_t bits = float_to_bits(x);
   // x = f 2^e with f in [sqrt(1/2), sqrt(2)).
@@ -99,7 +100,7 @@ FUSEDCE_VEC_INLINE float fast_log(float x) {
   float y = p * f * f2;
   y += -2.12194440e-4f * ef;
   y += -0.5f * f2;
-  return f + y + 0.693359375f * ef;
+  return sel(x != x, x, f + y + 0.693359375f * ef);
 }
 
 // The per-element exp / log of terms.h: the vectorizable float versions, the library in double.
