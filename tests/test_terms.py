@@ -472,6 +472,47 @@ def test_masked_classes(device):
     _check(fused, ref, [x, w], torch.float64, "masked classes")
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_float32_wide_range(device, kind, temperature):
+    """float32 runs the vectorized exp / log of csrc/cpu/vec_math.h on the CPU (a polynomial exp
+    that flushes results below e^-87.3 to 0, a polynomial log): logits spread over about +-70, so
+    that exp arguments reach far below -87, masked classes for the student and the teacher, a
+    width that is no multiple of terms.h's 64-column blocks, every distillation kind at T = 1
+    (q's exp taken from p's) and T != 1, with entropy and CE; values and gradients against
+    float64 truth within the float32 budget."""
+    N, H, V = 7, 16, 203
+    (x,) = _leaves(device, torch.float32, (N, H))
+    (w,) = _leaves(device, torch.float32, (V, H), scale=6.0)  # logits ~ N(0, 24^2)
+    # Masks the divergence stays finite under (KL(r || q) needs r = 0 where q = 0, KL(q || r) the
+    # converse); the JSD's are disjoint (where both vanish the float64 reference's log m = -inf
+    # turns its gradient nan).
+    student_mask, teacher_mask = {
+        "forward_kl": ([0, 5, 64, 130], [0, 5, 64, 130, 3, 202]),
+        "reverse_kl": ([0, 5, 64, 130, 3, 202], [0, 5, 64, 130]),
+        "jsd": ([0, 5, 64, 130], [3, 70, 202]),
+    }[kind]
+    b = torch.zeros(V, dtype=torch.float32, device=device)
+    b[student_mask] = -math.inf
+    tl = (torch.randn(N, V, dtype=torch.float64) * 24).to(device=device, dtype=torch.float32)
+    tl[:, teacher_mask] = -math.inf
+    t = torch.randint(6, 64, (N,), device=device)
+
+    def fused(x, w):
+        return fusedce.distillation_loss(x, w, t, teacher_logits=tl, linear_bias=b, kind=kind,
+                                         ce_weight=0.5, entropy_coef=0.1, temperature=temperature)
+
+    def ref(x, w, dtype):
+        logits = x @ w.T + b.to(x.device, x.dtype)
+        d = reference.distillation_token_loss(logits, tl.to(x.device), kind=kind,
+                                              temperature=temperature, dtype=dtype)
+        ce = reference.cross_entropy(logits, t.to(x.device), reduction="none", dtype=dtype).token_loss
+        ent = reference.entropy(logits, dtype=dtype)
+        return (d + 0.5 * ce + 0.1 * ent).mean()
+
+    _check(fused, ref, [x, w], torch.float32, f"float32 wide range ({kind}, T={temperature})")
+
+
 def test_plain_stats_do_not_ask_for_entropy(device):
     """return_stats alone keeps the CE's own row kernel: no entropy is computed or returned."""
     x, w = _leaves(device, torch.float32, (4, 8), (11, 8))
@@ -480,3 +521,34 @@ def test_plain_stats_do_not_ask_for_entropy(device):
     out = fusedce.linear_cross_entropy(x, w, t, return_stats=True, return_entropy=True)
     assert_close(out.entropy, reference.entropy(x.detach() @ w.detach().T), torch.float32,
                  what="entropy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_degenerate_teacher_rows(device, dtype, kind, temperature):
+    """A teacher row with every class at -inf, or with a NaN, has no distribution: that token's
+    loss and its row of grad_input are NaN (never a finite value; float32 runs the CPU's
+    vectorized exp / log, which must pass a NaN through), as the float64 reference's loss is; a
+    partly masked row and the clean rows equal the reference (reverse KL: +inf where the teacher
+    masks a class the student keeps)."""
+    N, H, V = 5, 8, 131  # a width that is no multiple of the CPU's 64-column blocks
+    x, w = _leaves(device, dtype, (N, H), (V, H))
+    t = torch.randint(0, V, (N,), device=device)
+    tl = torch.randn(N, V, dtype=dtype, device=device)
+    tl[1] = -math.inf
+    tl[2, :5] = -math.inf
+    tl[3, 70] = math.nan
+    loss = fusedce.distillation_loss(x, w, t, teacher_logits=tl, kind=kind,
+                                     temperature=temperature, reduction="none")
+    (gx,) = torch.autograd.grad(loss.sum(), (x,))
+    want = reference.distillation_token_loss(
+        (x.detach() @ w.detach().T).double(), tl.double(), kind=kind, temperature=temperature,
+        dtype=torch.float64)
+    for r in (1, 3):
+        assert torch.isnan(want[r]), "the reference's own verdict on a degenerate row"
+        assert torch.isnan(loss[r]), f"row {r}: {loss[r]}"
+        assert torch.isnan(gx[r]).any(), f"row {r}'s input gradient is finite: {gx[r]}"
+    keep = [0, 2, 4]
+    assert_close(loss[keep].double(), want[keep], dtype, what=f"{kind} rows with a distribution")
+    assert torch.isfinite(gx[[0, 4]]).all()

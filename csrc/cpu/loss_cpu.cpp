@@ -200,10 +200,21 @@ void run_linear(const LinearProblem& P, const Epilogue<acc_t>& ep, const Terms<a
         const int64_t ld = tile.stride(0), ldb = Vt;
         at::parallel_for(0, rows, 1, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
-            accumulate_row<acc_t, acc_t>(ep, tp + i * ld, c0, cols, tgt[r0 + i], stats[i]);
-            if (tm) accumulate_ext(ep, *tm, tp + i * ld, bp ? bp + i * ldb : nullptr, cols, ext[i]);
+            if (tm) {  // the softmax sums are accumulate_ext's (s relative to m)
+              accumulate_row<acc_t, acc_t, /*kSoftmax=*/false>(ep, tp + i * ld, c0, cols,
+                                                                tgt[r0 + i], stats[i]);
+              accumulate_ext(ep, *tm, tp + i * ld, bp ? bp + i * ldb : nullptr, cols, ext[i]);
+            } else {
+              accumulate_row<acc_t, acc_t>(ep, tp + i * ld, c0, cols, tgt[r0 + i], stats[i]);
+            }
           }
         });
+      }
+      if (tm) {
+        for (int64_t i = 0; i < rows; ++i) {
+          stats[i].max = static_cast<acc_t>(ext[i].m);
+          stats[i].sumexp = ext[i].s;
+        }
       }
       for (int64_t i = 0; i < rows; ++i) row_lse[i] = stats[i].lse();
       if (jsd) {  // the JSD summand needs both normalizers: one more pass over the row

@@ -4,9 +4,12 @@
 // cannot drift apart.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "vec_math.h"
 
 namespace fusedce {
 namespace cpu {
@@ -40,6 +43,67 @@ struct Epilogue {
   inline acc_t weight_of(int64_t c) const { return class_weight ? class_weight[c] : acc_t(1); }
 };
 
+// The per-element loops of terms.h (and the no-softmax statistics below) run on blocks of kBlock
+// columns: the final logits of a block are formed once into a buffer (the dtype conversion and
+// the softcap's tanh, which do not vectorize), then branch-free loops (vec_math.h's exp / log,
+// selects for the masked classes) run over the buffer, `#pragma omp simd` so that the reductions
+// vectorize without -ffast-math. The float sums of a block (kBlock / lanes terms per lane) are
+// added to double sums, so a long row still sums in double (RowStats below says why). float64
+// inputs take the same loops in double with the library exp / log.
+constexpr int64_t kBlock = 64;
+
+// The block loops are kept out of line: inlined into their callers' dispatch, GCC 12 stopped
+// vectorizing some of them ("control flow in loop"); one call per kBlock columns costs nothing.
+// On x86-64 Linux with GCC they are also compiled for AVX-512 and AVX2 beside the baseline
+// (target_clones: the loader picks the clone the CPU supports, at the first call, through an
+// ifunc; the baseline SSE2 one otherwise), since the build itself targets the baseline ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FUSEDCE_BLOCK_FN __attribute__((noinline, target_clones("avx512f", "avx2", "default")))
+#elif defined(__GNUC__)
+#define FUSEDCE_BLOCK_FN __attribute__((noinline))
+#else
+#define FUSEDCE_BLOCK_FN
+#endif
+
+// z[0, n) = final logits of raw a[0, n), n <= kBlock.
+template <typename acc_t, typename a_t>
+FUSEDCE_VEC_INLINE void load_final_logits(const Epilogue<acc_t>& ep, const a_t* a, int64_t n,
+                                          acc_t* z) {
+  if (ep.softcap > 0) {
+    for (int64_t k = 0; k < n; ++k) z[k] = ep.final_logit(static_cast<acc_t>(a[k]));
+    return;
+  }
+  const acc_t scale = ep.logit_scale;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) z[k] = static_cast<acc_t>(a[k]) * scale;
+}
+
+template <typename f_t>
+FUSEDCE_VEC_INLINE f_t max_of(const f_t* x, int64_t n, f_t m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; ++k) m = x[k] > m ? x[k] : m;
+  return m;
+}
+
+// The maximum of x[0, n) (-inf when empty).
+template <typename f_t>
+FUSEDCE_BLOCK_FN f_t max_of_array(const f_t* x, int64_t n) {
+  return max_of(x, n, -std::numeric_limits<f_t>::infinity());
+}
+
+// The maximum of the final logits of raw a[0, n) (-inf when empty).
+template <typename acc_t, typename a_t>
+FUSEDCE_BLOCK_FN acc_t max_final_logit(const Epilogue<acc_t>& ep, const a_t* a, int64_t n) {
+  acc_t zb[kBlock];
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - j0);
+    load_final_logits(ep, a + j0, nb, zb);
+    m = max_of(zb, nb, m);
+  }
+  return m;
+}
+
 // Online softmax statistics of one row, accumulated tile by tile in increasing vocabulary order.
 // The two long sums of a row (up to 256k terms, added one by one) are kept in double: a float32
 // running sum would lose ~1e-4 relative there, more than the rest of the computation together.
@@ -55,26 +119,68 @@ struct RowStats {
   inline acc_t lse() const { return static_cast<acc_t>(static_cast<double>(max) + std::log(sumexp)); }
 };
 
+// The argmax and the weighted sum of accumulate_row, block by block: the first index of a
+// block's maximum where it beats the maximum so far (strictly, so the first index among equal
+// maxima wins, as in torch.argmax; a NaN first logit keeps index 0, as the scalar rule does).
+template <typename scalar_t, typename acc_t>
+FUSEDCE_BLOCK_FN void accumulate_argmax_wz(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0,
+                                 int64_t n, RowStats<acc_t>& st) {
+  acc_t zb[kBlock];
+  double wz = st.weighted_sum;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - j0);
+    load_final_logits(ep, a + j0, nb, zb);
+    if (st.argmax < 0) {
+      st.argmax_value = zb[0];
+      st.argmax = v0 + j0;
+    }
+    const acc_t bm = max_of(zb, nb, -std::numeric_limits<acc_t>::infinity());
+    if (bm > st.argmax_value) {
+      int64_t k = 0;
+      while (!(zb[k] == bm)) ++k;  // bm is one of zb (max_of passes over NaNs)
+      st.argmax_value = bm;
+      st.argmax = v0 + j0 + k;
+    }
+    double w = 0;
+    if (ep.class_weight) {
+      const acc_t* cw = ep.class_weight + v0 + j0;
+#pragma omp simd reduction(+ : w)
+      for (int64_t k = 0; k < nb; ++k) w += static_cast<double>(cw[k] * zb[k]);
+    } else {
+#pragma omp simd reduction(+ : w)
+      for (int64_t k = 0; k < nb; ++k) w += static_cast<double>(zb[k]);
+    }
+    wz += w;
+  }
+  st.weighted_sum = wz;
+}
+
 // Folds raw logits a[0, n) (global columns v0 + j) of one row into its statistics.
-// kSoftmax = false leaves max / sumexp alone (the shard ops take the softmax sums from terms.h's
-// accumulate_ext and need only the target logit, the weighted sum and the argmax from here).
+// kSoftmax = false leaves max / sumexp alone (the shard ops and the terms take the softmax sums
+// from terms.h's accumulate_ext and need only the target logit, the weighted sum and the argmax
+// from here); that variant runs in vectorizable blocks.
 template <typename scalar_t, typename acc_t, bool kSoftmax = true>
 inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0, int64_t n,
                            int64_t target, RowStats<acc_t>& st) {
+  if (target >= v0 && target < v0 + n) {
+    st.target_logit = ep.final_logit(static_cast<acc_t>(a[target - v0]));
+  }
+  if (!kSoftmax) {
+    accumulate_argmax_wz(ep, a, v0, n, st);
+    return;
+  }
   acc_t m = st.max;
   double s = st.sumexp, wz = st.weighted_sum;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
-    if (kSoftmax) {
-      if (z > m) {
-        // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
-        s = s * static_cast<double>(std::exp(m - z)) + 1.0;
-        m = z;
-      } else if (z != -std::numeric_limits<acc_t>::infinity()) {
-        // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
-        // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
-        s += static_cast<double>(std::exp(z - m));
-      }
+    if (z > m) {
+      // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
+      s = s * static_cast<double>(std::exp(m - z)) + 1.0;
+      m = z;
+    } else if (z != -std::numeric_limits<acc_t>::infinity()) {
+      // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
+      // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
+      s += static_cast<double>(std::exp(z - m));
     }
     // Strictly greater: the first index among equal maxima wins, as in torch.argmax.
     if (z > st.argmax_value || st.argmax < 0) {
@@ -82,9 +188,6 @@ inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t
       st.argmax = v0 + j;
     }
     wz += static_cast<double>(ep.weight_of(v0 + j) * z);
-  }
-  if (target >= v0 && target < v0 + n) {
-    st.target_logit = ep.final_logit(static_cast<acc_t>(a[target - v0]));
   }
   st.max = m;
   st.sumexp = s;

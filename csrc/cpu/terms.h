@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "row_math.h"
+#include "vec_math.h"
 
 namespace fusedce {
 namespace cpu {
@@ -100,43 +101,91 @@ inline void merge(ExtSums& a, ExtSums b, double inv_T) {
   a.s2 += b.s2;
 }
 
+// One block's sums (ExtSums' fields, relative to the tile's shifts m, mu = m / T, my) added to t.
+// kT1: T = 1, so u = z and q's exp is p's.
+template <bool kDistill, bool kT1, bool kMoments, typename f_t>
+FUSEDCE_BLOCK_FN void ext_block(const f_t* z, const f_t* b, int64_t n, f_t m, f_t mu, f_t my,
+                                f_t inv_T, ExtSums& t) {
+  constexpr f_t ninf = -std::numeric_limits<f_t>::infinity();
+  f_t s = 0, hz = 0, s2 = 0, su = 0, hu_u = 0, hu_y = 0, sy = 0, hy_y = 0, hy_u = 0;
+#pragma omp simd reduction(+ : s, hz, s2, su, hu_u, hu_y, sy, hy_y, hy_u)
+  for (int64_t k = 0; k < n; ++k) {
+    // A masked class (z = -inf) adds 0 (and would make 0 * -inf = nan).
+    const bool live = z[k] != ninf;
+    const f_t zf = z[k] - m;
+    const f_t e = sel(live, vexp(zf), f_t(0));
+    s += e;
+    hz += sel(live, e * zf, f_t(0));
+    if (kMoments) s2 += e * e;
+    if (kDistill) {
+      const f_t uf = kT1 ? zf : z[k] * inv_T - mu;
+      const f_t eu = kT1 ? e : sel(live, vexp(uf), f_t(0));
+      const f_t yf = b[k] * inv_T - my;
+      su += eu;
+      hu_u += sel(live, eu * uf, f_t(0));
+      hu_y += sel(live, eu * yf, f_t(0));
+      const bool ylive = b[k] != ninf;
+      const f_t ey = sel(ylive, vexp(yf), f_t(0));
+      sy += ey;
+      hy_y += sel(ylive, ey * yf, f_t(0));
+      hy_u += sel(ylive, ey * uf, f_t(0));
+    }
+  }
+  t.s += s;
+  t.hz += hz;
+  t.s2 += s2;
+  t.su += su;
+  t.hu_u += hu_u;
+  t.hu_y += hu_y;
+  t.sy += sy;
+  t.hy_y += hy_y;
+  t.hy_u += hy_u;
+  if (kMoments) {  // sum z has both signs: summed in double from the start
+    double sz = 0;
+#pragma omp simd reduction(+ : sz)
+    for (int64_t k = 0; k < n; ++k) sz += static_cast<double>(z[k]);
+    t.sz += sz;
+  }
+}
+
 // Folds one tile of a row (raw student logits a, teacher logits b or nullptr, n columns) into the
 // sums: the tile's maxima first, then the sums relative to them, then one merge.
 // a_t: the logits' storage type (the shard ops read a rank's logits in the input dtype).
 template <typename acc_t, typename a_t>
 inline void accumulate_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, const a_t* a,
                            const acc_t* b, int64_t n, ExtSums& st) {
-  const double inv_T = tm.inv_T;
-  ExtSums t;
-  for (int64_t j = 0; j < n; ++j) {
-    t.m = std::max(t.m, static_cast<double>(ep.final_logit(static_cast<acc_t>(a[j]))));
-    if (b) t.my = std::max(t.my, static_cast<double>(b[j]) * inv_T);
-  }
-  const double mu = t.m * inv_T;
+  using f_t = acc_t;
+  const f_t inv_T = tm.inv_T;
   const bool distill = tm.distill != kNoDistill;
-  for (int64_t j = 0; j < n; ++j) {
-    const double z = ep.final_logit(static_cast<acc_t>(a[j]));
-    if (z != kNegInf) {  // a masked class adds 0 (and would make 0 * -inf = nan)
-      const double zf = z - t.m, e = std::exp(zf);
-      t.s += e;
-      t.hz += e * zf;
-      if (tm.moments) t.s2 += e * e;
-    }
-    if (tm.moments) t.sz += z;
-    if (!distill) continue;
-    const double uf = z * inv_T - mu;
-    const double yf = b[j] * inv_T - t.my;
-    if (z != kNegInf) {
-      const double eu = std::exp(uf);
-      t.su += eu;
-      t.hu_u += eu * uf;
-      t.hu_y += eu * yf;
-    }
-    if (yf != kNegInf) {
-      const double ey = std::exp(yf);
-      t.sy += ey;
-      t.hy_y += ey * yf;
-      t.hy_u += ey * uf;
+  const f_t m = max_final_logit(ep, a, n);
+  // max(b / T) = max(b) / T: scaling by 1/T > 0 keeps the order (and rounds monotonically).
+  const f_t my = b ? max_of_array(b, n) * inv_T : -std::numeric_limits<f_t>::infinity();
+  f_t zb[kBlock];
+  const f_t mu = m * inv_T;
+  ExtSums t;
+  t.m = m;
+  t.my = my;
+  const bool t1 = inv_T == f_t(1);
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - j0);
+    load_final_logits(ep, a + j0, nb, zb);
+    const f_t* bb = distill ? b + j0 : nullptr;
+    if (!distill) {
+      if (tm.moments) {
+        ext_block<false, false, true>(zb, bb, nb, m, mu, my, inv_T, t);
+      } else {
+        ext_block<false, false, false>(zb, bb, nb, m, mu, my, inv_T, t);
+      }
+    } else if (t1) {
+      if (tm.moments) {
+        ext_block<true, true, true>(zb, bb, nb, m, mu, my, inv_T, t);
+      } else {
+        ext_block<true, true, false>(zb, bb, nb, m, mu, my, inv_T, t);
+      }
+    } else if (tm.moments) {
+      ext_block<true, false, true>(zb, bb, nb, m, mu, my, inv_T, t);
+    } else {
+      ext_block<true, false, false>(zb, bb, nb, m, mu, my, inv_T, t);
     }
   }
   merge(st, t, inv_T);
@@ -161,23 +210,55 @@ inline double log_mixture(double r, double q, double lr, double lq, double beta,
   return m >= std::numeric_limits<double>::min() ? std::log(m) : log_add_exp(lr + lb, lq + l1b);
 }
 
+// log_mixture in the per-element loops. float: the one-log form, the argument clamped to the
+// smallest normal float (vexp has flushed anything smaller to 0, and every use multiplies by r or
+// q > 0, which bounds m below by beta r or (1 - beta) q: the clamp moves terms below 1e-37).
+FUSEDCE_VEC_INLINE float log_mixture_v(float r, float q, float, float, float beta, float, float) {
+  const float m = beta * r + (1 - beta) * q;
+  // m < min, not m >= min: a NaN m (a NaN or all -inf teacher row) must stay NaN, never a clamp.
+  return vlog(sel(m < std::numeric_limits<float>::min(), std::numeric_limits<float>::min(), m));
+}
+inline double log_mixture_v(double r, double q, double lr, double lq, double beta, double lb,
+                            double l1b) {
+  return log_mixture(r, q, lr, lq, beta, lb, l1b);
+}
+
+// One block of the JSD pass (accumulate_jsd), added to st.jsd / st.jsd_s.
+template <typename f_t>
+FUSEDCE_BLOCK_FN void jsd_block(const f_t* z, const f_t* b, int64_t n, f_t inv_T, f_t lu, f_t ly,
+                                f_t beta, f_t lb, f_t l1b, ExtSums& st) {
+  f_t jsd = 0, jsd_s = 0;
+#pragma omp simd reduction(+ : jsd, jsd_s)
+  for (int64_t k = 0; k < n; ++k) {
+    const f_t lq = z[k] * inv_T - lu;
+    const f_t lr = b[k] * inv_T - ly;
+    const f_t r = vexp(lr), q = vexp(lq);
+    const f_t lm = log_mixture_v(r, q, lr, lq, beta, lb, l1b);
+    // r = 0 (lr = -inf, or below the range) adds 0, as does q = 0; a NaN (a NaN or all -inf
+    // row, whose normalizer is then -inf or NaN) is added, so the loss is NaN, as on the GPU.
+    const f_t jr = sel(r == 0, f_t(0), beta * r * (lr - lm));
+    const f_t jq = sel(q == 0, f_t(0), (1 - beta) * q * (lq - lm));
+    jsd += jr + jq;
+    jsd_s += jq;
+  }
+  st.jsd += jsd;
+  st.jsd_s += jsd_s;
+}
+
 // The JSD pass over one tile, once lse_u and lse_y are known: the divergence and
 // S = sum_j q_j (1 - beta) (log q_j - log m_j), the mean that its gradient subtracts.
 template <typename acc_t, typename a_t>
 inline void accumulate_jsd(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm, const a_t* a,
                            const acc_t* b, int64_t n, double lse_u, double lse_y, ExtSums& st) {
-  const double beta = tm.beta, lb = std::log(beta), l1b = std::log1p(-beta);
-  for (int64_t j = 0; j < n; ++j) {
-    const double lq = ep.final_logit(static_cast<acc_t>(a[j])) * tm.inv_T - lse_u;
-    const double lr = b[j] * tm.inv_T - lse_y;
-    const double r = std::exp(lr), q = std::exp(lq);
-    const double lm = log_mixture(r, q, lr, lq, beta, lb, l1b);
-    if (lr != kNegInf) st.jsd += beta * r * (lr - lm);
-    if (lq != kNegInf) {
-      const double g = (1 - beta) * q * (lq - lm);
-      st.jsd += g;
-      st.jsd_s += g;
-    }
+  using f_t = acc_t;
+  const f_t beta = tm.beta, inv_T = tm.inv_T;
+  const f_t lb = std::log(beta), l1b = std::log1p(-beta);
+  const f_t lu = static_cast<f_t>(lse_u), ly = static_cast<f_t>(lse_y);
+  f_t zb[kBlock];
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - j0);
+    load_final_logits(ep, a + j0, nb, zb);
+    jsd_block(zb, b + j0, nb, inv_T, lu, ly, beta, lb, l1b, st);
   }
 }
 
@@ -298,38 +379,86 @@ inline ExtRow<acc_t> finish_ext(const Terms<acc_t>& tm, const ExtSums& st,
   return out;
 }
 
+// One block of the gradient pass: dz[k] = d(loss)/dz at z[k], without the class-weight and target
+// terms (row_backward_ext adds those). DK: the distillation kind (0: none); kT1: T = 1, where
+// q = p e^(lse - lse_u) saves an exp.
+template <int64_t DK, bool kT1, typename f_t>
+FUSEDCE_BLOCK_FN void grad_block(const f_t* z, const f_t* b, int64_t n, f_t lse, f_t coef_p,
+                                 f_t coef_e, f_t lam, f_t inv_T, f_t lse_u, f_t lse_y, f_t rkl,
+                                 f_t jsd_s, f_t beta, f_t lb, f_t l1b, f_t* dz) {
+  const f_t du = lse - lse_u, fu = kT1 ? vexp(du) : f_t(1);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const f_t zl = z[k] - lse;
+    const f_t p = vexp(zl);
+    f_t d = coef_p * p;
+    d += sel(p == 0, f_t(0), coef_e * p * zl);  // == 0, not > 0: a NaN passes through
+    if (DK != kNoDistill) {
+      const f_t lq = kT1 ? zl + du : z[k] * inv_T - lse_u;
+      const f_t lr = b[k] * inv_T - lse_y;
+      const f_t q = kT1 ? p * fu : vexp(lq);
+      if (DK == kForwardKL) {
+        d += lam * (q - vexp(lr));
+      } else if (DK == kReverseKL) {
+        d += sel(q == 0, f_t(0), lam * q * (lq - lr - rkl));
+      } else {
+        const f_t lm = log_mixture_v(vexp(lr), q, lr, lq, beta, lb, l1b);
+        d += sel(q == 0, f_t(0), lam * q * ((1 - beta) * (lq - lm) - jsd_s));
+      }
+    }
+    dz[k] = d;
+  }
+}
+
 // Reads raw logits a[0, n) (columns v0 + j; teacher b or nullptr) and writes d/da into out,
 // which may alias a: the CE part of RowGrad plus the extra terms of ExtGrad.
 template <typename acc_t, typename a_t, typename out_t>
 inline void row_backward_ext(const Epilogue<acc_t>& ep, const Terms<acc_t>& tm,
                              const RowGrad<acc_t>& rg, const ExtGrad<acc_t>& eg, const a_t* a,
                              const acc_t* b, int64_t v0, int64_t n, out_t* out) {
-  const double beta = tm.beta, lb = std::log(beta), l1b = std::log1p(-beta);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t c = v0 + j;
-    const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
-    const double zl = static_cast<double>(z) - rg.lse;
-    const double p = std::exp(zl);
-    double dz = rg.coef_p * p;
-    if (rg.coef_w != 0) dz -= rg.coef_w * ep.weight_of(c);
-    if (c == rg.target) dz -= rg.coef_t;
-    if (eg.coef_e != 0 && p > 0) dz += eg.coef_e * p * zl;
-    if (eg.lam != 0) {
-      const double lq = z * static_cast<double>(tm.inv_T) - eg.lse_u;
-      const double lr = b[j] * static_cast<double>(tm.inv_T) - eg.lse_y;
-      const double q = std::exp(lq);
-      if (tm.distill == kForwardKL) {
-        dz += eg.lam * (q - std::exp(lr));
-      } else if (q > 0) {
-        if (tm.distill == kReverseKL) {
-          dz += eg.lam * q * (lq - lr - eg.rkl);
-        } else {
-          const double lm = log_mixture(std::exp(lr), q, lr, lq, beta, lb, l1b);
-          dz += eg.lam * q * ((1 - beta) * (lq - lm) - eg.jsd_s);
-        }
-      }
+  using f_t = acc_t;
+  const f_t beta = tm.beta, inv_T = tm.inv_T;
+  const f_t lb = std::log(beta), l1b = std::log1p(-beta);
+  const int64_t DK = eg.lam != 0 ? tm.distill : int64_t(kNoDistill);
+  const bool t1 = inv_T == f_t(1);
+  const f_t lse = rg.lse, coef_p = rg.coef_p, coef_e = static_cast<f_t>(eg.coef_e),
+            lam = static_cast<f_t>(eg.lam), lse_u = static_cast<f_t>(eg.lse_u),
+            lse_y = static_cast<f_t>(eg.lse_y), rkl = static_cast<f_t>(eg.rkl),
+            jsd_s = static_cast<f_t>(eg.jsd_s);
+  f_t zb[kBlock], dz[kBlock];
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - j0);
+    load_final_logits(ep, a + j0, nb, zb);
+    const f_t* bb = b ? b + j0 : nullptr;
+#define FUSEDCE_GRAD_BLOCK(K, T1)                                                                 \
+  grad_block<K, T1>(zb, bb, nb, lse, coef_p, coef_e, lam, inv_T, lse_u, lse_y, rkl, jsd_s, beta, \
+                    lb, l1b, dz)
+    switch (DK) {
+      case kForwardKL:
+        if (t1) FUSEDCE_GRAD_BLOCK(kForwardKL, true); else FUSEDCE_GRAD_BLOCK(kForwardKL, false);
+        break;
+      case kReverseKL:
+        if (t1) FUSEDCE_GRAD_BLOCK(kReverseKL, true); else FUSEDCE_GRAD_BLOCK(kReverseKL, false);
+        break;
+      case kJSD:
+        if (t1) FUSEDCE_GRAD_BLOCK(kJSD, true); else FUSEDCE_GRAD_BLOCK(kJSD, false);
+        break;
+      default:
+        FUSEDCE_GRAD_BLOCK(kNoDistill, false);
     }
-    out[j] = static_cast<out_t>(dz * ep.dz_da(z));
+#undef FUSEDCE_GRAD_BLOCK
+    if (rg.coef_w != 0) {
+      for (int64_t k = 0; k < nb; ++k) dz[k] -= rg.coef_w * ep.weight_of(v0 + j0 + k);
+    }
+    const int64_t tk = rg.target - v0 - j0;
+    if (tk >= 0 && tk < nb) dz[tk] -= rg.coef_t;
+    if (ep.softcap > 0) {
+      for (int64_t k = 0; k < nb; ++k) out[j0 + k] = static_cast<out_t>(dz[k] * ep.dz_da(zb[k]));
+    } else {
+      const f_t s = ep.logit_scale;
+#pragma omp simd
+      for (int64_t k = 0; k < nb; ++k) out[j0 + k] = static_cast<out_t>(dz[k] * s);
+    }
   }
 }
 
