@@ -14,6 +14,8 @@ from typing import Any
 
 import torch  # first: loads libtorch (and its OpenMP runtime) that fusedce._C links against
 
+from . import _torch_fixes
+
 _REBUILD_HINT = (
     "rebuild fusedce against the installed torch: from a clone, "
     "`pip install --no-build-isolation -e .` (or `pip install --no-build-isolation --no-deps "
@@ -107,4 +109,7 @@ def build_info() -> dict[str, Any]:
     else:
         info["device"] = _cpu_name()
     info["num_threads"] = torch.get_num_threads()
+    # Whether import fusedce replaced torch's quadratic custom-op fill_defaults (the host cost of
+    # every call depends on it; fusedce/_torch_fixes.py).
+    info["torch_fill_defaults_fix"] = _torch_fixes.installed
     return info

@@ -94,3 +94,7 @@ def test_opt_out_leaves_torch_untouched():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_build_info_says_whether_it_is_in_place():
+    assert fusedce.build_info()["torch_fill_defaults_fix"] is _torch_fixes.installed
