@@ -10,7 +10,7 @@ the op itself at small sizes (benchmarks/NOTES.md, "host cost"). The upstream fi
 once) is pytorch/pytorch#195110, open at the time of writing.
 
 We install the linear version only when torch's own function is, character for character, a source
-we checked (its SHA-256 below: the same in torch 2.11 and 2.13). Any other torch, one that fixed
+we checked (its SHA-256 below: the same in every release from torch 2.9 to 2.13). Any other torch, one that fixed
 it or changed what it does, keeps its own. The replacement returns what the original returns for
 every input (tests/test_torch_fixes.py compares both on every fusedce schema). It changes nothing
 but speed, for every custom op in the process; FUSEDCE_TORCH_FIXES=0 leaves torch untouched.
@@ -25,7 +25,7 @@ import os
 import torch._library.utils as _library_utils
 
 # sha256 of inspect.getsource(torch._library.utils.fill_defaults) in the torch releases whose
-# function was read and found quadratic (2.11.0, 2.13.0).
+# function was read and found quadratic (2.9.0, 2.10.0, 2.11.0, 2.12.0, 2.13.0: one source).
 _KNOWN_QUADRATIC = frozenset({
     "d95c8d479a68be8a958994e7a61e5322543f1428187f4487bc5837b57babde35",
 })
