@@ -9,11 +9,12 @@ so one call builds n * (n + 1) Argument objects. For fusedce::loss (26 arguments
 the op itself at small sizes (benchmarks/NOTES.md, "host cost"). The upstream fix (read the list
 once) is pytorch/pytorch#195110, open at the time of writing.
 
-We install the linear version only when torch's own function is, character for character, a source
-we checked (its SHA-256 below: the same in every release from torch 2.9 to 2.13). Any other torch, one that fixed
-it or changed what it does, keeps its own. The replacement returns what the original returns for
-every input (tests/test_torch_fixes.py compares both on every fusedce schema). It changes nothing
-but speed, for every custom op in the process; FUSEDCE_TORCH_FIXES=0 leaves torch untouched.
+We install the linear version only when torch's own function is, character for character, a
+source we checked (its SHA-256 below: the same in every release from torch 2.9 to 2.13). Any other
+torch, one that fixed it or changed what it does, keeps its own. The replacement returns what the
+original returns for every input (tests/test_torch_fixes.py compares both on every fusedce
+schema). It changes nothing but speed, for every custom op in the process; FUSEDCE_TORCH_FIXES=0
+leaves torch untouched.
 """
 
 from __future__ import annotations
