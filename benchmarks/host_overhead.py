@@ -94,8 +94,9 @@ def main(argv=None):
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d != "cuda" or torch.cuda.is_available()]
     torch.set_num_threads(1)
+    fix = "on" if fusedce.build_info()["torch_fill_defaults_fix"] else "off"
     print(f"host time per fwd+bwd call, us (N={N}, H={H}, V={V}; fusedce {fusedce.__version__}, "
-          f"torch {torch.__version__})")
+          f"torch {torch.__version__}, linear fill_defaults {fix})")
     for name in devices:
         device = torch.device(name)
         results = {step.__name__: host_us(step, device, args.calls, args.repeats)

@@ -141,6 +141,7 @@ def main():
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "fusedce": fusedce.__version__, "date": datetime.date.today().isoformat(), "shapes": [],
+        "torch_fill_defaults_fix": fusedce.build_info()["torch_fill_defaults_fix"],
     }
     for spec in args.shapes.split(","):
         N, H, V = (int(v) for v in spec.split("x"))
