@@ -119,14 +119,19 @@ struct RowStats {
   inline acc_t lse() const { return static_cast<acc_t>(static_cast<double>(max) + std::log(sumexp)); }
 };
 
-// The argmax and the weighted sum of accumulate_row, block by block: the first index of a
-// block's maximum where it beats the maximum so far (strictly, so the first index among equal
-// maxima wins, as in torch.argmax; a NaN first logit keeps index 0, as the scalar rule does).
-template <typename scalar_t, typename acc_t>
-FUSEDCE_BLOCK_FN void accumulate_argmax_wz(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0,
-                                 int64_t n, RowStats<acc_t>& st) {
+// accumulate_row's statistics, block by block: per block, its maximum (one vector pass; a NaN is
+// passed over there and reaches the sum instead), with kSoftmax the running sum rescaled when the
+// maximum grows (one scalar exp per block, not per element) and the block's exps added, the
+// argmax (the first index of a block's maximum where it beats the maximum so far: strictly, so the
+// first index among equal maxima wins, as in torch.argmax; a NaN first logit keeps index 0, as an
+// element-by-element scan does) and the weighted sum. One final-logit transform per element.
+template <bool kSoftmax, typename scalar_t, typename acc_t>
+FUSEDCE_BLOCK_FN void accumulate_blocks(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0,
+                                        int64_t n, RowStats<acc_t>& st) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   acc_t zb[kBlock];
-  double wz = st.weighted_sum;
+  acc_t m = st.max;
+  double s = st.sumexp, wz = st.weighted_sum;
   for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
     const int64_t nb = std::min(kBlock, n - j0);
     load_final_logits(ep, a + j0, nb, zb);
@@ -134,7 +139,24 @@ FUSEDCE_BLOCK_FN void accumulate_argmax_wz(const Epilogue<acc_t>& ep, const scal
       st.argmax_value = zb[0];
       st.argmax = v0 + j0;
     }
-    const acc_t bm = max_of(zb, nb, -std::numeric_limits<acc_t>::infinity());
+    const acc_t bm = max_of(zb, nb, ninf);
+    if (kSoftmax) {
+      // exp(-inf) = 0 drops the empty sum of a row that has seen only masked classes so far
+      // (s = 0, or NaN: a NaN stays).
+      if (bm > m) {
+        s *= static_cast<double>(std::exp(m - bm));
+        m = bm;
+      }
+      // A -inf logit (a masked class) adds 0; skipping it also avoids exp(-inf - (-inf)) = nan
+      // while the row has seen nothing finite yet. The maximum itself adds exactly 1, also when
+      // it is +inf (lse = +inf, as an element-by-element online softmax gives, not inf - inf).
+      acc_t sb = 0;
+#pragma omp simd reduction(+ : sb)
+      for (int64_t k = 0; k < nb; ++k) {
+        sb += sel(zb[k] == ninf, acc_t(0), sel(zb[k] == m, acc_t(1), vexp(zb[k] - m)));
+      }
+      s += static_cast<double>(sb);
+    }
     if (bm > st.argmax_value) {
       int64_t k = 0;
       while (!(zb[k] == bm)) ++k;  // bm is one of zb (max_of passes over NaNs)
@@ -152,46 +174,24 @@ FUSEDCE_BLOCK_FN void accumulate_argmax_wz(const Epilogue<acc_t>& ep, const scal
     }
     wz += w;
   }
+  if (kSoftmax) {
+    st.max = m;
+    st.sumexp = s;
+  }
   st.weighted_sum = wz;
 }
 
 // Folds raw logits a[0, n) (global columns v0 + j) of one row into its statistics.
 // kSoftmax = false leaves max / sumexp alone (the shard ops and the terms take the softmax sums
 // from terms.h's accumulate_ext and need only the target logit, the weighted sum and the argmax
-// from here); that variant runs in vectorizable blocks.
+// from here).
 template <typename scalar_t, typename acc_t, bool kSoftmax = true>
 inline void accumulate_row(const Epilogue<acc_t>& ep, const scalar_t* a, int64_t v0, int64_t n,
                            int64_t target, RowStats<acc_t>& st) {
   if (target >= v0 && target < v0 + n) {
     st.target_logit = ep.final_logit(static_cast<acc_t>(a[target - v0]));
   }
-  if (!kSoftmax) {
-    accumulate_argmax_wz(ep, a, v0, n, st);
-    return;
-  }
-  acc_t m = st.max;
-  double s = st.sumexp, wz = st.weighted_sum;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
-    if (z > m) {
-      // A new maximum rescales what was summed so far; exp(-inf) = 0 covers the first element.
-      s = s * static_cast<double>(std::exp(m - z)) + 1.0;
-      m = z;
-    } else if (z != -std::numeric_limits<acc_t>::infinity()) {
-      // A -inf logit (a masked class) adds exp(-inf) = 0; skipping it also avoids
-      // exp(-inf - (-inf)) = nan while the row has seen nothing finite yet.
-      s += static_cast<double>(std::exp(z - m));
-    }
-    // Strictly greater: the first index among equal maxima wins, as in torch.argmax.
-    if (z > st.argmax_value || st.argmax < 0) {
-      st.argmax_value = z;
-      st.argmax = v0 + j;
-    }
-    wz += static_cast<double>(ep.weight_of(v0 + j) * z);
-  }
-  st.max = m;
-  st.sumexp = s;
-  st.weighted_sum = wz;
+  accumulate_blocks<kSoftmax>(ep, a, v0, n, st);
 }
 
 // The loss of a row from its statistics (0 for an ignored row); wt: the class weight of the
@@ -244,17 +244,41 @@ struct RowGrad {
   }
 };
 
-// Reads raw logits a[0, n) (columns v0 + j) and writes d/da into out[0, n); out may alias a.
+// One block of row_backward: db[k] = d/da at final logits z[k] (class weights cw or nullptr;
+// tk: the target's index in the block, or -1).
+template <typename acc_t>
+FUSEDCE_BLOCK_FN void grad_ce_block(const acc_t* z, const acc_t* cw, int64_t n, int64_t tk,
+                                    acc_t lse, acc_t coef_p, acc_t coef_w, acc_t coef_t,
+                                    acc_t logit_scale, acc_t inv_softcap, bool softcap, acc_t* db) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    acc_t d = coef_p * vexp(z[k] - lse);
+    d -= coef_w * (cw ? cw[k] : acc_t(1));
+    d -= sel(k == tk, coef_t, acc_t(0));
+    // Epilogue::dz_da from z: the softcap's derivative without the raw logit.
+    const acc_t r = z[k] * inv_softcap;
+    db[k] = d * (softcap ? logit_scale * (acc_t(1) - r * r) : logit_scale);
+  }
+}
+
+// Reads raw logits a[0, n) (columns v0 + j) and writes d/da into out[0, n); out may alias a
+// (each block is read into a buffer before it is written).
 template <typename scalar_t, typename acc_t, typename out_t>
 inline void row_backward(const Epilogue<acc_t>& ep, const RowGrad<acc_t>& rg, const scalar_t* a,
                          int64_t v0, int64_t n, out_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t c = v0 + j;
-    const acc_t z = ep.final_logit(static_cast<acc_t>(a[j]));
-    acc_t dz = rg.coef_p * std::exp(z - rg.lse);
-    if (rg.coef_w != 0) dz -= rg.coef_w * ep.weight_of(c);
-    if (c == rg.target) dz -= rg.coef_t;
-    out[j] = static_cast<out_t>(dz * ep.dz_da(z));
+  acc_t zb[kBlock], db[kBlock];
+  const bool softcap = ep.softcap > 0;
+  // coef_w = 0 multiplies no class weight (a 0 * w term would be 0 anyway, but w may be absent).
+  const bool weighted = rg.coef_w != 0 && ep.class_weight != nullptr;
+  const acc_t coef_w = rg.coef_w;
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - j0);
+    load_final_logits(ep, a + j0, nb, zb);
+    const int64_t tk = rg.target >= v0 + j0 && rg.target < v0 + j0 + nb ? rg.target - v0 - j0 : -1;
+    grad_ce_block(zb, weighted ? ep.class_weight + v0 + j0 : nullptr, nb, tk, rg.lse, rg.coef_p,
+                  coef_w, rg.coef_t, ep.logit_scale, softcap ? ep.inv_softcap : acc_t(0), softcap,
+                  db);
+    for (int64_t k = 0; k < nb; ++k) out[j0 + k] = static_cast<out_t>(db[k]);
   }
 }
 
