@@ -35,6 +35,13 @@ inline void check_scalars(double label_smoothing, double z_loss, double softcap,
               logit_scale);
 }
 
+// `loss`'s mean=True computes its own gradient scale: a grad_scale beside it would be ambiguous.
+inline void check_mean_args(bool mean, const std::optional<at::Tensor>& grad_scale) {
+  TORCH_CHECK(!mean || !grad_scale.has_value(),
+              "fusedce: loss takes either mean=True or a grad_scale, not both (mean=True computes "
+              "the mean's scale 1/sum(weights of the non-ignored tokens) itself)");
+}
+
 inline void check_target(const at::Tensor& target, int64_t rows, const at::Tensor& ref) {
   TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
               "fusedce: target must be int64 or int32 class indices, got ", target.scalar_type());

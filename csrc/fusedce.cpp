@@ -74,10 +74,13 @@ TORCH_LIBRARY(fusedce, m) {
   // every default). Python builds them with fusedce._op_args.TermOptions(...).pack().
 
   // Fused linear head loss. `loss` is sum_i grad_scale[i] * token_loss[i] (grad_scale: one value
-  // or one per token, default 1): the caller passes 1/denominator for a mean (or per-token
-  // weights), so that gradients computed in this same pass (grad_mask = which of hidden, weight,
-  // bias) are already those of the final scalar and the backward only multiplies them by the
-  // upstream gradient. Gradients not requested come back as empty tensors. chunk_size /
+  // or one per token, default 1): the caller passes per-token weights or 1/num_items, so that
+  // gradients computed in this same pass (grad_mask = which of hidden, weight, bias) are already
+  // those of the final scalar and the backward only multiplies them by the upstream gradient.
+  // mean=True (grad_scale must be None) is F.cross_entropy's mean, computed on the device in the
+  // op itself: d = sum of class_weight[target] over the tokens whose target != ignore_index (1 per
+  // token without class weights, 0 for a target outside [0, V)), loss = sum_i token_loss[i] / d
+  // (nan or +-inf when d == 0, as F.cross_entropy), gradients scaled by 1/d (0 when d == 0). Gradients not requested come back as empty tensors. chunk_size /
   // vocab_chunk_size = 0 picks them from the memory budget; vocab_chunk_size > 0 tiles the
   // vocabulary (low-memory mode, logits recomputed per tile).
   // Per-token statistics of softmax(z) from the same pass, defined at every row, not
@@ -89,7 +92,7 @@ TORCH_LIBRARY(fusedce, m) {
       "Tensor? class_weight=None, Tensor? grad_scale=None, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, float logit_scale=1.0, "
       "bool[3] grad_mask=[False, False, False], int chunk_size=0, int vocab_chunk_size=0, "
-      "bool fp32_grad_accum=False, " FUSEDCE_TERM_ARGS ") "
+      "bool fp32_grad_accum=False, bool mean=False, " FUSEDCE_TERM_ARGS ") "
       "-> (Tensor loss, Tensor token_loss, Tensor lse, Tensor predicted, Tensor entropy, "
       "Tensor logprob, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias, "
       "Tensor mean_logit, Tensor log_sum_sq_prob)");

@@ -224,19 +224,15 @@ def linear_cross_entropy(
 
     # The gradient scale of the final scalar is known before the pass: the forward computes the
     # gradients themselves and the backward only multiplies them by the upstream gradient.
-    denom = None
+    # A mean (without num_items_in_batch) is the op's own (mean=True): it computes the
+    # denominator on the device and divides, F.cross_entropy's sum / 0 included (nan or +-inf,
+    # with zero gradients), in two launches instead of ~10 small ops here.
     grad_scale = None
-    if reduction != "none":
-        if num_items_in_batch is not None:
-            d = _divisor(num_items_in_batch, input.device, acc)
-            # a fill, not torch.as_tensor(number, device=...): that is a synchronizing copy
-            grad_scale = 1.0 / d if isinstance(d, torch.Tensor) else torch.full((), 1.0 / d, dtype=acc, device=input.device)
-        elif reduction == "mean":
-            denom = _denominator(flat_target, ignore_index, weight, acc)
-            # denom != 0, not > 0: negative class weights may sum to a negative denominator,
-            # which F.cross_entropy divides by like any other.
-            nonzero = denom != 0
-            grad_scale = torch.where(nonzero, denom.reciprocal(), 0.0)
+    mean = reduction == "mean" and num_items_in_batch is None
+    if reduction != "none" and num_items_in_batch is not None:
+        d = _divisor(num_items_in_batch, input.device, acc)
+        # a fill, not torch.as_tensor(number, device=...): that is a synchronizing copy
+        grad_scale = 1.0 / d if isinstance(d, torch.Tensor) else torch.full((), 1.0 / d, dtype=acc, device=input.device)
     track = torch.is_grad_enabled() and reduction != "none"
     grad_mask = [
         track and input.requires_grad,
@@ -248,20 +244,16 @@ def linear_cross_entropy(
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, vocab_chunk_size=vocab_chunk_size or 0,
-        fp32_grad_accum=bool(fp32_grad_accum),
+        fp32_grad_accum=bool(fp32_grad_accum), mean=mean,
         **TermOptions(entropy_coef=float(entropy_coef),
                       want_entropy=bool(return_stats and return_entropy)).pack(),
     )
     loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
         loss = token_loss.reshape(shape)
-    elif denom is not None:
-        # A zero denominator (an all-ignored or empty batch, or class weights summing to 0):
-        # F.cross_entropy's sum / 0 (nan, or +-inf), with zero gradients. The op's loss is 0
-        # there; the detached sum adds the value without a gradient into the token losses.
-        loss = loss + torch.where(nonzero, 0.0, token_loss.detach().sum() / denom)
     if not return_stats:
         return loss
+    denom = _denominator(flat_target, ignore_index, weight, acc) if mean else None
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
                   num_items_in_batch, denom, shape, entropy if return_entropy else None)
 

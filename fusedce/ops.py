@@ -54,7 +54,7 @@ _CE_KNOBS = ("ignore_index", "label_smoothing", "z_loss", "softcap", "logit_scal
 _CHUNK_KNOBS = ("chunk_size", "vocab_chunk_size", "fp32_grad_accum")
 _TERM_ARGS = (*_op_args.TENSOR_NAMES, "term_floats", "term_ints")
 _LOSS_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "grad_scale", *_CE_KNOBS,
-              "grad_mask", *_CHUNK_KNOBS, *_TERM_ARGS)
+              "grad_mask", *_CHUNK_KNOBS, "mean", *_TERM_ARGS)
 _LOSS_BACKWARD_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "lse",
                        "grad_token_loss", "grad_lse", "grad_entropy", "grad_logprob", *_CE_KNOBS,
                        "grad_mask", *_CHUNK_KNOBS, *_TERM_ARGS)
@@ -87,10 +87,12 @@ def _flag(term_ints, index: int) -> bool:
 def _loss_fake(hidden, weight, target, bias=None, class_weight=None, grad_scale=None,
                ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, logit_scale=1.0,
                grad_mask=(False, False, False), chunk_size=0, vocab_chunk_size=0,
-               fp32_grad_accum=False, teacher_logits=None, teacher_hidden=None,
+               fp32_grad_accum=False, mean=False, teacher_logits=None, teacher_hidden=None,
                teacher_weight=None, teacher_bias=None, old_logprobs=None, advantages=None,
                ref_logprobs=None, policy_weights=None, entropy_weights=None, term_floats=(),
                term_ints=()):
+    if mean and grad_scale is not None:  # as the op (csrc/checks.h), also under tracing
+        raise RuntimeError("fusedce: loss takes either mean=True or a grad_scale, not both")
     opts = _op_args.TermOptions.unpack(term_floats, term_ints)  # checks the lengths, as the op
     n = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -124,7 +126,8 @@ def _loss_setup_context(ctx, inputs, output):
     # inputs: every argument of `loss`, in _LOSS_ARGS order (defaults filled in).
     hidden, weight, target, bias, class_weight, grad_scale = inputs[:6]
     grad_mask = inputs[11]
-    term_tensors = inputs[15:15 + len(_op_args.TENSOR_NAMES)]
+    ctx.mean = inputs[15]
+    term_tensors = inputs[16:16 + len(_op_args.TENSOR_NAMES)]
     term_ints = inputs[-1]
     (loss, token_loss, lse, predicted, entropy, logprob,
      grad_hidden, grad_weight, grad_bias, mean_logit, log_sum_sq_prob) = output
@@ -276,6 +279,22 @@ def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype
     return grad * g
 
 
+def _mean_grad_scale(target, class_weight, ignore_index: int, V: int, dtype):
+    """The gradient scale of `loss` with mean=True (csrc/cuda/kernels/mean.cu): 1 / d, 0 when
+    d == 0, d = the sum of class_weight[t] over the non-ignored targets t (1 each without class
+    weights, 0 for t outside [0, V)). Only the recomputing backward needs it (the forward's
+    gradients already carry it), so a few PyTorch ops here cost nothing on the common path."""
+    valid = target != ignore_index
+    if class_weight is None:
+        d = valid.sum(dtype=torch.float64)
+    else:
+        usable = valid & (target >= 0) & (target < V)
+        w = class_weight.to(torch.float64)[torch.where(usable, target, torch.zeros_like(target))]
+        d = (w * usable).sum()
+    d = d.to(dtype)
+    return torch.where(d != 0, d.reciprocal(), torch.zeros_like(d))
+
+
 def _add(a, b):
     return b if a is None else a if b is None else a + b
 
@@ -316,6 +335,9 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
         # (sum_i grad_scale_i * token_loss_i) plus any gradient flowing into token_loss itself.
         g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
         if grad_loss is not None:
+            if ctx.mean:
+                grad_scale = _mean_grad_scale(target, class_weight, ctx.ce_knobs[0], weight.shape[0],
+                                              lse.dtype)
             scale = grad_loss if grad_scale is None else grad_loss * grad_scale
             g = g + scale.to(lse.dtype)
 

@@ -22,7 +22,6 @@ from ._checks import (
     _check_head,
     _check_ignore_index,
     _check_label_smoothing,
-    _not_ignored,
     _check_nonnegative,
     _check_positive,
     _check_reduction,
@@ -280,16 +279,13 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
 
     shape = target.shape
     flat_target = target.reshape(-1)
-    acc = _acc(input)
-    grad_scale = denom = None
-    if reduction == "mean":
-        denom = _not_ignored(flat_target, ignore_index).sum().to(acc)
-        grad_scale = torch.where(denom > 0, 1.0 / denom, torch.zeros_like(denom))
     grad_mask = _grad_mask(input, linear_weight, linear_bias) if reduction != "none" else [False] * 3
+    # mean: the op divides by the number of non-ignored tokens itself (nan when there is none:
+    # every ignored token's loss is 0, and 0 / 0), with zero gradients then.
     out = _ops.loss(
-        input.reshape(-1, H), linear_weight, flat_target, linear_bias, None, grad_scale,
+        input.reshape(-1, H), linear_weight, flat_target, linear_bias, None, None,
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-        grad_mask=grad_mask, chunk_size=chunk_size or 0, **knobs,
+        grad_mask=grad_mask, chunk_size=chunk_size or 0, mean=reduction == "mean", **knobs,
         **TermOptions(ce_weight=float(ce_weight), entropy_coef=float(entropy_coef),
                       distill=_DISTILL_KINDS[kind], distill_weight=float(distill_weight),
                       distill_beta=float(beta), distill_temperature=temperature,
@@ -297,10 +293,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     )
     if reduction == "none":
         return out[1].reshape(shape)
-    loss = out[0]
-    if denom is not None:
-        loss = loss + torch.where(denom > 0, torch.zeros_like(denom), torch.full_like(denom, math.nan))
-    return loss
+    return out[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,3 +135,41 @@ def check_stats(out, ref, dtype, what=""):
     assert out.accuracy.dim() == 0
     assert_close(out.accuracy, ref.accuracy, tol_dtype, what=f"{what} accuracy")
     assert_close(out.z_loss, ref.z_loss, tol_dtype, what=f"{what} z_loss")
+
+
+def opcheck(op, args, kwargs):
+    """torch.library.opcheck, with its AOTAutograd comparison NaN-aware.
+
+    opcheck compares eager and AOT-traced outputs with torch.testing.assert_close, whose default
+    counts NaN != NaN; the mean over no token (`loss` with mean=True and nothing to average) is NaN
+    by contract, as in F.cross_entropy. For such a sample the same AOT check (the function opcheck
+    runs, with its gradients) compares with equal_nan=True, and every other opcheck test runs
+    as usual; a sample without a NaN output takes plain opcheck.
+    """
+    import functools
+
+    from torch.testing._internal.optests import aot_autograd_check
+
+    out = op(*pytree_clone(args), **pytree_clone(kwargs))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    has_nan = any(isinstance(o, torch.Tensor) and o.is_floating_point() and bool(torch.isnan(o).any())
+                  for o in outs)
+    if not has_nan:
+        torch.library.opcheck(op, args, kwargs)
+        return
+    torch.library.opcheck(op, args, kwargs,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def func(*a, **k):
+        a, k = pytree_clone((a, k))
+        return op(*a, **k)
+
+    aot_autograd_check(func, args, kwargs, dynamic=True, check_gradients="auto",
+                       assert_equals_fn=functools.partial(torch.testing.assert_close, equal_nan=True))
+
+
+def pytree_clone(tree):
+    """Every tensor of `tree` cloned (an op may write into its inputs)."""
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map_only(torch.Tensor, torch.clone, tree)

@@ -198,23 +198,25 @@ def _flat(args, kwargs):
 
 
 def _grad_scale(args, kwargs):
-    """What functional.py passes as grad_scale: 1/denominator for a mean, None for a sum."""
+    """What functional.py passes as (grad_scale, mean): 1/num_items_in_batch when given, the op's
+    own mean (mean=True) for a plain mean, nothing for a sum."""
     x = args[0]
     num_items = kwargs.get("num_items_in_batch")
     reduction = kwargs.get("reduction", "mean")
-    if reduction == "none" or (reduction == "sum" and num_items is None):
-        return None
-    if num_items is not None:
-        denom = float(num_items)
-    else:
-        t = _flat(args, kwargs)[2].long().cpu()
-        valid = t != kwargs.get("ignore_index", -100)
-        cw = kwargs.get("weight")
-        denom = float(valid.sum() if cw is None else cw.double().cpu()[t[valid]].sum())
-    if denom == 0:
-        return None  # nothing to scale: every gradient is zero
+    if reduction == "none" or num_items is None:
+        return None, reduction == "mean"
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.tensor(1.0 / denom, dtype=acc, device=x.device)
+    return torch.tensor(1.0 / float(num_items), dtype=acc, device=x.device), False
+
+
+def mean_denominator(target, class_weight, ignore_index, V):
+    """The denominator of `loss`'s mean=True, in float64 on the CPU: the sum of the class weights of
+    the non-ignored targets (1 each without class weights)."""
+    t = target.long().cpu()
+    valid = t != ignore_index
+    if class_weight is None:
+        return float(valid.sum())
+    return float(class_weight.double().cpu()[t[valid]].sum())
 
 
 def _raw_lse(args, kwargs):
@@ -239,7 +241,8 @@ def _as_raw(op, args, kwargs, requires_grad, g):
     N = t.shape[0]
     if op == "fusedce::loss":
         mask = [requires_grad, requires_grad, requires_grad and b is not None]
-        return (x, w, t), dict(bias=b, class_weight=cw, grad_scale=_grad_scale(args, kwargs),
+        grad_scale, mean = _grad_scale(args, kwargs)
+        return (x, w, t), dict(bias=b, class_weight=cw, grad_scale=grad_scale, mean=mean,
                                grad_mask=mask, **scalars, **tiles)
     if op == "fusedce::loss_backward":
         lse = _raw_lse(args, kwargs).to(acc)

@@ -373,6 +373,19 @@ def test_raw_loss_op_short_vectors(device, kwargs):
         torch.ops.fusedce.loss(x, w, t, **kwargs)
 
 
+def test_raw_loss_op_mean_with_grad_scale(device):
+    """mean=True computes its own scale: a grad_scale beside it is refused by name, by the op and
+    by its fake kernel (so a traced call fails the same way)."""
+    x, w, t = lce_args(device)[0]
+    gs = torch.ones((), device=device)
+    with pytest.raises(RuntimeError, match="mean=True or a grad_scale"):
+        torch.ops.fusedce.loss(x, w, t, grad_scale=gs, mean=True)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, fw, ft, fgs = (mode.from_tensor(a) for a in (x, w, t, gs))
+        with pytest.raises(RuntimeError, match="mean=True or a grad_scale"):
+            torch.ops.fusedce.loss(fx, fw, ft, grad_scale=fgs, mean=True)
+
+
 def test_raw_cross_entropy_backward_lse_too_short(device):
     """The backward op indexes lse and grad_token_loss per row: short ones must be refused."""
     logits, t = ce_args(device)[0]

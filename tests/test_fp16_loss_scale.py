@@ -281,6 +281,7 @@ def test_distillation_loss_fp16_loss_scale(device, S):
 def test_opcheck_loss_fp16(device):
     """The fake kernel's dtypes of the forward-computed gradients (float32 for float16 inputs) match
     the real op's, with and without gradients requested."""
+    from checks import opcheck
     from samples import CASE_NAMES, sample_inputs
 
     n = 0
@@ -292,7 +293,7 @@ def test_opcheck_loss_fp16(device):
                 if want and x is not None:
                     assert grad.dtype == torch.float32 and grad.shape == x.shape
             try:
-                torch.library.opcheck(torch.ops.fusedce.loss.default, args, kwargs)
+                opcheck(torch.ops.fusedce.loss.default, args, kwargs)
             except Exception as e:
                 raise AssertionError(f"opcheck fusedce::loss (fp16) failed on {CASE_NAMES[n % len(CASE_NAMES)]}: {e}") from e
             n += 1

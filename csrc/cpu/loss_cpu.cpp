@@ -370,20 +370,59 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, a
                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor>;
 
+// mean=True: the same sums, in the same order and precision, as csrc/cuda/kernels/mean.cu:
+// d = sum of class_weight[target] over the tokens whose target != ignore_index (1 each without
+// class weights, 0 for a target outside [0, V)), summed in double and rounded to acc_t.
+template <typename acc_t>
+acc_t mean_denominator(const LinearProblem& P, int64_t ignore_index) {
+  const int64_t* t = P.target.data_ptr<int64_t>();
+  const acc_t* cw = P.class_weight.defined() ? P.class_weight.data_ptr<acc_t>() : nullptr;
+  double s = 0.0;
+  for (int64_t i = 0; i < P.n; ++i) {
+    if (t[i] == ignore_index) continue;
+    if (cw == nullptr) {
+      s += 1.0;
+    } else if (t[i] >= 0 && t[i] < P.v) {
+      s += static_cast<double>(cw[t[i]]);
+    }
+  }
+  return static_cast<acc_t>(s);
+}
+
+// loss = sum(token_loss) / d (nan or +-inf when d == 0, as F.cross_entropy's mean).
+template <typename acc_t>
+acc_t mean_loss(const at::Tensor& token_loss, acc_t d) {
+  const acc_t* l = token_loss.data_ptr<acc_t>();
+  double s = 0.0;
+  for (int64_t i = 0; i < token_loss.numel(); ++i) s += static_cast<double>(l[i]);
+  return static_cast<acc_t>(s / static_cast<double>(d));
+}
+
 LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                      const std::optional<at::Tensor>& bias,
                      const std::optional<at::Tensor>& class_weight,
                      const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
                      double label_smoothing, double z_loss, double softcap, double logit_scale,
                      std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-                     bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
+                     bool fp32_grad_accum, bool mean, FUSEDCE_TERM_PARAMS) {
   (void)fp32_grad_accum;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
+  check_mean_args(mean, grad_scale);
   const TermArgs ta = FUSEDCE_TERM_ARGS_STRUCT;
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
   ta.check(P.n, P.v, hidden);
-  const at::Tensor scale = per_token_scale(grad_scale, P, hidden);
+  at::Tensor scale, denom;
+  if (mean) {
+    AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_loss_cpu_mean", [&] {
+      const scalar_t d = mean_denominator<scalar_t>(P, ignore_index);
+      denom = at::full({}, d, hidden.options().dtype(P.acc));
+      scale = at::full({}, d != scalar_t(0) ? scalar_t(1) / d : scalar_t(0),
+                       hidden.options().dtype(P.acc));
+    });
+  } else {
+    scale = per_token_scale(grad_scale, P, hidden);
+  }
   const auto accopts = hidden.options().dtype(P.acc);
   at::Tensor token_loss = at::empty({P.n}, accopts);
   at::Tensor lse = at::empty({P.n}, accopts);
@@ -422,7 +461,15 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
                       io, acc, grads.hidden);
   });
   finish_grads(acc, weight, bias, grads, f32_out);
-  at::Tensor loss = (token_loss * scale).sum().to(P.acc);
+  at::Tensor loss;
+  if (mean) {
+    AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_loss_cpu_mean_loss", [&] {
+      loss = at::full({}, mean_loss<scalar_t>(token_loss, denom.item<scalar_t>()),
+                      hidden.options().dtype(P.acc));
+    });
+  } else {
+    loss = (token_loss * scale).sum().to(P.acc);
+  }
   return {loss,         token_loss,   lse,        predicted,  entropy,   logprob,
           grads.hidden, grads.weight, grads.bias, mean_logit, log_sum_sq};
 }

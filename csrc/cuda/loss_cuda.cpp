@@ -398,21 +398,53 @@ void fp16_grad_scale(const Linear& P, const Tensor& gs, double prescale, Tensor&
   scalars = at::cat({alpha, at::zeros({1}, f32), at::ones({1}, f32)});
 }
 
+// mean=True: the denominator d and the gradient scale (0-d tensors in acc dtype) from one kernel,
+// before the pass, so that the gradients the pass computes are already the mean's.
+struct Mean {
+  Tensor d, gs;
+};
+
+Mean mean_denominator(const Linear& P) {
+  Mean m;
+  m.d = at::empty({}, P.h.options().dtype(P.acc));
+  m.gs = at::empty({}, P.h.options().dtype(P.acc));
+  check_launch(gpu::launch_mean_denominator(kdtype(P.acc), P.tgt.data_ptr<int64_t>(), P.N,
+                                            P.cw.defined() ? P.cw.data_ptr() : nullptr, P.V,
+                                            P.ep.ignore_index, m.d.data_ptr(), m.gs.data_ptr(),
+                                            P.stream),
+               "mean_denominator");
+  return m;
+}
+
+// The scalar `loss`: sum / d for a mean, else sum_i grad_scale[i] * token_loss[i].
+Tensor final_loss(const Linear& P, const Tensor& token_loss, const Tensor& gs, const Mean& mean) {
+  if (mean.d.defined()) {
+    Tensor loss = at::empty({}, token_loss.options());
+    check_launch(gpu::launch_mean_finish(kdtype(P.acc), token_loss.data_ptr(), P.N,
+                                         mean.d.data_ptr(), loss.data_ptr(), P.stream),
+                 "mean_finish");
+    return loss;
+  }
+  return gs.defined() ? (token_loss * gs).sum() : token_loss.sum();
+}
+
 // ---- ops ----------------------------------------------------------------------------------------
 Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                 const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
                 const std::optional<Tensor>& grad_scale, int64_t ignore_index,
                 double label_smoothing, double z_loss, double softcap, double logit_scale,
                 std::array<bool, 3> grad_mask, int64_t chunk_size, int64_t vocab_chunk_size,
-                bool fp32_grad_accum, FUSEDCE_TERM_PARAMS) {
+                bool fp32_grad_accum, bool mean, FUSEDCE_TERM_PARAMS) {
   c10::cuda::CUDAGuard guard(hidden.device());
   TermArgs targs = FUSEDCE_TERM_ARGS_STRUCT;
   Linear P;
   setup_linear(P, hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
                z_loss, softcap, logit_scale);
   targs.check(P.N, P.V, P.h);
+  check_mean_args(mean, grad_scale);
   int64_t gs_stride = 0;
-  const Tensor gs = grad_scale_tensor(grad_scale, P, gs_stride);
+  const Mean md = mean ? mean_denominator(P) : Mean{};
+  const Tensor gs = mean ? md.gs : grad_scale_tensor(grad_scale, P, gs_stride);
   check_targets(P.tgt, P.V, ignore_index, P.stream);
   // The per-row gradient coefficient the row kernels apply (gs, or its normalized fp16 form).
   Tensor coef = gs, scalars;
@@ -436,7 +468,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
     Grads G;
     init_grads(P, G, grad_mask, fp32_grad_accum, scalars);
     run_terms(P, T, G, io);
-    Tensor loss = gs.defined() ? (io.token_loss * gs).sum() : io.token_loss.sum();
+    Tensor loss = final_loss(P, io.token_loss, gs, md);
     auto [gh, gw, gb] = finish_grads(P, G);
     return {loss, io.token_loss, io.lse, io.predicted, io.entropy, io.logprob, gh, gw, gb,
             io.mean_logit, io.log_sum_sq};
@@ -500,7 +532,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
       }
     }
   }
-  Tensor loss = gs.defined() ? (token_loss * gs).sum() : token_loss.sum();
+  Tensor loss = final_loss(P, token_loss, gs, md);
   auto [gh, gw, gb] = finish_grads(P, G);
   // Two distinct empty outputs: the schema promises outputs that do not alias one another.
   return {loss,           token_loss, lse, predicted, at::empty({0}, opt.dtype(P.acc)),

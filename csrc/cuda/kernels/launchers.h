@@ -220,6 +220,16 @@ cudaError_t launch_shard_finish(DType dtype, const ShardFinishArgs& args, const 
 cudaError_t launch_scale(DType dtype, void* data, int64_t n, const void* scale, int sm_count,
                          cudaStream_t stream);
 
+// The mean reduction of `loss` (mean=True), in the accumulation dtype `acc` (kFloat32 or
+// kFloat64), one block each. Before the pass: *d = sum over the n tokens with target !=
+// ignore_index of class_weight[target] ([V], nullptr: 1 each; 0 for a target outside [0, V)) and
+// *grad_scale = 1 / *d (0 when *d == 0). After it: *loss = sum(token_loss[0, n)) / *d.
+cudaError_t launch_mean_denominator(DType acc, const int64_t* target, int64_t n,
+                                    const void* class_weight, int64_t V, int64_t ignore_index,
+                                    void* d, void* grad_scale, cudaStream_t stream);
+cudaError_t launch_mean_finish(DType acc, const void* token_loss, int64_t n, const void* d,
+                               void* loss, cudaStream_t stream);
+
 // Threads per row the launchers pick for a row of `cols` elements of `elem_size` bytes (for
 // grid sizing on the host): 32 (a warp per row, 8 rows per block) or 256 (a block per row).
 int row_threads(int64_t cols, int elem_size);
