@@ -34,19 +34,45 @@ _KNOWN_QUADRATIC = frozenset({
 original_fill_defaults = _library_utils.fill_defaults
 
 
+# Per schema, (name, kwarg_only, default) of each argument: reading them through pybind costs a
+# new Argument object and three property conversions per argument on every call (~27 arguments
+# of fusedce::loss). Keyed by id(schema) with the schema held in the entry, so an id is never
+# reused while cached; the callers pass long-lived schemas (an OpOverload's), and the size cap
+# keeps a caller that builds schemas per call from growing it without bound.
+_PLANS: dict = {}
+_MAX_PLANS = 1024
+
+
+def _plan(schema):
+    hit = _PLANS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    plan = tuple((a.name, a.kwarg_only, a.default_value) for a in schema.arguments)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[id(schema)] = (schema, plan)
+    return plan
+
+
+def _fresh(default):
+    # torch converts a default anew on each read: a list default is a new list each call, so a
+    # caller that mutates it cannot change the next call's default. The cached one is copied.
+    return list(default) if type(default) is list else default
+
+
 def fill_defaults(schema, args, kwargs):
     """(args, kwargs) with every schema argument present: the positional ones from `args` or
     their defaults, the keyword-only ones from `kwargs` or their defaults."""
-    arguments = schema.arguments  # one conversion of the list, not one per argument
     new_args = []
     new_kwargs = {}
-    for i, info in enumerate(arguments):
-        if info.kwarg_only:
-            new_kwargs[info.name] = kwargs[info.name] if info.name in kwargs else info.default_value
-        elif i < len(args):
+    n = len(args)
+    for i, (name, kwarg_only, default) in enumerate(_plan(schema)):
+        if kwarg_only:
+            new_kwargs[name] = kwargs[name] if name in kwargs else _fresh(default)
+        elif i < n:
             new_args.append(args[i])
         else:
-            new_args.append(info.default_value)
+            new_args.append(_fresh(default))
     return tuple(new_args), new_kwargs
 
 

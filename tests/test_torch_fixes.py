@@ -63,6 +63,20 @@ def test_equals_torch_on_every_schema(schema):
             assert all(got[1][k] is want[1][k] or got[1][k] == want[1][k] for k in want[1])
 
 
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.name)
+def test_cached_defaults_are_not_shared(schema):
+    # The replacement caches each schema's defaults: a list default it returns must be a new list
+    # on every call (as torch's, which converts it anew), so mutating one result cannot change
+    # the defaults of the next call; and a second call returns the same values as the first.
+    first = _torch_fixes.fill_defaults(schema, (), {})
+    for value in (*first[0], *first[1].values()):
+        if type(value) is list:
+            value.append("mutated")
+    second = _torch_fixes.fill_defaults(schema, (), {})
+    want = _torch_fixes.original_fill_defaults(schema, (), {})
+    assert list(second[0]) == list(want[0]) and second[1] == want[1]
+
+
 def test_installed_where_the_source_is_known():
     assert _torch_fixes.installed == _torch_fixes.applies()
     expect = _torch_fixes.fill_defaults if _torch_fixes.applies() else _torch_fixes.original_fill_defaults
