@@ -9,7 +9,9 @@ so one call builds n * (n + 1) Argument objects. For fusedce::loss (26 arguments
 the op itself at small sizes (benchmarks/NOTES.md, "host cost"). The upstream fix (read the list
 once) is pytorch/pytorch#195110, open at the time of writing.
 
-We install the linear version only when torch's own function is, character for character, a
+Our version reads each schema's arguments through pybind once and caches their names, kinds
+and defaults (one schema of ~27 arguments costs ~30 Argument conversions even when read once
+per call). We install it only when torch's own function is, character for character, a
 source we checked (its SHA-256 below: the same in every release from torch 2.9 to 2.13). Any other
 torch, one that fixed it or changed what it does, keeps its own. The replacement returns what the
 original returns for every input (tests/test_torch_fixes.py compares both on every fusedce
@@ -44,35 +46,54 @@ _MAX_PLANS = 1024
 
 
 def _plan(schema):
+    """(positional defaults, keyword-only (name, default) pairs) of `schema`, or None when a
+    keyword-only argument precedes a positional one (no schema torch parses does that; the general
+    loop then handles it)."""
     hit = _PLANS.get(id(schema))
     if hit is not None and hit[0] is schema:
         return hit[1]
-    plan = tuple((a.name, a.kwarg_only, a.default_value) for a in schema.arguments)
+    arguments = [(a.name, a.kwarg_only, a.default_value) for a in schema.arguments]
+    n_pos = sum(not kw for _, kw, _ in arguments)
+    if any(kw for _, kw, _ in arguments[:n_pos]):
+        plan = None
+    else:
+        plan = (tuple(d for _, _, d in arguments[:n_pos]),
+                tuple((name, d) for name, _, d in arguments[n_pos:]))
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[id(schema)] = (schema, plan)
     return plan
 
 
-def _fresh(default):
-    # torch converts a default anew on each read: a list default is a new list each call, so a
-    # caller that mutates it cannot change the next call's default. The cached one is copied.
-    return list(default) if type(default) is list else default
-
-
 def fill_defaults(schema, args, kwargs):
     """(args, kwargs) with every schema argument present: the positional ones from `args` or
-    their defaults, the keyword-only ones from `kwargs` or their defaults."""
+    their defaults, the keyword-only ones from `kwargs` or their defaults. torch converts a
+    default anew on each read, so a list default is a new list on each call (a caller that
+    mutates it cannot change the next call's default): the cached one is copied."""
+    plan = _plan(schema)
+    if plan is None:
+        return _fill_general(schema, args, kwargs)
+    positional, keyword = plan
+    n = len(args)
+    # _fresh inlined: this runs on every call of every custom op with an autograd formula
+    new_args = tuple(args[:len(positional)]) + tuple(
+        list(d) if type(d) is list else d for d in positional[n:])
+    new_kwargs = {name: kwargs[name] if name in kwargs else (list(d) if type(d) is list else d)
+                  for name, d in keyword}
+    return new_args, new_kwargs
+
+
+def _fill_general(schema, args, kwargs):
+    arguments = schema.arguments  # one conversion of the list, not one per argument
     new_args = []
     new_kwargs = {}
-    n = len(args)
-    for i, (name, kwarg_only, default) in enumerate(_plan(schema)):
-        if kwarg_only:
-            new_kwargs[name] = kwargs[name] if name in kwargs else _fresh(default)
-        elif i < n:
+    for i, info in enumerate(arguments):
+        if info.kwarg_only:
+            new_kwargs[info.name] = kwargs[info.name] if info.name in kwargs else info.default_value
+        elif i < len(args):
             new_args.append(args[i])
         else:
-            new_args.append(_fresh(default))
+            new_args.append(info.default_value)
     return tuple(new_args), new_kwargs
 
 
