@@ -284,6 +284,7 @@ def _mean_grad_scale(target, class_weight, ignore_index: int, V: int, dtype):
     d == 0, d = the sum of class_weight[t] over the non-ignored targets t (1 each without class
     weights, 0 for t outside [0, V)). Only the recomputing backward needs it (the forward's
     gradients already carry it), so a few PyTorch ops here cost nothing on the common path."""
+    target = target.long()  # compared as int64, as the kernels do: an int32 target never wraps
     valid = target != ignore_index
     if class_weight is None:
         d = valid.sum(dtype=torch.float64)

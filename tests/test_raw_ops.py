@@ -186,3 +186,46 @@ def test_shard_ops_opcheck(device):
     v = torch.rand(5, dtype=torch.float64, device=device)
     torch.library.opcheck(torch.ops.fusedce.shard_grad_.default, (raw.clone(), t, 4, cw, v, v, v, v),
                           {"logit_scale": 0.5})
+
+
+@pytest.mark.parametrize(
+    "target_dtype,ignore_index,weighted,ignored",
+    [
+        (torch.int64, -100, False, "some"),  # the plain mean: the count of non-ignored tokens
+        (torch.int64, 3, True, "some"),  # weighted; an ignore_index that is also a class id
+        (torch.int32, 2**40, False, "none"),  # int32 targets against an int64-only ignore_index
+        (torch.int64, -100, True, "all"),  # d == 0: nan loss, zero gradients on both paths
+    ],
+)
+def test_mean_scale_same_on_both_backward_paths(device, target_dtype, ignore_index, weighted, ignored):
+    """`loss` with mean=True: the gradients computed in the forward (grad_mask on, the mean's scale
+    from the device kernel) equal the recomputing backward's (grad_mask off, the scale recomputed
+    from the saved target in fusedce/ops.py), and both the float64 reference's."""
+    g = torch.Generator().manual_seed(7)
+    N, H, V = 9, 5, 8
+    x = torch.randn(N, H, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(device)
+    t = torch.randint(0, V, (N,), generator=g)
+    if ignored == "some":
+        t[::3] = ignore_index if -(2**31) <= ignore_index < 2**31 else t[::3]
+    elif ignored == "all":
+        t[:] = ignore_index
+    t = t.to(target_dtype).to(device)
+    cw = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5).to(device) if weighted else None
+    grads = []
+    for mask in ([True, True, False], [False, False, False]):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = torch.ops.fusedce.loss(xl, wl, t, None, cw, ignore_index=ignore_index,
+                                      grad_mask=mask, mean=True)[0]
+        loss.backward()
+        grads.append((loss.detach(), xl.grad, wl.grad))
+    d = mean_denominator(t, cw, ignore_index, V)
+    h, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = reference.linear_cross_entropy(h, wr, t.long(), weight=cw, reduction="none",
+                                         ignore_index=ignore_index)
+    want = torch.autograd.grad(ref.token_loss.sum() * (1.0 / d if d != 0 else 0.0), (h, wr))
+    for loss, gx, gw in grads:
+        assert_close(loss, ref.token_loss.sum() / torch.tensor(d, dtype=torch.float64), torch.float64,
+                     what="loss")
+        assert_close(gx, want[0], torch.float64, what="grad_hidden")
+        assert_close(gw, want[1], torch.float64, what="grad_weight")
