@@ -80,9 +80,10 @@ TORCH_LIBRARY(fusedce, m) {
   // mean=True (grad_scale must be None) is F.cross_entropy's mean, computed on the device in the
   // op itself: d = sum of class_weight[target] over the tokens whose target != ignore_index (1 per
   // token without class weights, 0 for a target outside [0, V)), loss = sum_i token_loss[i] / d
-  // (nan or +-inf when d == 0, as F.cross_entropy), gradients scaled by 1/d (0 when d == 0). Gradients not requested come back as empty tensors. chunk_size /
-  // vocab_chunk_size = 0 picks them from the memory budget; vocab_chunk_size > 0 tiles the
-  // vocabulary (low-memory mode, logits recomputed per tile).
+  // (nan or +-inf when d == 0, as F.cross_entropy), gradients scaled by 1/d (0 when d == 0).
+  // Gradients not requested come back as empty tensors. chunk_size / vocab_chunk_size = 0 picks
+  // them from the memory budget; vocab_chunk_size > 0 tiles the vocabulary (low-memory mode,
+  // logits recomputed per tile).
   // Per-token statistics of softmax(z) from the same pass, defined at every row, not
   // differentiable (metrics: TRL's mean_logits and log_sum_sq_probs), empty when not requested:
   //   want_mean_logit  mean_logit      = sum_c z_c / V             (in term_ints)

@@ -290,7 +290,9 @@ def _mean_grad_scale(target, class_weight, ignore_index: int, V: int, dtype):
         d = valid.sum(dtype=torch.float64)
     else:
         usable = valid & (target >= 0) & (target < V)
-        w = class_weight.to(torch.float64)[torch.where(usable, target, torch.zeros_like(target))]
+        # rounded to the accumulation dtype first, as the op rounds its class weights, then
+        # summed in double as the op sums: the same d to the last bit as the forward's
+        w = class_weight.to(dtype).to(torch.float64)[torch.where(usable, target, torch.zeros_like(target))]
         d = (w * usable).sum()
     d = d.to(dtype)
     return torch.where(d != 0, d.reciprocal(), torch.zeros_like(d))

@@ -229,3 +229,19 @@ def test_mean_scale_same_on_both_backward_paths(device, target_dtype, ignore_ind
                      what="loss")
         assert_close(gx, want[0], torch.float64, what="grad_hidden")
         assert_close(gw, want[1], torch.float64, what="grad_weight")
+
+
+def test_mean_recomputed_scale_rounds_class_weights_like_the_op():
+    """The recomputing backward's mean scale uses the class weights as the op does (rounded to the
+    accumulation dtype, then summed in double): float64 weights with float32 inputs, where summing
+    the unrounded weights moves 1/d by one float32 ulp (255 tokens of a weight 1 + 5.9e-8)."""
+    from fusedce.ops import _mean_grad_scale
+
+    cw = torch.tensor([1 + 5.9e-8, 1.0, 1.0], dtype=torch.float64)
+    t = torch.zeros(255, dtype=torch.int64)
+    d = torch.tensor(float(cw.to(torch.float32)[0].double() * 255), dtype=torch.float64).to(torch.float32)
+    want = torch.ones((), dtype=torch.float32) / d
+    got = _mean_grad_scale(t, cw, -100, 3, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, want), (got.item(), want.item())
+    unrounded = (torch.ones((), dtype=torch.float64) / (cw[0] * 255)).to(torch.float32)
+    assert not torch.equal(unrounded, want)  # the case does tell the two apart

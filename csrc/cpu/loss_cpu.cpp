@@ -370,7 +370,8 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, a
                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                at::Tensor>;
 
-// mean=True: the same sums, in the same order and precision, as csrc/cuda/kernels/mean.cu:
+// mean=True: the same sums as csrc/cuda/kernels/mean.cu, in double (in token order here, in
+// per-thread strides there: a count is exact either way, a weighted sum agrees once rounded):
 // d = sum of class_weight[target] over the tokens whose target != ignore_index (1 each without
 // class weights, 0 for a target outside [0, V)), summed in double and rounded to acc_t.
 template <typename acc_t>
