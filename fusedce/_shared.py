@@ -101,56 +101,65 @@ def _policy_parts(lp, old, adv, ref, m, isr, level, opts):
 
 def _policy_metrics(lp, ent, m, advantages, parts, opts):
     """The metric dict, with TRL 1.16's definitions where TRL logs the same name (local values:
-    TRL also reduces them over processes)."""
-    a = advantages.to(lp)
-    a = a[:, None] if a.dim() == 1 else a
+    TRL also reduces them over processes). Computed in a few batched ops (stacked masked means,
+    both per-sequence clip fractions at once): they run on every policy_loss call, and at RL
+    sizes a call is bound by its host time."""
+    adv = advantages.to(lp)
+    a = adv[:, None] if adv.dim() == 1 else adv
     count = m.sum().clamp(min=1)
     coef = parts["coef_1"]
     # TRL tells a per-sequence value by its shape [B, 1]; with T = 1 a per-token value has that
     # shape too (and TRL would drop its mask): the level decides here.
     seq = opts["level"] == "sequence"
+    metrics, pending = {}, []
 
-    def gmean(x):  # TRL's global_masked_mean (one value per sequence at the sequence level)
+    def gmean(name, x):  # TRL's global_masked_mean (one value per sequence at the sequence level)
         if seq and x.shape[1] == 1:
-            return x.sum() / max(x.shape[0], 1)
-        return (x.expand_as(m) * m).sum() / count
-
-    def seq_mean(x):  # TRL's masked_seq_mean (nan for a sequence without tokens, as TRL)
-        return x.squeeze(1) if seq and x.shape[1] == 1 else (x.expand_as(m) * m).sum(-1) / m.sum(-1)
-
-    def nan_ext(x, fn, fill):
-        bad = torch.isnan(x)
-        r = fn(torch.where(bad, torch.full_like(x, fill), x))
-        return torch.where(bad.all(), torch.full_like(r, math.nan), r)
+            metrics[name] = x.sum() / max(x.shape[0], 1)
+        else:
+            pending.append((name, x))
 
     lt = opts["loss_type"]
     c = parts.get("coef_1_clamped", coef)
     low = ((c < 1 - opts["epsilon_low"]) & (a < 0)).to(lp)
     high = ((c > 1 + opts["epsilon_high"]) & (a > 0)).to(lp)
-    big = torch.finfo(lp.dtype).max
-    valid = (m != 0) if not seq else torch.ones_like(coef, dtype=torch.bool)
-    cb = coef.expand_as(valid) if not seq else coef
-    metrics = {
-        "clip_ratio/low_mean": gmean(low),
-        "clip_ratio/high_mean": gmean(high),
-        "clip_ratio/region_mean": gmean(torch.maximum(low, high)),
-        "clip_ratio/low_min": nan_ext(seq_mean(low), torch.min, math.inf),
-        "clip_ratio/high_max": nan_ext(seq_mean(high), torch.max, -math.inf),
-        "ratio/mean": gmean(coef),
-        "ratio/min": torch.where(valid, cb, torch.full_like(cb, big)).min(),
-        "ratio/max": torch.where(valid, cb, torch.full_like(cb, -big)).max(),
-        "entropy": (ent * m).sum() / count,
-        "logprob/mean": (lp * m).sum() / count,
-        "advantages/mean": advantages.to(lp).mean(),
-        "advantages/std": advantages.to(lp).std() if advantages.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device),
-    }
+    gmean("clip_ratio/low_mean", low)
+    gmean("clip_ratio/high_mean", high)
+    gmean("clip_ratio/region_mean", torch.maximum(low, high))
+    gmean("ratio/mean", coef)
+    pending += [("entropy", ent), ("logprob/mean", lp)]
     if lt == "cispo":
-        cc = ((coef > opts["epsilon_high"]) & (a > 0)).to(lp)
-        metrics["cispo_clip_ratio"] = gmean(cc)
+        gmean("cispo_clip_ratio", ((coef > opts["epsilon_high"]) & (a > 0)).to(lp))
     if lt == "vespo":
         phi = parts["phi"]
         # TRL's phi has the advantages' shape: one per sequence for [B] advantages.
-        metrics["vespo/phi_seq_mean"] = phi[:, 0].sum() / max(phi.shape[0], 1) if advantages.dim() == 1 else gmean(phi)
+        if advantages.dim() == 1:
+            metrics["vespo/phi_seq_mean"] = phi[:, 0].sum() / max(phi.shape[0], 1)
+        else:
+            gmean("vespo/phi_seq_mean", phi)
     if opts["beta"] != 0.0:
-        metrics["kl"] = gmean(parts["kl"])
+        gmean("kl", parts["kl"])
+    # every masked mean in one product and one reduction: (x * m).sum() / count for each x
+    means = (torch.stack([x.expand_as(m) for _, x in pending]) * m).sum((1, 2)) / count
+    metrics.update(zip((name for name, _ in pending), means.unbind()))
+
+    # TRL's masked_seq_mean per sequence (nan for a sequence without tokens, as TRL), then the
+    # extreme over sequences ignoring nan (nan when every sequence is nan)
+    if seq and low.shape[1] == 1:
+        per_seq = torch.stack([low.squeeze(1), high.squeeze(1)])
+    else:
+        per_seq = (torch.stack([low, high]) * m).sum(-1) / m.sum(-1)
+    bad = torch.isnan(per_seq)
+    low_min = torch.where(bad[0], math.inf, per_seq[0]).min()
+    high_max = torch.where(bad[1], -math.inf, per_seq[1]).max()
+    metrics["clip_ratio/low_min"] = torch.where(bad[0].all(), math.nan, low_min)
+    metrics["clip_ratio/high_max"] = torch.where(bad[1].all(), math.nan, high_max)
+
+    big = torch.finfo(lp.dtype).max
+    valid = (m != 0) if not seq else torch.ones_like(coef, dtype=torch.bool)
+    cb = coef.expand_as(valid) if not seq else coef
+    metrics["ratio/min"] = torch.where(valid, cb, big).min()
+    metrics["ratio/max"] = torch.where(valid, cb, -big).max()
+    metrics["advantages/mean"] = adv.mean()
+    metrics["advantages/std"] = adv.std() if adv.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device)
     return metrics
