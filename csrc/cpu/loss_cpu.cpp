@@ -392,11 +392,11 @@ acc_t mean_denominator(const LinearProblem& P, int64_t ignore_index) {
 
 // loss = sum(token_loss) / d (nan or +-inf when d == 0, as F.cross_entropy's mean).
 template <typename acc_t>
-acc_t mean_loss(const at::Tensor& token_loss, acc_t d) {
+acc_t mean_loss(const at::Tensor& token_loss, double d) {
   const acc_t* l = token_loss.data_ptr<acc_t>();
   double s = 0.0;
   for (int64_t i = 0; i < token_loss.numel(); ++i) s += static_cast<double>(l[i]);
-  return static_cast<acc_t>(s / static_cast<double>(d));
+  return static_cast<acc_t>(s / d);
 }
 
 LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
@@ -413,11 +413,12 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
   const LinearProblem P(hidden, weight, target, bias, class_weight, ignore_index, chunk_size,
                         vocab_chunk_size);
   ta.check(P.n, P.v, hidden);
-  at::Tensor scale, denom;
+  at::Tensor scale;
+  double denom = 0.0;  // mean=True: d as rounded to acc_t (exact in double)
   if (mean) {
     AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_loss_cpu_mean", [&] {
       const scalar_t d = mean_denominator<scalar_t>(P, ignore_index);
-      denom = at::full({}, d, hidden.options().dtype(P.acc));
+      denom = static_cast<double>(d);
       scale = at::full({}, d != scalar_t(0) ? scalar_t(1) / d : scalar_t(0),
                        hidden.options().dtype(P.acc));
     });
@@ -465,7 +466,7 @@ LossOutputs loss_cpu(const at::Tensor& hidden, const at::Tensor& weight, const a
   at::Tensor loss;
   if (mean) {
     AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_loss_cpu_mean_loss", [&] {
-      loss = at::full({}, mean_loss<scalar_t>(token_loss, denom.item<scalar_t>()),
+      loss = at::full({}, mean_loss<scalar_t>(token_loss, denom),
                       hidden.options().dtype(P.acc));
     });
   } else {
