@@ -16,6 +16,8 @@ Methods (each a full fwd+bwd step, gradients of input and weight):
   eager_logprobs        log_softmax(x @ w.T).gather(t), summed
   linear_cross_entropy  fusedce.linear_cross_entropy(x, w, t) (mean)
   token_logprobs        fusedce.token_logprobs(x, w, t), summed
+  token_statistics      fusedce.token_statistics(x, w, t) with every output (what the TRL
+                        integration's head computes per call), log-probs summed
   policy_loss           fusedce.policy_loss(x, w, tokens, old_logprobs, advantages) (GRPO)
   cross_entropy         fusedce.cross_entropy(x @ w.T, t) (CE on given logits, mean)
 """
@@ -54,14 +56,17 @@ def _steps(device, N, H, V):
     def token_logprobs():
         fusedce.token_logprobs(x, w, t).sum().backward()
 
+    def token_statistics():
+        fusedce.token_statistics(x, w, t).logprobs.sum().backward()
+
     def policy_loss():
         fusedce.policy_loss(x3, w, tok, old, adv)[0].backward()
 
     def cross_entropy():
         fusedce.cross_entropy(x @ w.T, t).backward()
 
-    return [eager, eager_logprobs, linear_cross_entropy, token_logprobs, policy_loss,
-            cross_entropy]
+    return [eager, eager_logprobs, linear_cross_entropy, token_logprobs, token_statistics,
+            policy_loss, cross_entropy]
 
 
 def host_us(step, device, calls, repeats):
