@@ -44,6 +44,23 @@ def _shift(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.cat([target[..., 1:], pad], dim=-1)
 
 
+def _rows(x: torch.Tensor, H: int) -> torch.Tensor:
+    """x [..., H] as the op's [N, H]. A 2-D input is passed as it is: a reshape to its own shape
+    is still a view, which on the autograd path is one more graph node per call (a forward op and
+    a backward one), all fixed cost at the small sizes that are bound by host time."""
+    return x if x.dim() == 2 else x.reshape(-1, H)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """t as [N] (a 1-D tensor as it is, for the same reason as _rows)."""
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def _shaped(y: torch.Tensor, shape) -> torch.Tensor:
+    """A per-token output [N] in the targets' shape (as it is when that is already its shape)."""
+    return y if y.shape == shape else y.reshape(shape)
+
+
 def _sharded(process_group, **tensors) -> bool:
     """Vocab-parallel call: only when the caller gives a process group. A DTensor without one is
     refused rather than guessed at: FSDP2 shards a weight on dim 0 for data parallelism (each rank

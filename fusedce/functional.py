@@ -13,7 +13,7 @@ import torch
 
 from . import _budget, _parallel
 from . import ops as _ops_py
-from ._shared import LossOutput, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
+from ._shared import LossOutput, _flat, _rows, _shaped, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
 from ._op_args import TermOptions
 
 _ops = torch.ops.fusedce
@@ -218,8 +218,8 @@ def linear_cross_entropy(
     if shift:
         target = _shift(target, ignore_index)
     shape = target.shape
-    hidden = input.reshape(-1, H)
-    flat_target = target.reshape(-1)
+    hidden = _rows(input, H)
+    flat_target = _flat(target)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
 
     # The gradient scale of the final scalar is known before the pass: the forward computes the
@@ -250,7 +250,7 @@ def linear_cross_entropy(
     )
     loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
-        loss = token_loss.reshape(shape)
+        loss = _shaped(token_loss, shape)
     if not return_stats:
         return loss
     denom = _denominator(flat_target, ignore_index, weight, acc) if mean else None
@@ -309,8 +309,8 @@ def cross_entropy(
         )
 
     shape = target.shape
-    logits = input.reshape(-1, V)
-    flat_target = target.reshape(-1)
+    logits = _rows(input, V)
+    flat_target = _flat(target)
     token_loss, lse, predicted = _ops.cross_entropy(
         logits, flat_target, weight, ignore_index=ignore_index,
         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
@@ -319,7 +319,7 @@ def cross_entropy(
     )
     denom = None
     if reduction == "none":
-        loss = token_loss.reshape(shape)
+        loss = _shaped(token_loss, shape)
     elif num_items_in_batch is not None:
         loss = token_loss.sum() / _divisor(num_items_in_batch, token_loss.device, token_loss.dtype)
     elif reduction == "sum":

@@ -273,7 +273,8 @@ def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype
     # out-of-place product, which tracing handles without mutating a forward output.
     if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not allowed:
         if grad.device.type in _SCALE_DEVICES:
-            _ops.scale_(grad, g.to(grad.device))
+            # g.to(device) only when needed: a no-op .to is still a dispatch on every backward
+            _ops.scale_(grad, g if g.device == grad.device else g.to(grad.device))
             return grad
         return grad.mul_(g)
     return grad * g

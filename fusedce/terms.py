@@ -32,7 +32,7 @@ from ._checks import (
     host_target_check,
 )
 from . import _budget, _parallel
-from ._shared import _policy_metrics, _policy_parts, _sharded
+from ._shared import _flat, _policy_metrics, _policy_parts, _rows, _shaped, _sharded
 
 _ops = torch.ops.fusedce
 _DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -101,16 +101,16 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     if host_target_check(tokens.device):
         # The op's own check would name `target`; this one names the argument (free on the CPU,
         # on CUDA only where a host read is allowed: see _checks.host_target_check).
-        flat = tokens.reshape(-1)
+        flat = _flat(tokens)
         check_global_targets(flat, V, flat != -100, 0, "tokens", " and is not -100")
     out = _ops.loss(
-        input.reshape(-1, H), linear_weight, tokens.reshape(-1), linear_bias,
+        _rows(input, H), linear_weight, _flat(tokens), linear_bias,
         ignore_index=-100, chunk_size=chunk_size or 0, **knobs,
         **TermOptions(ce_weight=0.0, want_entropy=bool(return_entropy), want_logprob=True).pack(),
     )
-    logprobs = out[5].reshape(shape)
+    logprobs = _shaped(out[5], shape)
     if return_entropy:
-        return logprobs, out[4].reshape(shape)
+        return logprobs, _shaped(out[4], shape)
     return logprobs
 
 
@@ -163,21 +163,21 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
             reduce_grad_input=reduce_grad_input))
     shape = tokens.shape
     want = set(outputs)
-    flat = tokens.reshape(-1)
+    flat = _flat(tokens)
     out = _ops.loss(
-        input.reshape(-1, H), linear_weight, flat, linear_bias,
+        _rows(input, H), linear_weight, flat, linear_bias,
         ignore_index=-100, chunk_size=chunk_size or 0, **knobs,
         **TermOptions(ce_weight=0.0, want_entropy="entropy" in want, want_logprob=True,
                       want_mean_logit="mean_logits" in want,
                       want_log_sum_sq="log_sum_sq_probs" in want).pack(),
     )
     # predicted is -1 at ignored rows, so an ignored token is never the top-1.
-    is_top1 = (out[3] == flat).reshape(shape) if "is_top1" in want else None
+    is_top1 = _shaped(out[3] == flat, shape) if "is_top1" in want else None
     return TokenStatistics(
-        out[5].reshape(shape),
-        out[4].reshape(shape) if "entropy" in want else None,
-        out[9].reshape(shape) if "mean_logits" in want else None,
-        out[10].reshape(shape) if "log_sum_sq_probs" in want else None,
+        _shaped(out[5], shape),
+        _shaped(out[4], shape) if "entropy" in want else None,
+        _shaped(out[9], shape) if "mean_logits" in want else None,
+        _shaped(out[10], shape) if "log_sum_sq_probs" in want else None,
         is_top1,
     )
 
@@ -278,12 +278,12 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
             entropy_coef=entropy_coef)
 
     shape = target.shape
-    flat_target = target.reshape(-1)
+    flat_target = _flat(target)
     grad_mask = _grad_mask(input, linear_weight, linear_bias) if reduction != "none" else [False] * 3
     # mean: the op divides by the number of non-ignored tokens itself (nan when there is none:
     # every ignored token's loss is 0, and 0 / 0), with zero gradients then.
     out = _ops.loss(
-        input.reshape(-1, H), linear_weight, flat_target, linear_bias, None, None,
+        _rows(input, H), linear_weight, flat_target, linear_bias, None, None,
         ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         grad_mask=grad_mask, chunk_size=chunk_size or 0, mean=reduction == "mean", **knobs,
         **TermOptions(ce_weight=float(ce_weight), entropy_coef=float(entropy_coef),
@@ -292,7 +292,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
                       **teacher).pack(),
     )
     if reduction == "none":
-        return out[1].reshape(shape)
+        return _shaped(out[1], shape)
     return out[0]
 
 
