@@ -442,6 +442,22 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
                z_loss, softcap, logit_scale);
   targs.check(P.N, P.V, P.h);
   check_mean_args(mean, grad_scale);
+  // The CE path's first logits GEMM goes to the GPU before the rest of the setup (the mean's
+  // kernel, the outputs, the gradient buffers): at small N a synchronized step otherwise starts
+  // with the GPU idle for that host work. Everything it needs is known here; the checks that
+  // follow only throw, and a GEMM already queued into the scratch chunk is then harmless.
+  Tensor buf;
+  bool first_gemm_issued = false;
+  if (!targs.any()) {
+    choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
+    if (P.N > 0) {
+      buf = at::empty({P.C * P.Vt}, P.h.options());
+      const int64_t rows = std::min(P.C, P.N), cols = std::min(P.Vt, P.V);
+      Tensor lg = logits_view(buf, rows, cols);
+      logits_gemm(P, lg, P.h.narrow(0, 0, rows), 0, cols);
+      first_gemm_issued = true;
+    }
+  }
   int64_t gs_stride = 0;
   const Mean md = mean ? mean_denominator(P) : Mean{};
   const Tensor gs = mean ? md.gs : grad_scale_tensor(grad_scale, P, gs_stride);
@@ -473,8 +489,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
     return {loss, io.token_loss, io.lse, io.predicted, io.entropy, io.logprob, gh, gw, gb,
             io.mean_logit, io.log_sum_sq};
   }
-  choose_tiling(P, chunk_size, vocab_chunk_size, grad_mask[0]);
-
   const auto opt = P.h.options();
   Tensor token_loss = at::empty({P.N}, opt.dtype(P.acc));
   Tensor lse = at::empty({P.N}, opt.dtype(P.acc));
@@ -484,7 +498,6 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
 
   if (P.N > 0) {
     const bool fused = !P.tiled && G.any();
-    Tensor buf = at::empty({P.C * P.Vt}, opt);
     Tensor state, state_idx;
     if (P.tiled) {
       state = at::empty({4, P.C}, opt.dtype(P.acc));
@@ -512,7 +525,7 @@ Out11 loss_cuda(const Tensor& hidden, const Tensor& weight, const Tensor& target
       for (int64_t v0 = 0; v0 < P.V; v0 += P.Vt) {
         const int64_t cols = std::min(P.Vt, P.V - v0);
         Tensor lg = logits_view(buf, rows, cols);
-        logits_gemm(P, lg, hc, v0, cols);
+        if (!(first_gemm_issued && r0 == 0 && v0 == 0)) logits_gemm(P, lg, hc, v0, cols);
         sa.logits = lg.data_ptr();
         sa.ld = cols;
         sa.col0 = v0;
@@ -626,7 +639,10 @@ void scale_cuda(const Tensor& self, const Tensor& scale) {
     return;
   }
   if (self.numel() == 0) return;
-  const Tensor s = scale.to(acc_type_of(dt)).reshape({}).contiguous();
+  // The kernel reads the one value at data_ptr(), whatever its shape; a conversion only when the
+  // dtype differs (each skipped no-op is a dispatch on the host, and this runs on every backward).
+  const at::ScalarType acc = acc_type_of(dt);
+  const Tensor s = scale.scalar_type() == acc ? scale : scale.to(acc);
   int sm_count = 0;  // a cheap attribute query (no sync); 0 lets the launcher assume 132
   if (cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, self.get_device()) !=
       cudaSuccess) {
