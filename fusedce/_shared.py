@@ -116,14 +116,27 @@ def _policy_parts(lp, old, adv, ref, m, isr, level, opts):
     return parts
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype; a tensor already of that dtype as it is (a no-op .to is still a dispatch, and
+    policy_loss makes a few per call)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _nograd(x: torch.Tensor) -> torch.Tensor:
+    """x without gradient: detached only when it requires grad (a detach is a dispatch, and most
+    per-token arguments never require grad)."""
+    return x.detach() if x.requires_grad else x
+
+
 def _policy_metrics(lp, ent, m, advantages, parts, opts):
     """The metric dict, with TRL 1.16's definitions where TRL logs the same name (local values:
     TRL also reduces them over processes). Computed in a few batched ops (stacked masked means,
-    both per-sequence clip fractions at once): they run on every policy_loss call, and at RL
-    sizes a call is bound by its host time."""
-    adv = advantages.to(lp)
-    a = adv[:, None] if adv.dim() == 1 else adv
-    count = m.sum().clamp(min=1)
+    both per-sequence clip fractions from the same per-sequence sums, both extremes at once, no
+    view or conversion that is a no-op): they run on every policy_loss call, and at RL sizes a
+    call is bound by its host time."""
+    dt = lp.dtype
+    adv = _as(advantages, dt)
+    a = adv.unsqueeze(1) if adv.dim() == 1 else adv
     coef = parts["coef_1"]
     # TRL tells a per-sequence value by its shape [B, 1]; with T = 1 a per-token value has that
     # shape too (and TRL would drop its mask): the level decides here.
@@ -138,15 +151,15 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
 
     lt = opts["loss_type"]
     c = parts.get("coef_1_clamped", coef)
-    low = ((c < 1 - opts["epsilon_low"]) & (a < 0)).to(lp)
-    high = ((c > 1 + opts["epsilon_high"]) & (a > 0)).to(lp)
+    low = _as((c < 1 - opts["epsilon_low"]) & (a < 0), dt)
+    high = _as((c > 1 + opts["epsilon_high"]) & (a > 0), dt)
     gmean("clip_ratio/low_mean", low)
     gmean("clip_ratio/high_mean", high)
     gmean("clip_ratio/region_mean", torch.maximum(low, high))
     gmean("ratio/mean", coef)
     pending += [("entropy", ent), ("logprob/mean", lp)]
     if lt == "cispo":
-        gmean("cispo_clip_ratio", ((coef > opts["epsilon_high"]) & (a > 0)).to(lp))
+        gmean("cispo_clip_ratio", _as((coef > opts["epsilon_high"]) & (a > 0), dt))
     if lt == "vespo":
         phi = parts["phi"]
         # TRL's phi has the advantages' shape: one per sequence for [B] advantages.
@@ -156,8 +169,13 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
             gmean("vespo/phi_seq_mean", phi)
     if opts["beta"] != 0.0:
         gmean("kl", parts["kl"])
-    # every masked mean in one product and one reduction: (x * m).sum() / count for each x
-    means = (torch.stack([x.expand_as(m) for _, x in pending]) * m).sum((1, 2)) / count
+    # every masked mean from one product: per-sequence sums S [k, B], then (sum over sequences) /
+    # count for each x; low and high lead `pending` at the token level, so S's first two rows
+    # are also their per-sequence sums
+    m_seq = m.sum(-1)
+    count = m_seq.sum().clamp(min=1)
+    S = (torch.stack([x if x.shape == m.shape else x.expand_as(m) for _, x in pending]) * m).sum(-1)
+    means = S.sum(-1) / count
     metrics.update(zip((name for name, _ in pending), means.unbind()))
 
     # TRL's masked_seq_mean per sequence (nan for a sequence without tokens, as TRL), then the
@@ -165,18 +183,20 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
     if seq and low.shape[1] == 1:
         per_seq = torch.stack([low.squeeze(1), high.squeeze(1)])
     else:
-        per_seq = (torch.stack([low, high]) * m).sum(-1) / m.sum(-1)
+        per_seq = S[:2] / m_seq
     bad = torch.isnan(per_seq)
-    low_min = torch.where(bad[0], math.inf, per_seq[0]).min()
-    high_max = torch.where(bad[1], -math.inf, per_seq[1]).max()
-    metrics["clip_ratio/low_min"] = torch.where(bad[0].all(), math.nan, low_min)
-    metrics["clip_ratio/high_max"] = torch.where(bad[1].all(), math.nan, high_max)
+    # rows: (min, max) of (low, high); the diagonal is (min of low, max of high)
+    ext = torch.stack((torch.where(bad, math.inf, per_seq).amin(-1),
+                       torch.where(bad, -math.inf, per_seq).amax(-1))).diagonal()
+    low_min, high_max = torch.where(bad.all(-1), math.nan, ext).unbind()
+    metrics["clip_ratio/low_min"] = low_min
+    metrics["clip_ratio/high_max"] = high_max
 
-    big = torch.finfo(lp.dtype).max
+    big = torch.finfo(dt).max
     valid = (m != 0) if not seq else torch.ones_like(coef, dtype=torch.bool)
-    cb = coef.expand_as(valid) if not seq else coef
+    cb = coef.expand_as(valid) if coef.shape != valid.shape else coef
     metrics["ratio/min"] = torch.where(valid, cb, big).min()
     metrics["ratio/max"] = torch.where(valid, cb, -big).max()
     metrics["advantages/mean"] = adv.mean()
-    metrics["advantages/std"] = adv.std() if adv.numel() > 1 else torch.zeros((), dtype=lp.dtype, device=lp.device)
+    metrics["advantages/std"] = adv.std() if adv.numel() > 1 else torch.zeros((), dtype=dt, device=lp.device)
     return metrics

@@ -32,7 +32,7 @@ from ._checks import (
     host_target_check,
 )
 from . import _budget, _parallel
-from ._shared import _flat, _policy_metrics, _policy_parts, _rows, _shaped, _sharded
+from ._shared import _as, _flat, _nograd, _policy_metrics, _policy_parts, _rows, _shaped, _sharded
 
 _ops = torch.ops.fusedce
 _DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -320,6 +320,19 @@ def _policy_weights(m, loss_type, max_completion_length, num_items, gas):
     return m / (m.sum().clamp(min=1) if num_items is None else num_items)
 
 
+def _all_kept(flat_tokens, kept):
+    """The kept rows for a target check: every row when there is no mask."""
+    return torch.ones_like(flat_tokens, dtype=torch.bool) if kept is None else kept
+
+
+def _masked_targets(flat_tokens, kept, ignore: int):
+    """The op's targets: the tokens, with `ignore` where the mask drops a position (the tokens
+    as they are without a mask)."""
+    if kept is None:
+        return flat_tokens
+    return torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
+
+
 def _check_number_or_scalar(x, name, ref, acc):
     """A positive number, or a one-element tensor (on ref's device, or a CPU scalar copied there):
     a tensor's value is never brought to the host. Returns a float or a 0-d acc tensor."""
@@ -444,16 +457,16 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         raise ValueError(f"fusedce: gradient_accumulation_steps must be a positive number, got {gas!r}")
     num_items = None if num_items_in_batch is None else _check_number_or_scalar(
         num_items_in_batch, "num_items_in_batch", input, acc)
-    old = None if old_logprobs is None else _per_token(old_logprobs, "old_logprobs", lead, input, "tokens").detach()
+    old = None if old_logprobs is None else _nograd(_per_token(old_logprobs, "old_logprobs", lead, input, "tokens"))
     _check_tensor(advantages, "advantages")
     _check_float(advantages, "advantages")
     advantages_arg = advantages
     if advantages.shape == (B,):
         advantages = advantages[:, None].expand(B, T)
-    adv = _per_token(advantages, "advantages", lead, input, "tokens").detach()
+    adv = _nograd(_per_token(advantages, "advantages", lead, input, "tokens"))
     if beta != 0.0 and ref_logprobs is None:
         raise ValueError("fusedce: beta != 0 needs ref_logprobs")
-    ref = None if ref_logprobs is None else _per_token(ref_logprobs, "ref_logprobs", lead, input, "tokens").detach()
+    ref = None if ref_logprobs is None else _nograd(_per_token(ref_logprobs, "ref_logprobs", lead, input, "tokens"))
     isr = None
     if importance_sampling_ratio is not None:
         _check_tensor(importance_sampling_ratio, "importance_sampling_ratio")
@@ -476,8 +489,9 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                 vespo=(float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg), float(vespo_lambda_neg)),
                 entropy_coef=float(entropy_coef), max_completion_length=max_completion_length,
                 num_items=num_items, gas=gas, level=importance_sampling_level)
-    kept = m.reshape(-1) != 0
-    flat_tokens = tokens.reshape(-1).long()
+    flat_tokens = _as(_flat(tokens), torch.long)
+    # Without a mask every token is kept: its tokens are the op's targets as they are (no select).
+    kept = None if mask is None else _flat(m) != 0
     two_pass = importance_sampling_level == "sequence" or loss_type == "vespo"
     if two_pass:
         if sharded:
@@ -485,7 +499,8 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
             # kept -100 is no class id: -101 makes token_logprobs refuse it (NaN where no host
             # check is allowed), never a silent log-probability 0.
             kept_tokens = torch.where(flat_tokens == -100, torch.full_like(flat_tokens, -101), flat_tokens)
-            masked_tokens = torch.where(kept, kept_tokens, torch.full_like(flat_tokens, -100)).reshape(lead)
+            masked_tokens = (kept_tokens if kept is None else
+                             torch.where(kept, kept_tokens, torch.full_like(flat_tokens, -100))).reshape(lead)
             lp, ent = _parallel._token_logprobs(
                 input, linear_weight, masked_tokens, process_group=process_group,
                 vocab_start=vocab_start, linear_bias=linear_bias, temperature=temperature,
@@ -493,19 +508,21 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                 chunk_size=chunk_size, reduce_grad_input=reduce_grad_input)
         else:
             if host_target_check(flat_tokens.device):
-                check_global_targets(flat_tokens, V, kept, 0, "tokens (flattened)", " where mask != 0")
+                check_global_targets(flat_tokens, V, _all_kept(flat_tokens, kept), 0,
+                                     "tokens (flattened)", " where mask != 0")
             ignore = torch.iinfo(torch.int64).min
-            target = torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
+            target = _masked_targets(flat_tokens, kept, ignore)
             out = _ops.loss(input.reshape(-1, H), linear_weight, target, linear_bias,
                             ignore_index=ignore, chunk_size=chunk_size or 0, **knobs,
                             **TermOptions(ce_weight=0.0, want_entropy=True, want_logprob=True).pack())
             lp, ent = out[5].reshape(lead), out[4].reshape(lead)
-        old2 = None if old is None else old.reshape(lead).to(lp.dtype)
-        ref2 = None if ref is None else ref.reshape(lead).to(lp.dtype)
-        loss, parts = _policy_torch(lp, ent, old2, adv.reshape(lead).to(lp.dtype), ref2, m.to(lp.dtype), isr,
-                                    opts)
+        # the [B, T] arguments as given (checked above), in the log-probabilities' dtype
+        old2 = None if old is None else _as(_nograd(old_logprobs), lp.dtype)
+        ref2 = None if ref is None else _as(_nograd(ref_logprobs), lp.dtype)
+        mt = _as(m, lp.dtype)
+        loss, parts = _policy_torch(lp, ent, old2, _as(_nograd(advantages), lp.dtype), ref2, mt, isr, opts)
         with torch.no_grad():
-            metrics = _policy_metrics(lp.detach(), ent.detach(), m.to(lp.dtype), advantages_arg, parts, opts)
+            metrics = _policy_metrics(lp.detach(), ent.detach(), mt, advantages_arg, parts, opts)
         return loss, metrics
     weights = _policy_weights(m, loss_type, max_completion_length, num_items, gas)
     ent_w = None
@@ -526,12 +543,13 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     if host_target_check(flat_tokens.device):
         # Every kept token must be a class id; the error names policy_loss's own arguments (where
         # no host read is allowed, the op's kernels make such a token's loss NaN instead).
-        check_global_targets(flat_tokens, V, kept, 0, "tokens (flattened)", " where mask != 0")
+        check_global_targets(flat_tokens, V, _all_kept(flat_tokens, kept), 0, "tokens (flattened)",
+                             " where mask != 0")
     # Masked tokens are ignored rows: no loss, no gradient, no work beyond the shared statistics.
     # The marker is the one int64 no vocabulary reaches, so a kept token of any other value
     # (-1, -100, ...) is a class id to check, never taken for a masked position.
     ignore = torch.iinfo(torch.int64).min
-    target = torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
+    target = _masked_targets(flat_tokens, kept, ignore)
     out = _ops.loss(
         input.reshape(-1, H), linear_weight, target, linear_bias, None, weights.reshape(-1),
         ignore_index=ignore, grad_mask=_grad_mask(input, linear_weight, linear_bias),
@@ -549,10 +567,13 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     loss = out[0]
     with torch.no_grad():
         lp = out[5].reshape(lead)
-        parts = _policy_parts(lp, None if old is None else old.reshape(lead).to(lp.dtype),
-                              adv.reshape(lead).to(lp.dtype), None if ref is None else ref.reshape(lead).to(lp.dtype),
-                              m.to(lp.dtype), isr, "token", opts)
-        metrics = _policy_metrics(lp, out[4].reshape(lead), m.to(lp.dtype), advantages_arg, parts, opts)
+        mt = _as(m, lp.dtype)
+        # the [B, T] arguments as given (checked above); the advantages only enter a comparison
+        # with 0 here (VESPO's sign), so they keep their dtype
+        parts = _policy_parts(lp, None if old is None else _as(_nograd(old_logprobs), lp.dtype),
+                              _nograd(advantages), None if ref is None else _as(_nograd(ref_logprobs), lp.dtype),
+                              mt, isr, "token", opts)
+        metrics = _policy_metrics(lp, out[4].reshape(lead), mt, advantages_arg, parts, opts)
     return loss, metrics
 
 
