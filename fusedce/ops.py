@@ -303,6 +303,11 @@ def _add(a, b):
     return b if a is None else a if b is None else a + b
 
 
+def _as(x, dtype):
+    # a no-op .to is still a dispatch; the recomputing backward makes several per call
+    return None if x is None else x if x.dtype == dtype else x.to(dtype)
+
+
 def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entropy,
                    grad_logprob, _g_gh, _g_gw, _g_gb, _g_mean_logit=None, _g_log_sum_sq=None):
     check_not_create_graph("the fused head loss (fusedce::loss)")
@@ -337,24 +342,22 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     if any(g is not None for g in upstream):
         # The exact per-token upstream gradient of the token losses: the part through `loss`
         # (sum_i grad_scale_i * token_loss_i) plus any gradient flowing into token_loss itself.
-        g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
+        g = torch.zeros_like(lse) if grad_token_loss is None else _as(grad_token_loss, lse.dtype)
         if grad_loss is not None:
             if ctx.mean:
                 grad_scale = _mean_grad_scale(target, class_weight, ctx.ce_knobs[0], weight.shape[0],
                                               lse.dtype)
             scale = grad_loss if grad_scale is None else grad_loss * grad_scale
-            g = g + scale.to(lse.dtype)
+            g = g + _as(scale, lse.dtype)
 
-        def acc(x):
-            return None if x is None else x.to(lse.dtype)
-
+        acc = lse.dtype
         recomputed = _ops.loss_backward(
-            hidden, weight, target, bias, class_weight, lse, g, acc(grad_lse),
-            acc(grad_entropy), acc(grad_logprob), *ctx.ce_knobs, need, *ctx.chunk_knobs,
+            hidden, weight, target, bias, class_weight, lse, g, _as(grad_lse, acc),
+            _as(grad_entropy, acc), _as(grad_logprob, acc), *ctx.ce_knobs, need, *ctx.chunk_knobs,
             *term_tensors, *ctx.term_lists,
         )
         grads = [_add(a, b) if n else a for a, b, n in zip(grads, recomputed, need)]
-        grads = [None if x is None else x.to(dt) for x, dt in zip(grads, dtypes)]
+        grads = [_as(x, dt) for x, dt in zip(grads, dtypes)]
     gh, gw, gb = grads
     # Gradients flow to the student's hidden, weight and bias only (never to the teacher).
     return (gh, gw, None, gb) + (None,) * (_N_LOSS_ARGS - 4)
