@@ -185,9 +185,14 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
     else:
         per_seq = S[:2] / m_seq
     bad = torch.isnan(per_seq)
-    # rows: (min, max) of (low, high); the diagonal is (min of low, max of high)
-    ext = torch.stack((torch.where(bad, math.inf, per_seq).amin(-1),
-                       torch.where(bad, -math.inf, per_seq).amax(-1))).diagonal()
+    if per_seq.shape[-1] == 0:
+        # no sequence (B = 0): no extreme, as when every sequence is empty (a shape test on the
+        # host, not a read of the device; min/max of nothing would raise)
+        ext = torch.full((2,), math.nan, dtype=dt, device=lp.device)
+    else:
+        # rows: (min, max) of (low, high); the diagonal is (min of low, max of high)
+        ext = torch.stack((torch.where(bad, math.inf, per_seq).amin(-1),
+                           torch.where(bad, -math.inf, per_seq).amax(-1))).diagonal()
     low_min, high_max = torch.where(bad.all(-1), math.nan, ext).unbind()
     metrics["clip_ratio/low_min"] = low_min
     metrics["clip_ratio/high_max"] = high_max
@@ -195,8 +200,13 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
     big = torch.finfo(dt).max
     valid = (m != 0) if not seq else torch.ones_like(coef, dtype=torch.bool)
     cb = coef.expand_as(valid) if coef.shape != valid.shape else coef
-    metrics["ratio/min"] = torch.where(valid, cb, big).min()
-    metrics["ratio/max"] = torch.where(valid, cb, -big).max()
+    if valid.numel() == 0:
+        # no token (B = 0 or T = 0): the values of a batch whose every token is masked
+        metrics["ratio/min"] = torch.full((), big, dtype=dt, device=lp.device)
+        metrics["ratio/max"] = torch.full((), -big, dtype=dt, device=lp.device)
+    else:
+        metrics["ratio/min"] = torch.where(valid, cb, big).min()
+        metrics["ratio/max"] = torch.where(valid, cb, -big).max()
     metrics["advantages/mean"] = adv.mean()
     metrics["advantages/std"] = adv.std() if adv.numel() > 1 else torch.zeros((), dtype=dt, device=lp.device)
     return metrics

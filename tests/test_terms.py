@@ -267,6 +267,36 @@ def test_policy_metrics(device):
         assert_close(metrics[k], v.detach(), torch.float64, what=k)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("B,T", [(0, 4), (3, 0)])  # no sequence; sequences without tokens
+def test_policy_empty_batch(device, B, T, level):
+    """An empty batch gives a zero loss with zero gradients and the metrics of a batch without
+    kept tokens (min/max over nothing would otherwise raise deep inside the metrics)."""
+    x, w = _leaves(device, torch.float32, (B, T, 8), (13, 8))
+    tok = torch.randint(0, 13, (B, T), device=device)
+    old = torch.randn(B, T, device=device) - 2
+    adv = torch.randn(B, device=device)
+    loss, metrics = fusedce.policy_loss(x, w, tok, old, adv, importance_sampling_level=level)
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    assert loss.item() == 0.0
+    assert gx.shape == x.shape and gw.shape == w.shape and not gw.any()
+    big = torch.finfo(torch.float32).max
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "entropy", "logprob/mean"):
+        assert metrics[name].item() == 0.0, name
+    if B == 0 or level == "token":
+        # no kept token: the masked means are 0, the extremes are those of an all-masked batch
+        assert metrics["ratio/min"].item() == big and metrics["ratio/max"].item() == -big
+        assert math.isnan(metrics["clip_ratio/low_min"].item())
+        assert math.isnan(metrics["clip_ratio/high_max"].item())
+    else:
+        # TRL's sequence level: an empty sequence has ratio exp(0 / max(0, 1)) = 1
+        assert metrics["ratio/min"].item() == metrics["ratio/max"].item() == 1.0
+    if B == 0:
+        assert math.isnan(metrics["advantages/mean"].item())
+    else:
+        torch.testing.assert_close(metrics["advantages/mean"], adv.mean())
+
+
 def test_policy_without_old_logprobs(device):
     """old_logprobs=None: ratio 1 with the gradient of logp (TRL's single-update case)."""
     x, w = _leaves(device, torch.float64, (2, 4, 8), (13, 8))
