@@ -72,6 +72,21 @@ def test_inplace_backward_inside_a_model(device, reduction):
     torch.testing.assert_close(logits.detach(), lr.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("lead", [(12,), (3, 4)], ids=["2d", "3d"])
+def test_inplace_backward_leaf_gradient_is_the_logits_storage(device, lead):
+    """inplace_backward's contract is no [N, V] allocation: for leaf logits (benchmarks/compare.py's
+    use, a detached head) the .grad autograd stores is the logits' own storage, not a copy. A 2-D
+    input passed to the op as the leaf itself (no view between) makes AccumulateGrad clone it."""
+    V = 7
+    logits = torch.randn(*lead, V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, lead, device=device)
+    lr = logits.detach().clone().requires_grad_()
+    reference.cross_entropy(lr, t).loss.backward()
+    fusedce.cross_entropy(logits, t, inplace_backward=True).backward()
+    torch.testing.assert_close(logits.grad, lr.grad, rtol=1e-9, atol=1e-12)
+    assert logits.grad.data_ptr() == logits.data_ptr(), "the gradient is a new [N, V] buffer"
+
+
 def test_inplace_backward_second_backward_raises(device):
     """After the in-place backward the logits are gone: using the graph again must fail loudly."""
     logits = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
