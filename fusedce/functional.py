@@ -309,7 +309,10 @@ def cross_entropy(
         )
 
     shape = target.shape
-    logits = _rows(input, V)
+    # The in-place backward returns the logits' own buffer as their gradient. Through a view (the
+    # reshape) AccumulateGrad takes it as .grad as it is; given the leaf itself it would clone it,
+    # the [N, V] allocation inplace_backward exists to avoid.
+    logits = input.reshape(-1, V) if inplace_backward else _rows(input, V)
     flat_target = _flat(target)
     token_loss, lse, predicted = _ops.cross_entropy(
         logits, flat_target, weight, ignore_index=ignore_index,
