@@ -116,10 +116,10 @@ def _policy_parts(lp, old, adv, ref, m, isr, level, opts):
     return parts
 
 
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in dtype; a tensor already of that dtype as it is (a no-op .to is still a dispatch, and
-    policy_loss makes a few per call)."""
-    return x if x.dtype == dtype else x.to(dtype)
+def _as(x, dtype: torch.dtype):
+    """x in dtype; a tensor already of that dtype as it is, None as None (a no-op .to is still a
+    dispatch, and policy_loss and the recomputing backward make several per call)."""
+    return x if x is None or x.dtype == dtype else x.to(dtype)
 
 
 def _nograd(x: torch.Tensor) -> torch.Tensor:
@@ -151,15 +151,15 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
 
     lt = opts["loss_type"]
     c = parts.get("coef_1_clamped", coef)
-    low = _as((c < 1 - opts["epsilon_low"]) & (a < 0), dt)
-    high = _as((c > 1 + opts["epsilon_high"]) & (a > 0), dt)
+    low = ((c < 1 - opts["epsilon_low"]) & (a < 0)).to(dt)
+    high = ((c > 1 + opts["epsilon_high"]) & (a > 0)).to(dt)
     gmean("clip_ratio/low_mean", low)
     gmean("clip_ratio/high_mean", high)
     gmean("clip_ratio/region_mean", torch.maximum(low, high))
     gmean("ratio/mean", coef)
     pending += [("entropy", ent), ("logprob/mean", lp)]
     if lt == "cispo":
-        gmean("cispo_clip_ratio", _as((coef > opts["epsilon_high"]) & (a > 0), dt))
+        gmean("cispo_clip_ratio", ((coef > opts["epsilon_high"]) & (a > 0)).to(dt))
     if lt == "vespo":
         phi = parts["phi"]
         # TRL's phi has the advantages' shape: one per sequence for [B] advantages.

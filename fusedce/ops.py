@@ -9,6 +9,7 @@ from torch.library import register_autograd, register_fake
 
 from . import _op_args
 from ._extension import load_extension
+from ._shared import _as
 
 _ops = torch.ops.fusedce
 
@@ -301,11 +302,6 @@ def _mean_grad_scale(target, class_weight, ignore_index: int, V: int, dtype):
 
 def _add(a, b):
     return b if a is None else a if b is None else a + b
-
-
-def _as(x, dtype):
-    # a no-op .to is still a dispatch; the recomputing backward makes several per call
-    return None if x is None else x if x.dtype == dtype else x.to(dtype)
 
 
 def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entropy,
