@@ -248,6 +248,49 @@ def test_cross_entropy_ops(dtype, v):
     assert torch.equal(view, grad) and wide[:, :3].abs().max().item() == 0
 
 
+
+# The backward's long-row kernel covers a row in segments of 128 threads x 4 16-byte vectors (one
+# load per thread, 4096 bf16 / 2048 float / 512 double elements per segment), the scalar head in
+# the first segment and the tail in the last. Grid: one segment past a boundary (4097), several
+# segments with an odd tail (3 x 4096 + 13), and more rows than one grid dimension holds (65535),
+# which the kernel loops over. Targets sit in the head, the tail and on segment boundaries; ignored
+# rows take the all-zero path. A 16-byte-misaligned view takes another head/tail split (and the
+# scalar walk out of place): every route must give the same bits and write nothing outside the view.
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("n, v", [(7, 4097), (9, 3 * 4096 + 13), (65537 + 2, 1031)])
+def test_gradient_row_segments(dtype, n, v):
+    g = torch.Generator(device=DEV).manual_seed(n + v)
+    logits = (torch.randn(n, v, device=DEV, generator=g) * 3).to(dtype)
+    target = torch.randint(0, v, (n,), device=DEV, generator=g)
+    edges = torch.tensor([0, 1, v - 1, min(511, v - 1), min(4095, v - 1), min(4096, v - 1),
+                          -100], device=DEV)
+    assert n >= len(edges)
+    target[: len(edges)] = edges
+    target[-1] = -100
+    tok, lse, _ = ops.cross_entropy(logits, target)
+    gtok = torch.rand(n, device=DEV, generator=g, dtype=lse.dtype) + 0.5
+    grad = ops.cross_entropy_backward(logits, target, None, lse, gtok, None)
+    z = logits.double()
+    ref = torch.softmax(z, -1)
+    ok = target >= 0
+    ref[ok.nonzero()[:, 0], target[ok]] -= 1
+    ref = ref * (gtok.double() * ok)[:, None]
+    assert grad.dtype == dtype and rel(grad, ref) < TOL[dtype][1]
+    assert grad[-1].abs().max().item() == 0
+    inplace = logits.clone()
+    ops.cross_entropy_backward_(inplace, target, None, lse, gtok, None)
+    assert torch.equal(inplace, grad)
+    for off in (1, 3):  # rows of a wider buffer at an odd offset: heads differ from row to row
+        wide = torch.zeros(n, v + 7, device=DEV, dtype=dtype)
+        view = wide[:, off:off + v]
+        view.copy_(logits)
+        out = ops.cross_entropy_backward(view, target, None, lse, gtok, None)
+        assert torch.equal(out, grad)
+        ops.cross_entropy_backward_(view, target, None, lse, gtok, None)
+        assert torch.equal(view, grad)
+        assert wide[:, :off].abs().max().item() == 0 and wide[:, off + v:].abs().max().item() == 0
+
+
 def test_first_argmax_on_ties():
     logits = torch.zeros(3, 37, device=DEV, dtype=torch.bfloat16)
     logits[0, [5, 9, 30]] = 2.0

@@ -4,8 +4,11 @@
 //
 // Layout: NT threads per row. NT = 32 is a warp per row (8 rows per 256-thread block, small V);
 // NT = 256 is a block per row. Each thread walks its row in 16-byte vectors (8 bf16/fp16,
-// 4 fp32, 2 fp64), 8 vectors (128 bytes) in flight, with a scalar head up to the first 16-byte boundary
-// and a scalar tail, so any V and any row alignment work. All index arithmetic is 64-bit.
+// 4 fp32, 2 fp64), 4 vectors (2 for fp64) in flight, with a scalar head up to the first 16-byte
+// boundary and a scalar tail, so any V and any row alignment work. All index arithmetic is 64-bit.
+// The gradient from a saved lse needs no row reduction: its long rows go to a 128-thread block per
+// row segment instead (row_grad_seg_kernel), which streams at copy speed where a block walking a
+// whole row did not.
 // A thread touches the same elements in the statistics pass and in the gradient pass, so the
 // in-place overwrite needs no barrier beyond the one that orders the target-logit read.
 
@@ -91,6 +94,31 @@ __device__ __forceinline__ void walk_row(const T* row, int64_t n, int lt, FS sca
   if (tail0 + lt < n) scalar(tail0 + lt);
 }
 
+// Walk segment `s` of `nseg` of a row: the vectors [s, s + 1) x NT x U of its vector body (one
+// load of U vectors per thread), the scalar head in segment 0 and the scalar tail in the last one.
+// The row's split into head, vectors and tail is walk_row's, so an element's arithmetic (and the
+// thread that reads and rewrites it) does not depend on which walk reached it. `nseg` x NT x U
+// vectors must cover ceil(n / VEC) (the host's count; a row's own body may be a vector shorter).
+template <typename T, int NT, typename FS, typename FV>
+__device__ __forceinline__ void walk_segment(const T* row, int64_t n, int64_t s, int64_t nseg,
+                                             int lt, FS scalar, FV vec) {
+  constexpr int VEC = Vec<T>::N;
+  constexpr int kUnroll = Unroll<T>::value;
+  const int64_t h = head_elems(row, n);
+  if (s == 0 && lt < h) scalar(static_cast<int64_t>(lt));
+  const int64_t nv = (n - h) / VEC;
+  const int64_t v = s * (kUnroll * NT) + lt;
+  Vec<T> x[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (v + u * NT < nv) x[u] = load_vec(row + h + (v + u * NT) * VEC);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (v + u * NT < nv) vec(h + (v + u * NT) * VEC, x[u]);
+  const int64_t tail0 = h + nv * VEC;
+  if (s == nseg - 1 && tail0 + lt < n) scalar(tail0 + lt);
+}
+
 // Statistics of one element / one 16-byte vector at tile column j (class weights at col0 + j).
 template <typename T, bool kTr, bool kWz>
 __device__ __forceinline__ void stats_scalar(FastState<acc_t<T>>& st, const Epi<acc_t<T>>& ep,
@@ -174,26 +202,38 @@ __device__ __forceinline__ GradRow<A> make_grad_row(const Epi<A>& ep, bool ok, i
   return g;
 }
 
-// Gradient of one row (tile columns [0, n), vocabulary col0 + j).
-template <typename T, int NT, bool kTr, bool kSm>
-__device__ __forceinline__ void grad_row(const T* in, T* out, int64_t n, int64_t col0,
-                                         const GradRow<acc_t<T>>& g, const Epi<acc_t<T>>& ep,
-                                         int lt) {
+// Gradient of one row (tile columns [0, n), vocabulary col0 + j), or of its elements [e0, e1) when
+// `walk` covers only those (a row segment): walk(row, lt, scalar, vec) visits the aligned elements.
+template <typename T, int NT, bool kTr, bool kSm, typename W>
+__device__ __forceinline__ void grad_span(const T* in, T* out, int64_t n, int64_t e0, int64_t e1,
+                                          int64_t col0, const GradRow<acc_t<T>>& g,
+                                          const Epi<acc_t<T>>& ep, int lt, W walk) {
   using A = acc_t<T>;
   if (g.cA == A(0) && g.cB == A(0) && g.cC == A(0)) {  // e.g. an ignored row without grad_lse
     const T zero = from_acc<T>(A(0));
-    for (int64_t j = lt; j < n; j += NT) out[j] = zero;
+    for (int64_t j = e0 + lt; j < e1; j += NT) out[j] = zero;
     return;
   }
   if (head_elems(in, n) == head_elems(out, n)) {
-    walk_row<T, NT>(
-        in, n, lt, [&](int64_t j) { out[j] = grad_scalar<T, kTr, kSm>(g, ep, in[j], j, col0); },
+    walk(
+        in, lt, [&](int64_t j) { out[j] = grad_scalar<T, kTr, kSm>(g, ep, in[j], j, col0); },
         [&](int64_t j0, const Vec<T>& x) {
           store_vec(out + j0, grad_vec<T, kTr, kSm>(g, ep, x, j0, col0));
         });
   } else {  // in and out differ in 16-byte alignment: scalar walk
-    for (int64_t j = lt; j < n; j += NT) out[j] = grad_scalar<T, kTr, kSm>(g, ep, in[j], j, col0);
+    for (int64_t j = e0 + lt; j < e1; j += NT)
+      out[j] = grad_scalar<T, kTr, kSm>(g, ep, in[j], j, col0);
   }
+}
+
+template <typename T, int NT, bool kTr, bool kSm>
+__device__ __forceinline__ void grad_row(const T* in, T* out, int64_t n, int64_t col0,
+                                         const GradRow<acc_t<T>>& g, const Epi<acc_t<T>>& ep,
+                                         int lt) {
+  grad_span<T, NT, kTr, kSm>(in, out, n, 0, n, col0, g, ep, lt,
+                             [&](const T* row, int l, auto scalar, auto vec) {
+                               walk_row<T, NT>(row, n, l, scalar, vec);
+                             });
 }
 
 template <int NT>
@@ -280,18 +320,48 @@ __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
   }
 }
 
+template <typename T>
+__device__ __forceinline__ GradRow<acc_t<T>> grad_row_of(const GradK<T>& a, const Epi<acc_t<T>>& ep,
+                                                         int64_t r) {
+  using A = acc_t<T>;
+  const int64_t t = a.target[r];
+  const A gs = a.grad_tok ? a.grad_tok[r * a.grad_tok_stride] : A(1);
+  const A gl = a.grad_lse ? a.grad_lse[r * a.grad_lse_stride] : A(0);
+  return make_grad_row(ep, ep.valid(t), t, a.col0, a.lse[r], gs, gl);
+}
+
+// Short rows: a warp per row (8 rows per block).
 template <typename T, int NT, bool kTr, bool kSm>
 __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
     row_grad_kernel(GradK<T> a, Epi<acc_t<T>> ep) {
-  using A = acc_t<T>;
   const int lt = RowMap<NT>::lane();
   for (int64_t r = RowMap<NT>::first_row(); r < a.rows; r += RowMap<NT>::row_step()) {
-    const int64_t t = a.target[r];
-    const bool ok = ep.valid(t);
-    const A gs = a.grad_tok ? a.grad_tok[r * a.grad_tok_stride] : A(1);
-    const A gl = a.grad_lse ? a.grad_lse[r * a.grad_lse_stride] : A(0);
-    const GradRow<A> g = make_grad_row(ep, ok, t, a.col0, a.lse[r], gs, gl);
-    grad_row<T, NT, kTr, kSm>(a.in + r * a.ld_in, a.out + r * a.ld_out, a.cols, a.col0, g, ep, lt);
+    grad_row<T, NT, kTr, kSm>(a.in + r * a.ld_in, a.out + r * a.ld_out, a.cols, a.col0,
+                              grad_row_of(a, ep, r), ep, lt);
+  }
+}
+
+// Long rows: a block per row segment (blockIdx.x) of kSegThreads x U vectors, one load of U
+// vectors per thread and no loop, rows along blockIdx.y. Measured on an H200 (bf16 in place, the
+// kernel alone against cudaMemcpyAsync of the same bytes): 1.01-1.04x of the copy's time, where a
+// 256-thread block walking a whole row ran at 1.15x (benchmarks/results/history/ce_grad_layout_*).
+constexpr int kSegThreads = 128;
+constexpr int kSegMinBlocks = 8;  // 1024 threads per SM, <= 64 registers as the row kernels
+
+template <typename T, bool kTr, bool kSm>
+__global__ void __launch_bounds__(kSegThreads, kSegMinBlocks)
+    row_grad_seg_kernel(GradK<T> a, Epi<acc_t<T>> ep) {
+  constexpr int64_t kSegElems = int64_t(kSegThreads) * Unroll<T>::value * Vec<T>::N;
+  const int lt = threadIdx.x;
+  const int64_t s = blockIdx.x, nseg = gridDim.x;
+  const int64_t e0 = s * kSegElems;
+  const int64_t e1 = e0 + kSegElems < a.cols ? e0 + kSegElems : a.cols;
+  for (int64_t r = blockIdx.y; r < a.rows; r += gridDim.y) {
+    grad_span<T, kSegThreads, kTr, kSm>(
+        a.in + r * a.ld_in, a.out + r * a.ld_out, a.cols, e0, e1, a.col0, grad_row_of(a, ep, r), ep,
+        lt, [&](const T* row, int l, auto scalar, auto vec) {
+          walk_segment<T, kSegThreads>(row, a.cols, s, nseg, l, scalar, vec);
+        });
   }
 }
 
@@ -385,13 +455,20 @@ cudaError_t grad_impl(const gpu::GradArgs& g, const gpu::EpiParams& p, cudaStrea
   k.grad_lse_stride = g.grad_lse_stride;
   const Epi<A> ep = make_epi<A>(p);
   const int nt = pick_nt(g.cols, sizeof(T));
-  const unsigned grid = grid_for(g.rows, nt, 0);
+  // segments of the long-row kernel: enough to cover ceil(cols / VEC) vectors (walk_segment)
+  constexpr int64_t kSegVecs = int64_t(kSegThreads) * Unroll<T>::value;
+  const int64_t nvec = (g.cols + Vec<T>::N - 1) / Vec<T>::N;
+  const int64_t nseg = (nvec + kSegVecs - 1) / kSegVecs;
+  if (nt != 32 && nseg > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return with_flags<T>(p, [&](auto tr, auto sm) -> cudaError_t {
     constexpr bool kTr = decltype(tr)::value, kSm = decltype(sm)::value;
     if (nt == 32) {
+      const unsigned grid = grid_for(g.rows, nt, 0);
       row_grad_kernel<T, 32, kTr, kSm><<<grid, RowMap<32>::kBlock, 0, stream>>>(k, ep);
     } else {
-      row_grad_kernel<T, 256, kTr, kSm><<<grid, RowMap<256>::kBlock, 0, stream>>>(k, ep);
+      const dim3 grid(static_cast<unsigned>(nseg),
+                      static_cast<unsigned>(g.rows < 65535 ? g.rows : 65535));
+      row_grad_seg_kernel<T, kTr, kSm><<<grid, kSegThreads, 0, stream>>>(k, ep);
     }
     return cudaGetLastError();
   });
