@@ -99,6 +99,11 @@ CASES = {
     "tiled": dict(n=70, h=32, v=5003, kw=dict(softcap=10.0, label_smoothing=0.1), chunk=16,
                   vchunk=1000, cw=True, bias=True),
     "tiled_f32acc": dict(n=50, h=24, v=3000, kw={}, vchunk=256, f32acc=True),
+    # vocabulary tiles long enough for the gradient's segment kernel (col0 > 0; 2 segments per
+    # 4500-column tile in bf16/fp16, 3 in fp32; the last tile, 1007 columns, a warp tile in half)
+    "tiled_long": dict(n=40, h=32, v=10007, kw=dict(softcap=10.0, label_smoothing=0.1,
+                                                    z_loss=1e-4), chunk=16, vchunk=4500, cw=True,
+                       bias=True),
 }
 
 
@@ -175,10 +180,11 @@ def test_noncontiguous_inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("vchunk", [0, 333])
-def test_loss_backward_with_grad_lse(dtype, vchunk):
-    hidden, weight, target, bias = make(45, 32, 1500, dtype, bias=True)
-    cw = torch.rand(1500, device=DEV) + 0.5
+# whole rows (segment kernel in half, warp in fp32), warp-width tiles, tiles of 2-3 segments
+@pytest.mark.parametrize("v, vchunk", [(1500, 0), (1500, 333), (10007, 4500)])
+def test_loss_backward_with_grad_lse(dtype, v, vchunk):
+    hidden, weight, target, bias = make(45, 32, v, dtype, bias=True)
+    cw = torch.rand(v, device=DEV) + 0.5
     kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
     _, tok, lse, *_ = ops.loss(hidden, weight, target, bias, cw, **op_kwargs(kw))
     gtok = torch.randn(45, device=DEV)
@@ -246,18 +252,23 @@ def test_cross_entropy_ops(dtype, v):
     view.copy_(logits)
     ops.cross_entropy_backward_(view, target, cw, lse, gtok, glse, **op_kwargs(kw))
     assert torch.equal(view, grad) and wide[:, :3].abs().max().item() == 0
+    # out of place from rows whose 16-byte alignment differs from the output's: the scalar walk
+    src = torch.zeros(n, v + 5, device=DEV, dtype=dtype)[:, 1:1 + v]
+    src.copy_(logits)
+    assert torch.equal(ops.cross_entropy_backward(src, target, cw, lse, gtok, glse,
+                                                  **op_kwargs(kw)), grad)
 
 
-
-# The backward's long-row kernel covers a row in segments of 128 threads x 4 16-byte vectors (one
-# load per thread, 4096 bf16 / 2048 float / 512 double elements per segment), the scalar head in
-# the first segment and the tail in the last. Grid: one segment past a boundary (4097), several
-# segments with an odd tail (3 x 4096 + 13), and more rows than one grid dimension holds (65535),
-# which the kernel loops over. Targets sit in the head, the tail and on segment boundaries; ignored
-# rows take the all-zero path. A 16-byte-misaligned view takes another head/tail split (and the
-# scalar walk out of place): every route must give the same bits and write nothing outside the view.
+# The backward's long-row kernel covers a row in segments of 128 threads x 4 16-byte vectors (2 for
+# double; one load per thread, 4096 bf16 / 2048 float / 512 double elements per segment), the
+# scalar head in the first segment and the tail in the last. Grid: one segment past a boundary
+# (4097), several segments with an odd tail (3 x 4096 + 13), and many rows of one short segment
+# (1031: the warp kernel in half precision, the segment kernel in float and double). Targets sit in
+# the head, the tail and on segment boundaries; ignored rows take the all-zero path. A 16-byte-
+# misaligned view takes another head/tail split (and the scalar walk out of place): every route
+# must give the same bits and write nothing outside the view.
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("n, v", [(7, 4097), (9, 3 * 4096 + 13), (65537 + 2, 1031)])
+@pytest.mark.parametrize("n, v", [(7, 4097), (9, 3 * 4096 + 13), (4099, 1031)])
 def test_gradient_row_segments(dtype, n, v):
     g = torch.Generator(device=DEV).manual_seed(n + v)
     logits = (torch.randn(n, v, device=DEV, generator=g) * 3).to(dtype)
@@ -289,6 +300,52 @@ def test_gradient_row_segments(dtype, n, v):
         ops.cross_entropy_backward_(view, target, None, lse, gtok, None)
         assert torch.equal(view, grad)
         assert wide[:, :off].abs().max().item() == 0 and wide[:, off + v:].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_gradient_row_segments_grid_rows(dtype):
+    """More rows than a grid dimension holds (65535), two segments each in every dtype: the rows
+    past 65535 are reached by the kernel's row loop; they must equal a launch without the loop."""
+    v = {2: 4096 + 9, 4: 2048 + 9, 8: 512 + 9}[torch.empty(0, dtype=dtype).element_size()]
+    n = 65535 + 70
+    g = torch.Generator(device=DEV).manual_seed(5)
+    logits = (torch.randn(n, v, device=DEV, generator=g) * 3).to(dtype)
+    target = torch.randint(0, v, (n,), device=DEV, generator=g)
+    target[65535:65540] = torch.tensor([0, v - 1, -100, 1, v - 2], device=DEV)
+    _, lse, _ = ops.cross_entropy(logits, target)
+    gtok = torch.rand(n, device=DEV, generator=g, dtype=lse.dtype) + 0.5
+    glse = torch.randn(n, device=DEV, generator=g, dtype=lse.dtype)
+    lo = 65535 - 3
+    for gl in (None, glse):
+        grad = ops.cross_entropy_backward(logits, target, None, lse, gtok, gl)
+        for a, b in ((0, 64), (lo, n)):  # a launch of these rows alone has no row loop
+            part = ops.cross_entropy_backward(logits[a:b], target[a:b], None, lse[a:b],
+                                              gtok[a:b], None if gl is None else gl[a:b])
+            assert torch.equal(part, grad[a:b])
+        inplace = logits.clone()
+        ops.cross_entropy_backward_(inplace, target, None, lse, gtok, gl)
+        assert torch.equal(inplace, grad)
+        z = logits[lo:].double()
+        p = torch.softmax(z, -1)
+        t, ok = target[lo:], target[lo:] >= 0
+        ref = p.clone()
+        ref[ok.nonzero()[:, 0], t[ok]] -= 1
+        ref = ref * (gtok[lo:].double() * ok)[:, None]
+        if gl is not None:
+            ref = ref + p * gl[lo:].double()[:, None]
+        assert rel(grad[lo:], ref) < TOL[dtype][1]
+
+
+def test_gradient_row_segments_nan_and_zero_rows():
+    """On long rows: an out-of-range target poisons its whole row (every segment) with NaN, a zero
+    upstream gradient takes the all-zero path, and so does an ignored row."""
+    v = 3 * 4096 + 13
+    logits = (torch.randn(3, v, device=DEV) * 3).to(torch.bfloat16)
+    target = torch.tensor([v + 5, 2, -100], device=DEV)
+    _, lse, _ = ops.cross_entropy(logits, target)
+    grad = ops.cross_entropy_backward(logits, target, None, lse,
+                                      torch.tensor([1.0, 0.0, 1.0], device=DEV), None)
+    assert torch.isnan(grad[0].float()).all() and grad[1:].abs().max().item() == 0
 
 
 def test_first_argmax_on_ties():

@@ -230,9 +230,5 @@ cudaError_t launch_mean_denominator(DType acc, const int64_t* target, int64_t n,
 cudaError_t launch_mean_finish(DType acc, const void* token_loss, int64_t n, const void* d,
                                void* loss, cudaStream_t stream);
 
-// Threads per row the launchers pick for a row of `cols` elements of `elem_size` bytes (for
-// grid sizing on the host): 32 (a warp per row, 8 rows per block) or 256 (a block per row).
-int row_threads(int64_t cols, int elem_size);
-
 }  // namespace gpu
 }  // namespace fusedce

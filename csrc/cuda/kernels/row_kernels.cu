@@ -202,8 +202,11 @@ __device__ __forceinline__ GradRow<A> make_grad_row(const Epi<A>& ep, bool ok, i
   return g;
 }
 
-// Gradient of one row (tile columns [0, n), vocabulary col0 + j), or of its elements [e0, e1) when
-// `walk` covers only those (a row segment): walk(row, lt, scalar, vec) visits the aligned elements.
+// Gradient of a row (tile columns [0, n), vocabulary col0 + j), or of one segment's share of it:
+// [e0, e1) on the zero and scalar paths, and on the vector path whatever walk(row, lt, scalar, vec)
+// visits (walk_segment: its vectors, shifted by the row's head, plus the head or the tail). The
+// shares split the row exactly because every segment of a row takes the same path (it depends only
+// on g and on the alignment of the row's in and out).
 template <typename T, int NT, bool kTr, bool kSm, typename W>
 __device__ __forceinline__ void grad_span(const T* in, T* out, int64_t n, int64_t e0, int64_t e1,
                                           int64_t col0, const GradRow<acc_t<T>>& g,
@@ -343,8 +346,9 @@ __global__ void __launch_bounds__(RowMap<NT>::kBlock, kMinBlocksPerSM)
 
 // Long rows: a block per row segment (blockIdx.x) of kSegThreads x U vectors, one load of U
 // vectors per thread and no loop, rows along blockIdx.y. Measured on an H200 (bf16 in place, the
-// kernel alone against cudaMemcpyAsync of the same bytes): 1.01-1.04x of the copy's time, where a
-// 256-thread block walking a whole row ran at 1.15x (benchmarks/results/history/ce_grad_layout_*).
+// kernel alone against cudaMemcpyAsync of the same bytes): 1.01-1.05x of the copy's time (1.05x at
+// power-of-two V), where a 256-thread block walking a whole row ran at 1.13-1.16x
+// (benchmarks/results/history/ce_grad_layout_h200_2026-12-02/).
 constexpr int kSegThreads = 128;
 constexpr int kSegMinBlocks = 8;  // 1024 threads per SM, <= 64 registers as the row kernels
 
@@ -367,6 +371,7 @@ __global__ void __launch_bounds__(kSegThreads, kSegMinBlocks)
 
 // A warp per row up to 4 vectors per lane, else a 256-thread block per row (several blocks per SM
 // keep enough loads in flight; a 1024-thread block per row measured ~3x under copy bandwidth).
+// The gradient launcher takes the segment kernel instead of the 256-thread one.
 inline int pick_nt(int64_t cols, int elem_size) {
   const int64_t nvec = cols * elem_size / 16;
   return nvec <= 4 * 32 ? 32 : 256;
@@ -477,8 +482,6 @@ cudaError_t grad_impl(const gpu::GradArgs& g, const gpu::EpiParams& p, cudaStrea
 }  // namespace kern
 
 namespace gpu {
-
-int row_threads(int64_t cols, int elem_size) { return kern::pick_nt(cols, elem_size); }
 
 cudaError_t launch_row_stats(DType dtype, const StatsArgs& args, const EpiParams& epi,
                              cudaStream_t stream) {
