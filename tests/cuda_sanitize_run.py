@@ -35,7 +35,8 @@ def close(a, b, tol, what):
 
 DTYPES = [getattr(torch, name) for name in sys.argv[1:]] or [torch.bfloat16, torch.float32]
 for dtype in DTYPES:
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    # the logits are rounded to the input dtype: the suite's value budgets (tests/test_cuda_ops.py TOL)
+    tol = {torch.bfloat16: 3e-2, torch.float16: 1e-3}.get(dtype, 1e-4)
     for N, H, V in ((5, 24, 7), (9, 40, 1001), (3, 16, 5003)):  # warp rows, block rows, odd V
         x = torch.randn(N, H, device=dev, dtype=dtype, requires_grad=True)
         w = (torch.randn(V, H, device=dev) * H**-0.5).to(dtype).requires_grad_()
