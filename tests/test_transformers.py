@@ -96,6 +96,22 @@ def test_shift_labels():
     assert abs(plain[0].item() - fused[0].item()) > 1e-6
 
 
+def test_flat_labels():
+    # ForCausalLMLoss shifts the labels along their own last dimension and pairs them with the
+    # flattened logits: labels given flat [B*T] make the last token of one row score the first
+    # label of the next. The fused path must pair them the same way, not per row of input_ids.
+    ids, labels = _tiny.batch()
+    labels = labels.reshape(-1)
+    cls = transformers.LlamaForCausalLM
+    model = _tiny.tiny_model(cls)
+    fwd = fhf.analyse_class(cls)
+    stock = _tiny.run(model, fwd._fusedce_original, ids, labels)
+    fused = _tiny.run(model, fwd, ids, labels)
+    assert _tiny.compare(stock, fused) is None, _tiny.compare(stock, fused)
+    per_row = _tiny.run(model, fwd, ids, labels.reshape(ids.shape))
+    assert abs(per_row[0].item() - stock[0].item()) > 1e-6  # the two pairings differ on this batch
+
+
 @pytest.mark.parametrize("num_items", [7, torch.tensor(7)], ids=["int", "tensor"])
 def test_num_items_in_batch(num_items):
     # sum / num_items_in_batch (gradient accumulation): 7 is not the batch's own count of tokens
