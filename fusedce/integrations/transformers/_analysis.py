@@ -168,7 +168,10 @@ def _fce_loss(state, loss_function, *args, **kwargs):
         if target.numel() != hidden.shape[:-1].numel():
             raise ValueError(f"fusedce: labels of shape {tuple(target.shape)} do not match the hidden "
                              f"states of shape {tuple(hidden.shape)}")
-        target = target.reshape(hidden.shape[:-1])
+        # ForCausalLMLoss shifts along the labels' own last dimension and pairs them with the
+        # flattened logits (flat labels: a row's last token scores the next row's first label), so
+        # the tokens take the labels' shape, not the other way round.
+        hidden = hidden.reshape(*target.shape, hidden.shape[-1])
 
     def fused(x, weight, bias):
         return F_.linear_cross_entropy(
