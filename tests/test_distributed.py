@@ -1151,6 +1151,45 @@ def sharded_empty_shard(c):
     close(fusedce.token_logprobs(x, W[lo:hi], t, process_group=g), ref.token_logprobs(x @ W.T, t)[0], F64, "token_logprobs")
 
 
+@check(min_world=2)
+def vocab_ranges_that_do_not_tile(c):
+    """Given vocab_start values whose ranges overlap (each rank says 0) or leave a gap are refused
+    by name on every rank (a target owned by two ranks, or by none, shows it in the one gather:
+    no extra collective) instead of a silently wrong loss; a tiling in another order than the
+    ranks' (rank 0 holding the last ids) is a valid layout and equals the reference."""
+    V, N, H = 9, 12, 4
+    x = c.randn(N, H, seed=350)
+    W = c.randn(V, H, seed=351)
+    t = torch.arange(N).remainder(V).to(c.dev)  # every id a target: a gap or an overlap is hit
+    t[-1] = -100
+    lo, hi = c.layout(V)
+    g = dist.group.WORLD
+    spans = [Ctx(r, c.world, c.dev).layout(V) for r in range(c.world)]
+    sizes = [b - a for a, b in spans]
+    for name, start, cw in (("overlap", 0, None), ("gap", lo + (1 if c.rank else 0), None),
+                            ("overlap, class weights", 0, torch.ones(hi - lo, dtype=x.dtype, device=c.dev))):
+        for fn in (lambda: fd.linear_cross_entropy(x, W[lo:hi], t, vocab_start=start, weight=cw, process_group=g),
+                   lambda: fd.linear_cross_entropy(x, W[lo:hi], t, vocab_start=start, entropy_coef=0.1,
+                                                   process_group=g),
+                   lambda: fd.token_logprobs(x, W[lo:hi], t, vocab_start=start, process_group=g),
+                   lambda: fd.cross_entropy(x @ W[lo:hi].T, t, vocab_start=start, process_group=g)):
+            err = _error_of(fn)
+            assert isinstance(err, ValueError) and "vocab_start" in str(err), f"{name}: {err!r}"
+    # the ranks' ranges in reverse order: rank r holds the ids after those of ranks r+1, ...
+    rev_start = sum(sizes[c.rank + 1:])
+    perm = torch.cat([torch.arange(a, b) for a, b in reversed(spans)])
+    Wp = W[perm.to(c.dev)]  # the full head in global id order of that layout
+    xs, Ws = leaf(x), leaf(W[lo:hi])
+    loss = fd.linear_cross_entropy(xs, Ws, t, vocab_start=rev_start, label_smoothing=0.1, process_group=g)
+    loss.backward()
+    xr, Wr = leaf(x), leaf(Wp)
+    r = ref.linear_cross_entropy(xr, Wr, t, label_smoothing=0.1).loss
+    r.backward()
+    close(loss, r, F64, "reversed layout loss")
+    close(xs.grad, xr.grad, F64, "reversed layout grad input")
+    close(Ws.grad, Wr.grad[rev_start:rev_start + hi - lo], F64, "reversed layout grad weight shard")
+
+
 @check
 def sharded_second_backward(c):
     """A second backward through a retained graph raised on the single-process path and silently
