@@ -159,6 +159,7 @@ class _Problem:
     """Everything the chunk loop needs; `kind` is "ce", "lp", "distill" or "policy"."""
 
     def __init__(self, **kw):
+        self.owners = []  # per chunk of the forward's loop: how many ranks own each row's target
         self.__dict__.update(kw)
 
 
@@ -220,6 +221,12 @@ def _gather_parts(P, parts):
     against which `_check_targets` checks the targets once the loop is done."""
     G = _gather(parts, P.group, P.world)
     P.v_global = G[:, :1, _PART["kV"]].sum(0).to(torch.int64)
+    if not getattr(P, "targets_checked", False):
+        # How many ranks own each row's target (w_t != 0 where a rank owns it): more than one, or
+        # none, means the ranks' [vocab_start, vocab_start + V_local) ranges overlap or leave a gap,
+        # which _check_targets reports. Read from the gather every rank holds: no collective, and
+        # every rank reaches the same verdict.
+        P.owners.append((G[:, :, _PART["kWt"]] != 0).sum(0))
     return G
 
 
@@ -241,6 +248,33 @@ def _check_targets(P):
         check_global_targets(tgt, P.v_global, valid, 0, name, desc)
     else:
         P.bad = valid & ((tgt < 0) | (tgt >= P.v_global))
+    _check_layout(P, tgt, valid, name)
+
+
+def _check_layout(P, tgt, valid, name):
+    """Each in-range target must be owned by exactly one rank: given vocab_start values whose
+    ranges overlap (a target on two shards: its logit counted twice) or leave a gap (a target on
+    none) would otherwise give a wrong loss silently. A target none owns is only known wrong
+    without class weights (a class weight of 0 hides its owner). Ranges in another order than the
+    ranks' are a valid tiling. Host check as _check_targets (else NaN through `_poison`)."""
+    owners = getattr(P, "owners", None)
+    if not owners or tgt.numel() == 0 or torch.compiler.is_compiling():
+        return
+    owners = torch.cat(owners)
+    fixed = valid & (tgt >= 0) & (tgt < P.v_global)
+    wrong = owners > 1 if getattr(P, "w", None) is not None else owners != 1
+    wrong = fixed & wrong
+    if host_target_check(tgt.device):
+        if tgt.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        if bool(wrong.any()):
+            i = int(wrong.nonzero()[0, 0])
+            raise ValueError(
+                f"fusedce.distributed: {name}[{i}] = {int(tgt[i])} lies on {int(owners[i])} ranks' "
+                "shards: the ranks' ranges [vocab_start, vocab_start + V_local) must cover the "
+                "vocabulary without overlap or gap (check vocab_start)")
+    else:
+        P.bad = P.bad | wrong
 
 
 def _poison(P):
