@@ -256,7 +256,8 @@ def _check_layout(P, tgt, valid, name):
     ranges overlap (a target on two shards: its logit counted twice) or leave a gap (a target on
     none) would otherwise give a wrong loss silently. A target none owns is only known wrong
     without class weights (a class weight of 0 hides its owner). Ranges in another order than the
-    ranks' are a valid tiling. Host check as _check_targets (else NaN through `_poison`)."""
+    ranks' are a valid tiling. Targets that differ between the ranks (a misuse too) show the same
+    way. Host check as _check_targets (else NaN through `_poison`)."""
     owners = getattr(P, "owners", None)
     if not owners or tgt.numel() == 0 or torch.compiler.is_compiling():
         return
@@ -272,7 +273,8 @@ def _check_layout(P, tgt, valid, name):
             raise ValueError(
                 f"fusedce.distributed: {name}[{i}] = {int(tgt[i])} lies on {int(owners[i])} ranks' "
                 "shards: the ranks' ranges [vocab_start, vocab_start + V_local) must cover the "
-                "vocabulary without overlap or gap (check vocab_start)")
+                "vocabulary without overlap or gap (check vocab_start), and every rank must pass "
+                f"the same {name}")
     else:
         P.bad = P.bad | wrong
 
