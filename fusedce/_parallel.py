@@ -262,6 +262,7 @@ def _check_layout(P, tgt, valid, name):
     if not owners or tgt.numel() == 0 or torch.compiler.is_compiling():
         return
     owners = torch.cat(owners)
+    P.owners = []  # not kept for the backward
     fixed = valid & (tgt >= 0) & (tgt < P.v_global)
     wrong = owners > 1 if getattr(P, "w", None) is not None else owners != 1
     wrong = fixed & wrong
