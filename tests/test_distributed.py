@@ -1169,6 +1169,9 @@ def vocab_ranges_that_do_not_tile(c):
     for name, start, cw in (("overlap", 0, None), ("gap", lo + (1 if c.rank else 0), None),
                             ("overlap, class weights", 0, torch.ones(hi - lo, dtype=x.dtype, device=c.dev))):
         for fn in (lambda: fd.linear_cross_entropy(x, W[lo:hi], t, vocab_start=start, weight=cw, process_group=g),
+                   # owners counted per chunk of the loop, checked after it
+                   lambda: fd.linear_cross_entropy(x, W[lo:hi], t, vocab_start=start, weight=cw, chunk_size=5,
+                                                   process_group=g),
                    lambda: fd.linear_cross_entropy(x, W[lo:hi], t, vocab_start=start, entropy_coef=0.1,
                                                    process_group=g),
                    lambda: fd.token_logprobs(x, W[lo:hi], t, vocab_start=start, process_group=g),
@@ -1179,15 +1182,17 @@ def vocab_ranges_that_do_not_tile(c):
     rev_start = sum(sizes[c.rank + 1:])
     perm = torch.cat([torch.arange(a, b) for a, b in reversed(spans)])
     Wp = W[perm.to(c.dev)]  # the full head in global id order of that layout
-    xs, Ws = leaf(x), leaf(W[lo:hi])
-    loss = fd.linear_cross_entropy(xs, Ws, t, vocab_start=rev_start, label_smoothing=0.1, process_group=g)
-    loss.backward()
     xr, Wr = leaf(x), leaf(Wp)
     r = ref.linear_cross_entropy(xr, Wr, t, label_smoothing=0.1).loss
     r.backward()
-    close(loss, r, F64, "reversed layout loss")
-    close(xs.grad, xr.grad, F64, "reversed layout grad input")
-    close(Ws.grad, Wr.grad[rev_start:rev_start + hi - lo], F64, "reversed layout grad weight shard")
+    for chunk in (None, 5):  # one chunk, and three chunks' owner counts concatenated in row order
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        loss = fd.linear_cross_entropy(xs, Ws, t, vocab_start=rev_start, label_smoothing=0.1,
+                                       chunk_size=chunk, process_group=g)
+        loss.backward()
+        close(loss, r, F64, "reversed layout loss")
+        close(xs.grad, xr.grad, F64, "reversed layout grad input")
+        close(Ws.grad, Wr.grad[rev_start:rev_start + hi - lo], F64, "reversed layout grad weight shard")
 
 
 @check
