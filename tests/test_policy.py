@@ -118,6 +118,29 @@ def test_policy_bad_options(device):
         fusedce.policy_loss(x, w, tok, None, adv, num_items_in_batch=0)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         fusedce.policy_loss(x, w, tok, None, adv, gradient_accumulation_steps=0)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "vespo"])
+@pytest.mark.parametrize("value", [0.0, -3.0, float("nan"), float("inf")], ids=["0", "-3", "nan", "inf"])
+def test_policy_num_items_tensor_not_positive(device, loss_type, value):
+    """A CPU num_items_in_batch tensor (HF Trainer passes one) that is 0, negative or not finite
+    divides the loss by it: -3 gave a plausible negated loss, 0 a nan. Its value is on the host,
+    so it is checked, as linear_cross_entropy checks it."""
+    x, w = _leaves(device, torch.float64, (2, 4, 8), (13, 8))
+    tok = torch.randint(0, 13, (2, 4), device=device)
+    adv = torch.randn(2, device=device, dtype=torch.float64)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        fusedce.policy_loss(x, w, tok, None, adv, loss_type=loss_type,
+                            num_items_in_batch=torch.tensor(value))
+
+
+def test_policy_num_items_bool_tensor(device):
+    """A bool tensor is no count (True would divide by 1); the number True is refused already."""
+    x, w = _leaves(device, torch.float64, (2, 4, 8), (13, 8))
+    tok = torch.randint(0, 13, (2, 4), device=device)
+    adv = torch.randn(2, device=device, dtype=torch.float64)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        fusedce.policy_loss(x, w, tok, None, adv, num_items_in_batch=torch.tensor(True, device=device))
     with pytest.raises(ValueError, match="importance_sampling_ratio"):
         fusedce.policy_loss(x, w, tok, None, adv, importance_sampling_ratio=torch.ones(3, device=device))
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
