@@ -339,8 +339,17 @@ def _check_number_or_scalar(x, name, ref, acc):
     if torch.is_tensor(x):
         if x.numel() != 1:
             raise ValueError(f"fusedce: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        if x.dtype == torch.bool:
+            raise ValueError(f"fusedce: {name} must be a count, got a bool tensor")
         if x.device.type != "cpu":
             _check_device(x, name, ref, "input")
+        elif not torch.compiler.is_compiling():
+            # A CPU value is on the host already (no device sync): a count <= 0 or not finite
+            # would divide the loss into a nan or a silently negated value, so it is refused as
+            # linear_cross_entropy refuses it. A device tensor is never read back.
+            value = x.item()
+            if not 0 < value < math.inf:
+                raise ValueError(f"fusedce: {name} must be a finite number > 0, got {value!r}")
         return x.detach().reshape(()).to(device=ref.device, dtype=acc)
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"fusedce: {name} must be a positive finite number or a one-element tensor, got {x!r}")
