@@ -178,3 +178,16 @@ def test_compile_token_statistics(device):
     compiled = torch.compile(f, fullgraph=True)(x, w)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+def test_token_statistics_errors_name_tokens(device):
+    """token_statistics' argument is `tokens` (as token_logprobs'): a bad dtype, shape or class id
+    is reported under that name, not as the op's `target`."""
+    x, w = torch.randn(2, 3, 4, device=device), torch.randn(9, 4, device=device)
+    with pytest.raises(TypeError, match=r"^fusedce: tokens "):
+        fusedce.token_statistics(x, w, torch.zeros(2, 3, device=device))
+    with pytest.raises(ValueError, match=r"^fusedce: tokens "):
+        fusedce.token_statistics(x, w, torch.zeros(2, 4, dtype=torch.long, device=device))
+    bad = torch.tensor([[1, 9, 2], [0, 1, 2]], device=device)
+    with fusedce.validate_targets(), pytest.raises(RuntimeError, match=r"^fusedce: tokens\["):
+        fusedce.token_statistics(x, w, bad)
