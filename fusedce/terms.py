@@ -149,7 +149,7 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
         raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
-    _check_target(tokens, input.shape[:-1], input, "input")
+    _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
     temperature = _check_positive(temperature, "temperature")
     _check_chunk(chunk_size, "chunk_size")
     chunk_size, _ = _budget.resolve(memory_budget, input, linear_weight, chunk_size=chunk_size,
@@ -164,6 +164,9 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     shape = tokens.shape
     want = set(outputs)
     flat = _flat(tokens)
+    if host_target_check(tokens.device):
+        # as token_logprobs: the error names this function's argument, not the op's `target`
+        check_global_targets(flat, V, flat != -100, 0, "tokens", " and is not -100")
     out = _ops.loss(
         _rows(input, H), linear_weight, flat, linear_bias,
         ignore_index=-100, chunk_size=chunk_size or 0, **knobs,
