@@ -338,7 +338,8 @@ def _masked_targets(flat_tokens, kept, ignore: int):
 
 def _check_number_or_scalar(x, name, ref, acc):
     """A positive number, or a one-element tensor (on ref's device, or a CPU scalar copied there):
-    a tensor's value is never brought to the host. Returns a float or a 0-d acc tensor."""
+    a device tensor's value is never brought to the host (a CPU one, already there, is checked).
+    Returns a float or a 0-d acc tensor."""
     if torch.is_tensor(x):
         if x.numel() != 1:
             raise ValueError(f"fusedce: {name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
@@ -403,8 +404,8 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     "bnpo" sum / sum(m), "dr_grpo" sum / (B * max_completion_length), "luspo" mean over
     sequences of per-sequence sums, each divided by ``gradient_accumulation_steps`` (as TRL
     divides them by its current accumulation steps); "cispo", "dapo", "vespo" sum /
-    ``num_items_in_batch``: the caller's global normalizer (a number or a one-element tensor,
-    never read on the host). TRL's is ``max(num_items_in_batch, 1) / num_processes *
+    ``num_items_in_batch``: the caller's global normalizer (a number or a one-element tensor;
+    a device tensor is never read on the host, a CPU one must be > 0 and finite). TRL's is ``max(num_items_in_batch, 1) / num_processes *
     gradient_accumulation_steps / steps_per_generation``; default max(sum(m), 1), the local count.
     The other types ignore ``num_items_in_batch``, and these three ignore
     ``gradient_accumulation_steps`` in their policy term (TRL's normalizer carries it), as in TRL.
