@@ -198,13 +198,13 @@ def _check_head(input, linear_weight, linear_bias, input_name="input", weight_na
     return V, H
 
 
-def _check_num_items(num_items_in_batch):
+def _check_num_items(num_items_in_batch, name="num_items_in_batch"):
     if num_items_in_batch is None:
         return
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(
-                f"fusedce: num_items_in_batch must be a single number, got shape {tuple(num_items_in_batch.shape)}"
+                f"fusedce: {name} must be a single number, got shape {tuple(num_items_in_batch.shape)}"
             )
         # A CUDA value is not read back (that would synchronize); a CPU one is checked.
         if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -217,7 +217,7 @@ def _check_num_items(num_items_in_batch):
     # calls (or dynamic=True) is a symbolic int, which math.isfinite cannot take. False for nan.
     if (isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))
             or not 0 < value < math.inf):
-        raise ValueError(f"fusedce: num_items_in_batch must be a finite number > 0, got {value!r}")
+        raise ValueError(f"fusedce: {name} must be a finite number > 0, got {value!r}")
 
 
 def _check_chunk(value, name: str):

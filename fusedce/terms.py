@@ -23,6 +23,7 @@ from ._checks import (
     _check_ignore_index,
     _check_label_smoothing,
     _check_nonnegative,
+    _check_num_items,
     _check_positive,
     _check_reduction,
     _check_softcap,
@@ -347,13 +348,8 @@ def _check_number_or_scalar(x, name, ref, acc):
             raise ValueError(f"fusedce: {name} must be a count, got a bool tensor")
         if x.device.type != "cpu":
             _check_device(x, name, ref, "input")
-        elif not torch.compiler.is_compiling():
-            # A CPU value is on the host already (no device sync): a count <= 0 or not finite
-            # would divide the loss into a nan or a silently negated value, so it is refused as
-            # linear_cross_entropy refuses it. A device tensor is never read back.
-            value = x.item()
-            if not 0 < value < math.inf:
-                raise ValueError(f"fusedce: {name} must be a finite number > 0, got {value!r}")
+        else:  # on the host already: a count <= 0 or not finite refused as linear_cross_entropy does
+            _check_num_items(x, name)
         return x.detach().reshape(()).to(device=ref.device, dtype=acc)
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
         raise ValueError(f"fusedce: {name} must be a positive finite number or a one-element tensor, got {x!r}")
