@@ -113,11 +113,16 @@ TORCH_LIBRARY(fusedce, m) {
   // The same terms on given logits [N, V]: one online-softmax pass per row. inplace_backward is
   // not used by the forward kernels: it tells the autograd formula (fusedce/ops.py) to run
   // cross_entropy_backward_ and overwrite the logits with their gradient.
+  // mean=True also gives F.cross_entropy's mean as the 0-d `loss` (sum of token_loss / d, d = the
+  // sum of the class weights of the non-ignored targets, 1 each without class weights; nan or
+  // +-inf when d == 0) and grad_scale = 1 / d (0 when d == 0), the factor the backward applies to
+  // loss's upstream gradient: one launch instead of the caller's ~7 small ops. Both are empty
+  // ([0]) when mean=False.
   m.def(
       "cross_entropy(Tensor logits, Tensor target, Tensor? class_weight=None, "
       "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float softcap=0.0, "
-      "float logit_scale=1.0, bool inplace_backward=False) "
-      "-> (Tensor token_loss, Tensor lse, Tensor predicted)");
+      "float logit_scale=1.0, bool inplace_backward=False, bool mean=False) "
+      "-> (Tensor token_loss, Tensor lse, Tensor predicted, Tensor loss, Tensor grad_scale)");
 
   // Backward of cross_entropy from the saved lse: reads each logit once, writes its gradient once.
   m.def(

@@ -314,11 +314,15 @@ def cross_entropy(
     # the [N, V] allocation inplace_backward exists to avoid.
     logits = input.reshape(-1, V) if inplace_backward else _rows(input, V)
     flat_target = _flat(target)
-    token_loss, lse, predicted = _ops.cross_entropy(
-        logits, flat_target, weight, ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-        softcap=0.0 if softcap is None else float(softcap), logit_scale=float(logit_scale),
-        inplace_backward=bool(inplace_backward),
+    # A plain mean is the op's own (mean=True): one launch after the pass, where the denominator,
+    # the sum and the division as PyTorch ops were ~7 launches and dispatches per call, forward
+    # and backward (host time that a synced step waits for).
+    mean = reduction == "mean" and num_items_in_batch is None
+    # positional, in schema order (_ops_py._CROSS_ENTROPY_ARGS): keywords cost a lookup per call
+    token_loss, lse, predicted, mean_loss, _ = _ops.cross_entropy(
+        logits, flat_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+        0.0 if softcap is None else float(softcap), float(logit_scale), bool(inplace_backward),
+        mean,
     )
     denom = None
     if reduction == "none":
@@ -328,8 +332,9 @@ def cross_entropy(
     elif reduction == "sum":
         loss = token_loss.sum()
     else:
-        denom = _denominator(flat_target, ignore_index, weight, token_loss.dtype)
-        loss = token_loss.sum() / denom
+        loss = mean_loss
+        if return_stats:  # the statistics' z-loss mean divides by the same d
+            denom = _denominator(flat_target, ignore_index, weight, token_loss.dtype)
     if not return_stats:
         return loss
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,

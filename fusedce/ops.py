@@ -59,7 +59,7 @@ _LOSS_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "grad_scale"
 _LOSS_BACKWARD_ARGS = ("hidden", "weight", "target", "bias", "class_weight", "lse",
                        "grad_token_loss", "grad_lse", "grad_entropy", "grad_logprob", *_CE_KNOBS,
                        "grad_mask", *_CHUNK_KNOBS, *_TERM_ARGS)
-_CROSS_ENTROPY_ARGS = ("logits", "target", "class_weight", *_CE_KNOBS, "inplace_backward")
+_CROSS_ENTROPY_ARGS = ("logits", "target", "class_weight", *_CE_KNOBS, "inplace_backward", "mean")
 _CROSS_ENTROPY_BACKWARD_ARGS = ("logits", "target", "class_weight", "lse", "grad_token_loss",
                                 "grad_lse", *_CE_KNOBS)
 
@@ -369,13 +369,17 @@ register_autograd("fusedce::loss", _loss_backward, setup_context=_loss_setup_con
 
 @register_fake("fusedce::cross_entropy")
 def _cross_entropy_fake(logits, target, class_weight=None, ignore_index=-100, label_smoothing=0.0,
-                        z_loss=0.0, softcap=0.0, logit_scale=1.0, inplace_backward=False):
+                        z_loss=0.0, softcap=0.0, logit_scale=1.0, inplace_backward=False,
+                        mean=False):
     n = logits.shape[0]
     acc = _acc_dtype(logits.dtype)
+    scalar = () if mean else (0,)
     return (
         logits.new_empty((n,), dtype=acc),
         logits.new_empty((n,), dtype=acc),
         logits.new_empty((n,), dtype=torch.long),
+        logits.new_empty(scalar, dtype=acc),
+        logits.new_empty(scalar, dtype=acc),
     )
 
 
@@ -396,20 +400,27 @@ def _cross_entropy_backward_inplace_fake(logits, target, class_weight, lse, grad
 def _cross_entropy_setup_context(ctx, inputs, output):
     # inputs: every argument of `cross_entropy`, in _CROSS_ENTROPY_ARGS order.
     logits, target, class_weight = inputs[:3]
-    token_loss, lse, predicted = output
+    token_loss, lse, predicted, loss, grad_scale = output
     ctx.set_materialize_grads(False)
     ctx.inplace = inputs[8]
+    ctx.mean = inputs[9]
     ctx.knobs = inputs[3:8]  # the tail of cross_entropy_backward(_)'s arguments, in order
-    ctx.save_for_backward(logits, target, class_weight, lse)
+    ctx.save_for_backward(logits, target, class_weight, lse, grad_scale)
 
 
-def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
+def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred, grad_loss, _g_scale):
     check_not_create_graph("cross_entropy (fusedce::cross_entropy)")
-    logits, target, class_weight, lse = ctx.saved_tensors
+    logits, target, class_weight, lse, grad_scale = ctx.saved_tensors
+    if ctx.mean and grad_loss is not None:  # without mean, loss is an empty placeholder
+        # mean=True: loss = sum_i token_loss_i / d, so each token's upstream gradient gains
+        # grad_loss / d; a 0-d product expanded (no [N] allocation, the kernels read stride 0).
+        g_mean = (_as(grad_loss, lse.dtype) * grad_scale).expand(lse.shape)
+        grad_token_loss = (g_mean if grad_token_loss is None
+                           else _as(grad_token_loss, lse.dtype) + g_mean)
     if grad_token_loss is None and grad_lse is None:
-        return (None,) * 9
-    g = torch.zeros_like(lse) if grad_token_loss is None else grad_token_loss.to(lse.dtype)
-    g_lse = None if grad_lse is None else grad_lse.to(lse.dtype)
+        return (None,) * 10
+    g = torch.zeros_like(lse) if grad_token_loss is None else _as(grad_token_loss, lse.dtype)
+    g_lse = _as(grad_lse, lse.dtype)
     if ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling():
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
@@ -422,7 +433,7 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred):
     else:
         grad = _ops.cross_entropy_backward(logits, target, class_weight, lse, g, g_lse,
                                            *ctx.knobs)
-    return (grad,) + (None,) * 8
+    return (grad,) + (None,) * 9
 
 
 register_autograd("fusedce::cross_entropy", _cross_entropy_backward,

@@ -263,7 +263,8 @@ def _as_raw(op, args, kwargs, requires_grad, g):
     (logits, t), _ = _as_cross_entropy(args, kwargs, requires_grad)
     logits, t = logits.reshape(-1, logits.shape[-1]), t.reshape(-1)
     if op == "fusedce::cross_entropy":
-        return (logits, t), dict(class_weight=cw, **scalars)
+        # mean as functional.cross_entropy passes it: the op's own for a plain mean
+        return (logits, t), dict(class_weight=cw, mean=_grad_scale(args, kwargs)[1], **scalars)
     lse = _raw_lse(args, kwargs).to(acc)
     grad_tok = torch.randn(N, generator=g, dtype=torch.float64).to(acc).to(x.device)
     grad_lse = torch.randn(N, generator=g, dtype=torch.float64).to(acc).to(x.device)

@@ -64,7 +64,8 @@ def test_opcheck_cross_entropy_inplace_backward(device, dtype):
     op = "fusedce::cross_entropy"
     for name, (args, kwargs) in zip(CASE_NAMES, sample_inputs(device, dtype, op, requires_grad=True)):
         try:
-            torch.library.opcheck(_op(op), args, {**kwargs, "inplace_backward": True})
+            # checks.opcheck: NaN-aware, the mean over no token is NaN
+            opcheck(_op(op), args, {**kwargs, "inplace_backward": True})
         except Exception as e:
             raise AssertionError(f"opcheck {op} inplace_backward failed on {name}: {e}") from e
 
@@ -208,13 +209,16 @@ def test_gradcheck_raw_loss_op(device, case):
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_gradcheck_raw_cross_entropy_op(device, case):
-    """The raw op: gradients of token_loss and lse (cross_entropy_backward with grad_lse)."""
+    """The raw op: gradients of token_loss and lse (cross_entropy_backward with grad_lse), and of
+    the mean=True loss beside them (its grad_scale folded into the per-token gradient)."""
     (logits, t), kwargs = sample(device, torch.float64, case, op="fusedce::cross_entropy",
                                  requires_grad=True)
 
     def fn(z):
-        token_loss, lse, _ = torch.ops.fusedce.cross_entropy(z, t, **kwargs)
-        return token_loss, lse
+        token_loss, lse, _, loss, _ = torch.ops.fusedce.cross_entropy(z, t, **kwargs)
+        if not kwargs["mean"] or not torch.isfinite(loss):  # nan: the mean over no token
+            return token_loss, lse
+        return token_loss, lse, loss
 
     assert torch.autograd.gradcheck(fn, (logits,))
 

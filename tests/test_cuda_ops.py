@@ -230,7 +230,7 @@ def test_cross_entropy_ops(dtype, v):
     target = target.to(DEV)
     cw = torch.rand(v, device=DEV) + 0.5
     kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0, logit_scale=1.1)
-    tok, lse, pred = ops.cross_entropy(logits, target, cw, **op_kwargs(kw))
+    tok, lse, pred, _, _ = ops.cross_entropy(logits, target, cw, **op_kwargs(kw))
     x = logits.double().cpu().requires_grad_(True)
     ref = reference.cross_entropy(x, target.cpu(), weight=cw.double().cpu(), reduction="none",
                                   **kw)
@@ -278,7 +278,7 @@ def test_gradient_row_segments(dtype, n, v):
     assert n >= len(edges)
     target[: len(edges)] = edges
     target[-1] = -100
-    tok, lse, _ = ops.cross_entropy(logits, target)
+    tok, lse, *_ = ops.cross_entropy(logits, target)
     gtok = torch.rand(n, device=DEV, generator=g, dtype=lse.dtype) + 0.5
     grad = ops.cross_entropy_backward(logits, target, None, lse, gtok, None)
     z = logits.double()
@@ -312,7 +312,7 @@ def test_gradient_row_segments_grid_rows(dtype):
     logits = (torch.randn(n, v, device=DEV, generator=g) * 3).to(dtype)
     target = torch.randint(0, v, (n,), device=DEV, generator=g)
     target[65535:65540] = torch.tensor([0, v - 1, -100, 1, v - 2], device=DEV)
-    _, lse, _ = ops.cross_entropy(logits, target)
+    _, lse, *_ = ops.cross_entropy(logits, target)
     gtok = torch.rand(n, device=DEV, generator=g, dtype=lse.dtype) + 0.5
     glse = torch.randn(n, device=DEV, generator=g, dtype=lse.dtype)
     lo = 65535 - 3
@@ -342,7 +342,7 @@ def test_gradient_row_segments_nan_and_zero_rows():
     v = 3 * 4096 + 13
     logits = (torch.randn(3, v, device=DEV) * 3).to(torch.bfloat16)
     target = torch.tensor([v + 5, 2, -100], device=DEV)
-    _, lse, _ = ops.cross_entropy(logits, target)
+    _, lse, *_ = ops.cross_entropy(logits, target)
     grad = ops.cross_entropy_backward(logits, target, None, lse,
                                       torch.tensor([1.0, 0.0, 1.0], device=DEV), None)
     assert torch.isnan(grad[0].float()).all() and grad[1:].abs().max().item() == 0
@@ -354,12 +354,12 @@ def test_first_argmax_on_ties():
     logits[1, :] = 1.0
     logits[2, [36, 20]] = 3.0
     target = torch.tensor([1, 2, 3], device=DEV)
-    _, _, pred = ops.cross_entropy(logits, target)
+    _, _, pred, *_ = ops.cross_entropy(logits, target)
     assert pred.tolist() == [5, 0, 20]
     big = torch.zeros(2, 70000, device=DEV, dtype=torch.bfloat16)
     big[0, [60000, 1234, 50000]] = 1.0
     big[1, [69999, 40000]] = 2.0
-    _, _, pred = ops.cross_entropy(big, torch.tensor([0, 0], device=DEV))
+    _, _, pred, *_ = ops.cross_entropy(big, torch.tensor([0, 0], device=DEV))
     assert pred.tolist() == [1234, 40000]
 
 
@@ -459,7 +459,7 @@ def test_large_n_times_v():
     logits = torch.randn(n, v, device=DEV, dtype=torch.bfloat16, generator=g)
     target = torch.randint(0, v, (n,), device=DEV, generator=g)
     target[-1] = v - 1
-    tok, lse, pred = ops.cross_entropy(logits, target)
+    tok, lse, pred, *_ = ops.cross_entropy(logits, target)
     ref_lse = torch.cat([torch.logsumexp(c.float(), -1) for c in logits.split(2048)])
     ref_tok = ref_lse - logits.gather(1, target[:, None])[:, 0].float()
     assert rel(lse, ref_lse) < 1e-5 and rel(tok, ref_tok) < 1e-5

@@ -100,7 +100,7 @@ def test_cross_entropy_ops(device, dtype, case):
     """cross_entropy's outputs, and both backward ops (out of place and in place) agree with the
     reference's autograd and with each other."""
     (logits, t), kw = sample(device, dtype, case, op="fusedce::cross_entropy")
-    token_loss, lse, predicted = torch.ops.fusedce.cross_entropy(logits, t, **kw)
+    token_loss, lse, predicted, loss, grad_scale = torch.ops.fusedce.cross_entropy(logits, t, **kw)
     z = logits.detach().double().requires_grad_()
     cw = None if kw["class_weight"] is None else kw["class_weight"].double()
     scalars = {k: kw[k] for k in SCALAR_NAMES}
@@ -109,6 +109,16 @@ def test_cross_entropy_ops(device, dtype, case):
     assert_close(token_loss, ref.token_loss, dtype, what=f"{case} token_loss")
     assert_close(lse, ref.lse, dtype, what=f"{case} lse")
     assert torch.equal(predicted.cpu(), ref.predicted.cpu()), f"{case} predicted"
+    if kw["mean"]:
+        # the op's own mean: sum / d (nan or +-inf when d == 0) and 1 / d (0 when d == 0)
+        d = mean_denominator(t, kw["class_weight"], kw["ignore_index"], logits.shape[-1])
+        assert loss.shape == () and grad_scale.shape == ()
+        assert_close(loss, ref.token_loss.sum() / torch.tensor(d, dtype=torch.float64), dtype,
+                     what=f"{case} loss")
+        assert_close(grad_scale, torch.tensor(1.0 / d if d != 0 else 0.0, dtype=torch.float64),
+                     dtype, what=f"{case} grad_scale")
+    else:
+        assert loss.shape == (0,) and grad_scale.shape == (0,), f"{case}: no mean, empty outputs"
 
     bargs, bkw = sample(device, dtype, case, op="fusedce::cross_entropy_backward")
     g_tok = bargs[4]

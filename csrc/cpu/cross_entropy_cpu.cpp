@@ -35,10 +35,35 @@ struct LogitsProblem {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_cpu(
+// mean=True: csrc/cuda/kernels/mean.cu's mean_after_kernel in token order. Both sums in double:
+// d over the non-ignored targets (class_weight[t], 1 each without class weights, 0 for t outside
+// [0, V)) rounded to acc_t, and the token losses; loss = sum / d (nan or +-inf when d == 0),
+// grad_scale = 1 / d (0 when d == 0).
+template <typename acc_t>
+void mean_after(const LogitsProblem& P, const at::Tensor& token_loss, int64_t ignore_index,
+                at::Tensor& loss, at::Tensor& grad_scale) {
+  const int64_t* t = P.target.data_ptr<int64_t>();
+  const acc_t* cw = P.class_weight.defined() ? P.class_weight.data_ptr<acc_t>() : nullptr;
+  const acc_t* l = token_loss.data_ptr<acc_t>();
+  double s = 0.0, sl = 0.0;
+  for (int64_t i = 0; i < P.n; ++i) {
+    sl += static_cast<double>(l[i]);
+    if (t[i] == ignore_index) continue;
+    if (cw == nullptr) {
+      s += 1.0;
+    } else if (t[i] >= 0 && t[i] < P.v) {
+      s += static_cast<double>(cw[t[i]]);
+    }
+  }
+  const acc_t d = static_cast<acc_t>(s);
+  *loss.data_ptr<acc_t>() = static_cast<acc_t>(sl / static_cast<double>(d));
+  *grad_scale.data_ptr<acc_t>() = d != acc_t(0) ? acc_t(1) / d : acc_t(0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_cpu(
     const at::Tensor& logits, const at::Tensor& target,
     const std::optional<at::Tensor>& class_weight, int64_t ignore_index, double label_smoothing,
-    double z_loss, double softcap, double logit_scale, bool inplace_backward) {
+    double z_loss, double softcap, double logit_scale, bool inplace_backward, bool mean) {
   (void)inplace_backward;  // read by the autograd formula only
   check_scalars(label_smoothing, z_loss, softcap, logit_scale);
   const LogitsProblem P(logits, target, class_weight, ignore_index);
@@ -67,7 +92,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_cpu(
       }
     });
   });
-  return {token_loss, lse, predicted};
+  at::Tensor loss = mean ? at::empty({}, accopts) : at::empty({0}, accopts);
+  at::Tensor grad_scale = mean ? at::empty({}, accopts) : at::empty({0}, accopts);
+  if (mean) {
+    AT_DISPATCH_FLOATING_TYPES(P.acc, "fusedce_cross_entropy_cpu_mean", [&] {
+      mean_after<scalar_t>(P, token_loss, ignore_index, loss, grad_scale);
+    });
+  }
+  return {token_loss, lse, predicted, loss, grad_scale};
 }
 
 // Writes the gradient of the rows of P.logits into `out` (which may be P.logits itself).

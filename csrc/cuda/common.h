@@ -19,6 +19,7 @@ namespace cuda_impl {
 
 using at::Tensor;
 using Out3 = std::tuple<Tensor, Tensor, Tensor>;
+using Out5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 inline int64_t env_int(const char* name, int64_t dflt) {
   const char* s = std::getenv(name);

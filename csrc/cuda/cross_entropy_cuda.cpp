@@ -48,10 +48,11 @@ void setup_logits(Logits& L, const Tensor& logits, const Tensor& target,
   check_targets(L.tgt, L.V, ignore_index, L.stream);
 }
 
-Out3 cross_entropy_cuda(const Tensor& logits, const Tensor& target,
+Out5 cross_entropy_cuda(const Tensor& logits, const Tensor& target,
                         const std::optional<Tensor>& class_weight, int64_t ignore_index,
                         double label_smoothing, double z_loss, double softcap,
-                        double logit_scale, bool /*inplace_backward: for the autograd formula*/) {
+                        double logit_scale, bool /*inplace_backward: for the autograd formula*/,
+                        bool mean) {
   c10::cuda::CUDAGuard guard(logits.device());
   Logits L;
   setup_logits(L, logits, target, class_weight, ignore_index, label_smoothing, z_loss, softcap,
@@ -73,7 +74,19 @@ Out3 cross_entropy_cuda(const Tensor& logits, const Tensor& target,
     sa.predicted = predicted.data_ptr<int64_t>();
     check_launch(gpu::launch_row_stats(L.kd, sa, L.ep, L.stream), "row_stats");
   }
-  return {token_loss, lse, predicted};
+  // After the pass (it does not need them): the row kernel is the first launch of the call.
+  const auto acc_opt = opt.dtype(L.acc);
+  Tensor loss = mean ? at::empty({}, acc_opt) : at::empty({0}, acc_opt);
+  Tensor grad_scale = mean ? at::empty({}, acc_opt) : at::empty({0}, acc_opt);
+  if (mean) {
+    check_launch(gpu::launch_mean_after(kdtype(L.acc), L.tgt.data_ptr<int64_t>(),
+                                        token_loss.data_ptr(), L.N,
+                                        L.cw.defined() ? L.cw.data_ptr() : nullptr, L.V,
+                                        L.ep.ignore_index, loss.data_ptr(), grad_scale.data_ptr(),
+                                        L.stream),
+                 "mean_after");
+  }
+  return {token_loss, lse, predicted, loss, grad_scale};
 }
 
 void ce_grad(const Logits& L, const Tensor& out, int64_t ld_out, const Tensor& lse_in,

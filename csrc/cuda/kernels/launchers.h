@@ -229,6 +229,11 @@ cudaError_t launch_mean_denominator(DType acc, const int64_t* target, int64_t n,
                                     void* d, void* grad_scale, cudaStream_t stream);
 cudaError_t launch_mean_finish(DType acc, const void* token_loss, int64_t n, const void* d,
                                void* loss, cudaStream_t stream);
+// cross_entropy's mean=True, one block after its pass: *grad_scale = 1 / d (0 when d == 0) and
+// *loss = sum(token_loss[0, n)) / d, d as above.
+cudaError_t launch_mean_after(DType acc, const int64_t* target, const void* token_loss, int64_t n,
+                              const void* class_weight, int64_t V, int64_t ignore_index,
+                              void* loss, void* grad_scale, cudaStream_t stream);
 
 }  // namespace gpu
 }  // namespace fusedce

@@ -65,6 +65,34 @@ __global__ void __launch_bounds__(kMeanBlock)
   if (threadIdx.x == 0) *loss = static_cast<A>(s / static_cast<double>(*d));
 }
 
+// cross_entropy on given logits (mean=True): its gradient comes in a separate backward, so the
+// denominator, the gradient scale and the loss all come from one launch after the pass. The same
+// sums as mean_denominator_kernel and mean_finish_kernel, in the same order.
+template <typename A>
+__global__ void __launch_bounds__(kMeanBlock)
+    mean_after_kernel(const int64_t* target, const A* token_loss, int64_t n, const A* class_weight,
+                      int64_t V, int64_t ignore_index, A* loss, A* grad_scale_out) {
+  double s = 0.0, l = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kMeanBlock) {
+    const int64_t t = target[i];
+    l += static_cast<double>(token_loss[i]);
+    if (t == ignore_index) continue;
+    if (class_weight == nullptr) {
+      s += 1.0;
+    } else if (t >= 0 && t < V) {
+      s += static_cast<double>(class_weight[t]);
+    }
+  }
+  s = block_sum_to_0(s);
+  __syncthreads();  // block_sum_to_0's shared partials are reused by the second sum
+  l = block_sum_to_0(l);
+  if (threadIdx.x == 0) {
+    const A d = static_cast<A>(s);
+    *grad_scale_out = d != A(0) ? A(1) / d : A(0);
+    *loss = static_cast<A>(l / static_cast<double>(d));
+  }
+}
+
 template <typename A>
 cudaError_t mean_denominator_impl(const int64_t* target, int64_t n, const void* class_weight,
                                   int64_t V, int64_t ignore_index, void* d, void* grad_scale,
@@ -80,6 +108,16 @@ cudaError_t mean_finish_impl(const void* token_loss, int64_t n, const void* d, v
                              cudaStream_t stream) {
   mean_finish_kernel<A><<<1, kMeanBlock, 0, stream>>>(
       static_cast<const A*>(token_loss), n, static_cast<const A*>(d), static_cast<A*>(loss));
+  return cudaGetLastError();
+}
+
+template <typename A>
+cudaError_t mean_after_impl(const int64_t* target, const void* token_loss, int64_t n,
+                            const void* class_weight, int64_t V, int64_t ignore_index, void* loss,
+                            void* grad_scale, cudaStream_t stream) {
+  mean_after_kernel<A><<<1, kMeanBlock, 0, stream>>>(
+      target, static_cast<const A*>(token_loss), n, static_cast<const A*>(class_weight), V,
+      ignore_index, static_cast<A*>(loss), static_cast<A*>(grad_scale));
   return cudaGetLastError();
 }
 
@@ -109,6 +147,21 @@ cudaError_t launch_mean_finish(DType acc, const void* token_loss, int64_t n, con
       return kern::mean_finish_impl<float>(token_loss, n, d, loss, stream);
     case DType::kFloat64:
       return kern::mean_finish_impl<double>(token_loss, n, d, loss, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_mean_after(DType acc, const int64_t* target, const void* token_loss, int64_t n,
+                              const void* class_weight, int64_t V, int64_t ignore_index,
+                              void* loss, void* grad_scale, cudaStream_t stream) {
+  switch (acc) {
+    case DType::kFloat32:
+      return kern::mean_after_impl<float>(target, token_loss, n, class_weight, V, ignore_index,
+                                          loss, grad_scale, stream);
+    case DType::kFloat64:
+      return kern::mean_after_impl<double>(target, token_loss, n, class_weight, V, ignore_index,
+                                           loss, grad_scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
