@@ -228,3 +228,35 @@ def test_masked_classes_minus_inf(device, dtype):
     torch.testing.assert_close(out.loss.double().cpu(), ref.loss, **tol)
     torch.testing.assert_close(out.lse.double().cpu(), ref.lse, **tol)
     torch.testing.assert_close(x.grad.double().cpu(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("inplace", [False, True])  # both backward ops read the op's 1/d
+def test_mean_with_zero_total_weight(device, inplace):
+    """Class weights that sum to 0 over the non-ignored targets: the mean is 0 / 0 = NaN, as in
+    F.cross_entropy, and the gradients are zero, as for a mean over no token and as
+    linear_cross_entropy gives (the op's 1/d is 0 when d == 0); a mean over some weight is finite."""
+    V, H = 7, 5
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, H, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(device)
+    cw = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 2.0, 1.0], dtype=torch.float64, device=device)
+    t = torch.tensor([1, 2, -100, 2], device=device)
+    logits = (hidden @ w.t()).requires_grad_()
+    z = logits * 1 if inplace else logits
+    loss = fusedce.cross_entropy(z, t, weight=cw, inplace_backward=inplace)
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.count_nonzero(logits.grad) == 0
+    x, W = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+    lin = fusedce.linear_cross_entropy(x, W, t, weight=cw)
+    lin.backward()
+    assert torch.isnan(lin) and torch.count_nonzero(x.grad) == 0 and torch.count_nonzero(W.grad) == 0
+    t2 = torch.tensor([1, 5, -100, 2], device=device)  # one target of weight 2: d = 2
+    logits2 = (hidden @ w.t()).requires_grad_()
+    loss2 = fusedce.cross_entropy(logits2, t2, weight=cw)
+    loss2.backward()
+    z2 = logits2.detach().clone().requires_grad_()
+    ref = F.cross_entropy(z2, t2, weight=cw)
+    ref.backward()
+    torch.testing.assert_close(loss2, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logits2.grad, z2.grad, rtol=1e-12, atol=1e-15)
