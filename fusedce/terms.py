@@ -145,6 +145,7 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     ``mean_logits``, ``log_sum_sq_probs`` and ``is_top1`` are metrics without gradient (as in TRL).
     Float outputs are float32 for half inputs. input [..., H], tokens [...] -> each [...].
     ``process_group``, ``memory_budget``: as :func:`fusedce.token_logprobs`."""
+    _check_autodiff("token_statistics", input, linear_weight, linear_bias)
     unknown = set(outputs) - set(_STAT_NAMES)
     if unknown:
         raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
