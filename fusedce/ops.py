@@ -324,7 +324,11 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     # stay so until any recomputed part is added (one rounding to float16, at the end).
     dtypes = [hidden.dtype, weight.dtype, hidden.dtype if bias is None else bias.dtype]
     recompute = any(x is not None for x in (grad_token_loss, grad_lse, grad_entropy, grad_logprob))
-    if ctx.precomputed and grad_loss is not None:
+    # A gradient needed here that the forward did not compute (its input reported
+    # requires_grad=False there, as a torch.vmap batched tensor does) would be dropped by the
+    # scaling path: then the whole upstream gradient of `loss` goes through the recomputing pass.
+    covered = all(ctx.grad_mask[i] or not need[i] for i in range(3))
+    if ctx.precomputed and covered and grad_loss is not None:
         if ctx.consumed:
             raise RuntimeError(SECOND_BACKWARD_ERROR.format(fn="linear_cross_entropy"))
         allowed = second_backward_allowed(ctx.allow_cell)

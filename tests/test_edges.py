@@ -114,6 +114,45 @@ def test_vmap_is_correct(device):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "distillation_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("batched_weight", [False, True])
+def test_vmap_gradients_reach_every_input(device, which, reduction, batched_weight):
+    """Under torch.vmap a batched tensor reports requires_grad=False, so the forward computed no
+    gradient for the vmapped hidden states while it did for the unbatched weight, and the backward
+    then returned none for them: x.grad stayed None (the weight's was right). Every gradient must
+    equal the per-sample float64 loop's."""
+    B = 3
+    x = torch.randn(B, 5, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(*((B,) if batched_weight else ()), V, H, dtype=torch.float64, device=device,
+                    requires_grad=True)
+    t = torch.randint(0, V, (B, 5), device=device)
+    teacher = torch.randn(B, 5, V, dtype=torch.float64, device=device)
+
+    def one(a, ww, b, tl):
+        if which == "linear_cross_entropy":
+            return fusedce.linear_cross_entropy(a, ww, b, reduction=reduction, z_loss=0.1)
+        return fusedce.distillation_loss(a, ww, b, teacher_logits=tl, ce_weight=0.5, reduction=reduction)
+
+    def ref(a, ww, b, tl):
+        logits = a @ ww.T
+        if which == "linear_cross_entropy":
+            per = F.cross_entropy(logits, b, reduction="none") + 0.1 * torch.logsumexp(logits, -1) ** 2
+        else:
+            lq, lr = logits.log_softmax(-1), tl.log_softmax(-1)
+            per = (lr.exp() * (lr - lq)).sum(-1) + 0.5 * F.cross_entropy(logits, b, reduction="none")
+        return per.sum() if reduction == "sum" else per.mean()
+
+    got = torch.func.vmap(one, in_dims=(0, 0 if batched_weight else None, 0, 0))(x, w, t, teacher)
+    gx, gw = torch.autograd.grad(got.sum(), (x, w), allow_unused=True)
+    want = torch.stack([ref(x[i], w[i] if batched_weight else w, t[i], teacher[i]) for i in range(B)])
+    rx, rw = torch.autograd.grad(want.sum(), (x, w))
+    torch.testing.assert_close(got, want)
+    assert gx is not None and gw is not None, (gx is None, gw is None)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
 # --------------------------------------------------------------------------------------------
 # ignore_index against the target dtype, ignore_index range, H = 0
 # --------------------------------------------------------------------------------------------
