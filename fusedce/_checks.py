@@ -227,12 +227,20 @@ def _check_chunk(value, name: str):
         raise ValueError(f"fusedce: {name} must be a positive int or None, got {value!r}")
 
 
+def _under_vmap() -> bool:
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+
+
 def host_target_check(device: torch.device) -> bool:
     """Whether a target range check may read the device on the host: always on the CPU (free
     there). On CUDA only in the opt-in validation mode (fusedce.validation: validate_targets() /
     FUSEDCE_VALIDATE=1), so that a default CUDA call makes no host sync; never inside a compiled
     graph (a host read there is a graph break; the C++ op still checks in validation mode, at run
-    time)."""
+    time). Never under torch.vmap either: a host read of a batched tensor is a data-dependent
+    branch vmap refuses; the op checks each sample's targets itself (on the CPU it raises)."""
+    if _under_vmap():
+        return False
     if device.type == "cpu":
         return True
     if torch.compiler.is_compiling():

@@ -153,6 +153,48 @@ def test_vmap_gradients_reach_every_input(device, which, reduction, batched_weig
     torch.testing.assert_close(gw, rw)
 
 
+@pytest.mark.parametrize("which", ["token_logprobs", "token_statistics", "policy_loss", "policy_loss_sequence",
+                                   "preference_loss", "kto_loss"])
+def test_vmap_token_functions(device, which):
+    """The functions that check their tokens on the host (always on the CPU) failed under torch.vmap
+    with vmap's "data-dependent control flow" error (bool() of a batched tensor). Under vmap the
+    op checks each sample's targets itself; values and gradients equal the per-sample reference."""
+    B, S, T = 3, 2, 4
+    x = torch.randn(B, S, T, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (B, S, T), device=device)
+    old = torch.randn(B, S, T, dtype=torch.float64, device=device) - 2
+    adv = torch.randn(B, S, dtype=torch.float64, device=device)
+    labels = torch.tensor([True, False], device=device)
+    zeros = torch.zeros(S, dtype=torch.float64, device=device)
+    calls = {
+        "token_logprobs": (lambda a, b, o, ad: fusedce.token_logprobs(a, w, b, temperature=0.7),
+                           lambda z, b, o, ad: reference.token_logprobs(z, b, temperature=0.7)[0]),
+        "token_statistics": (lambda a, b, o, ad: fusedce.token_statistics(a, w, b, outputs=("entropy",)).entropy,
+                             lambda z, b, o, ad: reference.entropy(z)),
+        "policy_loss": (lambda a, b, o, ad: fusedce.policy_loss(a, w, b, o, ad)[0],
+                        lambda z, b, o, ad: reference.policy_loss(z, b, o, ad)[0]),
+        "policy_loss_sequence": (
+            lambda a, b, o, ad: fusedce.policy_loss(a, w, b, o, ad, importance_sampling_level="sequence")[0],
+            lambda z, b, o, ad: reference.policy_loss(z, b, o, ad, importance_sampling_level="sequence")[0]),
+        "preference_loss": (lambda a, b, o, ad: fusedce.preference_loss(a, w, b, loss_type="cpo")[0],
+                            lambda z, b, o, ad: reference.preference_loss(z, b, loss_type="cpo")[0]),
+        "kto_loss": (lambda a, b, o, ad: fusedce.kto_loss(a, w, b, labels, ref_logps=zeros, kl=0.1)[0],
+                     lambda z, b, o, ad: reference.kto_loss(z, b, labels, ref_logps=zeros, kl=0.1)[0]),
+    }
+    fn, ref = calls[which]
+    got = torch.func.vmap(fn)(x, t, old, adv)
+    want = torch.stack([ref(x[i] @ w.T, t[i], old[i], adv[i]) for i in range(B)])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (x, w)), torch.autograd.grad(want.sum(), (x, w))):
+        torch.testing.assert_close(a, b)
+    if device == "cpu":  # the CPU op always checks its targets
+        bad = t.clone()
+        bad[1, 0, 0] = V + 3
+        with pytest.raises(RuntimeError, match=r"outside \[0, 7\)"):
+            torch.func.vmap(fn)(x, bad, old, adv)
+
+
 # --------------------------------------------------------------------------------------------
 # ignore_index against the target dtype, ignore_index range, H = 0
 # --------------------------------------------------------------------------------------------
