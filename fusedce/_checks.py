@@ -239,7 +239,7 @@ def host_target_check(device: torch.device) -> bool:
     graph (a host read there is a graph break; the C++ op still checks in validation mode, at run
     time). Never under torch.vmap either: a host read of a batched tensor is a data-dependent
     branch vmap refuses; the op checks each sample's targets itself (on the CPU it raises)."""
-    if _under_vmap():
+    if not torch.compiler.is_compiling() and _under_vmap():  # dynamo cannot trace the stack read
         return False
     if device.type == "cpu":
         return True
