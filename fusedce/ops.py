@@ -300,6 +300,20 @@ def _mean_grad_scale(target, class_weight, ignore_index: int, V: int, dtype):
     return torch.where(d != 0, d.reciprocal(), torch.zeros_like(d))
 
 
+_DISTILL = _op_args.INT_NAMES.index("distill")
+_ADVANTAGES = _op_args.TENSOR_NAMES.index("advantages")
+
+
+def _public_name(term_ints, term_tensors) -> str:
+    """The public function whose call made this fusedce::loss, for its error messages (only the
+    ones that compute gradients in the forward: a policy or distillation term, or the CE)."""
+    if term_tensors[_ADVANTAGES] is not None:
+        return "policy_loss"
+    if term_ints and term_ints[_DISTILL]:
+        return "distillation_loss"
+    return "linear_cross_entropy"
+
+
 def _add(a, b):
     return b if a is None else a if b is None else a + b
 
@@ -330,7 +344,7 @@ def _loss_backward(ctx, grad_loss, grad_token_loss, grad_lse, _g_pred, grad_entr
     covered = all(ctx.grad_mask[i] or not need[i] for i in range(3))
     if ctx.precomputed and covered and grad_loss is not None:
         if ctx.consumed:
-            raise RuntimeError(SECOND_BACKWARD_ERROR.format(fn="linear_cross_entropy"))
+            raise RuntimeError(SECOND_BACKWARD_ERROR.format(fn=_public_name(ctx.term_lists[1], term_tensors)))
         allowed = second_backward_allowed(ctx.allow_cell)
         ctx.consumed = not allowed
         grads = [_scale(p, ctx.grad_mask[i] and need[i], grad_loss,

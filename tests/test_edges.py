@@ -368,6 +368,24 @@ def test_compile_changing_int_num_items_in_batch(which, dynamic):
         torch.testing.assert_close(gw, rw)
 
 
+@pytest.mark.parametrize("name", ["linear_cross_entropy", "distillation_loss", "policy_loss"])
+def test_second_backward_error_names_the_function(device, name):
+    """The second-backward error of distillation_loss and policy_loss said "the same
+    linear_cross_entropy loss": it names the function the caller called."""
+    x = torch.randn(2, 3, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (2, 3), device=device)
+    loss = {
+        "linear_cross_entropy": lambda: fusedce.linear_cross_entropy(x, w, t),
+        "distillation_loss": lambda: fusedce.distillation_loss(
+            x, w, t, teacher_logits=torch.randn(2, 3, V, dtype=torch.float64, device=device)),
+        "policy_loss": lambda: fusedce.policy_loss(x, w, t, None, torch.ones(2, dtype=torch.float64, device=device))[0],
+    }[name]()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=f"second backward through the same {name} loss"):
+        loss.backward()
+
+
 # --------------------------------------------------------------------------------------------
 # allow_second_backward is per thread
 # --------------------------------------------------------------------------------------------
