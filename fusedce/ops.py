@@ -257,22 +257,32 @@ def check_not_create_graph(fn: str):
         )
 
 
+def _batched(g: torch.Tensor) -> bool:
+    """An upstream gradient that stands for several: autograd's is_grads_batched (legacy vmap)
+    or a functorch transform's wrapper."""
+    return (torch._C._functorch.is_legacy_batchedtensor(g)
+            or torch._C._functorch.is_functorch_wrapped_tensor(g))
+
+
 def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype,
            allowed: bool = False):
     """The precomputed `grad` times the upstream gradient `g`, in `dtype`; out of place when a
     second backward is `allowed`."""
     if not needed:
         return None
+    # A batched upstream gradient (is_grads_batched=True, jacobian(vectorize=True): the backward
+    # runs under vmap) has no batching rule for the in-place and out= products: out of place.
+    batched = _batched(g)
     if grad.dtype != dtype:
         # float32 gradients of a float16 forward: multiply in float32, round once. Out of place
         # (the float16 result is a new buffer anyway); one fused multiply-and-cast in eager.
-        if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+        if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not batched:
             return torch.mul(grad, g.to(grad.device), out=torch.empty_like(grad, dtype=dtype))
         return (grad * g).to(dtype)
     # In eager the precomputed gradient is scaled in place: no second [V, H] buffer. Anything
     # traced (dynamo, AOTAutograd's fake/functional tensors) or a tensor subclass gets the
     # out-of-place product, which tracing handles without mutating a forward output.
-    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not allowed:
+    if type(grad) is torch.Tensor and not torch.compiler.is_compiling() and not allowed and not batched:
         if grad.device.type in _SCALE_DEVICES:
             # g.to(device) only when needed: a no-op .to is still a dispatch on every backward
             _ops.scale_(grad, g if g.device == grad.device else g.to(grad.device))
@@ -439,7 +449,10 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred, grad_loss, 
         return (None,) * 10
     g = torch.zeros_like(lse) if grad_token_loss is None else _as(grad_token_loss, lse.dtype)
     g_lse = _as(grad_lse, lse.dtype)
-    if ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling():
+    # In place only for one upstream gradient: a batched one (is_grads_batched=True, the backward
+    # under vmap) asks for several gradients, which the logits' one buffer cannot hold.
+    if (ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling()
+            and not _batched(g)):
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
         _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, *ctx.knobs)

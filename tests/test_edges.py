@@ -195,6 +195,45 @@ def test_vmap_token_functions(device, which):
             torch.func.vmap(fn)(x, bad, old, adv)
 
 
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "linear_cross_entropy_fp16", "distillation_loss",
+                                   "policy_loss", "cross_entropy_inplace", "cross_entropy_inplace_none"])
+def test_batched_upstream_gradients(device, which):
+    """torch.autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) run the backward
+    under vmap: the in-place scaling of the precomputed gradients (fusedce::scale_, mul out=) and
+    the in-place cross_entropy backward failed with "Batching rule not implemented". They must give
+    one exact gradient per upstream gradient."""
+    dtype = torch.float16 if which.endswith("fp16") else torch.float64
+    x = torch.randn(2, 3, H, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=dtype, device=device, requires_grad=True)
+    t = torch.randint(0, V, (2, 3), device=device)
+    teacher = torch.randn(2, 3, V, dtype=torch.float64, device=device)
+    old = torch.randn(2, 3, dtype=torch.float64, device=device) - 2
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64, device=device)
+    fn = {
+        "linear_cross_entropy": lambda a, b: fusedce.linear_cross_entropy(a, b, t, z_loss=0.1),
+        "linear_cross_entropy_fp16": lambda a, b: fusedce.linear_cross_entropy(a, b, t),
+        "distillation_loss": lambda a, b: fusedce.distillation_loss(a, b, t, teacher_logits=teacher),
+        "policy_loss": lambda a, b: fusedce.policy_loss(a, b, t, old, adv)[0],
+        "cross_entropy_inplace": lambda a, b: fusedce.cross_entropy(a @ b.T, t, inplace_backward=True),
+        "cross_entropy_inplace_none": lambda a, b: fusedce.cross_entropy(a @ b.T, t, inplace_backward=True,
+                                                                         reduction="none"),
+    }[which]
+    shape = fn(x, w).shape
+    ups = torch.randn(3, *shape, dtype=torch.float32 if dtype == torch.float16 else dtype, device=device)
+    got = torch.autograd.grad(fn(x, w), (x, w), ups, is_grads_batched=True)
+    for k in range(3):
+        want = torch.autograd.grad(fn(x, w), (x, w), ups[k])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[k], b)
+    if dtype == torch.float64:
+        jac = torch.autograd.functional.jacobian(fn, (x, w), vectorize=True)
+        basis = torch.eye(shape.numel(), dtype=dtype, device=device)
+        for k in range(shape.numel()):  # row k: a fresh forward and one backward each
+            want = torch.autograd.grad(fn(x, w), (x, w), basis[k].reshape(shape))
+            for a, b in zip(jac, want):
+                torch.testing.assert_close(a.reshape(shape.numel(), *b.shape)[k], b)
+
+
 # --------------------------------------------------------------------------------------------
 # ignore_index against the target dtype, ignore_index range, H = 0
 # --------------------------------------------------------------------------------------------
