@@ -185,7 +185,16 @@ def _check_head(input, linear_weight, linear_bias, input_name="input", weight_na
         # almost surely a mistake (an unsharded placeholder, a wrong slice), so it is refused.
         raise ValueError(f"fusedce: {input_name} and {weight_name} have hidden size H = 0; the head needs H > 0")
     if input.dtype != linear_weight.dtype:
-        raise TypeError(f"fusedce: {input_name} is {input.dtype} but {weight_name} is {linear_weight.dtype}; they must match")
+        hint = ""
+        if torch.is_autocast_enabled(input.device.type):
+            # F.linear would cast both to the autocast dtype; the fused ops take their operands
+            # as given (a float32 head computes in float32), so the mismatch surfaces here.
+            hint = (" (autocast does not apply to fusedce's functions: cast both to one dtype, or "
+                    "compute the loss through the head module with "
+                    "fusedce.integrations.head_loss(head, input, target, ...), which casts them "
+                    "as F.linear does under autocast)")
+        raise TypeError(f"fusedce: {input_name} is {input.dtype} but {weight_name} is "
+                        f"{linear_weight.dtype}; they must match{hint}")
     _check_device(linear_weight, weight_name, input, input_name)
     if linear_bias is not None:
         bias_name = weight_name.replace("weight", "bias")

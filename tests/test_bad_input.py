@@ -156,6 +156,19 @@ def test_input_dtype_mismatch_with_linear_weight(device):
         call("linear_cross_entropy", device, change_args=change)
 
 
+def test_input_dtype_mismatch_under_autocast_says_so(device):
+    """Under autocast the hidden states come out of the model in the autocast dtype while the head
+    weight stays float32; F.linear would cast both, fusedce's functions do not. The error named
+    the dtypes only: it also says that autocast does not apply and how to get its casts."""
+    x, w, t = lce_args(device)[0]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"linear_weight.*autocast.*head_loss"):
+            fusedce.linear_cross_entropy(x.bfloat16(), w, t)
+    with pytest.raises(TypeError) as err:  # outside autocast: the plain message
+        fusedce.linear_cross_entropy(x.bfloat16(), w, t)
+    assert "autocast" not in str(err.value)
+
+
 @pytest.mark.parametrize("which", BOTH)
 @pytest.mark.parametrize(
     "dtype",
