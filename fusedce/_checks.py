@@ -215,8 +215,10 @@ def _check_num_items(num_items_in_batch, name="num_items_in_batch"):
             raise ValueError(
                 f"fusedce: {name} must be a single number, got shape {tuple(num_items_in_batch.shape)}"
             )
-        # A CUDA value is not read back (that would synchronize); a CPU one is checked.
-        if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A CUDA value is not read back (that would synchronize); a CPU one is checked, except
+        # a batched one under torch.vmap (one count per sample: vmap refuses .item()).
+        if (num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(num_items_in_batch)):
             value = num_items_in_batch.item()
         else:
             return

@@ -91,7 +91,8 @@ def _divisor(num_items_in_batch, device: torch.device, dtype: torch.dtype):
     a pageable host-to-device copy synchronizes."""
     if isinstance(num_items_in_batch, torch.Tensor):
         if (num_items_in_batch.device != device and num_items_in_batch.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(num_items_in_batch)):
             return float(num_items_in_batch.item())
         return num_items_in_batch.to(device=device, dtype=dtype).reshape(())
     return float(num_items_in_batch)

@@ -234,6 +234,40 @@ def test_batched_upstream_gradients(device, which):
                 torch.testing.assert_close(a.reshape(shape.numel(), *b.shape)[k], b)
 
 
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy", "policy_loss"])
+def test_vmap_over_num_items_in_batch(device, which):
+    """A CPU num_items_in_batch is read on the host with .item() (checked > 0 on a CPU loss, taken
+    as a float for a CUDA one), which vmap refuses for a batched tensor ("We don't support vmap
+    over calling .item()"). Batched over num_items_in_batch, each sample's loss is its sum / its
+    count."""
+    B = 3
+    x = torch.randn(B, 2, 3, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (B, 2, 3), device=device)
+    old = torch.randn(B, 2, 3, dtype=torch.float64, device=device) - 2
+    adv = torch.randn(B, 2, dtype=torch.float64, device=device)
+    ns = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)  # on the CPU, as HF passes it
+
+    def one(a, b, o, ad, n):
+        if which == "linear_cross_entropy":
+            return fusedce.linear_cross_entropy(a, w, b, num_items_in_batch=n)
+        if which == "cross_entropy":
+            return fusedce.cross_entropy(a @ w.T, b, num_items_in_batch=n)
+        return fusedce.policy_loss(a, w, b, o, ad, loss_type="dapo", num_items_in_batch=n)[0]
+
+    def ref(i):
+        if which == "policy_loss":
+            return reference.policy_loss(x[i] @ w.T, t[i], old[i], adv[i], loss_type="dapo",
+                                         num_items_in_batch=ns[i])[0]
+        return F.cross_entropy((x[i] @ w.T).reshape(-1, V), t[i].reshape(-1), reduction="sum") / ns[i]
+
+    got = torch.func.vmap(one)(x, t, old, adv, ns)
+    want = torch.stack([ref(i) for i in range(B)])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (x, w)), torch.autograd.grad(want.sum(), (x, w))):
+        torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # ignore_index against the target dtype, ignore_index range, H = 0
 # --------------------------------------------------------------------------------------------
