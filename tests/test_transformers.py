@@ -358,6 +358,41 @@ def test_peft_lora_on_head_refused():
         lora(input_ids=_tiny.batch()[0], labels=_tiny.batch()[1])
 
 
+@pytest.mark.parametrize("how", ["apply", "class"])
+def test_peft_modules_to_save_head(how):
+    # modules_to_save=["lm_head"] (the usual LoRA setup when tokens are added): PEFT wraps the head
+    # in a ModulesToSaveWrapper whose forward calls a trainable copy of the nn.Linear; the fused loss
+    # must train that copy (the original stays frozen), and with the adapters disabled (a DPO-style
+    # reference pass) the original head, as the stock forward does.
+    peft = pytest.importorskip("peft")
+    cls = transformers.LlamaForCausalLM
+    ids, labels = _tiny.batch()
+    runs = []
+    for patched in (False, True):
+        model = _tiny.tiny_model(cls)
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                          modules_to_save=["lm_head"], init_lora_weights=False))
+        base = lora.get_base_model()
+        with torch.no_grad():  # the copy differs from the original: using the wrong one shows
+            base.lm_head.modules_to_save["default"].weight.mul_(1.5)
+        if patched:
+            if how == "apply":
+                fhf.apply(lora)
+            else:  # what install() does: the class's forward
+                base.forward = fhf.analyse_class(type(base)).__get__(base)
+        run = _tiny.run(lora, lambda m, **kw: m(**kw), ids, labels)
+        with lora.disable_adapter(), torch.no_grad():
+            off = lora(input_ids=ids, labels=labels, skip_logits=True) if patched else lora(input_ids=ids, labels=labels)
+        runs.append((run, off.loss))
+    (stock, stock_off), (fused, fused_off) = runs
+    assert fused[2].logits is None
+    assert _tiny.compare(stock, fused) is None, _tiny.compare(stock, fused)
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in fused[1]
+    assert not any("original_module" in n for n in fused[1])
+    assert fused_off.item() == pytest.approx(stock_off.item(), rel=1e-5)
+    assert abs(fused_off.item() - fused[0].item()) > 1e-3  # the disabled pass used the other head
+
+
 # --- the HF Trainer and torch.compile ----------------------------------------------------------
 
 

@@ -236,7 +236,8 @@ def _restore(cls, patched):
 
 def apply(model, verified_only: bool = False):
     """Patch one model instance (its forward only; the class is untouched). Accepts a PeftModel: its
-    base model is patched; a LoRA (or any adapter) on the head is refused with ValueError. Raises
+    base model is patched; a head in ``modules_to_save`` is the copy PEFT's wrapper calls (the original
+    with the adapters disabled); a LoRA (or any other adapter) on the head is refused with ValueError. Raises
     ValueError naming the reason when the class is refused (with verified_only, also when it is not
     on the verified list). Returns the model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -68,18 +68,38 @@ def _active(state) -> bool:
     return state is not None and state.fused
 
 
+def _modules_to_save_target(wrapper):
+    """The module a PEFT ModulesToSaveWrapper's forward calls now (its forward's own choice): the
+    trainable copy of the active adapter, or the original module when the adapters are disabled or
+    none is active. Should PEFT choose otherwise, call_head finds no F.linear with this module's
+    weight and raises: never a loss from the wrong head."""
+    active = list(getattr(wrapper, "active_adapters", None) or [])
+    known = wrapper.__dict__.get("_adapters", set(wrapper.modules_to_save.keys()))
+    if getattr(wrapper, "disable_adapters", False) or not active or any(a not in known for a in active):
+        return wrapper.original_module
+    return wrapper.modules_to_save[active[0]]
+
+
 def _linear_of(head):
-    """The nn.Linear inside the head: the head itself, or the module an FSDP1
-    (FullyShardedDataParallel) wrapper holds, whose forward calls it unchanged."""
+    """The nn.Linear inside the head: the head itself, the module an FSDP1
+    (FullyShardedDataParallel) wrapper holds, whose forward calls it unchanged, or the one a PEFT
+    ModulesToSaveWrapper (``modules_to_save=["lm_head"]``) calls."""
     inner = head
-    while type(inner).__name__ == "FullyShardedDataParallel" and hasattr(inner, "_fsdp_wrapped_module"):
-        inner = inner._fsdp_wrapped_module
+    while True:
+        kind = type(inner).__name__
+        if kind == "FullyShardedDataParallel" and hasattr(inner, "_fsdp_wrapped_module"):
+            inner = inner._fsdp_wrapped_module
+        elif kind == "ModulesToSaveWrapper" and "modules_to_save" in inner._modules:
+            inner = _modules_to_save_target(inner)
+        else:
+            break
     if type(inner).forward is not nn.Linear.forward:
         raise RuntimeError(
             f"fusedce: the language-model head is a {type(inner).__module__}.{type(inner).__qualname__}, "
             "not a plain torch.nn.Linear (a LoRA or another adapter on the head?): fusedce cannot fold it "
-            "into the fused loss. Leave the head out of the adapter's target_modules, or run the stock "
-            "forward with skip_logits=False.")
+            "into the fused loss. Leave the head out of the adapter's target_modules (PEFT also wraps a "
+            "tied head for trainable_token_indices; modules_to_save=['lm_head'] is supported), or run "
+            "the stock forward with skip_logits=False.")
     return inner
 
 
