@@ -213,6 +213,84 @@ def ddp_no_sync_accumulation(c):
     close(other[1 - c.rank], g, dict(rtol=0.0, atol=0.0), "all-reduced lm_head gradient")
 
 
+def _trl_model(tied, family):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    common = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+                  initializer_range=0.2, tie_word_embeddings=tied)
+    cfg = (transformers.Gemma2Config(head_dim=8, final_logit_softcapping=1.5, **common) if family == "gemma2"
+           else transformers.LlamaConfig(**common))
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).double()
+
+
+def _trl_data(rank):
+    g = torch.Generator().manual_seed(50 + rank)
+    B, T = (2, 9) if rank == 0 else (3, 6)  # uneven tokens per rank
+    ids = torch.randint(4, 40, (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels, torch.randn(B, T - 1, generator=g, dtype=torch.float64)
+
+
+def _trl_objective(log_probs, entropy, mask, adv, n):
+    # GRPO-like: per-token upstream gradients (the recomputing backward) and an entropy term
+    return -(log_probs * adv).sum() / n + 0.1 * (entropy * mask).sum() / n
+
+
+@check
+def trl_head_fsdp2_and_ddp(c):
+    """fusedce's TRL fused head (fusedce.integrations.trl.add_fused_lm_head) under FSDP2 (root only,
+    per-layer units, the head its own unit, a tied head grouped with the embedding) and DDP, uneven
+    tokens per rank, a per-token objective: every parameter's reduced gradient equals the float64
+    single-process truth on the materialized logits of every rank's batch. (TRL 1.16's own head
+    takes full_tensor() of a head that is its own FSDP2 unit and misses the data-parallel reduction:
+    its lm_head gradient is off by 0.3 on this case.)"""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fusedce.integrations.trl as ftrl
+
+    temperature = 0.7
+    tol = dict(rtol=1e-10, atol=1e-12)
+    for family in ("llama", "gemma2"):
+        for tied in (False, True):
+            m = _trl_model(tied, family)
+            batches = [_trl_data(r) for r in range(c.world)]
+            n = float(sum((lab[:, 1:] != -100).sum() for _, lab, _ in batches))
+            total = 0
+            for ids, lab, adv in batches:
+                lsm = (m(input_ids=ids).logits[:, :-1] / temperature).log_softmax(-1)
+                t = lab[:, 1:]
+                mask = t != -100
+                lp = lsm.gather(-1, t.clamp(min=0)[..., None])[..., 0] * mask
+                total = total + _trl_objective(lp, -(lsm.exp() * lsm).sum(-1) * mask, mask, adv, n)
+            total.backward()
+            want = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+            for layout in ("root", "layers", "tied-group" if tied else "head", "ddp"):
+                what = f"{family} tied={tied} {layout}"
+                m = _trl_model(tied, family)
+                ftrl.add_fused_lm_head(m, temperature=temperature, outputs=("log_probs", "entropy"))
+                if layout == "ddp":
+                    wrapped = DDP(m)
+                else:
+                    if layout != "root":
+                        for layer in m.model.layers:
+                            fully_shard(layer, mesh=c.mesh)
+                    if layout == "head":
+                        fully_shard(m.lm_head, mesh=c.mesh)
+                    if layout == "tied-group":
+                        fully_shard([m.model.embed_tokens, m.lm_head], mesh=c.mesh)
+                    wrapped = fully_shard(m, mesh=c.mesh)
+                ids, lab, adv = batches[c.rank]
+                out = wrapped(input_ids=ids, labels=lab, fused_lm_head=True)
+                # x world: the data-parallel reduction averages, n counts every rank's tokens
+                (_trl_objective(out.log_probs, out.entropy, out.label_mask, adv, n) * c.world).backward()
+                compare_grads(want, grads(m), tol, what)
+
+
 class _null:
     def __enter__(self):
         return self
