@@ -177,6 +177,68 @@ def placeholder_refused(c):
         assert f"{arg} is a DeepSpeed ZeRO-3 partitioned parameter" in msg and "head_loss" in msg, (name, msg)
 
 
+@check
+def trl_head_zero3(c):
+    """fusedce's TRL fused head (fusedce.integrations.trl.add_fused_lm_head, added before the engine
+    is built, as TRL's trainers do) on a ZeRO-3 engine: uneven tokens per rank, a per-token
+    (GRPO-like) objective with an entropy term (the recomputing backward, the head's weight
+    released in between), tied and untied: every parameter's full gradient equals the float64
+    single-process gradient of the materialized logits of every rank's batch."""
+    import transformers
+
+    import fusedce.integrations.trl as ftrl
+
+    transformers.logging.set_verbosity_error()
+    temperature = 0.7
+
+    def make(tied):
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2,
+            tie_word_embeddings=tied))
+
+    def data(rank):
+        g = torch.Generator().manual_seed(50 + rank)
+        B, T = (2, 9) if rank == 0 else (3, 6)  # uneven tokens per rank
+        ids = torch.randint(4, 40, (B, T), generator=g)
+        labels = ids.clone()
+        labels[0, :3] = -100
+        return ids, labels, torch.randn(B, T - 1, generator=g, dtype=torch.float64)
+
+    def objective(lp, ent, mask, adv, n):
+        return -(lp * adv).sum() / n + 0.1 * (ent * mask).sum() / n
+
+    for tied in (False, True):
+        m = make(tied).double()
+        batches = [data(r) for r in range(c.world)]
+        n = float(sum((lab[:, 1:] != -100).sum() for _, lab, _ in batches))
+        total = 0
+        for ids, lab, adv in batches:
+            lsm = (m(input_ids=ids).logits[:, :-1] / temperature).log_softmax(-1)
+            t = lab[:, 1:]
+            mask = t != -100
+            lp = lsm.gather(-1, t.clamp(min=0)[..., None])[..., 0] * mask
+            total = total + objective(lp, -(lsm.exp() * lsm).sum(-1) * mask, mask, adv, n)
+        total.backward()
+        want = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+        model = make(tied)
+        ftrl.add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
+        engine = _engine(model)
+        _released(model.lm_head.weight, "before the forward")
+        ids, lab, adv = batches[c.rank]
+        out = engine(input_ids=ids, labels=lab, fused_lm_head=True)
+        _released(model.lm_head.weight, "after the forward")
+        # x world: ZeRO averages the ranks' gradients, n counts every rank's tokens
+        engine.backward(objective(out.log_probs, out.entropy, out.label_mask, adv.float(), n) * c.world)
+        got = _full_grads(engine, model)
+        assert set(got) == set(want), set(got) ^ set(want)
+        for k in want:
+            close(got[k], want[k], F32, f"tied={tied}: gradient of {k}")
+        engine.step()
+
+
 def _worker(rank, world, port, _init_file, result_dir):  # DeepSpeed rendezvous by env, not file
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
