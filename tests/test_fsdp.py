@@ -291,6 +291,58 @@ def trl_head_fsdp2_and_ddp(c):
                 compare_grads(want, grads(m), tol, what)
 
 
+@check
+def hf_tensor_parallel_head_refused_by_name(c):
+    """A head made tensor-parallel by transformers (from_pretrained(tp_plan="auto"): its weight a
+    Shard(0) DTensor that no data-parallel wrapper gathers, and output hooks that expect logits)
+    is not folded by the patched forward: the error says so and names the way out
+    (skip_logits=False runs the stock forward, which is then equal to the unpatched model's)."""
+    import shutil
+    import tempfile
+
+    import transformers
+
+    import fusedce.integrations.transformers as fhf
+    from fusedce.integrations.transformers import _tiny
+
+    transformers.logging.set_verbosity_error()
+    # transformers reads the launcher's variables (torchrun sets them) to place the shards
+    env = dict(RANK=str(c.rank), WORLD_SIZE=str(c.world), LOCAL_RANK=str(c.rank), LOCAL_WORLD_SIZE=str(c.world))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        # saved by rank 0 (save_pretrained writes on the main process only), loaded by every rank
+        tmp = [tempfile.mkdtemp() if c.rank == 0 else None]
+        dist.broadcast_object_list(tmp, src=0)
+        if c.rank == 0:
+            _tiny.tiny_model(transformers.LlamaForCausalLM).save_pretrained(tmp[0])
+        dist.barrier()
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp[0], tp_plan="auto", device_mesh=c.mesh)
+        dist.barrier()
+        if c.rank == 0:
+            shutil.rmtree(tmp[0])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    model.train()
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(model.lm_head.weight, DTensor)
+    ids, labels = _tiny.batch(seed=5)  # the same tokens on both ranks (tensor parallelism)
+    stock = model(input_ids=ids, labels=labels).loss
+    fhf.apply(model)
+    with pytest.raises(RuntimeError) as e:
+        model(input_ids=ids, labels=labels)
+    msg = str(e.value)
+    assert "tensor-parallel" in msg and "skip_logits=False" in msg, msg
+    assert "the transformers integration does so" not in msg, msg
+    out = model(input_ids=ids, labels=labels, skip_logits=False)
+    close(out.loss, stock, dict(rtol=0.0, atol=0.0), "stock forward after the refusal")
+
+
 class _null:
     def __enter__(self):
         return self

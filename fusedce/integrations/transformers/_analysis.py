@@ -64,6 +64,14 @@ class FusedState:
         self.loss_done = False
 
 
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _active(state) -> bool:
     return state is not None and state.fused
 
@@ -194,6 +202,15 @@ def _fce_loss(state, loss_function, *args, **kwargs):
         hidden = hidden.reshape(*target.shape, hidden.shape[-1])
 
     def fused(x, weight, bias):
+        if _is_dtensor(weight):
+            # Inside the head's call a data-parallel wrapper (FSDP2/FSDP1, ZeRO-3) has gathered the
+            # weight: a DTensor here is a tensor-parallel head, whose output hooks expect logits.
+            raise RuntimeError(
+                f"fusedce: {type(head).__name__}'s weight is still a DTensor (placements "
+                f"{tuple(weight.placements)}) inside its call: a tensor-parallel head (e.g. "
+                "from_pretrained(tp_plan=...)), which the patched forward does not fold. Pass "
+                "skip_logits=False (the stock forward), leave this model unpatched, or compute the "
+                "loss with fusedce.linear_cross_entropy(..., process_group=<the tensor-parallel group>).")
         return F_.linear_cross_entropy(
             x, weight, target.long(), linear_bias=bias, ignore_index=int(a["ignore_index"]),
             softcap=state.softcap, logit_scale=state.scale, num_items_in_batch=a["num_items_in_batch"],
