@@ -24,7 +24,9 @@ to ``F.linear`` go to ``fusedce.linear_cross_entropy`` with the shift, ``shift_l
 ``num_items_in_batch`` of transformers' ``ForCausalLMLoss``, and the output has ``logits=None``.
 The stock path runs, unchanged, when labels are None, in eval (unless ``skip_logits=True``), when
 ``logits_to_keep`` is set, when ``skip_logits=False`` is passed, or when the model's
-``loss_function`` is not transformers' ForCausalLMLoss.
+``loss_function`` is not transformers' ForCausalLMLoss. A tensor-parallel head (``tp_plan``: its
+weight still a DTensor inside its call) is not folded: the fused path raises, naming
+``skip_logits=False``.
 """
 
 from __future__ import annotations
