@@ -343,6 +343,81 @@ def hf_tensor_parallel_head_refused_by_name(c):
     close(out.loss, stock, dict(rtol=0.0, atol=0.0), "stock forward after the refusal")
 
 
+def _uneven_batches(rank):
+    """Two micro-batches per rank, of different lengths and sizes on each rank; rank 1's second
+    one has no label at all (it still joins the synchronising backward)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    out = []
+    for i, T in enumerate([(12, 9), (5, 14)][rank]):
+        ids = torch.randint(4, 200, (2 if rank == 0 else 3, T), generator=g)
+        labels = ids.clone()
+        labels[0, : T // 2] = -100
+        if rank == 1 and i == 1:
+            labels[:] = -100
+        out.append((ids, labels))
+    return out
+
+
+@check
+def hf_uneven_tokens_num_items_accumulation(c):
+    """The patched forward as the HF Trainer drives it with average_tokens_across_devices: uneven
+    tokens per rank, num_items_in_batch = every rank's shifted labels counted (a float tensor, as
+    the Trainer divides it), loss x world, gradient accumulation (DDP no_sync / FSDP2
+    set_requires_gradient_sync(False)), an all-ignored micro-batch; tied and untied, the head in
+    the root's unit or its own. Every parameter's reduced gradient equals the float64
+    single-process gradient of sum(CE) / N over all micro-batches of all ranks."""
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fusedce.integrations.transformers as fhf
+    from fusedce.integrations.transformers import _tiny
+
+    transformers.logging.set_verbosity_error()
+    tol = dict(rtol=1e-10, atol=1e-12)
+
+    def model(tied):
+        return _tiny.tiny_model(transformers.LlamaForCausalLM, seed=0, tie_word_embeddings=tied).double()
+
+    mine = _uneven_batches(c.rank)
+    n = sum(lab[..., 1:].ne(-100).sum() for _, lab in mine)
+    dist.all_reduce(n)
+    n = n / 1  # the Trainer divides by tp * cp * sp: a float tensor
+    for tied in (False, True):
+        m = model(tied)
+        total = 0
+        for ids, lab in [b for r in range(c.world) for b in _uneven_batches(r)]:
+            logits = m(input_ids=ids).logits
+            t = F.pad(lab, (0, 1), value=-100)[:, 1:]
+            total = total + F.cross_entropy(logits.flatten(0, 1), t.flatten(), reduction="sum") / n
+        total.backward()
+        want = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        for layout in ("ddp", "fsdp2", "fsdp2-head-unit"):
+            m = model(tied)
+            fhf.apply(m)
+            if layout == "ddp":
+                wrapped = DDP(m)
+            else:
+                for layer in m.model.layers:
+                    fully_shard(layer, mesh=c.mesh)
+                if layout == "fsdp2-head-unit":
+                    fully_shard([m.model.embed_tokens, m.lm_head] if tied else m.lm_head, mesh=c.mesh)
+                wrapped = fully_shard(m, mesh=c.mesh)
+            for i, (ids, lab) in enumerate(mine):
+                last = i == len(mine) - 1
+                if layout == "ddp":
+                    ctx = _null() if last else wrapped.no_sync()
+                else:
+                    wrapped.set_requires_gradient_sync(last)
+                    ctx = _null()
+                with ctx:
+                    out = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), labels=lab,
+                                  num_items_in_batch=n)
+                    assert out.logits is None
+                    (out.loss * c.world).backward()
+            compare_grads(want, grads(m), tol, f"tied={tied} {layout}")
+
+
 class _null:
     def __enter__(self):
         return self
