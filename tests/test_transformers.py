@@ -112,6 +112,27 @@ def test_flat_labels():
     assert abs(per_row[0].item() - stock[0].item()) > 1e-6  # the two pairings differ on this batch
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.int16], ids=str)
+@pytest.mark.parametrize("which", ["labels", "shift_labels"])
+def test_label_dtype_checked(dtype, which):
+    # The stock loss refuses labels that are not class indices ("expected target dtype to be
+    # Long"); the fused path must not turn them into indices (a float or boolean tensor passed as
+    # labels by mistake would train on truncated values): a TypeError naming the argument. int32
+    # labels are class indices: the same loss and gradients as int64.
+    cls = transformers.LlamaForCausalLM
+    model = _tiny.tiny_model(cls)
+    fwd = fhf.analyse_class(cls)
+    ids, labels = _tiny.batch()
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    kw = {"labels": labels} if which == "labels" else {"labels": labels, "shift_labels": shifted}
+    with pytest.raises(TypeError, match=f"{which} must hold int64 or int32"):
+        fwd(model, input_ids=ids, **{**kw, which: kw[which].clamp(min=0).to(dtype)})
+    stock = _tiny.run(model, fwd._fusedce_original, ids, **kw)
+    kw[which] = kw[which].int()
+    fused = _tiny.run(model, fwd, ids, **kw)
+    assert _tiny.compare(stock, fused) is None, _tiny.compare(stock, fused)
+
+
 @pytest.mark.parametrize("num_items", [7, torch.tensor(7)], ids=["int", "tensor"])
 def test_num_items_in_batch(num_items):
     # sum / num_items_in_batch (gradient accumulation): 7 is not the batch's own count of tokens

@@ -188,9 +188,13 @@ def _fce_loss(state, loss_function, *args, **kwargs):
     hidden = state.hidden
     shift_labels = a["shift_labels"]
     if shift_labels is None:
-        target, shift = a["labels"], True
+        target, shift, name = a["labels"], True, "labels"
     else:
-        target, shift = shift_labels, False
+        target, shift, name = shift_labels, False, "shift_labels"
+    if target.dtype not in (torch.int64, torch.int32):
+        # The stock loss refuses them too; .long() would turn a float or boolean tensor given by
+        # mistake into class indices and train on them.
+        raise TypeError(f"fusedce: {name} must hold int64 or int32 class indices, got {target.dtype}")
     target = target.to(hidden.device)
     if target.shape != hidden.shape[:-1]:
         if target.numel() != hidden.shape[:-1].numel():
