@@ -418,6 +418,47 @@ def hf_uneven_tokens_num_items_accumulation(c):
             compare_grads(want, grads(m), tol, f"tied={tied} {layout}")
 
 
+@check
+def peft_modules_to_save_head_fsdp2(c):
+    """A PEFT head in modules_to_save (ModulesToSaveWrapper, the trainable copy scaled so that the
+    wrong head would show) under FSDP2: root only, per-layer units, and the wrapper its own unit
+    (fully_shard renames its class FSDPModulesToSaveWrapper): loss and every gradient equal the
+    stock forward's in the same layout."""
+    import peft
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+
+    import fusedce.integrations.transformers as fhf
+    from fusedce.integrations.transformers import _tiny
+
+    transformers.logging.set_verbosity_error()
+    ids, labels = _tiny.batch(seed=10 + c.rank)
+    for layout in ("root", "layers", "head"):
+        runs = []
+        for fused in (False, True):
+            lora = peft.get_peft_model(_tiny.tiny_model(transformers.LlamaForCausalLM), peft.LoraConfig(
+                r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+            base = lora.get_base_model()
+            with torch.no_grad():
+                base.lm_head.modules_to_save["default"].weight.mul_(1.5)
+            if fused:
+                fhf.apply(lora)
+            if layout != "root":
+                for layer in base.model.layers:
+                    fully_shard(layer, mesh=c.mesh)
+            if layout == "head":
+                fully_shard(base.lm_head, mesh=c.mesh)
+            fully_shard(base, mesh=c.mesh)
+            out = lora(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+            assert (out.logits is None) == fused
+            out.loss.backward()
+            runs.append((out.loss.detach(), grads(lora)))
+        (l0, g0), (l1, g1) = runs
+        close(l1, l0, F32, f"{layout}: loss")
+        compare_grads(g0, g1, F32, layout)
+        assert "base_model.model.lm_head.modules_to_save.default.weight" in g1
+
+
 class _null:
     def __enter__(self):
         return self

@@ -94,10 +94,11 @@ def _linear_of(head):
     ModulesToSaveWrapper (``modules_to_save=["lm_head"]``) calls."""
     inner = head
     while True:
-        kind = type(inner).__name__
-        if kind == "FullyShardedDataParallel" and hasattr(inner, "_fsdp_wrapped_module"):
+        if type(inner).__name__ == "FullyShardedDataParallel" and hasattr(inner, "_fsdp_wrapped_module"):
             inner = inner._fsdp_wrapped_module
-        elif kind == "ModulesToSaveWrapper" and "modules_to_save" in inner._modules:
+        elif ("modules_to_save" in inner._modules
+              # by its class or a base: FSDP2's fully_shard subclasses it (FSDPModulesToSaveWrapper)
+              and any(c.__name__ == "ModulesToSaveWrapper" for c in type(inner).__mro__)):
             inner = _modules_to_save_target(inner)
         else:
             break
