@@ -4,7 +4,11 @@ Each rank holds different tokens. Every check compares fusedce with the same mod
 fusedce in the same layout (the patched transformers forward with ``skip_logits=False`` runs the
 stock code through the same module calls; the public API against ``F.cross_entropy`` on
 ``head(hidden)``): the loss on each rank and the gradient of every parameter after the wrapper's
-reduction, fp32 at a tight tolerance (bf16 tolerance under a bf16 MixedPrecisionPolicy).
+reduction, fp32 at a tight tolerance (bf16 tolerance under a bf16 MixedPrecisionPolicy). The
+checks of the Trainer-style accumulation (uneven tokens, num_items_in_batch summed over the ranks)
+and of fusedce's TRL head compare instead against the float64 single-process gradient of the
+materialized logits of every rank's batch. A head made tensor-parallel by transformers
+(``tp_plan``) is refused by the patched forward with the reason.
 
 The fused loss runs inside the head module's call, so FSDP2 gathers the head's weight before it
 and reduces its gradient after; a recomputing backward (per-token upstream gradient) must find the
