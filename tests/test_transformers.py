@@ -414,6 +414,33 @@ def test_peft_modules_to_save_head(how):
     assert abs(fused_off.item() - fused[0].item()) > 1e-3  # the disabled pass used the other head
 
 
+@pytest.mark.parametrize("modules", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]], ids="+".join)
+def test_peft_modules_to_save_tied_head(modules):
+    # A tied model with modules_to_save and ensure_weight_tying=True: PEFT's head copy is an
+    # nn.Linear(V, H) whose weight is replaced by the [V, H] embedding copy (its out_features says
+    # H): the fused loss must score V classes and send the head's gradient to the shared copy,
+    # summed with the embedding's own.
+    peft = pytest.importorskip("peft")
+    cls = transformers.LlamaForCausalLM
+    ids, labels = _tiny.batch()
+    runs = []
+    for patched in (False, True):
+        lora = peft.get_peft_model(_tiny.tiny_model(cls, tie_word_embeddings=True), peft.LoraConfig(
+            r=4, target_modules=["q_proj"], modules_to_save=modules, ensure_weight_tying=True,
+            init_lora_weights=False))
+        with torch.no_grad():  # the copies differ from the originals: using the wrong one shows
+            for name, p in lora.named_parameters():
+                if "modules_to_save" in name:
+                    p.mul_(1.5)
+        if patched:
+            fhf.apply(lora)
+        runs.append(_tiny.run(lora, lambda m, **kw: m(**kw), ids, labels))
+    stock, fused = runs
+    assert fused[2].logits is None
+    assert _tiny.compare(stock, fused) is None, _tiny.compare(stock, fused)
+    assert any("modules_to_save" in n for n in fused[1])
+
+
 # --- the HF Trainer and torch.compile ----------------------------------------------------------
 
 

@@ -112,6 +112,17 @@ def _linear_of(head):
     return inner
 
 
+def _classes(linear):
+    """The number of logits the head's F.linear produces: the rows of its weight (a DTensor's
+    global shape), not out_features, which PEFT's tied head copy (ensure_weight_tying) leaves at
+    H: an nn.Linear(V, H) given the [V, H] embedding weight. Where the weight is not held whole
+    outside the call (a ZeRO-3 placeholder, FSDP1's flat views) out_features is all there is."""
+    w = getattr(linear, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > 0:
+        return w.shape[0]
+    return linear.out_features
+
+
 def _fce_head(state, head, x):
     if not _active(state):
         return head(x)
@@ -120,7 +131,7 @@ def _fce_head(state, head, x):
         raise RuntimeError("fusedce: the head was called twice in one forward")
     state.hidden = x
     state.head = head
-    state.placeholder = x.new_zeros(()).expand(*x.shape[:-1], linear.out_features)
+    state.placeholder = x.new_zeros(()).expand(*x.shape[:-1], _classes(linear))
     return state.placeholder
 
 
@@ -183,9 +194,9 @@ def _fce_loss(state, loss_function, *args, **kwargs):
     _check_placeholder(state, a["logits"], "the loss")
     head = state.head
     linear = _linear_of(head)
-    if int(a["vocab_size"]) != linear.out_features:
+    if int(a["vocab_size"]) != _classes(linear):
         raise RuntimeError(f"fusedce: vocab_size={a['vocab_size']} given to the loss but the head has "
-                           f"{linear.out_features} outputs")
+                           f"{_classes(linear)} outputs")
     hidden = state.hidden
     shift_labels = a["shift_labels"]
     if shift_labels is None:
