@@ -255,3 +255,51 @@ def test_mean_recomputed_scale_rounds_class_weights_like_the_op():
     assert got.dtype == torch.float32 and torch.equal(got, want), (got.item(), want.item())
     unrounded = (torch.ones((), dtype=torch.float64) / (cw[0] * 255)).to(torch.float32)
     assert not torch.equal(unrounded, want)  # the case does tell the two apart
+
+
+def _op_calls(tree, names):
+    """(node, op name) of every call torch.ops.fusedce.<name>(...) (through an alias `ops` /
+    `_ops`, or spelled out) whose result is unpacked into a tuple in an assignment."""
+    import ast
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)):
+            continue
+        f = node.value.func
+        if not (isinstance(f, ast.Attribute) and f.attr in names):
+            continue
+        base = f.value
+        if not ((isinstance(base, ast.Name) and base.id in ("ops", "_ops"))
+                or (isinstance(base, ast.Attribute) and base.attr == "fusedce")):
+            continue
+        yield node, f.attr
+
+
+def test_every_caller_unpacks_the_ops_outputs_as_the_schema_has_them():
+    """fusedce::cross_entropy grew two outputs (loss, grad_scale): a caller that still unpacks
+    three fails at run time with 'too many values to unpack' (benchmarks/floor.py's CE step did,
+    on the GPU only). Every tuple unpacking of a fusedce op's result in fusedce/, benchmarks/ and
+    tests/ must take as many values as the schema returns (or use a starred rest), and every
+    keyword it passes must be an argument of the schema."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    schemas = {name: getattr(torch.ops.fusedce, name).default._schema
+               for name in ("cross_entropy", "cross_entropy_backward", "loss", "loss_backward")}
+    bad, seen = [], 0
+    for folder in ("fusedce", "benchmarks", "tests"):
+        for path in sorted((root / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for node, name in _op_calls(tree, schemas):
+                seen += 1
+                schema = schemas[name]
+                where = f"{path.relative_to(root)}:{node.lineno} ({name})"
+                for tgt in node.targets:
+                    if (isinstance(tgt, ast.Tuple)
+                            and not any(isinstance(e, ast.Starred) for e in tgt.elts)
+                            and len(tgt.elts) != len(schema.returns)):
+                        bad.append(f"{where}: unpacks {len(tgt.elts)}, returns {len(schema.returns)}")
+                args = {a.name for a in schema.arguments}
+                bad += [f"{where}: keyword {k.arg!r} is not in the schema"
+                        for k in node.value.keywords if k.arg is not None and k.arg not in args]
+    assert seen > 0, "found no call of a fusedce op to check"
+    assert not bad, bad
