@@ -113,7 +113,12 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
     elif reduction == "sum":
         z_part = z_tok.sum()
     else:
-        z_part = z_tok.sum() / denom
+        # A mean over no weight (d == 0) keeps its value (nan, or +-inf) but, like `loss`, has
+        # zero gradients: z_tok.sum() / 0 would send 0 / 0 = nan into every logit's gradient.
+        s = z_tok.sum()
+        some = denom != 0
+        z_part = torch.where(some, s / torch.where(some, denom, torch.ones_like(denom)),
+                             (s / denom).detach())
     return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part,
                       None if entropy is None else entropy.reshape(shape))
 

@@ -260,3 +260,37 @@ def test_mean_with_zero_total_weight(device, inplace):
     ref.backward()
     torch.testing.assert_close(loss2, ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(logits2.grad, z2.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("which", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("batch", ["all_ignored", "zero_total_weight"])
+def test_stats_z_loss_mean_over_no_weight_has_zero_gradients(device, which, batch):
+    """return_stats with a mean over no weight (every target ignored, or class weights summing to
+    0): loss and LossOutput.z_loss are NaN, as F.cross_entropy's mean, and the gradients through
+    both are zero (the reference's convention, and what `loss` itself gives). z_loss's mean divided
+    z_tok.sum() by d = 0, so its backward was 0 / 0 = NaN at every logit: a step backpropagating
+    loss + lse + z_loss together got NaN gradients from an empty batch."""
+    V, H = 7, 5
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(4, H, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(device)
+    if batch == "all_ignored":
+        t, cw = torch.full((4,), -100, device=device), None
+    else:
+        t = torch.tensor([1, 2, -100, 2], device=device)
+        cw = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 2.0, 1.0], dtype=torch.float64, device=device)
+    up = torch.randn(4, generator=g, dtype=torch.float64).to(device)
+    if which == "cross_entropy":
+        leaf = (hidden @ w.t()).requires_grad_()
+        out = fusedce.cross_entropy(leaf, t, weight=cw, z_loss=1e-2, return_stats=True)
+    else:
+        leaf = hidden.clone().requires_grad_()
+        out = fusedce.linear_cross_entropy(leaf, w, t, weight=cw, z_loss=1e-2, return_stats=True)
+    assert torch.isnan(out.loss) and torch.isnan(out.z_loss)
+    (grad,) = torch.autograd.grad(out.loss + out.z_loss + (out.lse * up).sum(), leaf)
+    # the truth: only the lse term has a gradient (d lse / d logits = softmax)
+    z = (hidden @ w.t()).requires_grad_()
+    (ref,) = torch.autograd.grad((torch.logsumexp(z, -1) * up).sum(), z)
+    if which == "linear_cross_entropy":
+        ref = ref @ w
+    torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-15)
