@@ -303,3 +303,38 @@ def test_every_caller_unpacks_the_ops_outputs_as_the_schema_has_them():
                         for k in node.value.keywords if k.arg is not None and k.arg not in args]
     assert seen > 0, "found no call of a fusedce op to check"
     assert not bad, bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n", [1023, 1025, 5003])
+def test_cross_entropy_mean_many_tokens(device, dtype, weighted, n):
+    """fusedce::cross_entropy's mean=True over more tokens than mean_after_kernel's one block of
+    1024 threads has (each thread sums several, then the two block sums share one shared-memory
+    array): loss = sum(token_loss) / d and grad_scale = 1 / d against float64, and the gradient of
+    the loss equals token_loss.sum() / d's."""
+    V = 5
+    g = torch.Generator().manual_seed(n)
+    logits = (torch.randn(n, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+    t = torch.randint(0, V, (n,), generator=g)
+    t[torch.rand(n, generator=g) < 0.3] = -100
+    t = t.to(device)
+    cw = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5).to(device) if weighted else None
+    z = logits.requires_grad_()
+    tok, _, _, loss, gs = torch.ops.fusedce.cross_entropy(z, t, cw, z_loss=1e-3, mean=True)
+    d = mean_denominator(t, cw, -100, V)
+    assert d > 0
+    want = tok.detach().double().sum() / d  # the op's own token losses: checks the sums alone
+    # float64 sums of up to 5003 terms in different orders: a few 1e-14 apart
+    rtol = 1e-6 if tok.dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(loss.double(), want, rtol=rtol, atol=0)
+    torch.testing.assert_close(gs.double(), torch.tensor(1.0 / d, dtype=torch.float64, device=device),
+                               rtol=rtol, atol=0)
+    (got,) = torch.autograd.grad(loss * 3.0, z)
+    z2 = logits.detach().clone().requires_grad_()
+    tok2 = torch.ops.fusedce.cross_entropy(z2, t, cw, z_loss=1e-3)[0]
+    (ref,) = torch.autograd.grad(tok2.sum() * (3.0 / d), z2)
+    # 3 * (1 / d) against 3 / d: the last float32 bit, so at most one ulp of the logits' dtype
+    rtol, atol = {torch.float64: (1e-12, 1e-15), torch.float32: (1e-5, 1e-7),
+                  torch.bfloat16: (2.0 ** -7, 1e-7)}[dtype]
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
