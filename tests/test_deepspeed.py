@@ -198,16 +198,8 @@ def trl_head_zero3(c):
             num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2,
             tie_word_embeddings=tied))
 
-    def data(rank):
-        g = torch.Generator().manual_seed(50 + rank)
-        B, T = (2, 9) if rank == 0 else (3, 6)  # uneven tokens per rank
-        ids = torch.randint(4, 40, (B, T), generator=g)
-        labels = ids.clone()
-        labels[0, :3] = -100
-        return ids, labels, torch.randn(B, T - 1, generator=g, dtype=torch.float64)
-
-    def objective(lp, ent, mask, adv, n):
-        return -(lp * adv).sum() / n + 0.1 * (ent * mask).sum() / n
+    # the batches and the GRPO-like objective of test_fsdp's TRL-head checks
+    from test_fsdp import _trl_data as data, _trl_objective as objective
 
     for tied in (False, True):
         m = make(tied).double()
