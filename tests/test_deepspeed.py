@@ -198,22 +198,14 @@ def trl_head_zero3(c):
             num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, initializer_range=0.2,
             tie_word_embeddings=tied))
 
-    # the batches and the GRPO-like objective of test_fsdp's TRL-head checks
-    from test_fsdp import _trl_data as data, _trl_objective as objective
+    # the batches, the GRPO-like objective and its float64 truth of test_fsdp's TRL-head checks
+    from test_fsdp import _trl_data as data, _trl_objective as objective, _trl_truth
 
     for tied in (False, True):
         m = make(tied).double()
         batches = [data(r) for r in range(c.world)]
         n = float(sum((lab[:, 1:] != -100).sum() for _, lab, _ in batches))
-        total = 0
-        for ids, lab, adv in batches:
-            lsm = (m(input_ids=ids).logits[:, :-1] / temperature).log_softmax(-1)
-            t = lab[:, 1:]
-            mask = t != -100
-            lp = lsm.gather(-1, t.clamp(min=0)[..., None])[..., 0] * mask
-            total = total + objective(lp, -(lsm.exp() * lsm).sum(-1) * mask, mask, adv, n)
-        total.backward()
-        want = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+        want = _trl_truth(m, batches, temperature, n)
 
         model = make(tied)
         ftrl.add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))

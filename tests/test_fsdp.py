@@ -244,6 +244,20 @@ def _trl_objective(log_probs, entropy, mask, adv, n):
     return -(log_probs * adv).sum() / n + 0.1 * (entropy * mask).sum() / n
 
 
+def _trl_truth(m, batches, temperature, n):
+    """Every parameter's gradient of _trl_objective over all ranks' batches, from the
+    materialized logits of the (float64) model m in one process."""
+    total = 0
+    for ids, lab, adv in batches:
+        lsm = (m(input_ids=ids).logits[:, :-1] / temperature).log_softmax(-1)
+        t = lab[:, 1:]
+        mask = t != -100
+        lp = lsm.gather(-1, t.clamp(min=0)[..., None])[..., 0] * mask
+        total = total + _trl_objective(lp, -(lsm.exp() * lsm).sum(-1) * mask, mask, adv, n)
+    total.backward()
+    return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
 @check
 def trl_head_fsdp2_and_ddp(c):
     """fusedce's TRL fused head (fusedce.integrations.trl.add_fused_lm_head) under FSDP2 (root only,
@@ -264,15 +278,7 @@ def trl_head_fsdp2_and_ddp(c):
             m = _trl_model(tied, family)
             batches = [_trl_data(r) for r in range(c.world)]
             n = float(sum((lab[:, 1:] != -100).sum() for _, lab, _ in batches))
-            total = 0
-            for ids, lab, adv in batches:
-                lsm = (m(input_ids=ids).logits[:, :-1] / temperature).log_softmax(-1)
-                t = lab[:, 1:]
-                mask = t != -100
-                lp = lsm.gather(-1, t.clamp(min=0)[..., None])[..., 0] * mask
-                total = total + _trl_objective(lp, -(lsm.exp() * lsm).sum(-1) * mask, mask, adv, n)
-            total.backward()
-            want = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+            want = _trl_truth(m, batches, temperature, n)
             for layout in ("root", "layers", "tied-group" if tied else "head", "ddp"):
                 what = f"{family} tied={tied} {layout}"
                 m = _trl_model(tied, family)
