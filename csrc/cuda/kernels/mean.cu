@@ -29,24 +29,25 @@ __device__ __forceinline__ double block_sum_to_0(double v) {
   return s;
 }
 
-// d = sum over tokens with target != ignore_index of class_weight[target] (1 without class
-// weights; 0 for a target outside [0, V): the op already makes that token's loss NaN, and an
-// out-of-range index is never read); grad_scale = 1 / d, or 0 when d == 0 (zero gradients, as
+// A token's share of d: class_weight[t] (1 without class weights), 0 for an ignored token or for a
+// target outside [0, V) (the op already makes that token's loss NaN; the index is never read).
+template <typename A>
+__device__ __forceinline__ double token_weight(int64_t t, const A* class_weight, int64_t V,
+                                               int64_t ignore_index) {
+  if (t == ignore_index) return 0.0;
+  if (class_weight == nullptr) return 1.0;
+  return t >= 0 && t < V ? static_cast<double>(class_weight[t]) : 0.0;
+}
+
+// d = sum over tokens of token_weight; grad_scale = 1 / d, or 0 when d == 0 (zero gradients, as
 // F.cross_entropy gives for an all-ignored batch).
 template <typename A>
 __global__ void __launch_bounds__(kMeanBlock)
     mean_denominator_kernel(const int64_t* target, int64_t n, const A* class_weight, int64_t V,
                             int64_t ignore_index, A* d_out, A* grad_scale_out) {
   double s = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += kMeanBlock) {
-    const int64_t t = target[i];
-    if (t == ignore_index) continue;
-    if (class_weight == nullptr) {
-      s += 1.0;
-    } else if (t >= 0 && t < V) {
-      s += static_cast<double>(class_weight[t]);
-    }
-  }
+  for (int64_t i = threadIdx.x; i < n; i += kMeanBlock)
+    s += token_weight(target[i], class_weight, V, ignore_index);
   s = block_sum_to_0(s);
   if (threadIdx.x == 0) {
     const A d = static_cast<A>(s);
@@ -74,14 +75,8 @@ __global__ void __launch_bounds__(kMeanBlock)
                       int64_t V, int64_t ignore_index, A* loss, A* grad_scale_out) {
   double s = 0.0, l = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kMeanBlock) {
-    const int64_t t = target[i];
     l += static_cast<double>(token_loss[i]);
-    if (t == ignore_index) continue;
-    if (class_weight == nullptr) {
-      s += 1.0;
-    } else if (t >= 0 && t < V) {
-      s += static_cast<double>(class_weight[t]);
-    }
+    s += token_weight(target[i], class_weight, V, ignore_index);
   }
   s = block_sum_to_0(s);
   __syncthreads();  // block_sum_to_0's shared partials are reused by the second sum
