@@ -99,13 +99,20 @@ def _divisor(num_items_in_batch, device: torch.device, dtype: torch.dtype):
 
 
 def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction, num_items, denom,
-           shape, entropy=None):
+           shape, vocab, entropy=None):
     """The statistics of LossOutput from the per-token values the op returned."""
     valid = _not_ignored(target, ignore_index)
     tok_w = _token_weights(target, ignore_index, weight, lse.dtype)
     n_valid = valid.sum()
     accuracy = ((predicted == target) & valid).sum().to(lse.dtype) / n_valid.to(lse.dtype)
     z_tok = tok_w * (z_loss * lse * lse)
+    # A target outside [0, V) reaches here only on CUDA without validation (the CPU raises): the
+    # op made that token's loss NaN, and the statistics must not report plausible numbers beside
+    # it (its z part would count weight[0], the accuracy a miss). Checked on the device, no sync.
+    bad = valid & ((target < 0) | (target >= vocab))
+    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
+    z_tok = torch.where(bad, nan, z_tok)
+    accuracy = torch.where(bad.any(), nan, accuracy)
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items is not None:
@@ -261,7 +268,7 @@ def linear_cross_entropy(
         return loss
     denom = _denominator(flat_target, ignore_index, weight, acc) if mean else None
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
-                  num_items_in_batch, denom, shape, entropy if return_entropy else None)
+                  num_items_in_batch, denom, shape, V, entropy if return_entropy else None)
 
 
 def cross_entropy(
@@ -344,4 +351,4 @@ def cross_entropy(
     if not return_stats:
         return loss
     return _stats(loss, lse, predicted, flat_target, ignore_index, weight, z_loss, reduction,
-                  num_items_in_batch, denom, shape)
+                  num_items_in_batch, denom, shape, input.shape[-1])

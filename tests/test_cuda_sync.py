@@ -574,3 +574,43 @@ def test_class_weights_with_out_of_range_target_do_not_index_out_of_bounds(devic
     loss = fusedce.linear_cross_entropy(x, w, t, weight=cw)
     torch.cuda.synchronize()
     assert torch.isnan(loss)
+
+
+@CUDA
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_out_of_range_target_statistics_are_nan(which, weighted, reduction):
+    """return_stats beside a NaN loss: the z-loss part and the accuracy are NaN too (at the bad
+    token for reduction='none'), never the plausible numbers a weight[0] lookup or a counted miss
+    would give; the other tokens' values are those of the call with that token ignored."""
+    torch.manual_seed(5)
+    x, w, _ = _head("cuda")
+    t = torch.randint(0, V, (N,), device="cuda")
+    cw = torch.rand(V, device="cuda") + 0.5 if weighted else None
+
+    def call(tt):
+        if which == "cross_entropy":
+            z = x.detach() @ w.detach().T
+            return fusedce.cross_entropy(z, tt, weight=cw, z_loss=1e-3, reduction=reduction,
+                                         return_stats=True)
+        return fusedce.linear_cross_entropy(x, w, tt, weight=cw, z_loss=1e-3, reduction=reduction,
+                                            return_stats=True)
+
+    bad_t = t.clone()
+    bad_t[BAD_AT] = V + 3
+    out = call(bad_t)
+    torch.cuda.synchronize()
+    assert torch.isnan(out.accuracy)
+    if reduction == "none":
+        nan = torch.isnan(out.z_loss.detach())
+        assert nan[BAD_AT] and nan.sum() == 1
+        ign = t.clone()
+        ign[BAD_AT] = -100
+        ref = call(ign)
+        keep = torch.arange(N, device="cuda") != BAD_AT
+        torch.testing.assert_close(out.z_loss.detach()[keep], ref.z_loss.detach()[keep])
+    else:
+        assert torch.isnan(out.z_loss)
+    good = call(t)
+    assert torch.isfinite(good.z_loss).all() and torch.isfinite(good.accuracy)
