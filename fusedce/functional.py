@@ -293,7 +293,8 @@ def cross_entropy(
 
     One online-softmax pass per row in forward; the backward reads each logit once and writes its
     gradient once. ``inplace_backward=True`` writes that gradient into ``input``'s storage (the
-    logits are garbage after backward; no [N, V] allocation). With ``process_group``, ``input`` is
+    logits are garbage after backward; no [N, V] allocation; logits whose elements share
+    memory, such as an expanded row, get their gradient out of place). With ``process_group``, ``input`` is
     this rank's vocabulary shard of the logits [..., V_local] (fusedce/_parallel.py), processed
     ``chunk_size`` rows at a time (the single-process op reads each row once and takes no chunk).
     """

@@ -450,9 +450,11 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred, grad_loss, 
     g = torch.zeros_like(lse) if grad_token_loss is None else _as(grad_token_loss, lse.dtype)
     g_lse = _as(grad_lse, lse.dtype)
     # In place only for one upstream gradient: a batched one (is_grads_batched=True, the backward
-    # under vmap) asks for several gradients, which the logits' one buffer cannot hold.
+    # under vmap) asks for several gradients, which the logits' one buffer cannot hold. Nor can
+    # logits whose elements share memory (broadcast rows, stride 0): their gradient differs per
+    # element, so it gets a buffer of its own (1: torch's MemOverlap::Yes, which the op refuses).
     if (ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling()
-            and not _batched(g)):
+            and not _batched(g) and torch._debug_has_internal_overlap(logits) != 1):
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
         _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, *ctx.knobs)

@@ -87,6 +87,22 @@ def test_inplace_backward_leaf_gradient_is_the_logits_storage(device, lead):
     assert logits.grad.data_ptr() == logits.data_ptr(), "the gradient is a new [N, V] buffer"
 
 
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["2d", "3d"])
+def test_inplace_backward_expanded_logits(device, lead):
+    """Logits broadcast from one row (stride 0 over the tokens, e.g. a learned prior expanded to
+    the batch) cannot hold a per-token gradient: with inplace_backward the backward must still
+    return the exact gradient (out of place), not fail on the overlapping write."""
+    V = 5
+    row = torch.randn(*(1 for _ in lead), V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, lead, device=device)
+    t.view(-1)[1] = -100
+    kw = dict(label_smoothing=0.1, z_loss=1e-2)
+    rr = row.detach().clone().requires_grad_()
+    reference.cross_entropy(rr.expand(*lead, V), t, **kw).loss.backward()
+    fusedce.cross_entropy(row.expand(*lead, V), t, inplace_backward=True, **kw).backward()
+    torch.testing.assert_close(row.grad, rr.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_inplace_backward_second_backward_raises(device):
     """After the in-place backward the logits are gone: using the graph again must fail loudly."""
     logits = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
