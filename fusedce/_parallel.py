@@ -663,7 +663,8 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     predicted = res["predicted"] if N else torch.zeros(0, dtype=torch.long, device=P.device)
     wt = res["wt"] if N else torch.zeros(0, dtype=acc, device=P.device)
     accuracy = ((predicted == flat_t) & valid).sum().to(acc) / valid.sum().to(acc)
-    z_tok = wt * (z_loss * lse.detach() ** 2)
+    # differentiable through lse (its recomputing pass), as the single-process statistic
+    z_tok = wt * (z_loss * lse * lse)
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items_in_batch is not None:
@@ -671,7 +672,11 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     elif reduction == "sum":
         z_part = z_tok.sum()
     else:
-        z_part = z_tok.sum() / P.denom
+        # A mean over no weight keeps its value (nan, +-inf) with zero gradients, as the loss:
+        # s / 0 would send 0 / 0 = nan into every gradient.
+        s, d = z_tok.sum(), P.denom
+        some = d != 0
+        z_part = torch.where(some, s / torch.where(some, d, torch.ones_like(d)), (s / d).detach())
     entropy = ent[0].reshape(shape) if getattr(P, "want_entropy", False) else None
     return LossOutput(loss, lse.reshape(shape), predicted.reshape(shape), accuracy, z_part, entropy)
 

@@ -1,0 +1,152 @@
+"""The vocab-parallel path against the single-process call on the full vocabulary and the float64
+reference, output by output and gradient by gradient: every LossOutput field (the statistics
+included, which tests/test_distributed.py compares by value only), uneven and odd layouts with and
+without vocab_start, empty batches, 3-D inputs. Small float64 problems on gloo (2 and 3 ranks),
+one spawned group per world size (tests/ranks.py)."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fusedce  # noqa: E402
+import fusedce.distributed as fd  # noqa: E402
+from fusedce import reference as ref  # noqa: E402
+from ranks import run_checks, run_rank  # noqa: E402
+
+F64 = dict(rtol=1e-9, atol=1e-11)
+
+
+class Ctx:
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def cuts(self, V):
+        """Uneven contiguous slices: the first rank gets the most (the opposite of
+        tests/test_distributed.py's layout), so shard borders move with the world size."""
+        base = [V // self.world] * self.world
+        for i in range(V % self.world):
+            base[i] += 1
+        base[0], base[-1] = base[0] + min(2, base[-1] - 1), base[-1] - min(2, base[-1] - 1)
+        starts = [sum(base[:i]) for i in range(self.world)]
+        return starts[self.rank], starts[self.rank] + base[self.rank]
+
+
+def randn(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def grads_of(y, *xs):
+    gs = torch.autograd.grad(y, xs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
+
+
+def close(a, b, what, tol=F64):
+    a = a.detach().to(torch.float64)
+    b = b.detach().to(torch.float64)
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _ce_problem(V=13, N=10, H=5, seed=0, ignore=(1, 6)):
+    x = randn(N, H, seed=seed)
+    W = randn(V, H, seed=seed + 1)
+    b = randn(V, seed=seed + 2, scale=0.5)
+    cw = torch.rand(V, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64) + 0.5
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(seed + 4))
+    t[list(ignore)] = -100
+    return x, W, b, cw, t
+
+
+@check
+def z_loss_statistic_gradient(c):
+    """LossOutput.z_loss and LossOutput.lse are differentiable on both paths: the gradients of
+    out.z_loss, of out.lse.sum() and of loss + z_loss equal the single-process call's, for every
+    reduction (num_items_in_batch too), with and without class weights; a mean over no weight
+    (every target ignored) keeps zero gradients, as the single-process call."""
+    x, W, b, cw, t = _ce_problem(seed=10)
+    lo, hi = c.cuts(W.shape[0])
+    cases = [dict(), dict(cw=True), dict(reduction="sum", cw=True), dict(num_items_in_batch=7),
+             dict(reduction="none", cw=True), dict(all_ignored=True), dict(all_ignored=True, cw=True)]
+    for cfg in cases:
+        tag = str(cfg)
+        tt = torch.full_like(t, -100) if cfg.get("all_ignored") else t
+        kw = {k: v for k, v in cfg.items() if k not in ("cw", "all_ignored")}
+        cwf = cw if cfg.get("cw") else None
+        for what in ("z_loss", "lse", "loss+z_loss"):
+            xs, Ws, bs = leaf(x), leaf(W[lo:hi]), leaf(b[lo:hi])
+            out = fd.linear_cross_entropy(xs, Ws, tt, linear_bias=bs, weight=None if cwf is None else cwf[lo:hi],
+                                          z_loss=0.1, return_stats=True, chunk_size=4, **kw)
+            xp, Wp, bp = leaf(x), leaf(W), leaf(b)
+            sp = fusedce.linear_cross_entropy(xp, Wp, tt, linear_bias=bp, weight=cwf, z_loss=0.1,
+                                              return_stats=True, **kw)
+            close(out.z_loss, sp.z_loss, f"{tag} z_loss value")
+
+            def scalar(o):
+                if what == "z_loss":
+                    return o.z_loss.sum()
+                if what == "lse":
+                    return o.lse.sum()
+                return (o.loss + o.z_loss).sum()
+            g = grads_of(scalar(out), xs, Ws, bs)
+            gp = grads_of(scalar(sp), xp, Wp, bp)
+            close(g[0], gp[0], f"{tag} d({what})/d input")
+            close(g[1], gp[1][lo:hi], f"{tag} d({what})/d weight shard")
+            close(g[2], gp[2][lo:hi], f"{tag} d({what})/d bias shard")
+            if what == "z_loss" and not cfg.get("all_ignored"):
+                assert g[1].abs().sum() > 0, f"{tag}: no gradient through z_loss"
+        # the logits-shard entry point: the same statistics from cross_entropy
+        z = (x @ W.T + b)
+        zs, zp = leaf(z[:, lo:hi]), leaf(z)
+        out = fd.cross_entropy(zs, tt, weight=None if cwf is None else cwf[lo:hi], z_loss=0.1,
+                               return_stats=True, chunk_size=3, **kw)
+        sp = fusedce.cross_entropy(zp, tt, weight=cwf, z_loss=0.1, return_stats=True, **kw)
+        (g,) = grads_of((out.z_loss.sum() + 0.5 * out.lse.sum()), zs)
+        (gp,) = grads_of((sp.z_loss.sum() + 0.5 * sp.lse.sum()), zp)
+        close(g, gp[:, lo:hi], f"{tag} cross_entropy d(z_loss + lse/2)/d logits shard")
+
+
+# ---------------------------------------------------------------------------------------------
+# The spawned groups
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker(rank, world, init_file, result_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    run_rank(CHECKS, Ctx(rank, world), rank, result_dir)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["gloo-2", "gloo-3"])
+def group_results(request):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    return run_checks(_worker, (request.param,), request.param, CHECKS)
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_sharded_matches_single_process(group_results, name):
+    failures = {r: m for r, m in group_results[name].items() if m != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{m}" for r, m in failures.items())
