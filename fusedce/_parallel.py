@@ -630,13 +630,15 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     """Runs the CE kind and builds the single-process-shaped result."""
     acc = P.acc
     N = P.target.shape[0]
+    # 0-d whatever the form given (a [1] tensor too): the loss and z_loss statistic are scalars
+    ni = None if num_items_in_batch is None else \
+        torch.as_tensor(num_items_in_batch, dtype=acc, device=P.device).reshape(())
     if reduction == "none":
         P.agg = None
         P.divisor = None
     else:
         P.agg = torch.ones(N, dtype=acc, device=P.device)
-        if num_items_in_batch is not None:
-            ni = torch.as_tensor(num_items_in_batch, dtype=acc, device=P.device).reshape(())
+        if ni is not None:
             P.divisor = lambda res: ni
         elif reduction == "sum":
             P.divisor = lambda res: torch.ones((), dtype=acc, device=P.device)
@@ -668,7 +670,7 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items_in_batch is not None:
-        z_part = z_tok.sum() / torch.as_tensor(num_items_in_batch, dtype=acc, device=P.device)
+        z_part = z_tok.sum() / ni
     elif reduction == "sum":
         z_part = z_tok.sum()
     else:

@@ -127,6 +127,30 @@ def z_loss_statistic_gradient(c):
         close(g, gp[:, lo:hi], f"{tag} cross_entropy d(z_loss + lse/2)/d logits shard")
 
 
+@check
+def num_items_forms(c):
+    """num_items_in_batch as an int, a float, a 0-d tensor and a one-element [1] tensor (int and
+    float): every LossOutput field has the single-process call's shape, value and gradient."""
+    x, W, b, cw, t = _ce_problem(seed=20)
+    lo, hi = c.cuts(W.shape[0])
+    forms = (5, 6.5, torch.tensor(5), torch.tensor([6.5], dtype=torch.float64), torch.tensor([4]),
+             torch.tensor(6.5, dtype=torch.float32))
+    for ni in forms:
+        tag = f"num_items_in_batch={ni!r}"
+        xs, Ws = leaf(x), leaf(W[lo:hi])
+        out = fd.linear_cross_entropy(xs, Ws, t, weight=cw[lo:hi], z_loss=0.1, label_smoothing=0.1,
+                                      num_items_in_batch=ni, return_stats=True, chunk_size=4)
+        xp, Wp = leaf(x), leaf(W)
+        sp = fusedce.linear_cross_entropy(xp, Wp, t, weight=cw, z_loss=0.1, label_smoothing=0.1,
+                                          num_items_in_batch=ni, return_stats=True)
+        for f in ("loss", "lse", "accuracy", "z_loss"):
+            close(getattr(out, f), getattr(sp, f), f"{tag} {f}")
+        g = grads_of(out.loss + out.z_loss, xs, Ws)
+        gp = grads_of(sp.loss + sp.z_loss, xp, Wp)
+        close(g[0], gp[0], f"{tag} grad input")
+        close(g[1], gp[1][lo:hi], f"{tag} grad weight shard")
+
+
 # ---------------------------------------------------------------------------------------------
 # The spawned groups
 # ---------------------------------------------------------------------------------------------
