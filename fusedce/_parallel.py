@@ -884,6 +884,8 @@ def _policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask
                  **_base(process_group, vocab_start, input.device, Vl))
     (loss,) = _ShardedHead.apply(P, P.hidden, P.W, P.b, None)
     res = P.res
+    if not B * T:  # no tokens: the loop ran no chunk and returned no rows
+        res = {key: torch.zeros(0, dtype=acc, device=input.device) for key in ("lp", "ent")}
     with torch.no_grad():  # the keys and definitions of the single-process policy_loss
         lp = res["lp"].reshape(B, T)
         parts = _policy_parts(lp, None if P.old is None else P.old.reshape(B, T), adv.to(lp.dtype),

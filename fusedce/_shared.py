@@ -164,7 +164,12 @@ def _policy_metrics(lp, ent, m, advantages, parts, opts):
         phi = parts["phi"]
         # TRL's phi has the advantages' shape: one per sequence for [B] advantages.
         if advantages.dim() == 1:
-            metrics["vespo/phi_seq_mean"] = phi[:, 0].sum() / max(phi.shape[0], 1)
+            if phi.shape[1]:
+                metrics["vespo/phi_seq_mean"] = phi[:, 0].sum() / max(phi.shape[0], 1)
+            else:
+                # T = 0: no token carries the sequences' phi; an empty sequence has log w = 0,
+                # so phi = e^(lam + k 0 - lam e^0) = 1 whatever (k, lam)
+                metrics["vespo/phi_seq_mean"] = torch.full((), float(phi.shape[0] > 0), dtype=dt, device=lp.device)
         else:
             gmean("vespo/phi_seq_mean", phi)
     if opts["beta"] != 0.0:

@@ -151,6 +151,54 @@ def num_items_forms(c):
         close(g[1], gp[1][lo:hi], f"{tag} grad weight shard")
 
 
+def _same_outputs(a, b, what):
+    """Two results of the same structure (tensors, tuples, dicts of metrics) are equal."""
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), f"{what}: keys {sorted(a)} != {sorted(b)}"
+        for k in b:
+            _same_outputs(a[k], b[k], f"{what}[{k}]")
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), f"{what}: {len(a)} outputs != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_outputs(x, y, f"{what}[{i}]")
+    elif a is None or b is None:
+        assert a is None and b is None, f"{what}: {a!r} vs {b!r}"
+    else:
+        close(a, b, what)
+
+
+@check
+def policy_empty_batch(c):
+    """policy_loss on an empty batch (B = 0 or T = 0), every loss type at the token level (the
+    one-pass path) and the sequence level: the loss, every metric and the (zero) gradients equal
+    the single-process call's."""
+    V, H = 13, 4
+    W = randn(V, H, seed=31)
+    lo, hi = c.cuts(V)
+    for B, T in ((0, 4), (2, 0)):
+        x = randn(B, T, H, seed=32)
+        tok = torch.zeros(B, T, dtype=torch.long)
+        old, adv, m = randn(B, T, seed=33) - 2, randn(B, seed=34), torch.ones(B, T)
+        for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
+            for level in ("token", "sequence"):
+                if lt == "vespo" and level == "sequence":
+                    continue
+                tag = f"B={B} T={T} {lt} {level}"
+                xs, Ws = leaf(x), leaf(W[lo:hi])
+                out = fd.policy_loss(xs, Ws, tok, old, adv, mask=m, loss_type=lt,
+                                     importance_sampling_level=level, chunk_size=3)
+                xp, Wp = leaf(x), leaf(W)
+                sp = fusedce.policy_loss(xp, Wp, tok, old, adv, mask=m, loss_type=lt,
+                                         importance_sampling_level=level)
+                _same_outputs(out, sp, tag)
+                if lt == "vespo" and B:
+                    # an empty sequence's weight: log w = 0, phi = e^(lam + k 0 - lam e^0) = 1
+                    close(out[1]["vespo/phi_seq_mean"], torch.tensor(1.0, dtype=torch.float64), f"{tag} phi")
+                g, gp = grads_of(out[0], xs, Ws), grads_of(sp[0], xp, Wp)
+                close(g[0], gp[0], f"{tag} grad input")
+                close(g[1], gp[1][lo:hi], f"{tag} grad weight shard")
+
+
 # ---------------------------------------------------------------------------------------------
 # The spawned groups
 # ---------------------------------------------------------------------------------------------
