@@ -103,6 +103,23 @@ def _check_ignore_index(ignore_index, name: str = "ignore_index") -> int:
     return ignore_index
 
 
+def _check_vocab_start(vocab_start, process_group):
+    """vocab_start: None, or this rank's first global class id on the vocab-parallel path. A float
+    or a string would be truncated / parsed by int() and used; without process_group it would be
+    ignored, the call running on the whole vocabulary the caller thinks is a shard."""
+    if vocab_start is None:
+        return
+    if process_group is None:
+        raise ValueError(
+            f"fusedce: vocab_start={vocab_start!r} is given without process_group: vocab_start is this "
+            "rank's first vocabulary id on the vocab-parallel path (pass process_group=, or drop vocab_start)"
+        )
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"fusedce: vocab_start must be an int (or None), got {vocab_start!r}")
+    if isinstance(vocab_start, numbers.Integral) and not 0 <= vocab_start <= _INT64.max:
+        raise ValueError(f"fusedce: vocab_start must be >= 0, got {vocab_start}")
+
+
 def _fits(dtype: torch.dtype, value) -> bool:
     """Whether the int `value` is representable in the integer `dtype` (a traced int: assumed)."""
     if dtype == torch.int64 or not isinstance(value, numbers.Integral):

@@ -125,6 +125,19 @@ def _vocab_start(group, rank, world, v_local, device, vocab_start):
     return sizes[:rank].sum()
 
 
+def global_vocab(weight, process_group) -> int:
+    """The global vocabulary of a sharded head, read on the host: a DTensor's global shape, else
+    the sum of the shards' sizes (one small all-reduce). For the callers that check targets
+    against it before the row ops run (preference.py); every rank calls it alike."""
+    local, group, start = _unwrap(weight, _group(process_group))
+    if start is not None:
+        return int(weight.shape[0])
+    group, _, _ = _group_info(group)
+    n = torch.full((1,), local.shape[0], dtype=torch.int64, device=local.device)
+    dist.all_reduce(n, group=group)
+    return int(n.item())
+
+
 def _local_ids(P, tgt, ignore_index):
     """(targets, vocab_start, ignore_index) for the row ops, which use the last two only to find
     the class a row's target is on this shard: as given with an int offset; with a device offset

@@ -55,6 +55,7 @@ from ._checks import (  # noqa: E402,F401  (re-exported: older imports name them
     _check_tensor,
     _fits,
     _not_ignored,
+    _check_vocab_start,
 )
 
 
@@ -201,6 +202,7 @@ def linear_cross_entropy(
     # First: a DTensor without process_group is refused by name before any shape check reads
     # its global shape.
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
+    _check_vocab_start(vocab_start, process_group)
     # Every argument is checked before the call is routed: both paths refuse the same input.
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
@@ -300,6 +302,7 @@ def cross_entropy(
     """
     _check_autodiff("cross_entropy", input)
     sharded = _sharded(process_group, input=input)  # first: see linear_cross_entropy
+    _check_vocab_start(vocab_start, process_group)
     _check_tensor(input, "input")
     _check_float(input, "input")
     if input.dim() < 1:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (
+    _check_vocab_start,
     check_global_targets,
     host_target_check,
     _check_autodiff,
@@ -28,6 +29,7 @@ from ._checks import (
     _check_tensor,
     _not_ignored,
 )
+from . import _parallel
 from .terms import token_logprobs, token_statistics
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "orpo", "cpo", "simpo")
@@ -53,8 +55,20 @@ def _sequence_logps(input, weight, bias, tokens, knobs, stats, process_group, vo
     return lp, None
 
 
-def _completion_tokens(target, ignore_index, shift, vocab, process_group, name):
-    """(keep, tokens): the scored positions and the ids token_logprobs takes (-100 where ignored)."""
+def _checked_vocab(target, linear_weight, process_group):
+    """The vocabulary to check the completion targets against, None where no host check is made:
+    on the sharded path the GLOBAL one (the row ops would only see the -100 / -101 mapping below
+    and name their own `tokens` argument)."""
+    if not host_target_check(target.device):
+        return None
+    if process_group is None:
+        return linear_weight.shape[0]
+    return _parallel.global_vocab(linear_weight, process_group)
+
+
+def _completion_tokens(target, ignore_index, shift, vocab, name):
+    """(keep, tokens): the scored positions and the ids token_logprobs takes (-100 where ignored);
+    `vocab` None: no host check here (_checked_vocab)."""
     keep = _not_ignored(target, ignore_index)
     if shift:
         keep = torch.cat([keep[:, 1:], torch.zeros_like(keep[:, :1])], dim=1)
@@ -63,7 +77,7 @@ def _completion_tokens(target, ignore_index, shift, vocab, process_group, name):
     # ignore_index is something else) is a bad class id like any other, never an ignored position:
     # checked here where a host read is allowed, else mapped to -101, which token_logprobs refuses
     # (or, on CUDA outside validation mode, turns into a NaN loss).
-    if process_group is None and host_target_check(target.device):
+    if vocab is not None:
         check_global_targets(target.reshape(-1), vocab, keep.reshape(-1), 0,
                              f"{name} (shifted)" if shift else name,
                              f" and is not ignore_index ({ignore_index})")
@@ -117,6 +131,7 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
     as :func:`fusedce.token_logprobs`, for each head's pass.
     """
     _check_autodiff("preference_loss", input, linear_weight, linear_bias)
+    _check_vocab_start(vocab_start, process_group)
     _check_tensor(input, "input")
     if input.dim() != 3:
         raise ValueError(f"fusedce: input must have shape [2B, T, H] (B chosen rows, then B rejected), got {tuple(input.shape)}")
@@ -170,7 +185,8 @@ def preference_loss(input, linear_weight, target, *, loss_type="sigmoid", beta=0
         if ref_weight.shape[0] != linear_weight.shape[0]:
             raise ValueError(f"fusedce: ref_weight has vocabulary {ref_weight.shape[0]} but linear_weight has {linear_weight.shape[0]}; they must match")
 
-    keep, tokens = _completion_tokens(target, ignore_index, shift, linear_weight.shape[0], process_group, "target")
+    keep, tokens = _completion_tokens(target, ignore_index, shift,
+                                      _checked_vocab(target, linear_weight, process_group), "target")
     knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
                  memory_budget=memory_budget)
     stats = True  # the policy's mean logits (logits/* metrics), from the same pass
@@ -311,6 +327,7 @@ def kto_loss(input, linear_weight, target, preference_labels, *, loss_type="kto"
     loss) are not the head's and are left out.
     """
     _check_autodiff("kto_loss", input, linear_weight, linear_bias)
+    _check_vocab_start(vocab_start, process_group)
     _check_tensor(input, "input")
     if input.dim() != 3:
         raise ValueError(f"fusedce: input must have shape [N, T, H], got {tuple(input.shape)}")
@@ -383,8 +400,8 @@ def kto_loss(input, linear_weight, target, preference_labels, *, loss_type="kto"
                 raise ValueError("fusedce: with ref_logps, the KL completions' reference is ref_kl_logps [M] (not ref_kl_input)")
             _check_sums(ref_kl_logps, kl_input.shape[0], "ref_kl_logps", input)
 
-    vocab = linear_weight.shape[0]
-    keep, tokens = _completion_tokens(target, ignore_index, shift, vocab, process_group, "target")
+    vocab = _checked_vocab(target, linear_weight, process_group)
+    keep, tokens = _completion_tokens(target, ignore_index, shift, vocab, "target")
     knobs = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale, chunk_size=chunk_size,
                  memory_budget=memory_budget)
     out = token_statistics(input, linear_weight, tokens, linear_bias=linear_bias, outputs=("entropy", "mean_logits"),
@@ -401,7 +418,7 @@ def kto_loss(input, linear_weight, target, preference_labels, *, loss_type="kto"
         else:
             ref = ref_logps.to(acc)
         if loss_type == "kto" and kl is None:
-            _, kl_tokens = _completion_tokens(kl_target, ignore_index, shift, vocab, process_group, "kl_target")
+            _, kl_tokens = _completion_tokens(kl_target, ignore_index, shift, vocab, "kl_target")
             s_kl = _sequence_logps(kl_input, linear_weight, linear_bias, kl_tokens, knobs, False,
                                    process_group, vocab_start)[0].sum(-1)
             if ref_kl_logps is None:

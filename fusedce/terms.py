@@ -14,6 +14,7 @@ import torch
 
 from ._op_args import TermOptions
 from ._checks import (
+    _check_vocab_start,
     _check_autodiff,
     _check_chunk,
     _check_device,
@@ -85,6 +86,7 @@ def token_logprobs(input, linear_weight, tokens, *, linear_bias=None, temperatur
     as :func:`fusedce.linear_cross_entropy`'s, in whole vocabulary rows (at least one)."""
     _check_autodiff("token_logprobs", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
+    _check_vocab_start(vocab_start, process_group)
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
     temperature = _check_positive(temperature, "temperature")
@@ -150,6 +152,7 @@ def token_statistics(input, linear_weight, tokens, *, linear_bias=None, temperat
     if unknown:
         raise ValueError(f"fusedce: outputs must be among {_STAT_NAMES}, got {sorted(unknown)}")
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
+    _check_vocab_start(vocab_start, process_group)
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(tokens, input.shape[:-1], input, "input", name="tokens")
     temperature = _check_positive(temperature, "temperature")
@@ -220,6 +223,7 @@ def distillation_loss(input, linear_weight, target, *, teacher_input=None, teach
     _check_autodiff("distillation_loss", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias,
                        teacher_weight=teacher_weight)
+    _check_vocab_start(vocab_start, process_group)
     # Every argument is checked before the call is routed: both paths refuse the same input.
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     _check_target(target, input.shape[:-1], input, "input")
@@ -428,6 +432,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     """
     _check_autodiff("policy_loss", input, linear_weight, linear_bias)
     sharded = _sharded(process_group, linear_weight=linear_weight, linear_bias=linear_bias)
+    _check_vocab_start(vocab_start, process_group)
     # Every argument is checked before the call is routed: both paths refuse the same input.
     V, H = _check_head(input, linear_weight, linear_bias, vocab_shard=process_group is not None)
     if input.dim() != 3:

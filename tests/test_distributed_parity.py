@@ -199,6 +199,78 @@ def policy_empty_batch(c):
                 close(g[1], gp[1][lo:hi], f"{tag} grad weight shard")
 
 
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the error itself is what is compared
+        return e
+    return None
+
+
+@check
+def preference_bad_target_named(c):
+    """An out-of-range kept target of preference_loss / kto_loss (>= V, negative, or -100 when
+    ignore_index is something else; shifted too; kto's kl_target) is refused on the sharded path
+    with the single-process error: the argument's name (target, kl_target) and the value given,
+    checked against the GLOBAL vocabulary."""
+    V, H = 13, 4
+    W = randn(V, H, seed=41)
+    lo, hi = c.cuts(V)
+    x = randn(2, 3, H, seed=42)
+    good = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(43))
+    labels, rl = torch.tensor([True, False]), randn(2, seed=44) - 5
+    for bad in (V, V + 3, -5, -100):
+        tgt = good.clone()
+        tgt[1, 1] = bad
+        calls = {
+            "preference": lambda W_, **k: fusedce.preference_loss(x, W_, tgt, loss_type="orpo", ignore_index=-1, **k),
+            "preference shift": lambda W_, **k: fusedce.preference_loss(x, W_, tgt, loss_type="cpo", ignore_index=-1,
+                                                                        shift=True, **k),
+            "kto": lambda W_, **k: fusedce.kto_loss(x, W_, tgt, labels, ref_logps=rl, kl=0.1, ignore_index=-1, **k),
+            "kto kl_target": lambda W_, **k: fusedce.kto_loss(x, W_, good, labels, ref_logps=rl, kl_input=x,
+                                                              kl_target=tgt, ref_kl_logps=rl, ignore_index=-1, **k),
+        }
+        for name, call in calls.items():
+            single = _error_of(lambda: call(W))
+            sharded = _error_of(lambda: call(W[lo:hi], process_group=dist.group.WORLD))
+            assert single is not None, f"{name} target {bad}: not refused by the single-process call"
+            assert type(sharded) is type(single) and str(sharded) == str(single), \
+                f"{name} target {bad}: sharded {sharded!r} != single-process {single!r}"
+
+
+@check
+def vocab_start_refused_by_name(c):
+    """vocab_start that is not an int (a float such as 9.5, a string, a bool, a tensor) was
+    truncated or parsed by int() and used silently; one given without process_group was ignored.
+    Every public function refuses both by name, on every rank alike (before any collective)."""
+    V, H = 13, 4
+    W = randn(V, H, seed=51)
+    lo, hi = c.cuts(V)
+    x, x3 = randn(4, H, seed=52), randn(2, 2, H, seed=52)
+    t = torch.tensor([0, 3, 12, 7])
+    t2 = t.reshape(2, 2)
+    calls = {
+        "linear_cross_entropy": lambda W_, **k: fusedce.linear_cross_entropy(x, W_, t, **k),
+        "cross_entropy": lambda W_, **k: fusedce.cross_entropy(x @ W_.T, t, **k),
+        "token_logprobs": lambda W_, **k: fusedce.token_logprobs(x, W_, t, **k),
+        "token_statistics": lambda W_, **k: fusedce.token_statistics(x, W_, t, **k),
+        "distillation_loss": lambda W_, **k: fusedce.distillation_loss(x, W_, t, teacher_logits=x @ W_.T, **k),
+        "policy_loss": lambda W_, **k: fusedce.policy_loss(x3, W_, t2, None, torch.ones(2, dtype=torch.float64), **k),
+        "preference_loss": lambda W_, **k: fusedce.preference_loss(x3, W_, t2, loss_type="orpo", **k),
+        "kto_loss": lambda W_, **k: fusedce.kto_loss(x3, W_, t2, torch.tensor([True, False]), loss_type="apo_zero_unpaired",
+                                                     ref_logps=torch.zeros(2, dtype=torch.float64), **k),
+    }
+    for name, call in calls.items():
+        for bad in (lo + 0.5, float(lo), str(lo), torch.tensor(lo), True, -1):
+            e = _error_of(lambda: call(W[lo:hi], process_group=dist.group.WORLD, vocab_start=bad))
+            assert isinstance(e, (TypeError, ValueError)) and "vocab_start" in str(e), \
+                f"{name} vocab_start={bad!r}: {e!r}"
+        e = _error_of(lambda: call(W, vocab_start=0))
+        assert isinstance(e, ValueError) and "vocab_start" in str(e) and "process_group" in str(e), \
+            f"{name} vocab_start without process_group: {e!r}"
+        call(W[lo:hi], process_group=dist.group.WORLD, vocab_start=lo)  # a valid one still works
+
+
 # ---------------------------------------------------------------------------------------------
 # The spawned groups
 # ---------------------------------------------------------------------------------------------
