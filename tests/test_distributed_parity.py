@@ -42,15 +42,15 @@ class Ctx:
 
 def randn(*shape, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64) * scale
 
 
 def leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
-def grads_of(y, *xs):
-    gs = torch.autograd.grad(y, xs, allow_unused=True)
+def grads_of(y, *xs, retain=False):
+    gs = torch.autograd.grad(y, xs, allow_unused=True, retain_graph=retain)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
 
 
@@ -269,6 +269,58 @@ def vocab_start_refused_by_name(c):
         assert isinstance(e, ValueError) and "vocab_start" in str(e) and "process_group" in str(e), \
             f"{name} vocab_start without process_group: {e!r}"
         call(W[lo:hi], process_group=dist.group.WORLD, vocab_start=lo)  # a valid one still works
+
+
+@check
+def every_field_value_and_gradient(c):
+    """linear_cross_entropy sharded (odd V, uneven slices, vocab_start given and derived, 3-D and
+    empty inputs) equals the single-process call field by field: loss, lse, predicted, accuracy,
+    z_loss, entropy, and the gradient of each differentiable field separately (input, weight and
+    bias shards), for each reduction with smoothing + class weights + z-loss + softcap +
+    logit_scale + bias, a class-id ignore_index, and the entropy term."""
+    V, H = 13, 4
+    x, W, b, cw, t = _ce_problem(V=V, N=6, H=H, seed=60, ignore=(1,))
+    lo, hi = c.cuts(V)
+    opts = [dict(label_smoothing=0.1, cw=True, z_loss=0.05, softcap=2.0, logit_scale=0.8, bias=True),
+            dict(ignore_index=4, z_loss=0.02), dict(entropy_coef=0.1, return_entropy=True, cw=True)]
+    inputs = [(x.reshape(2, 3, H), t.reshape(2, 3)), (torch.zeros(0, 3, H, dtype=torch.float64),
+                                                      torch.zeros(0, 3, dtype=torch.long))]
+    n = 0
+    for red in ("mean", "sum", "none"):
+        for opt in opts:
+            for xx, tt in inputs:
+                n += 1
+                kw = {k: v for k, v in opt.items() if k not in ("cw", "bias")}
+                if "ignore_index" in kw:
+                    tt = torch.where(tt == -100, torch.full_like(tt, kw["ignore_index"]), tt)
+                cwf, bf = (cw if opt.get("cw") else None), (b if opt.get("bias") else None)
+                tag = f"{red} {opt} N={tt.numel()}"
+                xs, Ws = leaf(xx), leaf(W[lo:hi])
+                bs = None if bf is None else leaf(bf[lo:hi])
+                out = fd.linear_cross_entropy(xs, Ws, tt, linear_bias=bs, weight=None if cwf is None else cwf[lo:hi],
+                                              reduction=red, return_stats=True, chunk_size=4,
+                                              vocab_start=lo if n % 2 else None, **kw)
+                xp, Wp = leaf(xx), leaf(W)
+                bp = None if bf is None else leaf(bf)
+                sp = fusedce.linear_cross_entropy(xp, Wp, tt, linear_bias=bp, weight=cwf, reduction=red,
+                                                  return_stats=True, **kw)
+                for f in ("loss", "lse", "accuracy", "z_loss"):
+                    close(getattr(out, f), getattr(sp, f), f"{tag} {f}")
+                assert torch.equal(out.predicted, sp.predicted), f"{tag} predicted"
+                assert (out.entropy is None) == (sp.entropy is None), f"{tag} entropy returned"
+                with fusedce.allow_second_backward():
+                    for f in ("loss", "lse", "z_loss", "entropy"):
+                        if getattr(sp, f) is None:
+                            continue
+                        up = randn(*getattr(sp, f).shape, seed=61)
+                        g = grads_of((getattr(out, f) * up).sum(), *[v for v in (xs, Ws, bs) if v is not None],
+                                     retain=True)
+                        gp = grads_of((getattr(sp, f) * up).sum(), *[v for v in (xp, Wp, bp) if v is not None],
+                                      retain=True)
+                        close(g[0], gp[0], f"{tag} d{f}/d input")
+                        close(g[1], gp[1][lo:hi], f"{tag} d{f}/d weight shard")
+                        if bs is not None:
+                            close(g[2], gp[2][lo:hi], f"{tag} d{f}/d bias shard")
 
 
 # ---------------------------------------------------------------------------------------------
