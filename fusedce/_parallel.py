@@ -65,7 +65,7 @@ import torch.distributed as dist
 from . import ops as _ops_py
 from ._checks import check_global_targets, host_target_check
 from ._op_args import TermOptions
-from ._shared import LossOutput, _policy_metrics, _policy_parts, _shift
+from ._shared import LossOutput, _count_gradient, _count_needs_grad, _detached_count, _policy_metrics, _policy_parts, _shift
 
 # Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
 _BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -652,7 +652,10 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     else:
         P.agg = torch.ones(N, dtype=acc, device=P.device)
         if ni is not None:
-            P.divisor = lambda res: ni
+            # the head's gradients take 1 / n as a constant (_count_gradient adds d/dn below);
+            # the z_loss statistic divides by ni itself, so its derivative w.r.t. n is its own
+            ni_const = ni.detach() if _count_needs_grad(num_items_in_batch) else ni
+            P.divisor = lambda res: ni_const
         elif reduction == "sum":
             P.divisor = lambda res: torch.ones((), dtype=acc, device=P.device)
         else:
@@ -671,6 +674,8 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
         # A zero denominator: F.cross_entropy's sum / 0 (nan for an all-ignored batch), no gradient.
         tok_sum = tok.detach().sum() if N else torch.zeros((), dtype=acc, device=P.device)
         loss = torch.where(d != 0, loss, tok_sum / d)
+    elif num_items_in_batch is not None:  # the head's gradients take 1 / n as a constant
+        loss = _count_gradient(loss, num_items_in_batch)
     if not return_stats:
         return loss
     flat_t = P.target

@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.autograd import forward_ad
 
 from ._checks import _fits
 
@@ -120,6 +121,49 @@ def _as(x, dtype: torch.dtype):
     """x in dtype; a tensor already of that dtype as it is, None as None (a no-op .to is still a
     dispatch, and policy_loss and the recomputing backward make several per call)."""
     return x if x is None or x.dtype == dtype else x.to(dtype)
+
+
+def _count_needs_grad(n) -> bool:
+    """Whether num_items_in_batch `n` is a tensor that carries a derivative: one that requires
+    grad (under torch.vmap the batched wrapper says False and the tensor it wraps tells), or a
+    dual tensor of forward-mode AD. No dispatch: the common path (a plain tensor or a number)
+    must cost nothing."""
+    if not isinstance(n, torch.Tensor):
+        return False
+    if torch.is_grad_enabled():
+        if n.requires_grad:
+            return True
+        if not torch.compiler.is_compiling():
+            u = n
+            while torch._C._functorch.is_functorch_wrapped_tensor(u):
+                u = torch._C._functorch.get_unwrapped(u)
+                if u.requires_grad:
+                    return True
+    return getattr(forward_ad, "_current_level", -1) >= 0 and forward_ad.unpack_dual(n).tangent is not None
+
+
+def _detached_count(n):
+    """num_items_in_batch for the fused ops, which precompute their gradients with 1 / n and
+    return none for n: detached when it carries a derivative (_count_gradient then gives the
+    loss its derivative w.r.t. n), as it is otherwise (no dispatch on the common path)."""
+    return n.detach() if _count_needs_grad(n) else n
+
+
+def _count_gradient(loss, n, rest=None):
+    """`loss` (its part `loss - rest` divided by num_items_in_batch `n`, computed with n
+    detached) with the derivative w.r.t. n of that division, -(loss - rest) / n, where n carries
+    one (_count_needs_grad); otherwise `loss` itself, no op added. The value is unchanged:
+    n.detach() / n is exactly 1 (x / x for a finite x != 0), and 1 - that exactly 0; the other
+    gradients are too (the factor is 1, `rest` is detached)."""
+    if not _count_needs_grad(n):
+        return loss
+    if n.device != loss.device and n.device.type != "cpu":  # a CPU 0-d tensor mixes with any device
+        n = n.to(loss.device)
+    one = (n.detach() / n).reshape(()).to(loss.dtype)
+    out = loss * one
+    if rest is not None:
+        out = out + rest.detach().to(loss.dtype) * (1 - one)
+    return out
 
 
 def _nograd(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from . import _budget, _parallel
 from . import ops as _ops_py
-from ._shared import LossOutput, _flat, _rows, _shaped, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
+from ._shared import LossOutput, _count_gradient, _detached_count, _flat, _rows, _shaped, _sharded, _shift  # noqa: F401  (LossOutput: public here too)
 from ._op_args import TermOptions
 
 _ops = torch.ops.fusedce
@@ -117,7 +117,8 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items is not None:
-        z_part = z_tok.sum() / _divisor(num_items, z_tok.device, z_tok.dtype)
+        z_part = _count_gradient(
+            z_tok.sum() / _divisor(_detached_count(num_items), z_tok.device, z_tok.dtype), num_items)
     elif reduction == "sum":
         z_part = z_tok.sum()
     else:
@@ -245,7 +246,7 @@ def linear_cross_entropy(
     grad_scale = None
     mean = reduction == "mean" and num_items_in_batch is None
     if reduction != "none" and num_items_in_batch is not None:
-        d = _divisor(num_items_in_batch, input.device, acc)
+        d = _divisor(_detached_count(num_items_in_batch), input.device, acc)
         # a fill, not torch.as_tensor(number, device=...): that is a synchronizing copy
         grad_scale = 1.0 / d if isinstance(d, torch.Tensor) else torch.full((), 1.0 / d, dtype=acc, device=input.device)
     track = torch.is_grad_enabled() and reduction != "none"
@@ -266,6 +267,8 @@ def linear_cross_entropy(
     loss, token_loss, lse, predicted, entropy = out[0], out[1], out[2], out[3], out[4]
     if reduction == "none":
         loss = _shaped(token_loss, shape)
+    elif grad_scale is not None:
+        loss = _count_gradient(loss, num_items_in_batch)
     if not return_stats:
         return loss
     denom = _denominator(flat_target, ignore_index, weight, acc) if mean else None
@@ -345,7 +348,10 @@ def cross_entropy(
     if reduction == "none":
         loss = _shaped(token_loss, shape)
     elif num_items_in_batch is not None:
-        loss = token_loss.sum() / _divisor(num_items_in_batch, token_loss.device, token_loss.dtype)
+        # n detached, its gradient given after: a CPU count for a CUDA loss is read as a number
+        loss = _count_gradient(token_loss.sum() / _divisor(_detached_count(num_items_in_batch),
+                                                           token_loss.device, token_loss.dtype),
+                               num_items_in_batch)
     elif reduction == "sum":
         loss = token_loss.sum()
     else:

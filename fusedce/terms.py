@@ -34,7 +34,7 @@ from ._checks import (
     host_target_check,
 )
 from . import _budget, _parallel
-from ._shared import _as, _flat, _nograd, _policy_metrics, _policy_parts, _rows, _shaped, _sharded
+from ._shared import _as, _count_gradient, _count_needs_grad, _flat, _nograd, _policy_metrics, _policy_parts, _rows, _shaped, _sharded
 
 _ops = torch.ops.fusedce
 _DISTILL_KINDS = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -504,6 +504,14 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                 vespo=(float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg), float(vespo_lambda_neg)),
                 entropy_coef=float(entropy_coef), max_completion_length=max_completion_length,
                 num_items=num_items, gas=gas, level=importance_sampling_level)
+
+    def with_count_gradient(loss, metrics):
+        # The normalizer divides the policy part only (KL included), not TRL's entropy bonus,
+        # whose value the metric "entropy" (the same masked mean) gives.
+        if loss_type not in ("cispo", "dapo", "vespo") or not _count_needs_grad(num_items_in_batch):
+            return loss, metrics  # no op added
+        rest = None if entropy_coef == 0.0 else metrics["entropy"] * (-float(entropy_coef) / gas)
+        return _count_gradient(loss, num_items_in_batch, rest), metrics
     flat_tokens = _as(_flat(tokens), torch.long)
     # Without a mask every token is kept: its tokens are the op's targets as they are (no select).
     kept = None if mask is None else _flat(m) != 0
@@ -538,7 +546,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
         loss, parts = _policy_torch(lp, ent, old2, _as(_nograd(advantages), lp.dtype), ref2, mt, isr, opts)
         with torch.no_grad():
             metrics = _policy_metrics(lp.detach(), ent.detach(), mt, advantages_arg, parts, opts)
-        return loss, metrics
+        return with_count_gradient(loss, metrics)
     weights = _policy_weights(m, loss_type, max_completion_length, num_items, gas)
     ent_w = None
     if entropy_coef != 0.0:
@@ -549,12 +557,12 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                             torch.zeros_like(weights)).reshape(-1)
     pw = None if isr is None else isr.expand(B, T).reshape(-1)
     if sharded:
-        return _parallel._policy_loss(
+        return with_count_gradient(*_parallel._policy_loss(
             input, linear_weight, tokens, old_logprobs, advantages_arg, mask=mask, m=m,
             ref_logprobs=ref_logprobs, temperature=temperature, weights=weights, ent_w=ent_w, pw=pw,
             linear_bias=linear_bias, softcap=softcap, logit_scale=logit_scale,
             process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
-            reduce_grad_input=reduce_grad_input, opts=opts)
+            reduce_grad_input=reduce_grad_input, opts=opts))
     if host_target_check(flat_tokens.device):
         # Every kept token must be a class id; the error names policy_loss's own arguments (where
         # no host read is allowed, the op's kernels make such a token's loss NaN instead).
@@ -589,7 +597,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
                               _nograd(advantages), None if ref is None else _as(_nograd(ref_logprobs), lp.dtype),
                               mt, isr, "token", opts)
         metrics = _policy_metrics(lp, out[4].reshape(lead), mt, advantages_arg, parts, opts)
-    return loss, metrics
+    return with_count_gradient(loss, metrics)
 
 
 def _policy_torch(lp, ent, old, adv, ref, m, isr, opts):

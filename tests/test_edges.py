@@ -234,19 +234,21 @@ def test_batched_upstream_gradients(device, which):
                 torch.testing.assert_close(a.reshape(shape.numel(), *b.shape)[k], b)
 
 
+@pytest.mark.parametrize("n_grad", [False, True])
 @pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy", "policy_loss"])
-def test_vmap_over_num_items_in_batch(device, which):
+def test_vmap_over_num_items_in_batch(device, which, n_grad):
     """A CPU num_items_in_batch is read on the host with .item() (checked > 0 on a CPU loss, taken
     as a float for a CUDA one), which vmap refuses for a batched tensor ("We don't support vmap
     over calling .item()"). Batched over num_items_in_batch, each sample's loss is its sum / its
-    count."""
+    count; a count that requires grad gets d(sum / n)/dn (the batched wrapper's requires_grad is
+    False: the tensor it wraps tells)."""
     B = 3
     x = torch.randn(B, 2, 3, H, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
     t = torch.randint(0, V, (B, 2, 3), device=device)
     old = torch.randn(B, 2, 3, dtype=torch.float64, device=device) - 2
     adv = torch.randn(B, 2, dtype=torch.float64, device=device)
-    ns = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)  # on the CPU, as HF passes it
+    ns = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64, requires_grad=n_grad)  # on the CPU, as HF passes it
 
     def one(a, b, o, ad, n):
         if which == "linear_cross_entropy":
@@ -264,7 +266,9 @@ def test_vmap_over_num_items_in_batch(device, which):
     got = torch.func.vmap(one)(x, t, old, adv, ns)
     want = torch.stack([ref(i) for i in range(B)])
     torch.testing.assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got.sum(), (x, w)), torch.autograd.grad(want.sum(), (x, w))):
+    wrt = (x, w, ns) if n_grad else (x, w)
+    for a, b in zip(torch.autograd.grad(got.sum(), wrt, allow_unused=True), torch.autograd.grad(want.sum(), wrt)):
+        assert a is not None
         torch.testing.assert_close(a, b)
 
 
@@ -498,3 +502,171 @@ def test_allow_second_backward_is_per_thread(device):
         leave.set()
         thread.join()
     assert not errors, errors
+
+
+# --------------------------------------------------------------------------------------------
+# num_items_in_batch as a tensor that requires grad
+# --------------------------------------------------------------------------------------------
+
+
+_NUM_ITEMS_CASES = [
+    "linear_cross_entropy", "linear_cross_entropy_stats", "linear_cross_entropy_terms",
+    "linear_cross_entropy_low_memory", "cross_entropy", "cross_entropy_stats",
+    "LinearCrossEntropyLoss", "FusedLMHeadLoss",
+    "sharded_linear_cross_entropy", "sharded_linear_cross_entropy_stats", "sharded_cross_entropy",
+    "sharded_cross_entropy_stats",
+    "policy_loss_dapo", "policy_loss_cispo_entropy", "policy_loss_vespo_entropy",
+    "policy_loss_sequence_entropy", "policy_loss_grpo", "sharded_policy_loss_dapo_entropy",
+]
+
+
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["n_grad", "n_plain"])
+@pytest.mark.parametrize("case", _NUM_ITEMS_CASES)
+def test_num_items_in_batch_tensor_gradient(device, case, requires_grad, tmp_path):
+    """The documented loss is sum / num_items_in_batch; a float tensor that requires grad gets
+    d(sum / n)/dn (-sum / n**2), as autograd on the materialized float64 definition gives it, on
+    every path (the fused ops precompute their gradients with 1 / n, whose own gradient they do
+    not return). A plain tensor keeps its value and the other gradients unchanged."""
+    import contextlib
+
+    B, T = 2, 3
+    x = torch.randn(B, T, H, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (B, T), device=device)
+    t[0, 1] = -100
+    old = torch.randn(B, T, dtype=torch.float64, device=device) - 2
+    adv = torch.randn(B, T, dtype=torch.float64, device=device)
+    mask = torch.ones(B, T, device=device)
+    mask[1, 2] = 0
+    n = torch.tensor([4.5] if case == "cross_entropy" else 4.5, dtype=torch.float64, device=device)
+    n.requires_grad_(requires_grad)
+    sharded = case.startswith("sharded_")
+    ce = dict(z_loss=0.01, label_smoothing=0.1)
+    stats = case.endswith("_stats")
+
+    def fused(x, w, n, group):
+        pg = dict(process_group=group) if sharded else {}
+        name = case.removeprefix("sharded_").removesuffix("_stats")
+        if name == "linear_cross_entropy":
+            out = fusedce.linear_cross_entropy(x, w, t, num_items_in_batch=n, return_stats=stats, **ce, **pg)
+        elif name == "linear_cross_entropy_terms":
+            out = fusedce.linear_cross_entropy(x, w, t, num_items_in_batch=n, entropy_coef=0.3,
+                                               return_stats=True, return_entropy=True, **ce)
+        elif name == "linear_cross_entropy_low_memory":
+            out = fusedce.linear_cross_entropy(x, w, t, num_items_in_batch=n, low_memory=True,
+                                               vocab_chunk_size=3, chunk_size=2, **ce)
+        elif name == "cross_entropy":
+            out = fusedce.cross_entropy(x @ w.T, t, num_items_in_batch=n, return_stats=stats, **ce, **pg)
+        elif name in ("LinearCrossEntropyLoss", "FusedLMHeadLoss"):
+            if name == "FusedLMHeadLoss":
+                out = fusedce.nn.FusedLMHeadLoss(**ce)(x, w, t, num_items_in_batch=n, return_stats=True)
+            else:
+                mod = fusedce.nn.LinearCrossEntropyLoss(H, V, dtype=torch.float64, device=device, **ce)
+                with torch.no_grad():
+                    mod.linear.weight.copy_(w)
+                # the module's own parameter stands in for w: its gradient is copied back below
+                out = mod(x, t, num_items_in_batch=n)
+                fused.module = mod
+        else:
+            kw = dict(mask=mask, num_items_in_batch=n, **pg)
+            if name == "policy_loss_dapo":
+                kw.update(loss_type="dapo")
+            elif name == "policy_loss_cispo_entropy":
+                kw.update(loss_type="cispo", entropy_coef=0.2, epsilon_high=5.0)
+            elif name == "policy_loss_vespo_entropy":
+                kw.update(loss_type="vespo", entropy_coef=0.2)
+            elif name == "policy_loss_sequence_entropy":
+                kw.update(loss_type="dapo", importance_sampling_level="sequence", entropy_coef=0.2)
+            elif name == "policy_loss_grpo":  # ignores num_items_in_batch: no gradient reaches it
+                kw.update(loss_type="grpo")
+            elif name == "policy_loss_dapo_entropy":
+                kw.update(loss_type="dapo", entropy_coef=0.2, beta=0.1, ref_logprobs=old + 0.3)
+            return [fusedce.policy_loss(x, w, t.clamp(min=0), old, adv, **kw)[0]], kw
+        return ([out.loss, out.z_loss] if isinstance(out, tuple) else [out]), None
+
+    def truth(x, w, n, kw):
+        logits = x @ w.T
+        if kw is not None:
+            kw = {k: v for k, v in kw.items() if k != "process_group"}
+            return [reference.policy_loss(logits, t.clamp(min=0), old, adv, **kw)[0]]
+        r = reference.cross_entropy(logits, t, num_items_in_batch=n.reshape(()), **ce)
+        out = [r.loss]
+        if case == "linear_cross_entropy_terms":
+            valid = (t != -100).to(logits.dtype)
+            out = [r.loss + 0.3 * (reference.entropy(logits) * valid).sum() / n, r.z_loss]
+        elif stats or case == "FusedLMHeadLoss":
+            out.append(r.z_loss)
+        return out
+
+    ctx = contextlib.nullcontext(None)
+    if sharded:
+        import torch.distributed as dist
+
+        if device != "cpu" or not dist.is_available() or not dist.is_gloo_available():
+            pytest.skip("a one-rank gloo group on the CPU")
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+        ctx = contextlib.ExitStack()
+        if owned:
+            ctx.callback(dist.destroy_process_group)
+        group = dist.group.WORLD
+    else:
+        group = None
+    with ctx:
+        got, kw = fused(x, w, n, group)
+    want = truth(x, w, n, kw)
+    inputs = (x, w, n) if requires_grad else (x, w)
+
+    def grads(y, wrt):
+        g = torch.autograd.grad(y, wrt, allow_unused=True, retain_graph=True)
+        return [torch.zeros_like(i) if gi is None else gi for gi, i in zip(g, wrt)]
+
+    torch.testing.assert_close(got[0], want[0])
+    if case == "LinearCrossEntropyLoss":
+        mod = fused.module
+        g = grads(got[0], (x, mod.linear.weight, n) if requires_grad else (x, mod.linear.weight))
+    else:
+        g = grads(got[0], inputs)
+    for name, a, b in zip(("input", "weight", "num_items_in_batch"), g, grads(want[0], inputs)):
+        torch.testing.assert_close(a, b, msg=f"{case} gradient of the loss w.r.t. {name}")
+    if len(got) > 1:  # LossOutput.z_loss: the z-loss part, also divided by n
+        torch.testing.assert_close(got[1], want[1])
+        if requires_grad:
+            torch.testing.assert_close(grads(got[1], (n,))[0], grads(want[1], (n,))[0],
+                                       msg=f"{case} gradient of LossOutput.z_loss w.r.t. num_items_in_batch")
+
+
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy", "policy_loss", "policy_loss_sequence"])
+def test_forward_ad_dual_num_items_in_batch(device, which):
+    """A dual num_items_in_batch (forward-mode AD; the other arguments plain) gets the tangent of
+    sum / n, -sum / n**2 * dn, not a tangent silently dropped by the fused op."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(2, 3, H, dtype=torch.float64, device=device)
+    w = torch.randn(V, H, dtype=torch.float64, device=device)
+    t = torch.randint(0, V, (2, 3), device=device)
+    old = torch.randn(2, 3, dtype=torch.float64, device=device) - 2
+    adv = torch.randn(2, 3, dtype=torch.float64, device=device)
+    kw = dict(importance_sampling_level="sequence") if which == "policy_loss_sequence" else {}
+
+    def f(n):
+        if which == "linear_cross_entropy":
+            return fusedce.linear_cross_entropy(x, w, t, num_items_in_batch=n)
+        if which == "cross_entropy":
+            return fusedce.cross_entropy(x @ w.T, t, num_items_in_batch=n)
+        return fusedce.policy_loss(x, w, t, old, adv, num_items_in_batch=n, entropy_coef=0.2, **kw)[0]
+
+    def truth(n):
+        if which.startswith("policy_loss"):
+            return reference.policy_loss(x @ w.T, t, old, adv, num_items_in_batch=n, entropy_coef=0.2, **kw)[0]
+        return reference.cross_entropy(x @ w.T, t, num_items_in_batch=n).loss
+
+    n0 = torch.tensor(3.5, dtype=torch.float64, device=device)
+    dn = torch.tensor(0.7, dtype=torch.float64, device=device)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(f(fwAD.make_dual(n0, dn)))
+        want = fwAD.unpack_dual(truth(fwAD.make_dual(n0, dn)))
+    torch.testing.assert_close(got.primal, want.primal)
+    assert got.tangent is not None
+    torch.testing.assert_close(got.tangent, want.tangent)
