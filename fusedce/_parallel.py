@@ -65,7 +65,7 @@ import torch.distributed as dist
 from . import ops as _ops_py
 from ._checks import check_global_targets, host_target_check
 from ._op_args import TermOptions
-from ._shared import LossOutput, _count_gradient, _count_needs_grad, _detached_count, _policy_metrics, _policy_parts, _shift
+from ._shared import LossOutput, _count_gradient, _count_needs_grad, _policy_metrics, _policy_parts, _shift
 
 # Transient budget for the [chunk, V_local] float32 buffers (about four of them live per chunk).
 _BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
