@@ -425,6 +425,23 @@ def _cross_entropy_backward_inplace_fake(logits, target, class_weight, lse, grad
     return None
 
 
+def _may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` may share memory. torch answers No / Yes (a stride 0) and
+    TooHard for any other non-dense layout, which covers both a column slice (distinct elements)
+    and sliding windows (unfold, as_strided: shared ones, which torch's own overlap check lets
+    through to a silently wrong write). Sorted by stride, each dimension must step past every
+    offset the smaller ones reach; otherwise the layout is taken as overlapping."""
+    overlap = torch._debug_has_internal_overlap(t)  # 0 No, 1 Yes, 2 TooHard
+    if overlap != 2:
+        return overlap == 1
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def _cross_entropy_setup_context(ctx, inputs, output):
     # inputs: every argument of `cross_entropy`, in _CROSS_ENTROPY_ARGS order.
     logits, target, class_weight = inputs[:3]
@@ -451,10 +468,10 @@ def _cross_entropy_backward(ctx, grad_token_loss, grad_lse, _g_pred, grad_loss, 
     g_lse = _as(grad_lse, lse.dtype)
     # In place only for one upstream gradient: a batched one (is_grads_batched=True, the backward
     # under vmap) asks for several gradients, which the logits' one buffer cannot hold. Nor can
-    # logits whose elements share memory (broadcast rows, stride 0): their gradient differs per
-    # element, so it gets a buffer of its own (1: torch's MemOverlap::Yes, which the op refuses).
+    # logits whose elements share memory (broadcast rows, sliding windows): their gradient differs
+    # per element, so it gets a buffer of its own.
     if (ctx.inplace and type(logits) is torch.Tensor and not torch.compiler.is_compiling()
-            and not _batched(g) and torch._debug_has_internal_overlap(logits) != 1):
+            and not _batched(g) and not _may_overlap(logits)):
         # Overwrites the caller's logits (the documented contract of inplace_backward); the
         # version counter bump makes any other use of them in this graph fail loudly.
         _ops.cross_entropy_backward_(logits, target, class_weight, lse, g, g_lse, *ctx.knobs)

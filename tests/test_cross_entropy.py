@@ -103,6 +103,46 @@ def test_inplace_backward_expanded_logits(device, lead):
     torch.testing.assert_close(row.grad, rr.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("view", ["unfold", "as_strided"])
+def test_inplace_backward_partly_overlapping_logits(device, view):
+    """Logits whose rows share some elements (sliding windows: unfold, as_strided with a row stride
+    below the row length) are no stride-0 broadcast (torch cannot tell their overlap: TooHard),
+    but an in-place gradient would still overwrite one token's gradient with another's: the
+    backward must return the exact gradient, out of place."""
+    N, V = 4, 5
+    flat = torch.randn(2 * N + V, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randint(0, V, (N,), device=device)
+
+    def windows(b):
+        return b.unfold(0, V, 1)[:N] if view == "unfold" else b.as_strided((N, V), (2, 1))
+
+    rr = flat.detach().clone().requires_grad_()
+    reference.cross_entropy(windows(rr), t).loss.backward()
+    fusedce.cross_entropy(windows(flat), t, inplace_backward=True).backward()
+    torch.testing.assert_close(flat.grad, rr.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("view", ["column_slice", "transposed"])
+def test_inplace_backward_strided_logits_stay_in_place(device, view):
+    """Non-contiguous logits whose elements are distinct (a column slice, a transpose) keep the
+    in-place gradient: it is written into the caller's storage and is exact."""
+    N, V = 4, 5
+    base = torch.randn(N, V + 2, dtype=torch.float64, device=device) if view == "column_slice" \
+        else torch.randn(V, N, dtype=torch.float64, device=device)
+    base.requires_grad_()
+    t = torch.randint(0, V, (N,), device=device)
+
+    def logits_of(b):
+        return b[:, 1:V + 1] if view == "column_slice" else b.t()
+
+    rr = base.detach().clone().requires_grad_()
+    want = torch.autograd.grad(reference.cross_entropy(logits_of(rr), t).loss, rr)[0]
+    lg = logits_of(base)
+    (g,) = torch.autograd.grad(fusedce.cross_entropy(lg, t, inplace_backward=True), lg)
+    assert g.data_ptr() == lg.data_ptr(), "the gradient is a new buffer"
+    torch.testing.assert_close(g, logits_of(want), rtol=1e-9, atol=1e-12)
+
+
 def test_inplace_backward_second_backward_raises(device):
     """After the in-place backward the logits are gone: using the graph again must fail loudly."""
     logits = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
