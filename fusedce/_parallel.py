@@ -685,6 +685,14 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     accuracy = ((predicted == flat_t) & valid).sum().to(acc) / valid.sum().to(acc)
     # differentiable through lse (its recomputing pass), as the single-process statistic
     z_tok = wt * (z_loss * lse * lse)
+    bad = getattr(P, "bad", None)
+    if bad is not None:
+        # An out-of-range target where no host check was made (_check_targets): its loss is NaN,
+        # and the statistics must not report plausible numbers beside it (its z part would count
+        # weight 0, the accuracy a miss), as functional._stats. On the device, no sync.
+        nan = torch.full((), math.nan, dtype=acc, device=P.device)
+        z_tok = torch.where(bad, nan, z_tok)
+        accuracy = torch.where(bad.any(), nan, accuracy)
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items_in_batch is not None:

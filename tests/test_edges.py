@@ -670,3 +670,42 @@ def test_forward_ad_dual_num_items_in_batch(device, which):
     torch.testing.assert_close(got.primal, want.primal)
     assert got.tangent is not None
     torch.testing.assert_close(got.tangent, want.tangent)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("which", ["linear_cross_entropy", "cross_entropy"])
+def test_sharded_stats_beside_an_out_of_range_target(device, which, reduction, monkeypatch, tmp_path):
+    """Where no host check is made (a default CUDA call; simulated here on a one-rank gloo group)
+    the vocab-parallel path makes an out-of-range target's loss NaN. Its statistics must not
+    report plausible numbers beside it, as on one process (functional._stats): LossOutput.z_loss
+    NaN (at that token for reduction='none'; the other tokens' values kept) and accuracy NaN."""
+    import torch.distributed as dist
+
+    from fusedce import _parallel
+
+    if device != "cpu" or not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("a one-rank gloo group on the CPU")
+    monkeypatch.setattr(_parallel, "host_target_check", lambda dev: False)
+    x = torch.randn(4, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64)
+    t = torch.tensor([1, V + 2, 2, -100])
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        kw = dict(z_loss=0.1, return_stats=True, reduction=reduction, process_group=dist.group.WORLD)
+        if which == "linear_cross_entropy":
+            out = fusedce.linear_cross_entropy(x, w, t, **kw)
+        else:
+            out = fusedce.cross_entropy(x @ w.T, t, **kw)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+    assert out.loss.isnan().any()
+    assert out.accuracy.isnan()
+    if reduction == "none":
+        ok = reference.cross_entropy(x @ w.T, t.clamp(max=V - 1), z_loss=0.1, reduction="none").z_loss
+        assert out.z_loss[1].isnan()
+        torch.testing.assert_close(out.z_loss[[0, 2, 3]], ok[[0, 2, 3]])
+    else:
+        assert out.z_loss.isnan()
