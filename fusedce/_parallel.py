@@ -644,7 +644,7 @@ def _ce_common(P, target, weight, reduction, ignore_index, z_loss, num_items_in_
     acc = P.acc
     N = P.target.shape[0]
     # 0-d whatever the form given (a [1] tensor too): the loss and z_loss statistic are scalars
-    ni = None if num_items_in_batch is None else \
+    ni = None if num_items_in_batch is None or reduction == "none" else \
         torch.as_tensor(num_items_in_batch, dtype=acc, device=P.device).reshape(())
     if reduction == "none":
         P.agg = None

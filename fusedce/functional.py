@@ -107,13 +107,14 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
     n_valid = valid.sum()
     accuracy = ((predicted == target) & valid).sum().to(lse.dtype) / n_valid.to(lse.dtype)
     z_tok = tok_w * (z_loss * lse * lse)
-    # A target outside [0, V) reaches here only on CUDA without validation (the CPU raises): the
+    # A target outside [0, V) reaches here only off the CPU without validation (the CPU raises): the
     # op made that token's loss NaN, and the statistics must not report plausible numbers beside
     # it (its z part would count weight[0], the accuracy a miss). Checked on the device, no sync.
-    bad = valid & ((target < 0) | (target >= vocab))
-    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
-    z_tok = torch.where(bad, nan, z_tok)
-    accuracy = torch.where(bad.any(), nan, accuracy)
+    if lse.device.type != "cpu":
+        bad = valid & ((target < 0) | (target >= vocab))
+        nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
+        z_tok = torch.where(bad, nan, z_tok)
+        accuracy = torch.where(bad.any(), nan, accuracy)
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items is not None:
