@@ -526,3 +526,39 @@ def test_audit_marks_verified_and_verified_only():
         fhf.apply(MyLlamaForCausalLM(cfg), verified_only=True)
     fhf.apply(MyLlamaForCausalLM(cfg))  # understood from its source: patched without the flag
     assert fhf.audit()["patched"][fhf._key(MyLlamaForCausalLM)]["verified"] is False
+
+
+def test_generate_tokens_equal_stock():
+    # the patched forward without labels is the stock code: greedy tokens identical, in eval and
+    # in train mode (generation inside a training loop, as GRPO-style trainers do)
+    cls = transformers.LlamaForCausalLM
+    model = _tiny.tiny_model(cls).eval()
+    prompt = _tiny.batch()[0][:, :4]
+    stock = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    fhf.apply(model)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), stock)
+    model.train()
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0), stock)
+
+
+def test_left_padding_masked_row_and_checkpointing():
+    # left padding (masked, labels -100 there), a row without any label, gradient checkpointing
+    # on the backbone: the fused loss and every gradient equal the stock forward's
+    cls = transformers.Gemma2ForCausalLM
+    model = _tiny.tiny_model(cls, final_logit_softcapping=0.5)
+    model.gradient_checkpointing_enable()
+    fwd = fhf.analyse_class(cls)
+    ids, labels = _tiny.batch(batch=3)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels[0, :4] = -100
+    labels[2] = -100
+    runs = []
+    for f in (fwd._fusedce_original, fwd):
+        model.zero_grad(set_to_none=True)
+        out = f(model, input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(13))
+        out.loss.backward()
+        runs.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}, out))
+    assert runs[1][2].logits is None
+    assert _tiny.compare(*runs) is None, _tiny.compare(*runs)
