@@ -342,6 +342,14 @@ def _masked_targets(flat_tokens, kept, ignore: int):
     return torch.where(kept, flat_tokens, torch.full_like(flat_tokens, ignore))
 
 
+def _positive_finite(x) -> bool:
+    """A number (not a bool) in (0, inf). A chained comparison, not math.isfinite: under
+    torch.compile an int that changes between calls (or dynamic=True) is a symbolic int, which
+    math.isfinite cannot take (fullgraph=True failed). False for nan."""
+    return (not isinstance(x, bool) and isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
+            and 0 < x < math.inf)
+
+
 def _check_number_or_scalar(x, name, ref, acc):
     """A positive number, or a one-element tensor (on ref's device, or a CPU scalar copied there):
     a device tensor's value is never brought to the host (a CPU one, already there, is checked).
@@ -356,7 +364,7 @@ def _check_number_or_scalar(x, name, ref, acc):
         else:  # on the host already: a count <= 0 or not finite refused as linear_cross_entropy does
             _check_num_items(x, name)
         return x.detach().reshape(()).to(device=ref.device, dtype=acc)
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+    if not _positive_finite(x):
         raise ValueError(f"fusedce: {name} must be a positive finite number or a one-element tensor, got {x!r}")
     return float(x)
 
@@ -468,7 +476,7 @@ def policy_loss(input, linear_weight, tokens, old_logprobs, advantages, *, mask=
     B, T = lead
     acc = _acc(input)
     gas = gradient_accumulation_steps
-    if isinstance(gas, bool) or not isinstance(gas, (int, float)) or not math.isfinite(gas) or gas <= 0:
+    if not _positive_finite(gas):
         raise ValueError(f"fusedce: gradient_accumulation_steps must be a positive number, got {gas!r}")
     num_items = None if num_items_in_batch is None else _check_number_or_scalar(
         num_items_in_batch, "num_items_in_batch", input, acc)

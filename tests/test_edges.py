@@ -445,6 +445,33 @@ def test_compile_changing_int_num_items_in_batch(which, dynamic):
         torch.testing.assert_close(gw, rw)
 
 
+@pytest.mark.parametrize("option", ["num_items_in_batch", "gradient_accumulation_steps"])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_policy_loss_changing_int_count(option, dynamic):
+    """policy_loss's int num_items_in_batch and gradient_accumulation_steps went through
+    math.isfinite, which a traced int cannot take: fullgraph=True failed ("torch.* op returned
+    non-Tensor") on the second value (None) or on every call (dynamic=True)."""
+    torch._dynamo.reset()
+    B, T = 2, 3
+    x = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    old = -torch.rand(B, T, dtype=torch.float64)
+    adv = torch.randn(B, dtype=torch.float64)
+    loss_type = "dapo" if option == "num_items_in_batch" else "grpo"
+
+    def f(x, w, n):
+        return fusedce.policy_loss(x, w, tokens, old, adv, loss_type=loss_type, **{option: n})[0]
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for n in (3, 5, 11):
+        got = compiled(x, w, n)
+        want = reference.policy_loss(x @ w.T, tokens, old, adv, loss_type=loss_type, **{option: n})[0]
+        torch.testing.assert_close(got, want)
+        for g, r in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
+            torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("name", ["linear_cross_entropy", "distillation_loss", "policy_loss"])
 def test_second_backward_error_names_the_function(device, name):
     """The second-backward error of distillation_loss and policy_loss said "the same
