@@ -77,7 +77,9 @@ def _completion_tokens(target, ignore_index, shift, vocab, name):
     # ignore_index is something else) is a bad class id like any other, never an ignored position:
     # checked here where a host read is allowed, else mapped to -101, which token_logprobs refuses
     # (or, on CUDA outside validation mode, turns into a NaN loss).
-    if vocab is not None:
+    # Not while compiling: check_global_targets skips it there anyway, and its message formatted
+    # with a symbolic ignore_index (one that changes between calls) fails fullgraph tracing.
+    if vocab is not None and not torch.compiler.is_compiling():
         check_global_targets(target.reshape(-1), vocab, keep.reshape(-1), 0,
                              f"{name} (shifted)" if shift else name,
                              f" and is not ignore_index ({ignore_index})")

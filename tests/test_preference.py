@@ -357,6 +357,33 @@ def test_compile_fullgraph(loss_type, device):
         torch.testing.assert_close(a, c)
 
 
+@pytest.mark.parametrize("which", ["preference_loss", "kto_loss"])
+def test_compile_fullgraph_changing_ignore_index(which):
+    """An ignore_index passed to the compiled step and changing between calls is a symbolic int:
+    the target check's message, formatted with it before the (skipped while compiling) check,
+    failed fullgraph=True ("BUILD_STRING type error") where eager takes any ignore_index."""
+    torch._dynamo.reset()
+    labels = torch.tensor(LABELINGS["mixed"])
+
+    def step(x, w, y, ignore_index):
+        if which == "preference_loss":
+            return fusedce.preference_loss(x, w, y, loss_type="orpo", ignore_index=ignore_index,
+                                           shift=True)[0]
+        return fusedce.kto_loss(x, w, y, labels, loss_type="apo_zero_unpaired", ref_logps=ref,
+                                ignore_index=ignore_index, shift=True)[0]
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for ignore_index in (-100, -1, 11):
+        x, w, _, y, _, _ = _batch(ignore_index=ignore_index, bias=False)
+        ref = torch.linspace(-9.0, -4.0, x.shape[0], dtype=torch.float64)
+        x, w = _leaves(x, w)
+        got = compiled(x, w, y, ignore_index)
+        want = step(x, w, y, ignore_index)
+        torch.testing.assert_close(got, want)
+        for a, c in zip(torch.autograd.grad(got, (x, w)), torch.autograd.grad(want, (x, w))):
+            torch.testing.assert_close(a, c)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reference_bias(device):
     x, w, b, y, xr, wr = _batch(device=device, seed=11)
