@@ -272,7 +272,10 @@ def _scale(grad: torch.Tensor, needed: bool, g: torch.Tensor, dtype: torch.dtype
         return None
     # A batched upstream gradient (is_grads_batched=True, jacobian(vectorize=True): the backward
     # runs under vmap) has no batching rule for the in-place and out= products: out of place.
-    batched = _batched(g)
+    # Not read while compiling (compiled autograd traces this backward): the traced path below
+    # is out of place either way, and dynamo cannot trace functorch's batched-tensor queries
+    # (a graph break, an error under fullgraph=True).
+    batched = not torch.compiler.is_compiling() and _batched(g)
     if grad.dtype != dtype:
         # float32 gradients of a float16 forward: multiply in float32, round once. Out of place
         # (the float16 result is a new buffer anyway); one fused multiply-and-cast in eager.

@@ -354,3 +354,31 @@ def test_compile_cross_entropy(device):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     tokens = torch.randint(0, 50, (2, 9), device=device)
     _assert_same(_run(compiled, model, tokens), _run(step, model, tokens))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_compiled_autograd_fullgraph_backward(dtype):
+    """Compiled autograd traces the backward of an eager forward: the scaling of the precomputed
+    gradients asked functorch whether the upstream gradient was batched, a call dynamo cannot
+    trace (a graph break in every backward; an error under fullgraph=True)."""
+    from torch._dynamo import compiled_autograd
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    t = torch.randint(0, 11, (6,), generator=g)
+
+    def grads(compiled):
+        x.grad = w.grad = None
+        for k in (1.0, 2.0):  # two accumulated backward passes
+            loss = fusedce.linear_cross_entropy(x, w, t, z_loss=1e-2, num_items_in_batch=5) * k
+            if compiled:
+                with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+                    loss.backward()
+            else:
+                loss.backward()
+        return x.grad.clone(), w.grad.clone()
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b)
