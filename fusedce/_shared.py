@@ -157,7 +157,9 @@ def _count_gradient(loss, n, rest=None):
     gradients are too (the factor is 1, `rest` is detached)."""
     if not _count_needs_grad(n):
         return loss
-    if n.device != loss.device and n.device.type != "cpu":  # a CPU 0-d tensor mixes with any device
+    # A CPU 0-d tensor mixes with any device; not under vmap, where the batched count is [B] there.
+    if n.device != loss.device and (n.device.type != "cpu"
+                                    or torch._C._functorch.is_functorch_wrapped_tensor(n)):
         n = n.to(loss.device)
     one = (n.detach() / n).reshape(()).to(loss.dtype)
     out = loss * one
