@@ -99,6 +99,14 @@ def _divisor(num_items_in_batch, device: torch.device, dtype: torch.dtype):
     return float(num_items_in_batch)
 
 
+def _over_count(s: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """s / num_items_in_batch with the count's derivative where it carries one. The count is
+    divided by detached and its gradient added after (_count_gradient): a CPU count for a CUDA
+    loss is read as a number by _divisor, which would drop it."""
+    d = _divisor(_detached_count(num_items_in_batch), s.device, s.dtype)
+    return _count_gradient(s / d, num_items_in_batch)
+
+
 def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction, num_items, denom,
            shape, vocab, entropy=None):
     """The statistics of LossOutput from the per-token values the op returned."""
@@ -118,8 +126,7 @@ def _stats(loss, lse, predicted, target, ignore_index, weight, z_loss, reduction
     if reduction == "none":
         z_part = z_tok.reshape(shape)
     elif num_items is not None:
-        z_part = _count_gradient(
-            z_tok.sum() / _divisor(_detached_count(num_items), z_tok.device, z_tok.dtype), num_items)
+        z_part = _over_count(z_tok.sum(), num_items)
     elif reduction == "sum":
         z_part = z_tok.sum()
     else:
@@ -349,10 +356,7 @@ def cross_entropy(
     if reduction == "none":
         loss = _shaped(token_loss, shape)
     elif num_items_in_batch is not None:
-        # n detached, its gradient given after: a CPU count for a CUDA loss is read as a number
-        loss = _count_gradient(token_loss.sum() / _divisor(_detached_count(num_items_in_batch),
-                                                           token_loss.device, token_loss.dtype),
-                               num_items_in_batch)
+        loss = _over_count(token_loss.sum(), num_items_in_batch)
     elif reduction == "sum":
         loss = token_loss.sum()
     else:
